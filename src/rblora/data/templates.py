@@ -1,0 +1,82 @@
+"""Prompt templates for instruction data (the seed's Alpaca family).
+
+A record is ``{instruction, context, response}``; ``Prompter.prompt`` renders the part the model
+reads (instruction and optional context), ``Prompter.full`` appends the response. Training masks
+the prompt tokens unless ``--train_on_inputs``; evaluation scores continuations after ``prompt``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Template:
+    description: str
+    prompt_input: str  # uses {instruction} and {input}
+    prompt_no_input: str  # uses {instruction}
+    response_split: str
+
+
+_ALPACA_HEAD = "Below is an instruction that describes a task"
+TEMPLATES: dict[str, Template] = {
+    "alpaca": Template(
+        description="Template used by Alpaca-LoRA (and the seed).",
+        prompt_input=(
+            f"{_ALPACA_HEAD}, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        ),
+        prompt_no_input=(
+            f"{_ALPACA_HEAD}. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Response:\n"
+        ),
+        response_split="### Response:",
+    ),
+    "alpaca_legacy": Template(
+        description="Legacy Alpaca template: no newline after '### Response:'.",
+        prompt_input=(
+            f"{_ALPACA_HEAD}, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+        ),
+        prompt_no_input=(
+            f"{_ALPACA_HEAD}. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Response:"
+        ),
+        response_split="### Response:",
+    ),
+    "alpaca_short": Template(
+        description="A shorter Alpaca template without the preamble.",
+        prompt_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        prompt_no_input="### Instruction:\n{instruction}\n\n### Response:\n",
+        response_split="### Response:",
+    ),
+}
+
+
+class Prompter:
+    """Renders records with one named template."""
+
+    def __init__(self, template_name: str = "alpaca"):
+        name = template_name or "alpaca"
+        if name not in TEMPLATES:
+            raise ValueError(
+                f"unknown prompt template {template_name!r}; valid: {', '.join(sorted(TEMPLATES))}"
+            )
+        self.name = name
+        self.template = TEMPLATES[name]
+
+    def prompt(self, instruction: str, context: str | None = None) -> str:
+        """The text the model reads before the response."""
+        if context:
+            return self.template.prompt_input.format(instruction=instruction, input=context)
+        return self.template.prompt_no_input.format(instruction=instruction)
+
+    def full(self, instruction: str, context: str | None, response: str) -> str:
+        """Prompt followed by the response."""
+        return self.prompt(instruction, context) + response
+
+    def get_response(self, output: str) -> str:
+        """The response part of a generated text."""
+        return output.split(self.template.response_split, 1)[-1].strip()
