@@ -1,0 +1,151 @@
+"""The asset cache: where assets live, their manifests, and atomic installation.
+
+Layout: ``<cache_dir()>/<name>/`` holds the converted files plus ``manifest.json``::
+
+    {"format": 1, "name": ..., "revision": ..., "source": {...pin...},
+     "files": {"relative/path": {"size": int, "sha256": str, "mtime_ns": int}}}
+
+A folder without a manifest, or whose manifest does not match the pinned source, is not an asset.
+Checking a cached asset is cheap: every file's size and mtime are compared with the manifest and
+only a file whose stamp changed is re-hashed (``full=True`` re-hashes everything). A new asset is
+built in a temporary folder inside the cache and renamed into place only after its manifest was
+written and checked, so an interrupted fetch never leaves a folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+_CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$RBLORA_CACHE`` if set, else ``~/.cache/rblora`` (not created here)."""
+    env = os.environ.get("RBLORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rblora"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(folder: Path, name: str, revision: int, source: dict) -> dict:
+    """Hash every file under ``folder`` and write its manifest; returns the manifest dict."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST:
+            continue
+        size, mtime_ns = _stamp(path)
+        files[rel] = {"size": size, "sha256": sha256_file(path), "mtime_ns": mtime_ns}
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "revision": revision,
+        "source": source,
+        "files": files,
+    }
+    write_json_atomic(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of ``folder``, or None if it is missing or unreadable."""
+    try:
+        with open(folder / MANIFEST, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+@dataclass(frozen=True)
+class CacheCheck:
+    """Outcome of checking a cached folder: ``ok`` or the reason it cannot be used."""
+
+    ok: bool
+    reason: str = ""
+
+
+def check_folder(
+    folder: Path, name: str, revision: int, source: dict, full: bool = False
+) -> CacheCheck:
+    """Check a cached asset folder against its manifest and the expected pin.
+
+    Files whose size and mtime match the manifest are trusted unless ``full``; a file whose stamp
+    changed is re-hashed and, if its content is still right, its new stamp is saved (so a copied
+    cache costs one re-hash, not one per load).
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return CacheCheck(False, "no manifest" if folder.exists() else "not fetched")
+    expected = {"name": name, "revision": revision, "source": source}
+    for key, value in expected.items():
+        if manifest.get(key) != value:
+            return CacheCheck(False, f"manifest {key} is {manifest.get(key)!r}, expected {value!r}")
+    restamped = False
+    for rel, info in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            return CacheCheck(False, f"missing file {rel}")
+        size, mtime_ns = _stamp(path)
+        if size != info["size"]:
+            return CacheCheck(False, f"{rel} has {size} bytes, manifest says {info['size']}")
+        if full or mtime_ns != info["mtime_ns"]:
+            if sha256_file(path) != info["sha256"]:
+                return CacheCheck(False, f"{rel} does not match its sha256 in the manifest")
+            if mtime_ns != info["mtime_ns"]:
+                info["mtime_ns"] = mtime_ns
+                restamped = True
+    if restamped:
+        # A read-only cache still works; it just re-hashes the file next time.
+        with contextlib.suppress(OSError):
+            write_json_atomic(folder / MANIFEST, manifest)
+    return CacheCheck(True)
+
+
+def install(built: Path, target: Path) -> None:
+    """Move the finished folder ``built`` to ``target``, replacing an invalid old copy.
+
+    Both must be on the same filesystem (``built`` lives in a temporary folder inside the cache).
+    The old folder is first renamed aside, then deleted, so ``target`` is never half-written.
+    """
+    trash = None
+    if target.exists():
+        trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".trash-{target.name}-"))
+        os.rename(target, trash / "old")
+    os.rename(built, target)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
