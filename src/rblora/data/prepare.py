@@ -1,0 +1,414 @@
+"""`rblora prepare-data` / `python prepare_data.py`: partition a data source into federated clients.
+
+    python prepare_data.py 10            # seed form: <num_clients> [diff_quantity] [seed]
+    python prepare_data.py 10 0 7        # Dirichlet (alpha 0.5), seed 7
+    rblora prepare-data 20 --partition dirichlet --alpha 0.1 --min_size 20
+    rblora prepare-data 10 --dolly databricks-dolly-15k.jsonl --alpaca alpaca_data.json
+    rblora prepare-data 10 --source fashion-mnist --partition shards
+
+Writes ``<output_dir>/<num_clients>/``: ``local_training_<k>.json`` (k = 0..K-1),
+``global_training.json`` (the union of the clients' data), ``global_test.json`` (held out,
+stratified by category), ``partition.json`` (sizes, per-client category histogram, seed,
+arguments, source checksums) and ``partition.png`` (clients x categories heatmap). The folder is
+built under a temporary name and renamed at the end, so a failure never leaves half of it.
+Image sources write indices, not pixels: ``{"source", "split", "indices"}`` per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from rblora.data import partition as P
+from rblora.data import sources as S
+from rblora.data.report import save_heatmap, summary_table
+
+#: The seed's numeric modes (``diff_quantity``). The seed's usage text calls 1 "IID" but its code
+#: deals category-sorted shards; we follow the code.
+SEED_MODES = {"0": "dirichlet", "1": "shards", "2": "sizes"}
+PARTITIONS = ("dirichlet", "iid", "shards", "sizes")
+SOURCES = ("auto", "files", "mixture", *S.IMAGE_SOURCES)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PrepareConfig:
+    """Every option of ``prepare-data``, with its default; the CLI flags are built from this."""
+
+    num_clients: int = field(default=10, metadata={"help": "number of clients K"})
+    partition: str = field(
+        default="sizes",
+        metadata={"help": "dirichlet | iid | shards | sizes, or the seed's 0 | 1 | 2"},
+    )
+    seed: int = field(default=42, metadata={"help": "seed of every random draw"})
+    alpha: float = field(
+        default=0.5, metadata={"help": "Dirichlet concentration (smaller: more skew)"}
+    )
+    min_size: int = field(default=40, metadata={"help": "Dirichlet: minimum examples per client"})
+    shards_per_client: int = field(default=2, metadata={"help": "shards: shards per client"})
+    client_sizes: list[int] | None = field(
+        default=None,
+        metadata={"help": "sizes: comma-separated per-client sizes (default: the seed's, scaled)"},
+    )
+    source: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (files if given or found in the working directory, else mixture) | "
+            "files | mixture | fashion-mnist | digits"
+        },
+    )
+    dolly: str | None = field(
+        default=None, metadata={"help": "Dolly-15k file (.jsonl or JSON array)"}
+    )
+    alpaca: str | None = field(default=None, metadata={"help": "Alpaca file (alpaca_data.json)"})
+    alpaca_samples: int = field(
+        default=42000, metadata={"help": "Alpaca records kept (seed: 42000)"}
+    )
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "mixture: comma-separated tasks (default: all with a train split but mmlu)"
+        },
+    )
+    per_task: int = field(
+        default=1600, metadata={"help": "mixture: training records per task (at most)"}
+    )
+    test_per_category: int | None = field(
+        default=None,
+        metadata={
+            "help": "global_test examples per category (default: Dolly categories 10, "
+            "alpaca 80, mixture tasks 20, image classes 100)"
+        },
+    )
+    output_dir: str = field(
+        default="./data", metadata={"help": "output root; data goes to <output_dir>/<K>"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+
+
+#: Default held-out examples per category when --test_per_category is not given.
+DEFAULT_TEST = {"files": 10, "alpaca": 80, "mixture": 20, "images": 100}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and sys.exit(2)
+        raise ValueError(message)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+_FLAG_TYPES = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "int | None": int,
+    "str | None": str,
+    "list[int] | None": _int_list,
+    "list[str] | None": _str_list,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="rblora prepare-data",
+        description="Partition a data source into federated clients (seed form: "
+        "<num_clients> [diff_quantity] [seed]; diff_quantity 0 Dirichlet, 1 shards, 2 sizes).",
+    )
+    parser.add_argument(
+        "pos_num_clients", nargs="?", metavar="num_clients", help="number of clients"
+    )
+    parser.add_argument("pos_mode", nargs="?", metavar="diff_quantity", help="0 | 1 | 2 or a name")
+    parser.add_argument("pos_seed", nargs="?", metavar="seed", help="random seed")
+    for f in fields(PrepareConfig):  # annotations are strings (from __future__ import annotations)
+        flag, help_ = f"--{f.name}", f.metadata["help"]
+        if f.default is not None and "default" not in help_:
+            help_ += f" (default: {f.default})"
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=help_)
+        else:
+            parser.add_argument(flag, type=_FLAG_TYPES[f.type], default=None, help=help_)
+    return parser
+
+
+def _parse_int(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {text!r}") from None
+
+
+def config_from_args(argv: list[str]) -> PrepareConfig:
+    """Parse the command line (seed positional form and/or flags) into a ``PrepareConfig``."""
+    ns = vars(build_parser().parse_args(argv))
+    given = {k: v for k, v in ns.items() if v is not None and not k.startswith("pos_")}
+    for pos, name, conv in (
+        ("pos_num_clients", "num_clients", lambda t: _parse_int("num_clients", t)),
+        ("pos_mode", "partition", str),
+        ("pos_seed", "seed", lambda t: _parse_int("seed", t)),
+    ):
+        if ns[pos] is None:
+            continue
+        value = conv(ns[pos])
+        if name in given and str(given[name]) != str(value):
+            raise ValueError(f"{name} given twice with different values: {value} and {given[name]}")
+        given[name] = value
+    if "num_clients" not in given:
+        raise ValueError("the number of clients is required: prepare_data.py <num_clients> [...]")
+    config = PrepareConfig(**given)
+    config.partition = resolve_partition(config.partition)
+    return config
+
+
+def resolve_partition(mode: str) -> str:
+    """Seed digit or name -> partition name."""
+    name = SEED_MODES.get(str(mode).strip(), str(mode).strip().lower())
+    if name not in PARTITIONS:
+        raise ValueError(
+            f"unknown partition mode {mode!r}; valid: 0 (dirichlet), 1 (shards), 2 (sizes), "
+            f"or a name: {', '.join(PARTITIONS)}"
+        )
+    return name
+
+
+# ------------------------------------------------------------------------------ pipeline
+@dataclass
+class Prepared:
+    """Everything written to the output folder, in memory (before writing)."""
+
+    files: dict[str, object]  # file name -> JSON value
+    meta: dict
+    histogram: np.ndarray  # (K, C)
+    categories: list[str]
+    notes: list[str]
+
+
+def _resolve_source(cfg: PrepareConfig, cwd: Path) -> tuple[str, Path | None, Path | None]:
+    if cfg.source not in SOURCES:
+        raise ValueError(f"unknown source {cfg.source!r}; valid: {', '.join(SOURCES)}")
+    dolly = Path(cfg.dolly) if cfg.dolly else None
+    alpaca = Path(cfg.alpaca) if cfg.alpaca else None
+    if cfg.source in ("auto", "files") and dolly is None and alpaca is None:
+        dolly = S.find_default_file(S.DOLLY_DEFAULT_NAMES, cwd)
+        alpaca = S.find_default_file(S.ALPACA_DEFAULT_NAMES, cwd)
+        if cfg.source == "files" and dolly is None and alpaca is None:
+            raise ValueError(
+                f"--source files: no --dolly/--alpaca given and none of "
+                f"{', '.join(S.DOLLY_DEFAULT_NAMES + S.ALPACA_DEFAULT_NAMES)} in {cwd}. "
+                + S._WHERE_DOLLY
+            )
+    elif cfg.source not in ("auto", "files") and (dolly or alpaca):
+        raise ValueError(
+            f"--dolly/--alpaca are files; they cannot be used with --source {cfg.source}"
+        )
+    if cfg.source == "auto":
+        return ("files" if dolly or alpaca else "mixture"), dolly, alpaca
+    return cfg.source, dolly, alpaca
+
+
+def _validate(cfg: PrepareConfig) -> None:
+    if cfg.partition not in PARTITIONS:
+        raise ValueError(f"unknown partition {cfg.partition!r}; valid: {', '.join(PARTITIONS)}")
+    if cfg.num_clients < 1:
+        raise ValueError(f"num_clients must be at least 1, got {cfg.num_clients}")
+    if cfg.client_sizes is not None and cfg.partition != "sizes":
+        raise ValueError(f"--client_sizes applies to --partition sizes only, not {cfg.partition}")
+    if cfg.client_sizes is not None and len(cfg.client_sizes) != cfg.num_clients:
+        raise ValueError(
+            f"--client_sizes has {len(cfg.client_sizes)} sizes but num_clients is "
+            f"{cfg.num_clients}; give exactly {cfg.num_clients}"
+        )
+    if cfg.test_per_category is not None and cfg.test_per_category < 0:
+        raise ValueError(f"--test_per_category must be >= 0, got {cfg.test_per_category}")
+    if cfg.alpaca_samples < 0:
+        raise ValueError(f"--alpaca_samples must be >= 0, got {cfg.alpaca_samples}")
+
+
+def _split(cfg: PrepareConfig, labels: np.ndarray, rng: np.random.Generator, notes: list[str]):
+    n, k = labels.size, cfg.num_clients
+    if cfg.partition == "iid":
+        return P.partition_iid(n, k, rng)
+    if cfg.partition == "shards":
+        return P.partition_shards(labels, k, rng, cfg.shards_per_client)
+    if cfg.partition == "dirichlet":
+        return P.partition_dirichlet(labels, k, cfg.alpha, rng, cfg.min_size)
+    if cfg.client_sizes is not None:
+        sizes = cfg.client_sizes
+    else:
+        sizes, note = P.default_client_sizes(k, n)
+        notes.append(f"client sizes: {note}")
+    return P.partition_sizes(n, sizes, rng)
+
+
+def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
+    """Load the source, hold out the test set, partition the rest; nothing is written."""
+    _validate(cfg)
+    source_name, dolly, alpaca = _resolve_source(cfg, Path.cwd() if cwd is None else cwd)
+    r_source, r_test, r_part = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3)
+    )
+    if source_name == "files":
+        src = S.load_files(dolly, alpaca, cfg.alpaca_samples, r_source)
+    elif source_name == "mixture":
+        src = S.load_mixture(cfg.tasks, cfg.per_task, r_source)
+    else:
+        src = S.load_image_source(source_name)
+    notes = list(src.notes)
+    cats = src.categories
+    default_kind = "images" if src.kind == "images" else src.name
+    per_cat = np.array(
+        [
+            cfg.test_per_category
+            if cfg.test_per_category is not None
+            else DEFAULT_TEST["alpaca" if c == "alpaca" and src.name == "files" else default_kind]
+            for c in cats
+        ],
+        dtype=np.int64,
+    )
+    if src.heldout is None:  # carve the test set out of the pool, as the seed does
+        test_idx = P.stratified_sample(src.train_labels, per_cat, r_test, names=cats, keep_one=True)
+        keep = np.ones(src.train_labels.size, dtype=bool)
+        keep[test_idx] = False
+        pool = np.flatnonzero(keep)
+        test_items = [src.train[i] for i in test_idx]
+        test_labels = src.train_labels[test_idx]
+    else:
+        test_idx = P.stratified_sample(src.heldout_labels, per_cat, r_test)
+        pool = np.arange(src.train_labels.size)
+        test_items = [src.heldout[i] for i in test_idx]
+        test_labels = src.heldout_labels[test_idx]
+    pool_labels = src.train_labels[pool]
+    parts = [pool[p] for p in _split(cfg, pool_labels, r_part, notes)]
+    hist = P.category_histogram(parts, src.train_labels, len(cats))
+
+    if src.kind == "images":
+
+        def index_file(split: str, idx) -> dict:
+            return {"source": src.name, "split": split, "indices": [int(i) for i in idx]}
+
+        files = {f"local_training_{k}.json": index_file("train", p) for k, p in enumerate(parts)}
+        files["global_training.json"] = index_file("train", np.concatenate(parts))
+        files["global_test.json"] = index_file("test", test_items)
+    else:
+        files = {f"local_training_{k}.json": [src.train[i] for i in p] for k, p in enumerate(parts)}
+        files["global_training.json"] = [
+            r for k in range(len(parts)) for r in files[f"local_training_{k}.json"]
+        ]
+        files["global_test.json"] = test_items
+
+    args = asdict(cfg)
+    args.update(
+        source=source_name,
+        dolly=str(dolly) if dolly else None,
+        alpaca=str(alpaca) if alpaca else None,
+    )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": src.kind,
+        "source": src.name,
+        "num_clients": cfg.num_clients,
+        "partition": cfg.partition,
+        "seed": cfg.seed,
+        "arguments": args,
+        "categories": cats,
+        "client_sizes": [int(p.size) for p in parts],
+        "client_histograms": hist.tolist(),
+        "client_entropy_bits": [round(float(h), 4) for h in P.category_entropy(hist)],
+        "global_training_size": int(sum(p.size for p in parts)),
+        "global_test_size": len(test_items),
+        "global_test_histogram": np.bincount(test_labels, minlength=len(cats)).tolist(),
+        "pool_size": int(pool.size),
+        "sources": src.checksums,
+        "notes": notes,
+    }
+    return Prepared(files, meta, hist, cats, notes)
+
+
+def write_prepared(prepared: Prepared, folder: Path, overwrite: bool) -> None:
+    """Write every file into a temporary sibling of ``folder`` and rename it into place."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise ValueError(f"output folder {folder} already exists; pass --overwrite to replace it")
+    parent = folder.parent
+    made_parent = not parent.exists()
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
+    try:
+        for name, value in prepared.files.items():
+            with open(tmp / name, "w", encoding="utf-8") as fh:
+                json.dump(value, fh, ensure_ascii=False)
+        with open(tmp / "partition.json", "w", encoding="utf-8") as fh:
+            json.dump(prepared.meta, fh, indent=1, ensure_ascii=False)
+        meta = prepared.meta
+        title = (
+            f"{meta['source']}: {meta['partition']} split, {meta['num_clients']} clients, "
+            f"seed {meta['seed']}"
+        )
+        save_heatmap(prepared.histogram, prepared.categories, tmp / "partition.png", title)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made_parent and not any(parent.iterdir()):
+            parent.rmdir()
+        raise
+
+
+def prepare(cfg: PrepareConfig, cwd: Path | None = None) -> Path:
+    """Run the whole preparation; returns the output folder ``<output_dir>/<num_clients>``."""
+    _validate(cfg)
+    folder = Path(cfg.output_dir) / str(cfg.num_clients)
+    if folder.exists() and not cfg.overwrite:
+        raise ValueError(f"output folder {folder} already exists; pass --overwrite to replace it")
+    prepared = build_partition(cfg, cwd)
+    write_prepared(prepared, folder, cfg.overwrite)
+    meta = prepared.meta
+    print(
+        f"source {meta['source']} ({meta['pool_size']} training examples in the pool, "
+        f"{len(prepared.categories)} categories), partition {meta['partition']}, "
+        f"seed {meta['seed']}"
+    )
+    for note in prepared.notes:
+        print(f"note: {note}")
+    print(summary_table(prepared.histogram, prepared.categories))
+    print(
+        f"global_test: {meta['global_test_size']} examples; "
+        f"global_training: {meta['global_training_size']}"
+    )
+    print(f"Data saved to: {folder}")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rblora prepare-data`` and ``prepare_data.py``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config_from_args(argv)
+        prepare(cfg)
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    except ValueError as err:
+        print(f"prepare-data: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,376 @@
+"""Data sources for ``prepare-data``: user-supplied Dolly/Alpaca files, the embedded
+multiple-choice mixture, and the embedded image sets.
+
+Every loader returns a :class:`Source`: a training pool with integer category labels, optionally
+a separate held-out set (otherwise the test set is carved out of the pool), and checksums. Text
+records have the seed's shape ``{"instruction", "context", "response", "category"}``; mixture
+records also carry ``"task"``, ``"choices"`` (list of str) and ``"answer"`` (index) so the
+evaluator can score them by log-likelihood.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import ascii_uppercase
+
+import numpy as np
+
+#: File names the seed looks for in the working directory (first match wins).
+DOLLY_DEFAULT_NAMES = (
+    "new-databricks-dolly-15k.json",
+    "databricks-dolly-15k.jsonl",
+    "databricks-dolly-15k.json",
+)
+ALPACA_DEFAULT_NAMES = ("alpaca_data.json",)
+
+MC_INSTRUCTION = "Please answer the following multiple-choice question honestly."
+#: Tasks never put in the training mixture (MMLU is the evaluation benchmark).
+MIXTURE_EXCLUDED = ("mmlu",)
+TRAIN_SPLIT = "train"
+HELDOUT_SPLITS = ("validation", "dev", "test")
+
+_WHERE_DOLLY = (
+    "Dolly-15k cannot be downloaded on this machine (no Hugging Face hub access). Get "
+    "databricks-dolly-15k.jsonl (Hugging Face dataset databricks/databricks-dolly-15k) elsewhere, "
+    "copy it here and pass --dolly PATH (or put it in the working directory), or leave out "
+    "--dolly/--alpaca to use the embedded mixture."
+)
+_WHERE_ALPACA = (
+    "Alpaca cannot be downloaded on this machine. Get alpaca_data.json (the Stanford Alpaca "
+    "release, 52,002 records) elsewhere, copy it here and pass --alpaca PATH (or put it in the "
+    "working directory), or leave out --dolly/--alpaca to use the embedded mixture."
+)
+
+
+@dataclass
+class Source:
+    """A loaded data source.
+
+    ``train_labels``: ``(N,)`` int64 category codes of the pool; ``heldout_labels``: ``(M,)`` or
+    None (carve the test set out of the pool). ``train``/``heldout`` are record lists for text
+    sources and index arrays into the image split for image sources.
+    """
+
+    kind: str  # "text" or "images"
+    name: str  # "files", "mixture", or the image set's name
+    categories: list[str]
+    train: list[dict] | np.ndarray
+    train_labels: np.ndarray
+    heldout: list[dict] | np.ndarray | None = None
+    heldout_labels: np.ndarray | None = None
+    checksums: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _encode(values: Sequence[str], categories: list[str]) -> np.ndarray:
+    code = {c: i for i, c in enumerate(categories)}
+    return np.fromiter((code[v] for v in values), dtype=np.int64, count=len(values))
+
+
+# ---------------------------------------------------------------------------- files
+def _read_json_records(path: Path, what: str) -> tuple[list[tuple[int, object]], str]:
+    """Parse a JSON array or JSON-lines file into ``(line, value)`` pairs and its sha256."""
+    if not path.is_file():
+        raise ValueError(
+            f"{what} file not found: {path}. "
+            + (_WHERE_DOLLY if what == "Dolly" else _WHERE_ALPACA)
+        )
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason})") from None
+    start = len(text) - len(text.lstrip())
+    if start == len(text):
+        raise ValueError(f"{path}: the file is empty; expected a JSON array or JSON lines")
+    if text[start] == "[":
+        return _parse_array(text, start, path), digest
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    return out, digest
+
+
+def _parse_array(text: str, pos: int, path: Path) -> list[tuple[int, object]]:
+    """Decode a JSON array element by element, remembering the line each element starts on."""
+    decoder = json.JSONDecoder()
+    out: list[tuple[int, object]] = []
+    line, seen = 1, 0
+
+    def line_at(p: int) -> int:
+        nonlocal line, seen
+        line += text.count("\n", seen, p)
+        seen = p
+        return line
+
+    def skip_ws(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    pos = skip_ws(pos + 1)
+    if pos < len(text) and text[pos] == "]":
+        return out
+    while True:
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_at(err.pos)}: not valid JSON ({err.msg})") from None
+        out.append((line_at(pos), value))
+        pos = skip_ws(pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]":
+            if skip_ws(pos + 1) != len(text):
+                raise ValueError(f"{path}:{line_at(pos + 1)}: extra data after the JSON array")
+            return out
+        raise ValueError(f"{path}:{line_at(pos)}: expected ',' or ']' in the JSON array")
+
+
+def _field(path: Path, line: int, obj: dict, key: str, required: bool) -> str:
+    value = obj.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        got = "missing" if key not in obj else f"a {type(value).__name__}"
+        raise ValueError(f"{path}:{line}: field {key!r} must be a string, got {got}")
+    return value
+
+
+def read_dolly(path: Path) -> tuple[list[dict], str]:
+    """Dolly-15k (JSON lines or the seed's JSON array): instruction, context, response, category."""
+    path = Path(path)
+    items, digest = _read_json_records(path, "Dolly")
+    records = []
+    for line, obj in items:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
+        records.append(
+            {
+                "instruction": _field(path, line, obj, "instruction", True),
+                "context": _field(path, line, obj, "context", False),
+                "response": _field(path, line, obj, "response", True),
+                "category": _field(path, line, obj, "category", True),
+            }
+        )
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records, digest
+
+
+def read_alpaca(path: Path) -> tuple[list[dict], str]:
+    """Alpaca (instruction, input, output) mapped to instruction, context, response, "alpaca"."""
+    path = Path(path)
+    items, digest = _read_json_records(path, "Alpaca")
+    records = []
+    for line, obj in items:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
+        records.append(
+            {
+                "instruction": _field(path, line, obj, "instruction", True),
+                "context": _field(path, line, obj, "input", False),
+                "response": _field(path, line, obj, "output", True),
+                "category": "alpaca",
+            }
+        )
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records, digest
+
+
+def find_default_file(names: Sequence[str], directory: Path) -> Path | None:
+    """The first of ``names`` present in ``directory`` (the seed's file locations)."""
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def load_files(
+    dolly: Path | None, alpaca: Path | None, alpaca_samples: int, rng: np.random.Generator
+) -> Source:
+    """Dolly and/or Alpaca files as one pool; Alpaca subsampled to ``alpaca_samples`` (seed:
+    42,000 of 52,002). Categories are sorted by name."""
+    if dolly is None and alpaca is None:
+        raise ValueError("no Dolly or Alpaca file given. " + _WHERE_DOLLY)
+    records: list[dict] = []
+    checksums: dict[str, dict] = {}
+    notes = []
+    if dolly is not None:
+        dolly_records, digest = read_dolly(Path(dolly))
+        records += dolly_records
+        checksums["dolly"] = {"path": str(dolly), "sha256": digest, "records": len(dolly_records)}
+    if alpaca is not None:
+        alpaca_records, digest = read_alpaca(Path(alpaca))
+        checksums["alpaca"] = {
+            "path": str(alpaca),
+            "sha256": digest,
+            "records": len(alpaca_records),
+        }
+        if alpaca_samples < len(alpaca_records):
+            keep = np.sort(rng.choice(len(alpaca_records), size=alpaca_samples, replace=False))
+            alpaca_records = [alpaca_records[i] for i in keep]
+            notes.append(f"Alpaca subsampled to {alpaca_samples} records")
+        records += alpaca_records
+    categories = sorted({r["category"] for r in records})
+    labels = _encode([r["category"] for r in records], categories)
+    return Source("text", "files", categories, records, labels, checksums=checksums, notes=notes)
+
+
+# -------------------------------------------------------------------------- mixture
+def format_multiple_choice(record: dict) -> dict:
+    """An assets task record -> the seed's instruction shape in the FLoRA/RB-LoRA MMLU style.
+
+    ``{"task","question","context","choices","answer"}`` becomes instruction = ``MC_INSTRUCTION``,
+    context ``"Question: <q>[ Context: <passage>] Options: A. x, B. y"``, response
+    ``"The answer is: B. y"``, category = task, plus ``task``, ``choices`` and ``answer``.
+    """
+    task = record.get("task")
+    choices = record.get("choices")
+    answer = record.get("answer")
+    if not (isinstance(choices, list) and 2 <= len(choices) <= len(ascii_uppercase)):
+        raise ValueError(f"task {task!r}: choices must be a list of 2-26 strings, got {choices!r}")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise ValueError(
+            f"task {task!r}: answer must be an index in 0..{len(choices) - 1}, got {answer!r}"
+        )
+    question = str(record.get("question") or "").strip()
+    passage = str(record.get("context") or "").strip()
+    if not question:  # tasks whose whole prompt is the passage (e.g. a sentence to complete)
+        question, passage = passage, ""
+    choices = [str(c) for c in choices]
+    options = ", ".join(f"{ascii_uppercase[i]}. {c}" for i, c in enumerate(choices))
+    text = f"Question: {question}"
+    if passage:
+        text += f" Context: {passage}"
+    return {
+        "instruction": MC_INSTRUCTION,
+        "context": f"{text} Options: {options}",
+        "response": f"The answer is: {ascii_uppercase[answer]}. {choices[answer]}",
+        "category": task,
+        "task": task,
+        "choices": choices,
+        "answer": answer,
+    }
+
+
+def _assets():
+    try:
+        from rblora import assets
+    except ImportError as err:
+        raise ValueError(
+            f"the embedded data (rblora.assets) is not available ({err}); pass --dolly/--alpaca "
+            "files instead"
+        ) from None
+    return assets
+
+
+def load_mixture(tasks: Sequence[str] | None, per_task: int, rng: np.random.Generator) -> Source:
+    """The embedded instruction mixture: up to ``per_task`` training records of every task (all
+    tasks with a train split but MMLU when ``tasks`` is None); held-out records from each task's
+    validation (else dev, else test) split, or carved from its train split when it has none."""
+    assets = _assets()
+    available = list(assets.list_tasks())
+    if tasks is None:
+        names = [t for t in available if t not in MIXTURE_EXCLUDED]
+    else:
+        names = list(tasks)
+        unknown = [t for t in names if t not in available]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; valid: {', '.join(available)}")
+    if per_task < 1:
+        raise ValueError(f"--per_task must be at least 1, got {per_task}")
+    train: list[dict] = []
+    heldout: list[dict] = []
+    checksums: dict[str, dict] = {}
+    notes: list[str] = []
+    used = []
+    for name in names:
+        records = list(assets.load_task(name))
+        splits: dict[str, list[dict]] = {}
+        for r in records:
+            splits.setdefault(r.get("split"), []).append(r)
+        if TRAIN_SPLIT not in splits:
+            if tasks is not None:
+                raise ValueError(
+                    f"task {name!r} has no {TRAIN_SPLIT!r} split (has {sorted(splits)}); "
+                    "choose tasks with training data"
+                )
+            notes.append(f"{name}: no train split, left out")
+            continue
+        pool = splits[TRAIN_SPLIT]
+        held = next((splits[s] for s in HELDOUT_SPLITS if s in splits), None)
+        take = min(per_task, len(pool))
+        order = rng.permutation(len(pool))
+        if held is None:  # keep the rest of the train split back as this task's held-out set
+            held = [pool[i] for i in order[take:]]
+            notes.append(f"{name}: no held-out split, test drawn from unused train records")
+        train += [format_multiple_choice(pool[i]) for i in np.sort(order[:take])]
+        heldout += [format_multiple_choice(r) for r in held]
+        canonical = json.dumps(records, sort_keys=True, ensure_ascii=False).encode()
+        checksums[name] = {
+            "sha256": hashlib.sha256(canonical).hexdigest(),
+            "records": len(records),
+            "train_used": take,
+            "train_available": len(pool),
+        }
+        used.append(name)
+    if not train:
+        raise ValueError(f"no task with training data among {names}")
+    categories = sorted(used)
+    return Source(
+        "text",
+        "mixture",
+        categories,
+        train,
+        _encode([r["category"] for r in train], categories),
+        heldout,
+        _encode([r["category"] for r in heldout], categories),
+        checksums=checksums,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- images
+IMAGE_SOURCES = ("fashion-mnist", "digits")
+
+
+def load_image_source(name: str) -> Source:
+    """An embedded image set: the pool indexes its train split, held-out its test split."""
+    if name not in IMAGE_SOURCES:
+        raise ValueError(f"unknown image source {name!r}; valid: {', '.join(IMAGE_SOURCES)}")
+    data = _assets().load_images(name)
+    digest = hashlib.sha256()
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        digest.update(np.ascontiguousarray(data[key]).tobytes())
+    train_labels = np.asarray(data["train_labels"], dtype=np.int64)
+    test_labels = np.asarray(data["test_labels"], dtype=np.int64)
+    classes = [str(c) for c in data["classes"]]
+    return Source(
+        "images",
+        name,
+        classes,
+        np.arange(train_labels.size),
+        train_labels,
+        np.arange(test_labels.size),
+        test_labels,
+        checksums={
+            name: {
+                "sha256": digest.hexdigest(),
+                "train": int(train_labels.size),
+                "test": int(test_labels.size),
+            }
+        },
+    )
