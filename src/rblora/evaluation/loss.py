@@ -1,0 +1,86 @@
+"""Held-out loss: mean negative log-likelihood of the response tokens given their prompts."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+from rblora.evaluation.config import DEFAULTS
+from rblora.evaluation.encoding import Row, Segment, encode_texts, split_continuations
+from rblora.evaluation.forward import sum_logprobs
+from rblora.evaluation.items import loss_pair
+from rblora.evaluation.multiple_choice import pad_token_id
+
+
+def encode_loss_rows(
+    tokenizer, records: Sequence[dict], prompter, cutoff_len: int, add_eos: bool
+) -> list[Row]:
+    """One row per record: prompt prefix, response segment (all of it scored).
+
+    Tokens are ``prompt + response`` (+ EOS if ``add_eos``) truncated on the right to
+    ``cutoff_len``, as in training; a record whose response is cut away entirely is skipped.
+    """
+    prompts, fulls = [], []
+    for i, rec in enumerate(records):
+        try:
+            instruction, context, response = loss_pair(rec)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"loss record {i}: {err}") from err
+        prompts.append(prompter.prompt(instruction, context))
+        fulls.append(prompter.full(instruction, context, response))
+    ids = encode_texts(tokenizer, prompts + fulls)
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    rows = []
+    for prompt_ids, full_ids in zip(ids[: len(prompts)], ids[len(prompts) :], strict=True):
+        full_ids = (full_ids + eos)[:cutoff_len]
+        if len(full_ids) < 2 or full_ids == prompt_ids[: len(full_ids)]:
+            continue  # no response token survived the cutoff
+        prefix, [(tokens, n_scored)] = split_continuations(prompt_ids, [full_ids], None)
+        rows.append(Row(prefix, (Segment(tokens, n_scored, len(rows)),)))
+    return rows
+
+
+def response_loss(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    prompter,
+    *,
+    cutoff_len: int = DEFAULTS.cutoff_len,
+    add_eos: bool = DEFAULTS.add_eos,
+    batch_tokens: int = DEFAULTS.batch_tokens,
+    batch_size: int = DEFAULTS.batch_size,
+    autocast_bf16: bool = DEFAULTS.autocast_bf16,
+    progress: bool = DEFAULTS.progress,
+) -> dict:
+    """``{"loss", "perplexity", "tokens", "records", "seconds"}`` over the response tokens.
+
+    records: ``{instruction, context, response}`` (prepared) or ``{instruction, input, output}``
+    (FLoRA) dicts. loss = total NLL / total response tokens (token-weighted mean, nats);
+    perplexity = exp(loss). ``records`` counts the records that kept at least one response token.
+    """
+    start = time.perf_counter()
+    rows = encode_loss_rows(tokenizer, records, prompter, cutoff_len, add_eos)
+    if not rows:
+        raise ValueError(f"no record has a response token within cutoff_len={cutoff_len}")
+    totals = sum_logprobs(
+        model,
+        rows,
+        len(rows),
+        pad_id=pad_token_id(tokenizer),
+        batch_tokens=batch_tokens,
+        batch_size=batch_size,
+        autocast_bf16=autocast_bf16,
+        progress=progress,
+        desc="held-out loss",
+    )
+    tokens = sum(r.segments[0].n_scored for r in rows)
+    loss = -float(totals.sum()) / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": tokens,
+        "records": len(rows),
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,186 @@
+"""Zero-shot multiple-choice accuracy by the log-likelihood of each option's continuation.
+
+For each item the model reads the prompt and each continuation; the score of an option is the sum
+of the log-probabilities of its continuation tokens (see `encoding` for which tokens those are).
+``accuracy`` picks the option with the highest sum; ``acc_norm`` divides each sum by the
+continuation's length in characters first (as lm-evaluation-harness's acc_norm), which removes the
+bias towards short options. Macro averages weight every subject equally.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rblora.evaluation.config import DEFAULTS
+from rblora.evaluation.encoding import Row, Segment, encode_texts, split_continuations
+from rblora.evaluation.forward import sum_logprobs
+from rblora.evaluation.items import MCItem
+
+
+@dataclass(frozen=True)
+class SubjectScore:
+    count: int
+    accuracy: float
+    acc_norm: float
+
+
+@dataclass
+class MCResult:
+    """Scores of one suite. loglikelihoods[i][j]: summed log-prob of item i's option j."""
+
+    count: int
+    accuracy: float
+    acc_norm: float
+    macro_accuracy: float
+    macro_acc_norm: float
+    per_subject: dict[str, SubjectScore]
+    loglikelihoods: list[list[float]] = field(repr=False)
+    predictions: list[int] = field(repr=False)
+    predictions_norm: list[int] = field(repr=False)
+    seconds: float = 0.0
+
+    def to_dict(self, per_item: bool = False) -> dict:
+        """JSON-serialisable summary (per-item log-likelihoods only if asked)."""
+        out = {
+            "count": self.count,
+            "accuracy": self.accuracy,
+            "acc_norm": self.acc_norm,
+            "macro_accuracy": self.macro_accuracy,
+            "macro_acc_norm": self.macro_acc_norm,
+            "per_subject": {
+                s: {"count": v.count, "accuracy": v.accuracy, "acc_norm": v.acc_norm}
+                for s, v in self.per_subject.items()
+            },
+            "seconds": self.seconds,
+        }
+        if per_item:
+            out["loglikelihoods"] = self.loglikelihoods
+            out["predictions"] = self.predictions
+        return out
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda j: (values[j], -j))  # first of ties
+
+
+def summarize(items: Sequence[MCItem], lls: list[list[float]], seconds: float = 0.0) -> MCResult:
+    """Accuracies from per-option log-likelihoods (``lls[i][j]`` for item i, option j)."""
+    pred = [_argmax(ll) for ll in lls]
+    pred_norm = [
+        _argmax([v / len(c) for v, c in zip(ll, it.choices, strict=True)])
+        for ll, it in zip(lls, items, strict=True)
+    ]
+    hits = [p == it.answer for p, it in zip(pred, items, strict=True)]
+    hits_norm = [p == it.answer for p, it in zip(pred_norm, items, strict=True)]
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.subject, []).append(i)
+    per_subject = {
+        s: SubjectScore(
+            len(idx),
+            sum(hits[i] for i in idx) / len(idx),
+            sum(hits_norm[i] for i in idx) / len(idx),
+        )
+        for s, idx in sorted(groups.items())
+    }
+    n = len(items)
+    return MCResult(
+        count=n,
+        accuracy=sum(hits) / n,
+        acc_norm=sum(hits_norm) / n,
+        macro_accuracy=sum(v.accuracy for v in per_subject.values()) / len(per_subject),
+        macro_acc_norm=sum(v.acc_norm for v in per_subject.values()) / len(per_subject),
+        per_subject=per_subject,
+        loglikelihoods=lls,
+        predictions=pred,
+        predictions_norm=pred_norm,
+        seconds=seconds,
+    )
+
+
+def context_size(model) -> int | None:
+    """The model's maximum number of positions, if its config states one."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def pad_token_id(tokenizer) -> int:
+    """Any valid id to fill padding with (it is masked out)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def encode_items(
+    tokenizer, items: Sequence[MCItem], strategy: str, max_length: int | None
+) -> tuple[list[Row], list[tuple[int, int]]]:
+    """Rows to score and, per slot, its (item, option). packed: a row per item; flat: per option."""
+    texts = []
+    for it in items:
+        texts.append(it.prompt)
+        texts.extend(it.prompt + c for c in it.choices)
+    ids = encode_texts(tokenizer, texts)
+    rows, slots = [], []
+    at = 0
+    for i, it in enumerate(items):
+        prompt_ids, full = ids[at], ids[at + 1 : at + 1 + len(it.choices)]
+        at += 1 + len(it.choices)
+        try:
+            prefix, suffixes = split_continuations(prompt_ids, full, max_length)
+        except ValueError as err:
+            raise ValueError(f"item {i} ({it.subject!r}): {err}") from err
+        segments = []
+        for j, (tokens, n_scored) in enumerate(suffixes):
+            segments.append(Segment(tokens, n_scored, len(slots)))
+            slots.append((i, j))
+        if strategy == "packed":
+            rows.append(Row(prefix, tuple(segments)))
+        elif strategy == "flat":
+            rows.extend(Row(prefix, (s,)) for s in segments)
+        else:
+            raise ValueError(f"unknown strategy {strategy!r}; valid: packed, flat")
+    return rows, slots
+
+
+def score_multiple_choice(
+    model,
+    tokenizer,
+    items: Sequence[MCItem],
+    *,
+    batch_tokens: int = DEFAULTS.batch_tokens,
+    batch_size: int = DEFAULTS.batch_size,
+    strategy: str = DEFAULTS.strategy,
+    max_length: int | None = DEFAULTS.max_length,
+    autocast_bf16: bool = DEFAULTS.autocast_bf16,
+    progress: bool = DEFAULTS.progress,
+) -> MCResult:
+    """Score ``items`` with a causal LM (``model(input_ids, ...)`` -> ``.logits``), no gradients.
+
+    The model is put in eval mode for the call and its previous mode restored. ``max_length``
+    defaults to the model's context size (``config.max_position_embeddings``).
+    """
+    if not items:
+        raise ValueError("no items to score")
+    start = time.perf_counter()
+    if max_length is None:
+        max_length = context_size(model)
+    rows, slots = encode_items(tokenizer, items, strategy, max_length)
+    totals = sum_logprobs(
+        model,
+        rows,
+        len(slots),
+        pad_id=pad_token_id(tokenizer),
+        batch_tokens=batch_tokens,
+        batch_size=batch_size,
+        autocast_bf16=autocast_bf16,
+        progress=progress,
+        desc="multiple choice",
+    )
+    lls = [[math.nan] * len(it.choices) for it in items]
+    for (i, j), value in zip(slots, totals.tolist(), strict=True):
+        lls[i][j] = value
+    return summarize(items, lls, time.perf_counter() - start)
