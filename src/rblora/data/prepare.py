@@ -74,12 +74,10 @@ class PrepareConfig:
     )
     tasks: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "mixture: comma-separated tasks (default: all with a train split but mmlu)"
-        },
+        metadata={"help": "mixture: comma-separated tasks (default: every embedded task but mmlu)"},
     )
     per_task: int = field(
-        default=1600, metadata={"help": "mixture: training records per task (at most)"}
+        default=2000, metadata={"help": "mixture: training records per task (at most)"}
     )
     test_per_category: int | None = field(
         default=None,
@@ -266,7 +264,10 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
     if source_name == "files":
         src = S.load_files(dolly, alpaca, cfg.alpaca_samples, r_source)
     elif source_name == "mixture":
-        src = S.load_mixture(cfg.tasks, cfg.per_task, r_source)
+        reserve = (
+            DEFAULT_TEST["mixture"] if cfg.test_per_category is None else cfg.test_per_category
+        )
+        src = S.load_mixture(cfg.tasks, cfg.per_task, reserve, r_source)
     else:
         src = S.load_image_source(source_name)
     notes = list(src.notes)

