@@ -154,7 +154,7 @@ def _parse_int(name: str, text: str) -> int:
 
 def config_from_args(argv: list[str]) -> PrepareConfig:
     """Parse the command line (seed positional form and/or flags) into a ``PrepareConfig``."""
-    ns = vars(build_parser().parse_args(argv))
+    ns = vars(build_parser().parse_intermixed_args(argv))
     given = {k: v for k, v in ns.items() if v is not None and not k.startswith("pos_")}
     for pos, name, conv in (
         ("pos_num_clients", "num_clients", lambda t: _parse_int("num_clients", t)),
