@@ -1,0 +1,53 @@
+"""``aggregate``: client updates in, a :class:`~.global_update.GlobalUpdate` out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .global_update import GlobalUpdate
+from .registry import get_method, resolve_reduction
+from .types import ClientUpdate, Factors
+from .validation import validate_updates
+
+
+def aggregate(
+    method: str, updates: Sequence[ClientUpdate], reduction: str | None = None
+) -> GlobalUpdate:
+    """Aggregate the clients' LoRA adapters with ``method``.
+
+    Args:
+        method: a registered name (see ``available_methods()``; case and punctuation ignored).
+        updates: one :class:`ClientUpdate` per client, all with the same module names and shapes;
+            ranks and ``lora_alpha`` may differ. Never modified.
+        reduction: redistribution rule, ``None`` for the method's default, or ``"svd"``,
+            ``"truncate"``, ``"merge"`` where the method allows it.
+
+    Returns:
+        The global update. Work happens in float32 (float64 if any input is float64); returned
+        tensors take the promoted dtype of the inputs.
+
+    Raises:
+        ValueError: unknown method or reduction, or bad updates (see ``validate_updates``).
+    """
+    spec = get_method(method)
+    reduction = resolve_reduction(spec, reduction)
+    shapes = validate_updates(updates)
+    out_dtype = _promoted_dtype(updates)
+    work = torch.float64 if out_dtype == torch.float64 else torch.float32
+    num_examples = [int(u.num_examples) for u in updates]
+    factors: dict[str, Factors] = {}
+    for module in shapes:
+        pairs = [u.scaled_factors(module, work) for u in updates]
+        factors[module] = spec.combine([a for a, _ in pairs], [bh for _, bh in pairs], num_examples)
+    return GlobalUpdate(spec.name, reduction, factors, out_dtype)
+
+
+def _promoted_dtype(updates: Sequence[ClientUpdate]) -> torch.dtype:
+    dtype = None
+    for u in updates:
+        for a, b in u.factors.values():
+            for t in (a, b):
+                dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype

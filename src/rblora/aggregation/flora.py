@@ -1,0 +1,40 @@
+"""FLoRA: stacking-based aggregation, exact weighted mean of the client updates.
+
+Source: Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models
+with Heterogeneous Low-Rank Adaptations" (NeurIPS 2024), stacking with ``p_k = n_k / N``:
+
+    B_s = [Bh_1 ... Bh_K],    A_s = [p_1 A_1; ...; p_K A_K],    dW = B_s @ A_s = sum_k p_k dW_k
+
+(width S = sum r_k). Default redistribution: merge (the paper's protocol: the update goes into the
+frozen base weights and every client restarts from a fresh LoRA); ``svd`` gives each client the
+best rank-r approximation instead. ``truncate`` keeps the first r stacked components, which
+depends on client order; it exists only to reproduce seed configurations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .linalg import weighted_stack
+from .types import Factors, Method
+
+
+def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> Factors:
+    """Data-weighted stack: ``(A_s: (S, d_in), B_s: (d_out, S))``."""
+    rank = max(a.shape[0] for a in As)
+    p = torch.tensor(list(num_examples), dtype=torch.float64)
+    gamma = (p / p.sum())[:, None].expand(len(As), rank)
+    return weighted_stack(As, Bhs, gamma)
+
+
+METHOD = Method(
+    name="FLoRA",
+    combine=combine,
+    default_reduction="merge",
+    reductions=("merge", "svd", "truncate"),
+    exact_mean=True,
+    ordered_components=False,
+)

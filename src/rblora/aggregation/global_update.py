@@ -1,0 +1,138 @@
+"""The result of one aggregation: the global update, and the adapters sent back to clients."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .linalg import FactoredSVD, orthonormal_complement_rows
+from .types import Factors, lora_scale
+
+
+class GlobalUpdate:
+    """The aggregated update of every module, held in exact factored form.
+
+    For each module the update is ``dW = B_g @ A_g`` with ``A_g: (k, d_in)``, ``B_g: (d_out, k)``
+    and all client scales already folded in (``k`` is R for HETLoRA, S = sum r_k for the stacks).
+
+    Attributes:
+        method: canonical name of the method that produced it.
+        reduction: ``"svd"``, ``"truncate"`` or ``"merge"`` (how :meth:`for_client` redistributes).
+        modules: sorted module names.
+
+    Tensors returned by any method are new (safe to modify) and in the clients' dtype.
+    """
+
+    def __init__(
+        self, method: str, reduction: str, factors: dict[str, Factors], dtype: torch.dtype
+    ) -> None:
+        """``factors``: module -> ``(A_g: (k, d_in), B_g: (d_out, k))`` in the working dtype;
+        ``dtype``: the dtype of returned tensors. Built by :func:`rblora.aggregation.aggregate`."""
+        self.method = method
+        self.reduction = reduction
+        self.modules: list[str] = sorted(factors)
+        self._factors = factors
+        self._dtype = dtype
+        self._svd: dict[str, FactoredSVD] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"GlobalUpdate(method={self.method!r}, reduction={self.reduction!r}, "
+            f"modules={len(self.modules)})"
+        )
+
+    @property
+    def merges_into_base(self) -> bool:
+        """True for the ``merge`` protocol (FLoRA): the driver adds :meth:`factors`' product into
+        the frozen base weights and every client restarts from a fresh LoRA, so
+        :meth:`for_client` returns ``{}``."""
+        return self.reduction == "merge"
+
+    def shape(self, module: str) -> tuple[int, int]:
+        """``(d_out, d_in)`` of ``module``."""
+        a, b = self._get(module)
+        return int(b.shape[0]), int(a.shape[1])
+
+    def rank(self, module: str) -> int:
+        """Width ``k`` of the factored form of ``module`` (R for HETLoRA, S for stacks); the
+        numerical rank of the update may be lower."""
+        return int(self._get(module)[0].shape[0])
+
+    def factors(self, module: str) -> Factors:
+        """Exact factored form ``(A: (k, d_in), B: (d_out, k))`` with ``delta == B @ A`` (scale
+        folded in: export it as a PEFT adapter with ``lora_alpha == k``, or merge it)."""
+        a, b = self._get(module)
+        return a.to(self._dtype, copy=True), b.to(self._dtype, copy=True)
+
+    def delta(self, module: str) -> Tensor:
+        """Dense global update ``(d_out, d_in)`` of ``module``, scaling included."""
+        a, b = self._get(module)
+        return (b @ a).to(self._dtype)
+
+    def for_client(
+        self, rank: int, lora_alpha: float, use_rslora: bool = False
+    ) -> dict[str, Factors]:
+        """The rank-``rank`` adapter a client starts its next round from.
+
+        Returns module -> ``(A: (rank, d_in), B: (d_out, rank))`` such that the PEFT delta
+        ``lora_scale(lora_alpha, rank, use_rslora) * B @ A`` is the redistributed update:
+
+        - ``svd``: the best rank-``rank`` approximation of :meth:`delta` (one decomposition per
+          module, computed on first use and shared by all later calls);
+        - ``truncate``: the first ``rank`` components of the factored form;
+        - ``merge``: ``{}`` -- the update goes into the base weights, the client starts fresh.
+
+        When ``rank`` exceeds the components available, the extra rows of A are orthonormal to
+        the others and the extra columns of B are zero: the delta is unchanged and the new
+        components are trainable, as in a fresh LoRA.
+        """
+        self._check_request(rank, lora_alpha)
+        if self.merges_into_base:
+            return {}
+        scale = lora_scale(lora_alpha, rank, use_rslora)
+        return {m: self._redistribute(m, rank, scale) for m in self.modules}
+
+    def download_numel(self, rank: int) -> int:
+        """Parameters a client of ``rank`` downloads: ``sum (d_in + d_out) * rank``, or the whole
+        factored form under ``merge``."""
+        total = 0
+        for m in self.modules:
+            d_out, d_in = self.shape(m)
+            total += (d_in + d_out) * (self.rank(m) if self.merges_into_base else rank)
+        return total
+
+    def _get(self, module: str) -> Factors:
+        if module not in self._factors:
+            raise ValueError(f"unknown module {module!r}; this update has {self.modules}")
+        return self._factors[module]
+
+    def _check_request(self, rank: int, lora_alpha: float) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"for_client: rank must be an integer >= 1, got {rank!r}")
+        for m in self.modules:
+            limit = min(self.shape(m))
+            if rank > limit:
+                raise ValueError(
+                    f"for_client: rank {rank} exceeds min(d_out, d_in) = {limit} of module {m!r}"
+                )
+        ok = isinstance(lora_alpha, numbers.Real) and math.isfinite(lora_alpha)
+        if not (ok and lora_alpha > 0):
+            raise ValueError(f"for_client: lora_alpha must be finite and > 0, got {lora_alpha!r}")
+
+    def _redistribute(self, module: str, rank: int, scale: float) -> Factors:
+        if self.reduction == "svd":
+            if module not in self._svd:
+                self._svd[module] = FactoredSVD(*self._get(module))
+            svd = self._svd[module]
+            a, b = svd.truncated(min(rank, svd.width))
+        else:
+            a_g, b_g = self._get(module)
+            a, b = a_g[:rank], b_g[:, :rank]
+        if a.shape[0] < rank:
+            extra = rank - a.shape[0]
+            a = torch.cat([a, orthonormal_complement_rows(a, extra)], dim=0)
+            b = torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
+        return a.to(self._dtype, copy=True), (b / scale).to(self._dtype)

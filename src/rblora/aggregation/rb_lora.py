@@ -1,0 +1,51 @@
+"""RB-LoRA: rank-balanced aggregation of rank-one components.
+
+Source: Ha, Oh, Jeon, "RB-LoRA: Rank-Balanced Aggregation for Low-Rank Adaptation with Federated
+Fine-Tuning", Findings of EACL 2026 (read through its project page; see DESIGN.md section 2).
+
+Component j (column j of ``Bh_k = s_k B_k``, row j of ``A_k``) of client k gets the weight
+``gamma_j(k) = alpha_k * beta_j`` with ``alpha_k = n_k / N`` and
+``beta_j = N / sum_{k: r_k > j} n_k`` (0-based j), i.e.
+``gamma_j(k) = n_k / sum_{k': r_k' > j} n_k'``; for every j the weights of the clients that have
+component j sum to 1. The global update is
+
+    dW = sum_k sum_{j < r_k} gamma_j(k) * Bh_k[:, j] A_k[j]
+
+held as a weighted stack of width S = sum r_k, redistributed by SVD projection (always).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .linalg import weighted_stack
+from .types import Factors, Method
+
+
+def rank_balanced_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
+    """``gamma: (K, R)`` float64, ``gamma[k, j] = n_k / sum_{k': r_k' > j} n_k'`` for ``j < r_k``,
+    else 0 (``R = max r_k``)."""
+    r = torch.tensor(list(ranks))
+    n = torch.tensor(list(num_examples), dtype=torch.float64)
+    has = torch.arange(int(r.max()))[None, :] < r[:, None]  # (K, R): client k has component j
+    holders = (n[:, None] * has).sum(dim=0)  # (R,): examples behind component j, always > 0
+    return n[:, None] * has / holders[None, :]
+
+
+def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> Factors:
+    """Rank-balanced weighted stack: ``(A_s: (S, d_in), B_s: (d_out, S))``."""
+    gamma = rank_balanced_weights([a.shape[0] for a in As], num_examples)
+    return weighted_stack(As, Bhs, gamma)
+
+
+METHOD = Method(
+    name="RB-LoRA",
+    combine=combine,
+    default_reduction="svd",
+    reductions=("svd",),
+    exact_mean=True,
+    ordered_components=False,
+)

@@ -1,0 +1,37 @@
+"""RB-LoRA (factor): the rank-balanced weights applied to each factor separately.
+
+Source: the second reading of Ha, Oh, Jeon, "RB-LoRA" (Findings of EACL 2026) in DESIGN.md
+section 2, shipped so experiments can compare it with :mod:`.rb_lora`. With ``gamma_j(k)`` from
+:func:`.rb_lora.rank_balanced_weights`:
+
+    B_g[:, j] = sum_k gamma_j(k) Bh_k[:, j],    A_g[j] = sum_k gamma_j(k) A_k[j],    dW = B_g @ A_g
+
+(rank <= R = max r_k), redistributed by SVD projection (always). Equal ranks and sizes give the
+product of the mean factors, not the mean update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from .linalg import padded_component_sum
+from .rb_lora import rank_balanced_weights
+from .types import Factors, Method
+
+
+def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> Factors:
+    """Rank-balanced mean of the padded factors: ``(A_g: (R, d_in), B_g: (d_out, R))``."""
+    gamma = rank_balanced_weights([a.shape[0] for a in As], num_examples)
+    return padded_component_sum(As, Bhs, gamma)
+
+
+METHOD = Method(
+    name="RB-LoRA (factor)",
+    combine=combine,
+    default_reduction="svd",
+    reductions=("svd",),
+    exact_mean=False,
+    ordered_components=True,
+)

@@ -1,0 +1,78 @@
+"""Method registry: name -> :class:`~.types.Method`. Adding a method = one file + one line below.
+
+Lookups ignore case, spaces and punctuation: ``"RB-LoRA"``, ``"rb_lora"`` and ``"rblora"`` are
+the same method.
+"""
+
+from __future__ import annotations
+
+import re
+
+from . import flora, rb_lora, rb_lora_factor, uniform_hetlora, weighted_hetlora
+from .types import REDUCTIONS, Method
+
+_METHODS: dict[str, Method] = {}  # normalised name -> method, filled once below
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` under its name and aliases; a clash raises ``ValueError``."""
+    known = set(method.reductions) <= set(REDUCTIONS)
+    if method.default_reduction not in method.reductions or not known:
+        raise ValueError(f"{method.name}: bad reductions {method.reductions}; valid: {REDUCTIONS}")
+    for name in (method.name, *method.aliases):
+        key = _key(name)
+        if key in _METHODS and _METHODS[key] is not method:
+            raise ValueError(f"method name {name!r} clashes with {_METHODS[key].name!r}")
+        _METHODS[key] = method
+    return method
+
+
+register(rb_lora.METHOD)
+register(rb_lora_factor.METHOD)
+register(uniform_hetlora.METHOD)
+register(weighted_hetlora.METHOD)
+register(flora.METHOD)
+
+
+def available_methods() -> list[str]:
+    """Canonical names of the registered methods, in registration order."""
+    return list(dict.fromkeys(m.name for m in _METHODS.values()))
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; ``ValueError`` listing the valid names if there is none."""
+    method = _METHODS.get(_key(name)) if isinstance(name, str) else None
+    if method is None:
+        raise ValueError(
+            f"unknown aggregation method {name!r}; valid: {', '.join(available_methods())}"
+        )
+    return method
+
+
+def default_reduction(name: str) -> str:
+    """The redistribution rule ``name`` uses when none is asked for."""
+    return get_method(name).default_reduction
+
+
+def supported_reductions(name: str) -> tuple[str, ...]:
+    """The redistribution rules ``name`` accepts (the default first)."""
+    m = get_method(name)
+    return (m.default_reduction, *(r for r in m.reductions if r != m.default_reduction))
+
+
+def resolve_reduction(method: Method, reduction: str | None) -> str:
+    """``reduction`` checked against ``method`` (None -> its default)."""
+    if reduction is None:
+        return method.default_reduction
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)} or None")
+    if reduction not in method.reductions:
+        raise ValueError(
+            f"{method.name} does not support reduction {reduction!r}; "
+            f"valid: {', '.join(method.reductions)}"
+        )
+    return reduction

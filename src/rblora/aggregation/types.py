@@ -1,0 +1,92 @@
+"""Data types of the aggregation library: a client's update, a method, the global update.
+
+Shapes follow PEFT: for a module with weight ``W0: (d_out, d_in)`` a rank-``r`` LoRA adapter is
+``A: (r, d_in)``, ``B: (d_out, r)`` and its update is ``s * B @ A`` with the scale ``s`` given by
+:func:`lora_scale` (the only place the scaling rule lives).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Factors = tuple[Tensor, Tensor]
+"""``(A, B)`` with ``A: (r, d_in)`` and ``B: (d_out, r)``."""
+
+REDUCTIONS = ("svd", "truncate", "merge")
+"""Redistribution rules: global update -> the adapter a client starts its next round from."""
+
+
+def lora_scale(lora_alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: ``lora_alpha / rank``, or ``lora_alpha / sqrt(rank)`` with rsLoRA."""
+    return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
+
+
+@dataclass(frozen=True, eq=False)
+class ClientUpdate:
+    """One client's trained LoRA adapter and how much data produced it.
+
+    Nothing is checked here; :func:`rblora.aggregation.aggregate` validates every field and names
+    the client (its index and ``client_id``) in the error. Tensors are never modified.
+    """
+
+    num_examples: int
+    """Training examples the client used (``n_k``, >= 1); sets the data weights."""
+    lora_alpha: float
+    """The client's PEFT ``lora_alpha`` (> 0)."""
+    factors: Mapping[str, Factors]
+    """Module name -> ``(A: (r, d_in), B: (d_out, r))``; the same module names on every client."""
+    use_rslora: bool = False
+    """True if the client's adapter uses rsLoRA scaling ``lora_alpha / sqrt(r)``."""
+    client_id: str | None = None
+    """Optional label used in error messages."""
+
+    def rank(self, module: str) -> int:
+        """The client's LoRA rank ``r_k`` on ``module``."""
+        return int(self.factors[module][0].shape[0])
+
+    def scale(self, module: str) -> float:
+        """The client's PEFT scale ``s_k`` on ``module``."""
+        return lora_scale(self.lora_alpha, self.rank(module), self.use_rslora)
+
+    def scaled_factors(self, module: str, dtype: torch.dtype) -> Factors:
+        """``(A, Bh)`` in ``dtype`` with the scale folded into B: ``Bh = s_k * B``, so that
+        ``dW_k = Bh @ A``. New tensors, except that A may be the caller's (never modified)."""
+        a, b = self.factors[module]
+        return a.to(dtype), b.to(dtype) * self.scale(module)
+
+    def describe(self, index: int) -> str:
+        """``"client 3 (id 'site-b')"``: how errors name this client."""
+        label = "" if self.client_id is None else f" (id {self.client_id!r})"
+        return f"client {index}{label}"
+
+
+Combine = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[int]], Factors]
+"""``combine(As, Bhs, num_examples) -> (A_g: (k, d_in), B_g: (d_out, k))`` for one module, where
+client k gives ``A_k: (r_k, d_in)`` and ``Bh_k = s_k * B_k: (d_out, r_k)``; the global update is
+``B_g @ A_g``. Must not modify its inputs."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """An aggregation method: how client factors combine, and how the result is redistributed."""
+
+    name: str
+    """Canonical name (the seed's CLI name), e.g. ``"RB-LoRA"``."""
+    combine: Combine
+    """The aggregation rule for one module (see :data:`Combine`)."""
+    default_reduction: str
+    """Redistribution used when none is asked for."""
+    reductions: tuple[str, ...]
+    """Redistribution rules this method accepts."""
+    exact_mean: bool
+    """True if equal ranks and equal ``num_examples`` give exactly the mean of the ``dW_k``."""
+    ordered_components: bool
+    """True if component j of the global factors has one meaning for every client (padded
+    HETLoRA-style factors), so ``truncate`` does not depend on client order; False for stacks."""
+    aliases: tuple[str, ...] = ()
+    """Extra accepted names (matching ignores case, spaces and punctuation anyway)."""
