@@ -198,7 +198,8 @@ def test_task_items_sample_and_context():
     all_items = task_items("t", prompter=PROMPTER, records=records)
     assert len(all_items) == 10
     assert "Question: q0 Options: A. a, B. b" in all_items[0].prompt
-    assert "Question: ctx q1 Options" in all_items[1].prompt
+    assert "Question: q1 Context: ctx Options: A. a, B. b" in all_items[1].prompt
+    assert all_items[1].choices == ["The answer is: A. a", "The answer is: B. b"]
     assert all_items[1].answer == 1
 
 

@@ -221,8 +221,7 @@ def _stratified_counts(sizes: dict[str, int], n: int) -> dict[str, int]:
     return counts
 
 
-def _mc_from_question(prompter, question, choices, answer, subject, context="") -> MCItem:
-    question = f"{context.strip()} {question}".strip() if context else question
+def _mc_from_question(prompter, question, choices, answer, subject) -> MCItem:
     prompt = prompter.prompt(MC_INSTRUCTION, render_options(question, choices))
     conts = [render_answer(choices, i) for i in range(len(choices))]
     return MCItem(prompt, conts, int(answer), subject)
@@ -262,9 +261,15 @@ def task_items(name: str, n: int | None = None, seed: int = 0, prompter=None, re
     """Up to ``n`` questions of a packaged task, rendered like MMLU; subject = the task name.
 
     records: uniform task records ``{"task", "split", "question", "context", "choices",
-    "answer"}``; default ``rblora.assets.load_task(name)``. A seeded uniform sample (source order
-    kept); a non-empty context is put before the question.
+    "answer"}``; default ``rblora.assets.load_task(name)`` (its validation split). A seeded uniform
+    sample (source order kept). Rendering is the data preparation's
+    (``rblora.data.sources.format_multiple_choice``: ``"Question: <q> Context: <passage> Options:
+    A. ..."``), so evaluation reads exactly the format the embedded mixture trains on.
+    Note: the mixture trains on part of these splits; for held-out task accuracy of a federated
+    run score the prepared ``global_test.json`` (``load_mc_file``) instead.
     """
+    from rblora.data.sources import format_multiple_choice
+
     if prompter is None:
         raise ValueError("task_items needs a prompter (rblora.data.templates.Prompter)")
     if records is None:
@@ -277,12 +282,14 @@ def task_items(name: str, n: int | None = None, seed: int = 0, prompter=None, re
             raise ValueError(f"n must be >= 1, got {n}")
         picked = np.sort(np.random.default_rng(seed).choice(len(records), size=n, replace=False))
         records = [records[int(j)] for j in picked]
-    return [
-        _mc_from_question(
-            prompter, r["question"], r["choices"], r["answer"], name, r.get("context") or ""
-        )
-        for r in records
-    ]
+    items = []
+    for i, rec in enumerate(records):
+        try:
+            prepared = format_multiple_choice({**rec, "task": name})
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"task {name!r} record {i}: {err}") from err
+        items.append(_prepared_item(prepared, prompter))
+    return items
 
 
 def loss_pair(record: dict[str, Any]) -> tuple[str, str | None, str]:

@@ -1,0 +1,102 @@
+"""Held-out response loss and the per-round evaluation dict."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from rblora.data.templates import Prompter
+from rblora.evaluation import (
+    EvalConfig,
+    MCItem,
+    evaluate_round,
+    response_loss,
+    score_multiple_choice,
+)
+
+PROMPTER = Prompter("alpaca_short")
+RECORDS = [
+    {"instruction": "Say hi", "context": "", "response": "hi there", "category": "a"},
+    {"instruction": "Add", "context": "2 and 3", "response": "5", "category": "b"},
+    {"instruction": "Q", "input": "Options: A. x, B. y", "output": "The answer is: B. y"},  # FLoRA
+]
+
+
+def naive_loss(model, tokenizer, records, cutoff_len):
+    """Token-weighted NLL of response + EOS tokens, one sequence at a time (right truncation)."""
+    total, count = 0.0, 0
+    for rec in records:
+        instruction = rec["instruction"]
+        context = rec.get("context", rec.get("input"))
+        response = rec.get("response", rec.get("output"))
+        prompt = tokenizer(PROMPTER.prompt(instruction, context))["input_ids"]
+        full = tokenizer(PROMPTER.full(instruction, context, response))["input_ids"]
+        full = (full + [tokenizer.eos_token_id])[:cutoff_len]
+        if len(full) <= len(prompt):
+            continue
+        with torch.no_grad():
+            logp = tiny_logp(model, full)
+        for k in range(len(prompt), len(full)):
+            total -= logp[k - 1, full[k]].item()
+            count += 1
+    return total / count, count
+
+
+def tiny_logp(model, ids):
+    return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_response_loss_equals_naive(tiny_llama, tiny_tokenizer):
+    ref, tokens = naive_loss(tiny_llama, tiny_tokenizer, RECORDS, cutoff_len=512)
+    got = response_loss(tiny_llama, tiny_tokenizer, RECORDS, PROMPTER, batch_tokens=60)
+    assert got["tokens"] == tokens == len("hi there") + len("5") + len("The answer is: B. y") + 3
+    assert got["loss"] == pytest.approx(ref, abs=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
+    assert got["records"] == 3
+
+
+def test_response_loss_cutoff_truncates_on_the_right(tiny_llama, tiny_tokenizer):
+    prompt_len = len(tiny_tokenizer(PROMPTER.prompt("Say hi", ""))["input_ids"])
+    cutoff = prompt_len + 3  # keeps "hi " of the response, drops "there" and the EOS
+    ref, tokens = naive_loss(tiny_llama, tiny_tokenizer, RECORDS[:1], cutoff_len=cutoff)
+    got = response_loss(tiny_llama, tiny_tokenizer, RECORDS[:1], PROMPTER, cutoff_len=cutoff)
+    assert got["tokens"] == tokens == 3
+    assert got["loss"] == pytest.approx(ref, abs=1e-5)
+    with pytest.raises(ValueError, match="no record has a response token"):
+        response_loss(tiny_llama, tiny_tokenizer, RECORDS[:1], PROMPTER, cutoff_len=prompt_len)
+    with pytest.raises(ValueError, match="loss record 0"):
+        response_loss(tiny_llama, tiny_tokenizer, [{"instruction": "x"}], PROMPTER)
+
+
+def test_evaluate_round_dict(tiny_llama, tiny_tokenizer):
+    suites = {
+        "mmlu": [
+            MCItem("Q: 1+1?\nA:", [" 2", " 3"], 0, "math"),
+            MCItem("Q: sky?\nA:", [" blue", " green", " red"], 0, "nature"),
+        ],
+        "empty": [],
+    }
+    config = EvalConfig(batch_tokens=64, cutoff_len=256)
+    out = evaluate_round(tiny_llama, tiny_tokenizer, suites, RECORDS, PROMPTER, config)
+    json.dumps(out)  # serialisable as is
+    assert set(out) == {"suites", "loss", "perplexity", "loss_tokens", "loss_seconds", "seconds"}
+    assert list(out["suites"]) == ["mmlu"]
+    direct = score_multiple_choice(tiny_llama, tiny_tokenizer, suites["mmlu"]).to_dict()
+    mmlu = out["suites"]["mmlu"]
+    for key in ("count", "accuracy", "acc_norm", "macro_accuracy", "macro_acc_norm", "per_subject"):
+        assert mmlu[key] == direct[key]
+    assert set(mmlu["per_subject"]) == {"math", "nature"}
+    loss = response_loss(tiny_llama, tiny_tokenizer, RECORDS, PROMPTER, cutoff_len=256)
+    assert out["loss"] == pytest.approx(loss["loss"], abs=1e-9)
+    no_loss = evaluate_round(tiny_llama, tiny_tokenizer, suites, None, PROMPTER, config)
+    assert "loss" not in no_loss
+
+
+def test_eval_config_validation():
+    with pytest.raises(ValueError, match="unknown strategy 'fast'; valid: packed, flat"):
+        EvalConfig(strategy="fast")
+    with pytest.raises(ValueError, match="batch_tokens must be >= 1"):
+        EvalConfig(batch_tokens=0)
