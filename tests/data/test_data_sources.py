@@ -155,3 +155,21 @@ def test_checksum_changes_with_content(fake_assets, monkeypatch):
     monkeypatch.setattr(fake_assets, "load_task", changed)
     b = S.load_mixture(["alpha"], 10, 5, np.random.default_rng(0)).checksums["alpha"]["sha256"]
     assert a != b
+
+
+def test_mixture_drops_duplicates_so_nothing_is_trained_on_and_held_out(fake_assets, monkeypatch):
+    def with_duplicates(name, split=None):
+        recs = fake_task(name, split)
+        if name == "alpha" and split == "train":  # a validation item and an internal repeat
+            recs += [fake_task("alpha", "validation")[3], recs[0]]
+        if name == "gamma":
+            recs += recs[:5]
+        return recs
+
+    monkeypatch.setattr(fake_assets, "load_task", with_duplicates)
+    src = S.load_mixture(["alpha", "gamma"], 1000, 5, np.random.default_rng(0))
+    assert src.checksums["alpha"]["duplicates_dropped"] == 2
+    assert src.checksums["gamma"]["duplicates_dropped"] == 5
+    assert np.bincount(src.train_labels).tolist() == [60, 45]
+    keys = [S._item_key(r) for r in src.train + src.heldout]
+    assert len(keys) == len(set(keys))

