@@ -1,0 +1,148 @@
+"""End-of-run outputs from ``metrics.jsonl``: ``results.json``, ``summary.md`` and PNG plots.
+
+Works on the metric records alone (no model), so ``rblora report`` can rebuild them for any run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rblora.utils.atomic import write_json, write_text
+
+
+def _scalar_evals(record: dict[str, Any]) -> dict[str, float]:
+    """Flatten a round's evaluation into ``suite/metric -> value`` for tables and plots."""
+    flat: dict[str, float] = {}
+    for suite, value in (record.get("eval") or {}).items():
+        if not isinstance(value, dict):
+            continue
+        for key in ("accuracy", "acc_norm", "macro_accuracy", "loss", "perplexity"):
+            if isinstance(value.get(key), (int, float)):
+                flat[f"{suite}/{key}"] = float(value[key])
+    return flat
+
+
+def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    rounds = [r for r in records if r.get("type") == "round"]
+    clients = [r for r in records if r.get("type") == "client"]
+    per_round = []
+    for r in rounds:
+        per_round.append(
+            {
+                "round": r["round"],
+                "train_loss": r.get("train_loss"),
+                "bytes_up": r.get("bytes_up"),
+                "bytes_down": r.get("bytes_down"),
+                "round_seconds": r.get("round_seconds"),
+                "aggregate_seconds": r.get("aggregate_seconds"),
+                "eval_seconds": r.get("eval_seconds"),
+                **_scalar_evals(r),
+            }
+        )
+    return {
+        "method": config.get("method"),
+        "reduction": rounds[-1].get("reduction") if rounds else None,
+        "global_model": config.get("global_model"),
+        "num_clients": config.get("num_clients"),
+        "client_ranks": config.get("client_ranks_resolved"),
+        "rounds_completed": len(rounds),
+        "final": per_round[-1] if per_round else {},
+        "rounds": per_round,
+        "clients": clients,
+        "total_bytes_up": sum(r.get("bytes_up") or 0 for r in rounds),
+        "total_bytes_down": sum(r.get("bytes_down") or 0 for r in rounds),
+        "total_seconds": sum(r.get("round_seconds") or 0 for r in rounds),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    rows = results["rounds"]
+    if not rows:
+        return "(no completed round)\n"
+    metric_keys = sorted({k for r in rows for k in r if "/" in k})
+    head = ["round", "train_loss", *metric_keys, "MB up", "MB down", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["round"]), _fmt(r.get("train_loss"))]
+        cells += [_fmt(r.get(k)) for k in metric_keys]
+        cells += [
+            f"{(r.get('bytes_up') or 0) / 2**20:.1f}",
+            f"{(r.get('bytes_down') or 0) / 2**20:.1f}",
+            f"{r.get('round_seconds') or 0:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run_dir: Path, results: dict[str, Any]) -> None:
+    text = [
+        f"# {results['method']} on {results['global_model']}",
+        "",
+        f"- clients: {results['num_clients']}, ranks {results['client_ranks']}",
+        f"- redistribution: {results['reduction']}",
+        f"- rounds completed: {results['rounds_completed']}",
+        f"- total communication: {results['total_bytes_up'] / 2**20:.1f} MB up, "
+        f"{results['total_bytes_down'] / 2**20:.1f} MB down",
+        f"- wall time of the rounds: {results['total_seconds']:.0f} s",
+        "",
+        markdown_table(results),
+    ]
+    write_text(run_dir / "summary.md", "\n".join(text))
+
+
+def write_plots(run_dir: Path, results: dict[str, Any]) -> list[Path]:
+    """One PNG per metric family (accuracy, loss) against the round."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = results["rounds"]
+    if not rows:
+        return []
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+    rounds = [r["round"] for r in rows]
+    families = {
+        "accuracy": [k for k in rows[-1] if k.endswith("/accuracy")],
+        "loss": ["train_loss"] + [k for k in rows[-1] if k.endswith("/loss")],
+    }
+    for family, keys in families.items():
+        keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+        if not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            ax.plot(rounds, [r.get(key) for r in rows], marker="o", label=key)
+        ax.set_xlabel("round")
+        ax.set_ylabel(family)
+        ax.set_title(f"{results['method']}: {family} per round")
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{family}.png"
+        tmp = path.with_name(f".tmp-{path.name}")
+        fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def write_report(run_dir: Path, records: list[dict[str, Any]], config: dict[str, Any]) -> dict:
+    results = summarize(records, config)
+    write_json(run_dir / "results.json", results)
+    write_summary(run_dir, results)
+    write_plots(run_dir, results)
+    return results
