@@ -1,0 +1,147 @@
+"""One hand-computed two-client example per method (numbers worked out on paper).
+
+Client 1: rank 1, lora_alpha 2 (s = 2), n = 1:  A1 = [[1, 2]],  B1 = [[1], [0], [2]]
+    Bh1 = s B1 = [[2], [0], [4]],  dW1 = [[2, 4], [0, 0], [4, 8]]
+Client 2: rank 2, lora_alpha 2 (s = 1), n = 3:  A2 = I_2,  B2 = [[1, 2], [3, 4], [5, 6]]
+    dW2 = B2 = [[1, 2], [3, 4], [5, 6]]
+Data weights p = (1/4, 3/4). d_out = 3, d_in = 2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rblora.aggregation import ClientUpdate, aggregate
+from rblora.aggregation.rb_lora import rank_balanced_weights
+
+M = "layer.q"
+
+
+def two_clients():
+    a1, b1 = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0], [0.0], [2.0]])
+    a2, b2 = torch.eye(2), torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    return [
+        ClientUpdate(num_examples=1, lora_alpha=2.0, factors={M: (a1, b1)}),
+        ClientUpdate(num_examples=3, lora_alpha=2.0, factors={M: (a2, b2)}),
+    ]
+
+
+def t(rows):
+    return torch.tensor(rows)
+
+
+# Global updates, by hand:
+# Uniform HETLoRA: Bbar = ([[2,0],[0,0],[4,0]] + B2)/2 = [[1.5,1],[1.5,2],[4.5,3]],
+#   Abar = ([[1,2],[0,0]] + I)/2 = [[1,1],[0,.5]]  ->  Bbar Abar
+# Weighted HETLoRA: Bbar = [[1.25,1.5],[2.25,3],[4.75,4.5]], Abar = [[1,.5],[0,.75]]
+# FLoRA: dW1/4 + 3 dW2/4
+# RB-LoRA: gamma_1 = (1/4, 3/4), gamma_2 = (-, 1):
+#   1/4 dW1 + 3/4 [1,3,5]^T [1,0] + [2,4,6]^T [0,1]
+# RB-LoRA (factor): B_g = [[1.25,2],[2.25,4],[4.75,6]], A_g = [[1,.5],[0,1]]  ->  B_g A_g
+EXPECTED = {
+    "Uniform HETLoRA": [[1.5, 2.0], [1.5, 2.5], [4.5, 6.0]],
+    "Weighted HETLoRA": [[1.25, 1.75], [2.25, 3.375], [4.75, 5.75]],
+    "FLoRA": [[1.25, 2.5], [2.25, 3.0], [4.75, 6.5]],
+    "RB-LoRA": [[1.25, 3.0], [2.25, 4.0], [4.75, 8.0]],
+    "RB-LoRA (factor)": [[1.25, 2.625], [2.25, 5.125], [4.75, 8.375]],
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_two_client_global_update(method):
+    g = aggregate(method, two_clients())
+    torch.testing.assert_close(g.delta(M), t(EXPECTED[method]))
+
+
+def test_rank_balanced_weights_by_hand():
+    torch.testing.assert_close(
+        rank_balanced_weights([1, 2], [1, 3]), t([[0.25, 0.0], [0.75, 1.0]]).double()
+    )
+    # ranks 1, 2, 3 with 10, 20, 70 examples: j=0 all (100), j=1 clients 2,3 (90), j=2 client 3
+    torch.testing.assert_close(
+        rank_balanced_weights([1, 2, 3], [10, 20, 70]),
+        t([[0.1, 0.0, 0.0], [0.2, 2 / 9, 0.0], [0.7, 7 / 9, 1.0]]).double(),
+    )
+
+
+def test_uniform_hetlora_truncates_by_hand():
+    # rank 1, lora_alpha 2 (s_r = 2): A = Abar[:1], B = Bbar[:, :1] / 2
+    (a, b) = aggregate("Uniform HETLoRA", two_clients()).for_client(1, 2.0)[M]
+    torch.testing.assert_close(a, t([[1.0, 1.0]]))
+    torch.testing.assert_close(b, t([[0.75], [0.75], [2.25]]))
+
+
+def test_weighted_hetlora_truncates_by_hand():
+    # rank 2, lora_alpha 8 (s_r = 4): A = Abar, B = Bbar / 4
+    (a, b) = aggregate("Weighted HETLoRA", two_clients()).for_client(2, 8.0)[M]
+    torch.testing.assert_close(a, t([[1.0, 0.5], [0.0, 0.75]]))
+    torch.testing.assert_close(b, t([[0.3125, 0.375], [0.5625, 0.75], [1.1875, 1.125]]))
+
+
+def test_flora_merges_and_exports_its_stack():
+    g = aggregate("FLoRA", two_clients())
+    assert g.merges_into_base and g.for_client(2, 2.0) == {}
+    a, b = g.factors(M)  # stack: [Bh1 Bh2], [p1 A1; p2 A2]
+    torch.testing.assert_close(a, t([[0.25, 0.5], [0.75, 0.0], [0.0, 0.75]]))
+    torch.testing.assert_close(b, t([[2.0, 1.0, 2.0], [0.0, 3.0, 4.0], [4.0, 5.0, 6.0]]))
+
+
+@pytest.mark.parametrize("method", ["RB-LoRA", "RB-LoRA (factor)"])
+def test_svd_methods_full_rank_redistribution_is_exact(method):
+    # rank 2 = min(d_out, d_in): the projection keeps everything; lora_alpha 4 (s_r = 2)
+    (a, b) = aggregate(method, two_clients()).for_client(2, 4.0)[M]
+    torch.testing.assert_close(2.0 * b @ a, t(EXPECTED[method]))
+    torch.testing.assert_close(a @ a.T, torch.eye(2))  # A = V^T has orthonormal rows
+
+
+def test_rb_lora_rank_one_is_the_top_singular_pair():
+    # dW = [[1.25,3],[2.25,4],[4.75,8]]; rank-1 projection = sigma_1 u_1 v_1^T, compared
+    # with an independent float64 SVD; signs: largest |entry| of the B column is positive
+    dw = t(EXPECTED["RB-LoRA"]).double()
+    u, s, vh = torch.linalg.svd(dw)
+    sign = torch.sign(u[u[:, 0].abs().argmax(), 0])
+    (a, b) = aggregate("RB-LoRA", two_clients()).for_client(1, 1.0)[M]
+    torch.testing.assert_close(a.double(), sign * vh[:1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.double(), sign * s[0] * u[:, :1], rtol=1e-5, atol=1e-5)
+
+
+def test_official_code_bug_is_not_copied():
+    """Ranks 4 and 64 with the same lora_alpha: scales differ 16x; folding them in matters."""
+    gen = torch.Generator().manual_seed(3)
+    d_out, d_in, alpha = 96, 80, 16.0
+    ranks, sizes = [4, 64], [300, 100]
+    facs = [
+        (torch.randn(r, d_in, generator=gen, dtype=torch.float64),
+         torch.randn(d_out, r, generator=gen, dtype=torch.float64))
+        for r in ranks
+    ]  # fmt: skip
+    clients = [
+        ClientUpdate(num_examples=n, lora_alpha=alpha, factors={M: f})
+        for n, f in zip(sizes, facs, strict=True)
+    ]
+    # RB-LoRA by its definition, component by component: gamma_j(k) = alpha_k * beta_j
+    total = sum(sizes)
+    want = torch.zeros(d_out, d_in, dtype=torch.float64)
+    for (a, b), r, n in zip(facs, ranks, sizes, strict=True):
+        for j in range(r):
+            beta_j = total / sum(nn for rr, nn in zip(ranks, sizes, strict=True) if rr > j)
+            want += (n / total) * beta_j * (alpha / r) * torch.outer(b[:, j], a[j])
+    got = aggregate("RB-LoRA", clients).delta(M)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # the official code's raw-factor aggregation (scale applied after averaging) is far off
+    raw_clients = [
+        ClientUpdate(num_examples=n, lora_alpha=float(r), factors={M: f})  # scale 1
+        for n, r, f in zip(sizes, ranks, facs, strict=True)
+    ]
+    raw = aggregate("RB-LoRA", raw_clients).delta(M) * (alpha / 64)
+    assert (raw - want).norm() > 0.5 * want.norm()
+    # FLoRA: sum p_k s_k B_k A_k
+    flora = sum(
+        (n / total) * (alpha / r) * b @ a for (a, b), r, n in zip(facs, ranks, sizes, strict=True)
+    )
+    torch.testing.assert_close(aggregate("FLoRA", clients).delta(M), flora)
+    # sending back: the receiver's own scale is divided out (rank 4 client, s = 4)
+    (a4, b4) = aggregate("RB-LoRA", clients).for_client(4, alpha)[M]
+    u, s, vh = torch.linalg.svd(want)
+    torch.testing.assert_close((alpha / 4) * b4 @ a4, (u[:, :4] * s[:4]) @ vh[:4])
