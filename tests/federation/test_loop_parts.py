@@ -108,7 +108,7 @@ def test_report_files(tmp_path):
             "bytes_up": 10,
             "bytes_down": 0,
             "round_seconds": 3.0,
-            "eval": {"test": {"accuracy": 0.5, "loss": 1.5}},
+            "eval": {"suites": {"test": {"accuracy": 0.5}}, "loss": 1.5},
         },
         {
             "type": "round",
@@ -117,7 +117,7 @@ def test_report_files(tmp_path):
             "bytes_up": 10,
             "bytes_down": 20,
             "round_seconds": 3.0,
-            "eval": {"test": {"accuracy": 0.75, "loss": 1.2}},
+            "eval": {"suites": {"test": {"accuracy": 0.75}}, "loss": 1.2},
         },
     ]
     results = write_report(

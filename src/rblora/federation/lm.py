@@ -165,8 +165,14 @@ class CausalLMTask:
         return ClientResult(factors=factors, num_examples=len(examples), metrics=metrics)
 
     def evaluate(self, delta: Factors, *, round_: int) -> dict[str, Any]:
-        from rblora.evaluation import evaluate_round
+        from rblora.evaluation import EvalConfig, evaluate_round
 
+        config = EvalConfig(
+            batch_size=self.eval_batch_size,
+            autocast_bf16=self.train_config.use_bf16(),
+            cutoff_len=self.train_config.cutoff_len,
+            progress=self.progress,
+        )
         with applied_delta(self.model, delta):
             return evaluate_round(
                 self.model,
@@ -174,10 +180,7 @@ class CausalLMTask:
                 self.eval_suites,
                 self.loss_records,
                 self.prompter,
-                cutoff_len=self.train_config.cutoff_len,
-                batch_size=self.eval_batch_size,
-                autocast_bf16=self.train_config.use_bf16(),
-                progress=self.progress,
+                config,
             )
 
     def merge_into_base(self, delta: Factors) -> None:

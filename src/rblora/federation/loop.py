@@ -273,12 +273,12 @@ def _client_line(r: dict[str, Any]) -> str:
 
 
 def _round_line(r: dict[str, Any]) -> str:
+    from rblora.federation.report import scalar_evals
+
     parts = [f"round {r['round']} done in {r['round_seconds']:.0f}s"]
     if r.get("train_loss") is not None:
         parts.append(f"train loss {r['train_loss']:.4f}")
-    for name, value in (r.get("eval") or {}).items():
-        if isinstance(value, dict) and "accuracy" in value:
-            parts.append(f"{name} acc {value['accuracy']:.3f}")
-        elif isinstance(value, dict) and "loss" in value:
-            parts.append(f"{name} loss {value['loss']:.4f}")
+    for name, value in scalar_evals(r.get("eval")).items():
+        if name.endswith(("/accuracy", "/loss")):
+            parts.append(f"{name} {value:.4f}")
     return ", ".join(parts)

@@ -10,16 +10,24 @@ from typing import Any
 
 from rblora.utils.atomic import write_json, write_text
 
+_SUITE_METRICS = ("accuracy", "acc_norm", "macro_accuracy")
 
-def _scalar_evals(record: dict[str, Any]) -> dict[str, float]:
-    """Flatten a round's evaluation into ``suite/metric -> value`` for tables and plots."""
+
+def scalar_evals(evaluation: dict[str, Any] | None) -> dict[str, float]:
+    """Flatten a round's evaluation into ``name -> value`` for tables and plots.
+
+    ``{"suites": {"mmlu": {"accuracy": ...}}, "loss": ...}`` gives ``mmlu/accuracy`` and
+    ``heldout/loss``; other top-level numbers (timings, counts) are left out.
+    """
     flat: dict[str, float] = {}
-    for suite, value in (record.get("eval") or {}).items():
-        if not isinstance(value, dict):
-            continue
-        for key in ("accuracy", "acc_norm", "macro_accuracy", "loss", "perplexity"):
+    evaluation = evaluation or {}
+    for suite, value in (evaluation.get("suites") or {}).items():
+        for key in _SUITE_METRICS:
             if isinstance(value.get(key), (int, float)):
                 flat[f"{suite}/{key}"] = float(value[key])
+    for key in ("loss", "perplexity"):
+        if isinstance(evaluation.get(key), (int, float)):
+            flat[f"heldout/{key}"] = float(evaluation[key])
     return flat
 
 
@@ -37,7 +45,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
                 "round_seconds": r.get("round_seconds"),
                 "aggregate_seconds": r.get("aggregate_seconds"),
                 "eval_seconds": r.get("eval_seconds"),
-                **_scalar_evals(r),
+                **scalar_evals(r.get("eval")),
             }
         )
     return {
