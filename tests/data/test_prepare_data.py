@@ -192,6 +192,28 @@ def test_failure_while_writing_leaves_nothing(seed_files, monkeypatch):
     assert sorted(p.name for p in (seed_files / "data").iterdir()) == ["2"]
 
 
+def test_failed_final_rename_puts_the_old_folder_back(seed_files, monkeypatch, capsys):
+    assert main(["2", "2", "--client_sizes", "5,5"]) == 0
+    folder = seed_files / "data" / "2"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_replace = prep.os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device (simulated)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(prep.os, "replace", replace)
+    assert main(["2", "2", "--client_sizes", "7,7", "--overwrite"]) == 2
+    monkeypatch.undo()
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in (seed_files / "data").iterdir()) == ["2"]
+    reference = seed_files / "made_by_mkdir"
+    reference.mkdir()
+    assert folder.stat().st_mode == reference.stat().st_mode  # not mkdtemp's 0700
+
+
 BAD_INPUT = [
     (["0"], "num_clients must be at least 1, got 0"),
     (["-3"], "num_clients must be at least 1, got -3"),

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -341,6 +341,18 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
     return Prepared(files, meta, hist, cats, notes)
 
 
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new empty directory with the usual permissions (``mkdtemp`` would make it 0700)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ValueError(f"could not create a temporary folder in {parent}")
+
+
 def write_prepared(prepared: Prepared, folder: Path, overwrite: bool) -> None:
     """Write every file into a temporary sibling of ``folder`` and rename it into place."""
     folder = Path(folder)
@@ -349,7 +361,7 @@ def write_prepared(prepared: Prepared, folder: Path, overwrite: bool) -> None:
     parent = folder.parent
     made_parent = not parent.exists()
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
+    tmp = _fresh_dir(parent, f".{folder.name}.tmp-")
     try:
         for name, value in prepared.files.items():
             with open(tmp / name, "w", encoding="utf-8") as fh:
@@ -362,13 +374,18 @@ def write_prepared(prepared: Prepared, folder: Path, overwrite: bool) -> None:
             f"seed {meta['seed']}"
         )
         save_heatmap(prepared.histogram, prepared.categories, tmp / "partition.png", title)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=parent))
-            os.replace(folder, old / folder.name)
+        if not folder.exists():
             os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
+            return
+        old = _fresh_dir(parent, f".{folder.name}.old-")
+        os.replace(folder, old / folder.name)
+        try:
             os.replace(tmp, folder)
+        except BaseException:
+            os.replace(old / folder.name, folder)  # put the previous data back
+            old.rmdir()
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if made_parent and not any(parent.iterdir()):
@@ -409,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(cfg)
     except SystemExit as done:  # --help
         return int(done.code or 0)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # bad input, unreadable source, unwritable output
         print(f"prepare-data: error: {err}", file=sys.stderr)
         return 2
     return 0
