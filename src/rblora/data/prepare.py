@@ -254,13 +254,56 @@ def _split(cfg: PrepareConfig, labels: np.ndarray, rng: np.random.Generator, not
     return P.partition_sizes(n, sizes, rng)
 
 
+def _test_counts(cfg: PrepareConfig, src: S.Source) -> np.ndarray:
+    """Held-out examples wanted per category, shape ``(C,)``."""
+    if cfg.test_per_category is not None:
+        return np.full(len(src.categories), cfg.test_per_category, dtype=np.int64)
+    kind = "images" if src.kind == "images" else src.name
+    per = [
+        DEFAULT_TEST["alpaca" if c == "alpaca" and kind == "files" else kind]
+        for c in src.categories
+    ]
+    return np.array(per, dtype=np.int64)
+
+
+def _hold_out(cfg: PrepareConfig, src: S.Source, rng: np.random.Generator):
+    """(pool indices into ``src.train``, test items, test labels): stratified by category, carved
+    out of the pool when the source has no separate held-out set (as the seed does)."""
+    counts = _test_counts(cfg, src)
+    if src.heldout is None:
+        idx = P.stratified_sample(src.train_labels, counts, rng, src.categories, keep_one=True)
+        keep = np.ones(src.train_labels.size, dtype=bool)
+        keep[idx] = False
+        return np.flatnonzero(keep), [src.train[i] for i in idx], src.train_labels[idx]
+    idx = P.stratified_sample(src.heldout_labels, counts, rng)
+    pool = np.arange(src.train_labels.size)
+    return pool, [src.heldout[i] for i in idx], src.heldout_labels[idx]
+
+
+def _output_files(src: S.Source, parts: list[np.ndarray], test_items: list) -> dict[str, object]:
+    """File name -> JSON value: records for text, ``{"source","split","indices"}`` for images."""
+    if src.kind == "images":
+
+        def index_file(split: str, idx) -> dict:
+            return {"source": src.name, "split": split, "indices": [int(i) for i in idx]}
+
+        files = {f"local_training_{k}.json": index_file("train", p) for k, p in enumerate(parts)}
+        files["global_training.json"] = index_file("train", np.concatenate(parts))
+        files["global_test.json"] = index_file("test", test_items)
+        return files
+    clients = [[src.train[i] for i in p] for p in parts]
+    files = {f"local_training_{k}.json": c for k, c in enumerate(clients)}
+    files["global_training.json"] = [r for c in clients for r in c]
+    files["global_test.json"] = test_items
+    return files
+
+
 def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
     """Load the source, hold out the test set, partition the rest; nothing is written."""
     _validate(cfg)
     source_name, dolly, alpaca = _resolve_source(cfg, Path.cwd() if cwd is None else cwd)
-    r_source, r_test, r_part = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3)
-    )
+    seeds = np.random.SeedSequence(cfg.seed).spawn(3)  # independent streams per stage
+    r_source, r_test, r_part = (np.random.default_rng(s) for s in seeds)
     if source_name == "files":
         src = S.load_files(dolly, alpaca, cfg.alpaca_samples, r_source)
     elif source_name == "mixture":
@@ -270,48 +313,11 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
         src = S.load_mixture(cfg.tasks, cfg.per_task, reserve, r_source)
     else:
         src = S.load_image_source(source_name)
-    notes = list(src.notes)
-    cats = src.categories
-    default_kind = "images" if src.kind == "images" else src.name
-    per_cat = np.array(
-        [
-            cfg.test_per_category
-            if cfg.test_per_category is not None
-            else DEFAULT_TEST["alpaca" if c == "alpaca" and src.name == "files" else default_kind]
-            for c in cats
-        ],
-        dtype=np.int64,
-    )
-    if src.heldout is None:  # carve the test set out of the pool, as the seed does
-        test_idx = P.stratified_sample(src.train_labels, per_cat, r_test, names=cats, keep_one=True)
-        keep = np.ones(src.train_labels.size, dtype=bool)
-        keep[test_idx] = False
-        pool = np.flatnonzero(keep)
-        test_items = [src.train[i] for i in test_idx]
-        test_labels = src.train_labels[test_idx]
-    else:
-        test_idx = P.stratified_sample(src.heldout_labels, per_cat, r_test)
-        pool = np.arange(src.train_labels.size)
-        test_items = [src.heldout[i] for i in test_idx]
-        test_labels = src.heldout_labels[test_idx]
-    pool_labels = src.train_labels[pool]
-    parts = [pool[p] for p in _split(cfg, pool_labels, r_part, notes)]
+    notes, cats = list(src.notes), src.categories
+    pool, test_items, test_labels = _hold_out(cfg, src, r_test)
+    parts = [pool[p] for p in _split(cfg, src.train_labels[pool], r_part, notes)]
     hist = P.category_histogram(parts, src.train_labels, len(cats))
-
-    if src.kind == "images":
-
-        def index_file(split: str, idx) -> dict:
-            return {"source": src.name, "split": split, "indices": [int(i) for i in idx]}
-
-        files = {f"local_training_{k}.json": index_file("train", p) for k, p in enumerate(parts)}
-        files["global_training.json"] = index_file("train", np.concatenate(parts))
-        files["global_test.json"] = index_file("test", test_items)
-    else:
-        files = {f"local_training_{k}.json": [src.train[i] for i in p] for k, p in enumerate(parts)}
-        files["global_training.json"] = [
-            r for k in range(len(parts)) for r in files[f"local_training_{k}.json"]
-        ]
-        files["global_test.json"] = test_items
+    files = _output_files(src, parts, test_items)
 
     args = asdict(cfg)
     args.update(
