@@ -1,0 +1,128 @@
+"""PEFT adapter folders: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Keys follow PEFT's canonical saved form ``base_model.model.<module>.lora_A.weight`` (no adapter
+name), so ``PeftModel.from_pretrained(base, path)`` loads them with nothing missing or unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from rblora.adapters.spec import Factors, matches
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+_PREFIX = "base_model.model."
+_SUFFIXES = {".lora_A.weight": 0, ".lora_B.weight": 1}
+
+
+def save_peft_adapter(
+    path: str | os.PathLike,
+    factors: Factors,
+    *,
+    rank: int,
+    lora_alpha: float,
+    target_modules: list[str],
+    use_rslora: bool,
+    base_model_name_or_path: str | None,
+    lora_dropout: float = 0.0,
+    task_type: str | None = "CAUSAL_LM",
+) -> Path:
+    """Write ``factors`` (raw PEFT weights ``A: (rank, d_in)``, ``B: (d_out, rank)``) as a PEFT
+    folder at ``path``, atomically: written to a temporary sibling folder, then renamed into place
+    (an existing folder at ``path`` is replaced). Returns the path."""
+    if not factors:
+        raise ValueError("save_peft_adapter: no factors to save")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (a, b) in sorted(factors.items()):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise ValueError(
+                f"save_peft_adapter: {name}: A {tuple(a.shape)} / B {tuple(b.shape)} do not have "
+                f"rank {rank} (expected A (rank, d_in), B (d_out, rank))"
+            )
+        if not matches(name, list(target_modules)):
+            raise ValueError(
+                f"save_peft_adapter: module {name!r} is not matched by target_modules "
+                f"{list(target_modules)}"
+            )
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().contiguous()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=lora_alpha,
+        target_modules=list(target_modules),
+        lora_dropout=lora_dropout,
+        use_rslora=use_rslora,
+        bias="none",
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
+    )
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Rename ``src`` to ``dest``; an existing ``dest`` is moved aside first, then deleted."""
+    if not dest.exists():
+        os.rename(src, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.rename(dest, old / "x")
+    os.rename(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_peft_adapter(path: str | os.PathLike) -> tuple[Factors, dict]:
+    """Read a PEFT LoRA folder: ``({name: (A, B)} as float32, adapter_config as a dict)``.
+
+    Raises ValueError on a missing file, a key that is not a LoRA A/B weight, a module with only
+    one factor, or ranks that disagree with the config's ``r``.
+    """
+    folder = Path(path)
+    for fname in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (folder / fname).is_file():
+            raise ValueError(f"load_peft_adapter: {folder / fname} does not exist")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    state = load_file(str(folder / WEIGHTS_NAME))
+    pairs: dict[str, list] = {}
+    unexpected = []
+    for key, tensor in state.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None or not key.startswith(_PREFIX):
+            unexpected.append(key)
+            continue
+        name = key[len(_PREFIX) : -len(suffix)]
+        pairs.setdefault(name, [None, None])[_SUFFIXES[suffix]] = tensor.to(torch.float32)
+    if unexpected:
+        raise ValueError(f"load_peft_adapter: {folder}: unexpected keys {sorted(unexpected)}")
+    half = sorted(n for n, p in pairs.items() if p[0] is None or p[1] is None)
+    if half:
+        raise ValueError(f"load_peft_adapter: {folder}: modules with only one factor: {half}")
+    rank = config.get("r")
+    pattern = config.get("rank_pattern") or {}
+    bad = [
+        n
+        for n, (a, b) in pairs.items()
+        if a.shape[0] != b.shape[1] or (not pattern and rank is not None and a.shape[0] != rank)
+    ]
+    if bad:
+        raise ValueError(f"load_peft_adapter: {folder}: ranks disagree with r={rank} for {bad}")
+    return {n: (p[0], p[1]) for n, p in sorted(pairs.items())}, config
