@@ -189,3 +189,28 @@ def test_inputs_never_modified_and_outputs_not_shared(method, reduction):
     for u, saved in zip(clients, before, strict=True):
         for m, (a, b) in u.factors.items():
             assert torch.equal(a, saved[m][0]) and torch.equal(b, saved[m][1])
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_live_parameters_are_fine_and_later_changes_do_not_leak(method):
+    clients = make_clients([1, 2, 4], [10, 30, 60])
+    params = [
+        ClientUpdate(
+            u.num_examples,
+            u.lora_alpha,
+            {m: (torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone()))
+             for m, (a, b) in u.factors.items()},
+        )
+        for u in clients
+    ]  # fmt: skip
+    g = aggregate(method, params)
+    want = {m: g.delta(m).clone() for m in MODULES}
+    with torch.no_grad():  # the clients keep training on the same tensors
+        for u in params:
+            for a, b in u.factors.values():
+                a.add_(1.0), b.mul_(3.0)
+    for m in MODULES:
+        assert not g.delta(m).requires_grad
+        torch.testing.assert_close(g.delta(m), want[m], rtol=0, atol=0)
+    for a, b in g.for_client(2, 16.0).values():
+        assert not a.requires_grad and not b.requires_grad

@@ -12,6 +12,7 @@ from .types import ClientUpdate, Factors
 from .validation import validate_updates
 
 
+@torch.no_grad()
 def aggregate(
     method: str, updates: Sequence[ClientUpdate], reduction: str | None = None
 ) -> GlobalUpdate:
@@ -30,6 +31,9 @@ def aggregate(
 
     Raises:
         ValueError: unknown method or reduction, or bad updates (see ``validate_updates``).
+
+    Runs without autograd, so factors may be live ``nn.Parameter`` objects; the result holds
+    only new tensors (later changes to the clients' tensors do not affect it).
     """
     spec = get_method(method)
     reduction = resolve_reduction(spec, reduction)

@@ -72,6 +72,7 @@ class GlobalUpdate:
         a, b = self._get(module)
         return (b @ a).to(self._dtype)
 
+    @torch.no_grad()
     def for_client(
         self, rank: int, lora_alpha: float, use_rslora: bool = False
     ) -> dict[str, Factors]:

@@ -37,7 +37,7 @@ def padded_component_sum(
     b_g = Bhs[0].new_zeros(Bhs[0].shape[0], rank)
     for k, (a, bh) in enumerate(zip(As, Bhs, strict=True)):
         r = a.shape[0]
-        w = gamma[k, :r].to(a.dtype)
+        w = gamma[k, :r].to(a)
         a_g[:r] += w[:, None] * a
         b_g[:, :r] += bh * w[None, :]
     return a_g, b_g
@@ -55,7 +55,7 @@ def weighted_stack(
         ``B_s @ A_s = sum_k sum_{j < r_k} gamma[k, j] * Bh_k[:, j] A_k[j]`` (weights on the rows
         of A, clients in the given order).
     """
-    rows = [gamma[k, : a.shape[0]].to(a.dtype)[:, None] * a for k, a in enumerate(As)]
+    rows = [gamma[k, : a.shape[0]].to(a)[:, None] * a for k, a in enumerate(As)]
     return torch.cat(rows, dim=0), torch.cat(list(Bhs), dim=1)
 
 

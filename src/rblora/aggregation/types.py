@@ -68,7 +68,7 @@ class ClientUpdate:
 Combine = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[int]], Factors]
 """``combine(As, Bhs, num_examples) -> (A_g: (k, d_in), B_g: (d_out, k))`` for one module, where
 client k gives ``A_k: (r_k, d_in)`` and ``Bh_k = s_k * B_k: (d_out, r_k)``; the global update is
-``B_g @ A_g``. Must not modify its inputs."""
+``B_g @ A_g``. Must not modify its inputs and must return new tensors, not views of them."""
 
 
 @dataclass(frozen=True)
