@@ -164,11 +164,11 @@ def run(args: TrainArgs) -> int:
         group_by_length=args.group_by_length,
         cutoff_len=args.cutoff_len,
         train_on_inputs=args.train_on_inputs,
-        bf16=args.bf16,
+        bf16={"auto": "auto", "true": True, "false": False}[args.bf16],
         seed=args.seed,
     )
     log(f"loading {args.global_model}")
-    model, tokenizer = load_causal_lm(args.global_model, token=args.hf_token())
+    model, tokenizer = load_causal_lm(args.global_model)
     task = CausalLMTask(
         model,
         tokenizer,
