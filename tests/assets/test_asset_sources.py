@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import shutil
 import tarfile
 import zipfile
 
@@ -100,3 +101,19 @@ def test_parse_idx_images_and_labels():
     np.testing.assert_array_equal(parse_idx(labels), [7, 0, 9])
     with pytest.raises(AssetError, match="idx"):
         parse_idx(bytes([0, 0, 13, 1, 0, 0, 0, 0]))  # float idx, not supported
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
+def test_deb_with_empty_package_lists_asks_for_apt_update(tmp_path, monkeypatch):
+    lists = tmp_path / "lists"
+    (lists / "partial").mkdir(parents=True)
+
+    def command(self, dest="."):
+        return ["apt-get", "-o", f"Dir::State::Lists={lists}", "download", self.label()]
+
+    monkeypatch.setattr(Source, "command", command)
+    monkeypatch.setenv("RBLORA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(AssetError, match="apt-get update") as info:
+        fetch("fashion-mnist", progress=False)
+    assert "dataset-fashion-mnist" in str(info.value)
+    assert "rblora assets fetch fashion-mnist" in str(info.value)

@@ -126,6 +126,8 @@ def fetch(name: str, progress: bool = True, verify: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".tmp-{name}-") as tmp:
         work = Path(tmp)
         built = _build(asset, work, progress)
+        if check(name).ok:  # another process finished first; keep theirs (it may be in use)
+            return target
         try:
             install(built, target)
         except OSError:
