@@ -154,3 +154,12 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path):
     assert cache.cache_dir() == tmp_path
     monkeypatch.delenv("RBLORA_CACHE")
     assert cache.cache_dir().parts[-2:] == (".cache", "rblora")
+
+
+def test_malformed_manifest_is_rejected(tmp_path):
+    _write(tmp_path / "a", {"x.txt": "hello"})
+    cache.write_manifest(tmp_path / "a", "a", 1, PIN)
+    manifest = cache.read_manifest(tmp_path / "a")
+    manifest["files"]["x.txt"] = "oops"
+    cache.write_json_atomic(tmp_path / "a" / "manifest.json", manifest)
+    assert cache.check_folder(tmp_path / "a", "a", 1, PIN).reason == "malformed manifest"

