@@ -1,0 +1,17 @@
+"""One client's local training of a causal LM; knows nothing about federation."""
+
+from rblora.training.config import TrainConfig, cpu_has_native_bf16
+from rblora.training.loop import LocalResult, train_local
+from rblora.training.loss import causal_lm_loss_sum, linear_cross_entropy
+from rblora.training.tokenize import IGNORE_INDEX, tokenize_records
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LocalResult",
+    "TrainConfig",
+    "causal_lm_loss_sum",
+    "cpu_has_native_bf16",
+    "linear_cross_entropy",
+    "tokenize_records",
+    "train_local",
+]

@@ -1,0 +1,168 @@
+"""train_local on the tiny Llama: accumulation, determinism, learning, what changes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+from transformers import get_linear_schedule_with_warmup
+
+from rblora.adapters import LoraSpec, attach_lora, detach_lora, read_factors
+from rblora.data.templates import Prompter
+from rblora.training import TrainConfig, tokenize_records, train_local
+from rblora.training.batching import collate, epoch_order
+from rblora.training.loop import _lr_factor
+from rblora.training.loss import causal_lm_loss_sum
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "big", "red"]
+
+
+def records(n, seed=0):
+    rnd = random.Random(seed)
+    return [
+        {
+            "instruction": " ".join(rnd.choices(WORDS, k=rnd.randint(1, 6))),
+            "context": "",
+            "response": " ".join(rnd.choices(WORDS, k=rnd.randint(1, 12))),
+        }
+        for _ in range(n)
+    ]
+
+
+def examples(tok, n, seed=0, train_on_inputs=False):
+    return tokenize_records(records(n, seed), tok, Prompter("alpaca_short"), 256, train_on_inputs)
+
+
+def fp32(**kw):
+    return TrainConfig(bf16=False, **kw)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match=r"batch_size \(10\).*micro_batch_size \(4\)"):
+        TrainConfig(batch_size=10, micro_batch_size=4)
+    with pytest.raises(ValueError, match="bf16"):
+        TrainConfig(bf16="yes")
+    assert TrainConfig(warmup=0.25).warmup_steps(8) == 2
+    assert TrainConfig(warmup=3).warmup_steps(8) == 3
+
+
+def test_lr_schedule_matches_transformers_linear_schedule():
+    total, warmup = 7, 2
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_linear_schedule_with_warmup(opt, warmup, total)
+    expected = []
+    for _ in range(total):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [_lr_factor(i, total, warmup) for i in range(total)] == pytest.approx(expected)
+
+
+def test_loss_sum_matches_transformers_loss(tiny_llama, tiny_tokenizer):
+    ex = examples(tiny_tokenizer, 3)
+    ids, mask, labels = collate(ex, tiny_tokenizer.pad_token_id)
+    n = int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        ours = causal_lm_loss_sum(tiny_llama, ids, mask, labels)
+        ref = tiny_llama(input_ids=ids, attention_mask=mask, labels=labels).loss * n
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_group_by_length_pads_less_than_random():
+    rnd = random.Random(0)
+    lengths = [rnd.randint(5, 300) for _ in range(400)]
+
+    def padding(group):
+        mbs = epoch_order(lengths, 8, group, torch.Generator().manual_seed(0))
+        assert sorted(i for mb in mbs for i in mb) == list(range(400))
+        return sum(
+            max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb) for mb in mbs
+        )
+
+    assert padding(True) < 0.2 * padding(False)
+
+
+def _train(tok, config, spec, seed=0, n=16, init=None):
+    model = build_tiny_llama(vocab_size=len(tok), seed=seed)
+    pm = attach_lora(model, spec, init=init, seed=3)
+    result = train_local(pm, examples(tok, n), config, pad_token_id=tok.pad_token_id)
+    return read_factors(pm), result
+
+
+def test_accumulation_equivalence(tiny_tokenizer):
+    spec = LoraSpec(rank=4, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = build_tiny_llama(vocab_size=len(tiny_tokenizer))
+    g = torch.Generator().manual_seed(9)
+    init = {n: (a, torch.randn(b.shape, generator=g) * 0.05)
+            for n, (a, b) in read_factors(attach_lora(model, spec, seed=1)).items()}  # fmt: skip
+    kw = dict(batch_size=8, learning_rate=1e-3, max_grad_norm=0.0)
+    f1, r1 = _train(tiny_tokenizer, fp32(micro_batch_size=8, **kw), spec, init=init)
+    f2, r2 = _train(tiny_tokenizer, fp32(micro_batch_size=2, **kw), spec, init=init)
+    assert r1.steps == r2.steps == 2
+    assert r1.losses == pytest.approx(r2.losses, rel=1e-6)
+    for name in f1:
+        torch.testing.assert_close(f1[name][1], f2[name][1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(f1[name][0], f2[name][0], rtol=0, atol=1e-5)
+    assert any(not torch.equal(f1[n][1], init[n][1]) for n in f1)
+
+
+def test_deterministic_per_seed(tiny_tokenizer):
+    spec = LoraSpec(rank=4, dropout=0.1)
+    cfg = dict(micro_batch_size=4, batch_size=8, learning_rate=1e-3, group_by_length=True)
+    rng = torch.get_rng_state()
+    fa, ra = _train(tiny_tokenizer, fp32(seed=1, **cfg), spec)
+    assert torch.equal(torch.get_rng_state(), rng)  # caller's RNG untouched
+    fb, rb = _train(tiny_tokenizer, fp32(seed=1, **cfg), spec)
+    fc, _ = _train(tiny_tokenizer, fp32(seed=2, **cfg), spec)
+    assert ra.losses == rb.losses
+    assert all(torch.equal(fa[n][0], fb[n][0]) and torch.equal(fa[n][1], fb[n][1]) for n in fa)
+    assert not all(torch.equal(fa[n][1], fc[n][1]) for n in fa)
+
+
+def test_memorises_and_only_lora_changes(tiny_tokenizer):
+    model = build_tiny_llama(vocab_size=len(tiny_tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # the tiny model's frozen head is too weak to memorise alone: adapt it too (this also runs
+    # the loss path for a LoRA-wrapped output head)
+    spec = LoraSpec(rank=8, dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"])
+    pm = attach_lora(model, spec, seed=0).eval()
+    pairs = [("abc", "hello world"), ("xy", "the cat sat"), ("q", "blue sky"), ("zz", "red fox")]
+    recs = [{"instruction": i, "response": r} for i, r in pairs]
+    ex = tokenize_records(recs, tiny_tokenizer, Prompter("alpaca_short"), 64, True)
+    cfg = fp32(micro_batch_size=2, batch_size=4, num_epochs=20, learning_rate=1e-2)
+    seen = []
+    res = train_local(pm, ex, cfg, progress=lambda s, t, loss: seen.append((s, t)))
+    assert res.steps == 20 and seen[-1] == (20, 20) and res.examples == 4
+    assert res.tokens == 20 * sum(len(e["input_ids"]) for e in ex)
+    assert res.losses[-1] < 0.7 * res.losses[0]
+    assert not any(m.training for m in pm.modules())  # eval mode restored
+    base = detach_lora(pm)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_bf16_autocast_runs(tiny_tokenizer):
+    spec = LoraSpec(rank=2)
+    _, res = _train(
+        tiny_tokenizer, TrainConfig(micro_batch_size=4, batch_size=4, bf16=True), spec, n=4
+    )
+    assert res.steps == 1 and 0 < res.loss < 20
+
+
+def test_fused_linear_cross_entropy_matches_autograd(monkeypatch):
+    from rblora.training import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk: several chunks
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 16, generator=g, requires_grad=True)
+    w, bias = torch.randn(50, 16, generator=g), torch.randn(50, generator=g)
+    y = torch.randint(0, 50, (10,), generator=g)
+    ours = loss_mod.linear_cross_entropy(h, w, bias, y)
+    (grad_ours,) = torch.autograd.grad(2.0 * ours, h)
+    ref = torch.nn.functional.cross_entropy(h @ w.T + bias, y, reduction="sum")
+    (grad_ref,) = torch.autograd.grad(2.0 * ref, h)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="frozen"):
+        loss_mod.linear_cross_entropy(h, w.requires_grad_(), None, y)
