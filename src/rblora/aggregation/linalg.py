@@ -124,12 +124,17 @@ class FactoredSVD:
         self._uc, self._vc = uc, vch.T
 
     def _vectors(self, r: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``(U: (d_out, >= r), V: (d_in, >= r), sigma)``, sign-fixed, cached."""
-        if self._cache is not None and self._cache[0].shape[1] >= r:
+        """``(U: (d_out, >= r), V: (d_in, >= r), sigma)``, sign-fixed, cached; a larger ``r``
+        computes only the missing columns."""
+        have = 0 if self._cache is None else self._cache[0].shape[1]
+        if have >= r:
             return self._cache
-        u = self._apply(self._qb, self._uc[:, :r])
-        v = self._apply(self._qa, self._vc[:, :r])
-        self._cache = (*_fix_signs(u, v), self.sigma)
+        u, v = _fix_signs(
+            self._apply(self._qb, self._uc[:, have:r]), self._apply(self._qa, self._vc[:, have:r])
+        )
+        if self._cache is not None:
+            u, v = torch.cat([self._cache[0], u], dim=1), torch.cat([self._cache[1], v], dim=1)
+        self._cache = (u, v, self.sigma)
         return self._cache
 
     def _apply(self, qr: tuple[Tensor, Tensor], small: Tensor) -> Tensor:
