@@ -6,7 +6,7 @@ import pytest
 import torch
 from agg_helpers import best_rank, make_clients
 
-from rblora.aggregation import aggregate
+from rblora.aggregation import ClientUpdate, aggregate
 from rblora.aggregation.linalg import FactoredSVD, orthonormal_complement_rows
 
 
@@ -95,3 +95,18 @@ def test_orthonormal_complement_of_rank_deficient_rows():
     comp = orthonormal_complement_rows(rows, 2)
     torch.testing.assert_close(comp @ comp.T, torch.eye(2, dtype=torch.float64))
     torch.testing.assert_close(comp @ rows.T, torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["RB-LoRA", "Uniform HETLoRA", "FLoRA"])
+def test_untrained_clients_with_zero_b_give_a_fresh_lora(method):
+    # PEFT initialises B = 0: a client that did not train sends a zero update
+    clients = make_clients([2, 4], [10, 30])
+    zero = []
+    for u in clients:
+        factors = {m: (a, torch.zeros_like(b)) for m, (a, b) in u.factors.items()}
+        zero.append(ClientUpdate(u.num_examples, u.lora_alpha, factors))
+    g = aggregate(method, zero, reduction="svd" if method == "FLoRA" else None)
+    for m, (a, b) in g.for_client(3, 16.0).items():
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert torch.count_nonzero(b) == 0 and torch.count_nonzero(g.delta(m)) == 0
+        assert torch.linalg.matrix_rank(a) == 3
