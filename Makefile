@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	@# fashion-mnist comes from a Debian package fetched with `apt-get download`: make sure the
+	@# package lists know it (a fresh machine may have empty lists; needs root, else skipped)
+	-@command -v apt-cache >/dev/null && { apt-cache show dataset-fashion-mnist >/dev/null 2>&1 \
+		|| apt-get update -qq >/dev/null 2>&1 || echo "note: apt-get update failed; fashion-mnist may not fetch"; }
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -26,23 +26,65 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None):
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True if the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds.
+
+    huggingface_hub retries an unreachable host for about a minute before giving up; checking
+    once first lets an offline machine fail (or use its local hub cache) at once.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """True if the local Hugging Face cache holds a config.json of ``repo_id``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id that is not a valid repo name is simply not cached
+        return False
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, token: str | None = None):
     """Load ``(model, tokenizer)`` with the transformers Auto classes, in eval mode.
 
-    ``name_or_path`` goes through ``resolve_model``; ``dtype`` defaults to ``torch.float32``.
-    If the tokenizer has no pad token, its eos token is used as the pad token (the embedded
-    SmolLM2 already pads with its eos ``<|im_end|>``). A hub id that cannot be loaded raises
-    AssetError suggesting a local folder or an embedded name.
+    ``name_or_path`` goes through ``resolve_model``; ``dtype`` defaults to ``torch.float32``;
+    ``token`` is passed to the hub for gated models. If the tokenizer has no pad token, its eos
+    token is used as the pad token (the embedded SmolLM2 already pads with its eos
+    ``<|im_end|>``). A hub id that cannot be loaded raises AssetError suggesting a local folder
+    or an embedded name; when the hub is unreachable only the local hub cache is tried.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
+    is_local = Path(path).exists()
+    online = is_local or hub_reachable()
+    kwargs = {"token": token, "local_files_only": not online}
+    if not online and not _in_hub_cache(path):
+        raise AssetError(
+            f"cannot load model {name_or_path!r}: it is not an embedded name or a local folder, "
+            "the Hugging Face hub is not reachable from this machine and the model is not in its "
+            "local hub cache. Pass a local folder with a transformers model, or an embedded "
+            f"name: {', '.join(CAUSAL_LM_ASSETS)}."
+        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
     except OSError as exc:
-        if Path(path).exists():
+        if is_local:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AssetError(

@@ -168,7 +168,7 @@ def run(args: TrainArgs) -> int:
         seed=args.seed,
     )
     log(f"loading {args.global_model}")
-    model, tokenizer = load_causal_lm(args.global_model)
+    model, tokenizer = load_causal_lm(args.global_model, token=args.hf_token())
     task = CausalLMTask(
         model,
         tokenizer,
