@@ -196,14 +196,16 @@ def test_failed_final_rename_puts_the_old_folder_back(seed_files, monkeypatch, c
     assert main(["2", "2", "--client_sizes", "5,5"]) == 0
     folder = seed_files / "data" / "2"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    real_replace = prep.os.replace
+    import rblora.utils.atomic as atomic
+
+    real_replace = atomic.os.replace
 
     def replace(src, dst):
         if ".tmp-" in str(src):
             raise OSError(28, "No space left on device (simulated)")
         real_replace(src, dst)
 
-    monkeypatch.setattr(prep.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     assert main(["2", "2", "--client_sizes", "7,7", "--overwrite"]) == 2
     monkeypatch.undo()
     assert "No space left on device" in capsys.readouterr().err

@@ -20,10 +20,10 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from rblora.utils.atomic import replace_dir, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -52,17 +52,8 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache is meant to be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` via a temporary file and a rename."""
+    write_json(path, obj, indent=1, sort_keys=True)
 
 
 def write_manifest(folder: Path, name: str, revision: int, source: dict) -> dict:
@@ -157,10 +148,4 @@ def install(built: Path, target: Path) -> None:
     Both must be on the same filesystem (``built`` lives in a temporary folder inside the cache).
     The old folder is first renamed aside, then deleted, so ``target`` is never half-written.
     """
-    trash = None
-    if target.exists():
-        trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".trash-{target.name}-"))
-        os.rename(target, trash / "old")
-    os.rename(built, target)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    replace_dir(built, target)

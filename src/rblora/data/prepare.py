@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,6 +27,7 @@ import numpy as np
 from rblora.data import partition as P
 from rblora.data import sources as S
 from rblora.data.report import save_heatmap, summary_table
+from rblora.utils.atomic import atomic_dir
 
 #: The seed's numeric modes (``diff_quantity``). The seed's usage text calls 1 "IID" but its code
 #: deals category-sorted shards; we follow the code.
@@ -347,18 +345,6 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
     return Prepared(files, meta, hist, cats, notes)
 
 
-def _fresh_dir(parent: Path, prefix: str) -> Path:
-    """A new empty directory with the usual permissions (``mkdtemp`` would make it 0700)."""
-    for _ in range(100):
-        path = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise ValueError(f"could not create a temporary folder in {parent}")
-
-
 def write_prepared(prepared: Prepared, folder: Path, overwrite: bool) -> None:
     """Write every file into a temporary sibling of ``folder`` and rename it into place."""
     folder = Path(folder)
@@ -366,35 +352,21 @@ def write_prepared(prepared: Prepared, folder: Path, overwrite: bool) -> None:
         raise ValueError(f"output folder {folder} already exists; pass --overwrite to replace it")
     parent = folder.parent
     made_parent = not parent.exists()
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(parent, f".{folder.name}.tmp-")
     try:
-        for name, value in prepared.files.items():
-            with open(tmp / name, "w", encoding="utf-8") as fh:
-                json.dump(value, fh, ensure_ascii=False)
-        with open(tmp / "partition.json", "w", encoding="utf-8") as fh:
-            json.dump(prepared.meta, fh, indent=1, ensure_ascii=False)
-        meta = prepared.meta
-        title = (
-            f"{meta['source']}: {meta['partition']} split, {meta['num_clients']} clients, "
-            f"seed {meta['seed']}"
-        )
-        save_heatmap(prepared.histogram, prepared.categories, tmp / "partition.png", title)
-        if not folder.exists():
-            os.replace(tmp, folder)
-            return
-        old = _fresh_dir(parent, f".{folder.name}.old-")
-        os.replace(folder, old / folder.name)
-        try:
-            os.replace(tmp, folder)
-        except BaseException:
-            os.replace(old / folder.name, folder)  # put the previous data back
-            old.rmdir()
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(folder) as tmp:
+            for name, value in prepared.files.items():
+                with open(tmp / name, "w", encoding="utf-8") as fh:
+                    json.dump(value, fh, ensure_ascii=False)
+            with open(tmp / "partition.json", "w", encoding="utf-8") as fh:
+                json.dump(prepared.meta, fh, indent=1, ensure_ascii=False)
+            meta = prepared.meta
+            title = (
+                f"{meta['source']}: {meta['partition']} split, {meta['num_clients']} clients, "
+                f"seed {meta['seed']}"
+            )
+            save_heatmap(prepared.histogram, prepared.categories, tmp / "partition.png", title)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made_parent and not any(parent.iterdir()):
+        if made_parent and parent.exists() and not any(parent.iterdir()):
             parent.rmdir()
         raise
 
