@@ -91,6 +91,7 @@ class GlobalUpdate:
         components are trainable, as in a fresh LoRA.
         """
         self._check_request(rank, lora_alpha)
+        rank = int(rank)
         if self.merges_into_base:
             return {}
         scale = lora_scale(lora_alpha, rank, use_rslora)
@@ -111,7 +112,7 @@ class GlobalUpdate:
         return self._factors[module]
 
     def _check_request(self, rank: int, lora_alpha: float) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise ValueError(f"for_client: rank must be an integer >= 1, got {rank!r}")
         for m in self.modules:
             limit = min(self.shape(m))
