@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from rblora.adapters.spec import Factors, matches
+from rblora.utils.atomic import atomic_dir
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -67,27 +66,10 @@ def save_peft_adapter(
         inference_mode=True,
     )
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename ``src`` to ``dest``; an existing ``dest`` is moved aside first, then deleted."""
-    if not dest.exists():
-        os.rename(src, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.rename(dest, old / "x")
-    os.rename(src, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_peft_adapter(path: str | os.PathLike) -> tuple[Factors, dict]:
