@@ -77,7 +77,7 @@ def main() -> None:
     print(f"{len(items)} items from {source}")
 
     results = []
-    for bf16 in [True] if args.no_fp32 else [False, True]:
+    for bf16 in [d == "bf16" for d in args.dtypes]:
         for strategy in args.strategies:
             for batch_tokens in args.batch_tokens:
                 res = score_multiple_choice(

@@ -210,3 +210,20 @@ def test_mcitem_validation():
         MCItem("p", ["a", "b"], 2, "s")
     with pytest.raises(ValueError, match="non-empty"):
         MCItem("p", ["a", ""], 0, "s")
+
+
+def test_task_items_cloze_style():
+    records = [
+        {
+            "task": "t",
+            "question": "Sky colour?",
+            "context": "",
+            "choices": ["blue", "red"],
+            "answer": 0,
+        }
+    ]
+    (item,) = task_items("t", prompter=PROMPTER, records=records, style="cloze")
+    assert item.prompt == PROMPTER.prompt("Answer the question.", "Question: Sky colour?")
+    assert item.choices == ["blue", "red"]  # the alpaca prompt ends with a newline: no space added
+    with pytest.raises(ValueError, match="unknown style 'x'; valid: mmlu, cloze"):
+        task_items("t", prompter=PROMPTER, records=records, style="x")

