@@ -2,50 +2,8 @@
 
 from __future__ import annotations
 
-import string
-
 import pytest
-
-
-def build_tiny_tokenizer():
-    """A character-level fast tokenizer (printable ASCII + specials), built in memory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [c for c in string.printable if c not in "\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
-
-
-def build_tiny_llama(vocab_size: int = 104, seed: int = 0):
-    """A 2-layer LlamaForCausalLM (hidden 32) with q/k/v/o projections, random weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 
 @pytest.fixture

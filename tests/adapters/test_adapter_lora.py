@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from tiny_models import build_tiny_llama
 
 from rblora.adapters import (
     LoraSpec,

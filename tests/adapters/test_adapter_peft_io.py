@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from tiny_models import build_tiny_llama
 
 from rblora.adapters import (
     LoraSpec,

@@ -42,7 +42,7 @@ def clients_for(shapes, ranks, alphas, use_rslora, seed):
     [("RB-LoRA", 4, 8.0), ("RB-LoRA", 2, 32.0), ("Weighted HETLoRA", 4, 16.0), ("FLoRA", 3, 8.0)],
 )
 def test_peft_layer_delta_equals_intended(method, rank, alpha, use_rslora):
-    from conftest import build_tiny_llama
+    from tiny_models import build_tiny_llama
 
     base = build_tiny_llama(seed=0)
     shapes = llama_modules(base)

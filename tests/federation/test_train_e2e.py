@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from safetensors.torch import load_file
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 from rblora.aggregation import ClientUpdate, aggregate
 from rblora.data.prepare import main as prepare_main

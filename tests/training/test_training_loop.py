@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from tiny_models import build_tiny_llama
 from transformers import get_linear_schedule_with_warmup
 
 from rblora.adapters import LoraSpec, attach_lora, detach_lora, read_factors
