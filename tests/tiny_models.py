@@ -29,8 +29,11 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_llama(vocab_size: int = 104, seed: int = 0):
-    """A 2-layer LlamaForCausalLM (hidden 32) with q/k/v/o projections, random weights."""
+def build_tiny_llama(vocab_size: int = 104, seed: int = 0, **config_overrides):
+    """A 2-layer LlamaForCausalLM (hidden 32) with q/k/v/o projections, random weights.
+
+    ``config_overrides`` go to ``LlamaConfig`` (e.g. ``attn_implementation="eager"``).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,6 +48,7 @@ def build_tiny_llama(vocab_size: int = 104, seed: int = 0):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **config_overrides,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()

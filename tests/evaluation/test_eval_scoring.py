@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import build_tiny_llama
 
 from rblora.evaluation.encoding import leading_special_ids, split_continuations
 from rblora.evaluation.forward import plan_batches
@@ -80,19 +81,8 @@ def test_batched_equals_naive_reference(tiny_llama, tiny_tokenizer, strategy, ba
 
 
 def test_eager_attention_equals_reference(tiny_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    config._attn_implementation = "eager"
-    model = LlamaForCausalLM(config).eval()
+    model = build_tiny_llama(vocab_size=len(tiny_tokenizer), attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
     ref = naive_loglikelihoods(model, tiny_tokenizer, ITEMS)
     got = score_multiple_choice(model, tiny_tokenizer, ITEMS, batch_tokens=64)
     assert max_abs_diff(got.loglikelihoods, ref) < 1e-4

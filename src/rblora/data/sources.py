@@ -148,46 +148,48 @@ def _field(path: Path, line: int, obj: dict, key: str, required: bool) -> str:
     return value
 
 
-def read_dolly(path: Path) -> tuple[list[dict], str]:
-    """Dolly-15k (JSON lines or the seed's JSON array): instruction, context, response, category."""
+def _read_instruction_file(
+    path: Path, kind: str, fields: dict[str, tuple[str, bool]], category: str | None
+) -> tuple[list[dict], str]:
+    """Records of an instruction file mapped to ``{instruction, context, response, category}``.
+
+    ``fields`` maps each output field to (the file's field, required); ``category`` is a fixed
+    category for every record, or None to read the file's ``category`` field.
+    """
     path = Path(path)
-    items, digest = _read_json_records(path, "Dolly")
+    items, digest = _read_json_records(path, kind)
     records = []
     for line, obj in items:
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
-        records.append(
-            {
-                "instruction": _field(path, line, obj, "instruction", True),
-                "context": _field(path, line, obj, "context", False),
-                "response": _field(path, line, obj, "response", True),
-                "category": _field(path, line, obj, "category", True),
-            }
-        )
+        record = {
+            out: _field(path, line, obj, name, required) for out, (name, required) in fields.items()
+        }
+        record["category"] = category or _field(path, line, obj, "category", True)
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: no records")
     return records, digest
+
+
+def read_dolly(path: Path) -> tuple[list[dict], str]:
+    """Dolly-15k (JSON lines or the seed's JSON array): instruction, context, response, category."""
+    fields = {
+        "instruction": ("instruction", True),
+        "context": ("context", False),
+        "response": ("response", True),
+    }
+    return _read_instruction_file(path, "Dolly", fields, None)
 
 
 def read_alpaca(path: Path) -> tuple[list[dict], str]:
     """Alpaca (instruction, input, output) mapped to instruction, context, response, "alpaca"."""
-    path = Path(path)
-    items, digest = _read_json_records(path, "Alpaca")
-    records = []
-    for line, obj in items:
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
-        records.append(
-            {
-                "instruction": _field(path, line, obj, "instruction", True),
-                "context": _field(path, line, obj, "input", False),
-                "response": _field(path, line, obj, "output", True),
-                "category": "alpaca",
-            }
-        )
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records, digest
+    fields = {
+        "instruction": ("instruction", True),
+        "context": ("input", False),
+        "response": ("output", True),
+    }
+    return _read_instruction_file(path, "Alpaca", fields, "alpaca")
 
 
 def find_default_file(names: Sequence[str], directory: Path) -> Path | None:
