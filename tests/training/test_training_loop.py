@@ -68,6 +68,11 @@ def test_loss_sum_matches_transformers_loss(tiny_llama, tiny_tokenizer):
         ours = causal_lm_loss_sum(tiny_llama, ids, mask, labels)
         ref = tiny_llama(input_ids=ids, attention_mask=mask, labels=labels).loss * n
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert mask is not None  # the batch really is padded
+    # what train_local does: no mask with right padding (causal attention never sees the pads)
+    with torch.no_grad():
+        unmasked = causal_lm_loss_sum(tiny_llama, ids, None, labels)
+    torch.testing.assert_close(unmasked, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_group_by_length_pads_less_than_random():

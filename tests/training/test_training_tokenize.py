@@ -61,3 +61,7 @@ def test_boundary_merge_masks_common_prefix_only():
 def test_bad_record_is_reported(tiny_tokenizer):
     with pytest.raises(ValueError, match="record 1"):
         tokenize_records([REC, {"question": "x"}], tiny_tokenizer, Prompter(), 64, False)
+
+
+def test_no_records_gives_no_examples(tiny_tokenizer):
+    assert tokenize_records([], tiny_tokenizer, Prompter("alpaca"), 64, False) == []

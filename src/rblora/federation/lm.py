@@ -102,8 +102,6 @@ class CausalLMTask:
 
     def _tokenize(self, records: list[dict[str, Any]]) -> list[dict]:
         c = self.train_config
-        if not records:
-            return []
         return tokenize_records(
             records, self.tokenizer, self.prompter, c.cutoff_len, c.train_on_inputs
         )

@@ -38,6 +38,8 @@ def tokenize_records(
                 f"record {i} must be a mapping with 'instruction', 'response' (and optional "
                 f"'context'), got {rec!r:.200}"
             )
+    if not records:
+        return []  # fast tokenizers reject an empty batch
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; set one before tokenizing")
