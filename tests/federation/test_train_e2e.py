@@ -198,3 +198,16 @@ def test_malformed_client_file(workspace, tmp_path, capsys):
     argv[argv.index("--data_path") + 1] = str(data)
     assert cli.main(argv) == 2
     assert "local_training_1.json" in capsys.readouterr().err
+
+
+def test_local_validation_split_is_reported(workspace, tmp_path):
+    argv = _argv(
+        workspace, tmp_path, "--local_val_set_size", "2", "--num_communication_rounds", "1"
+    )
+    assert cli.main(argv) == 0
+    lines = (tmp_path / "3" / "metrics.jsonl").read_text().splitlines()
+    clients = [json.loads(x) for x in lines if '"type": "client"' in x]
+    sizes = json.loads((tmp_path / "3" / "config.json").read_text())["client_sizes"]
+    assert sizes == [6, 10, 14]  # 8, 12, 16 minus the 2 held out per client
+    assert all(0 < c["val_loss"] < 20 for c in clients)
+    assert [c["num_examples"] for c in clients] == sizes

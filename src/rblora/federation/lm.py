@@ -28,6 +28,8 @@ from rblora.data.templates import Prompter
 from rblora.federation.server import ClientSpec, Factors
 from rblora.federation.task import ClientResult
 from rblora.training import TrainConfig, tokenize_records, train_local
+from rblora.training.batching import collate, count_targets
+from rblora.training.loss import causal_lm_loss_sum
 
 
 @contextlib.contextmanager
@@ -206,28 +208,11 @@ class CausalLMTask:
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
-        pad = self.tokenizer.pad_token_id
         for i in range(0, len(examples), self.eval_batch_size):
             batch = examples[i : i + self.eval_batch_size]
-            width = max(len(e["input_ids"]) for e in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, e in enumerate(batch):
-                n = len(e["input_ids"])
-                ids[j, :n] = torch.as_tensor(e["input_ids"])
-                labels[j, :n] = torch.as_tensor(e["labels"])
-                mask[j, :n] = 1
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                target.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            total += float(nll)
-            count += int((target != -100).sum())
+            ids, mask, labels = collate(batch, self.tokenizer.pad_token_id)
+            total += float(causal_lm_loss_sum(model, ids, mask, labels))
+            count += sum(count_targets(e) for e in batch)
         model.train(was_training)
         return total / max(count, 1)
 
