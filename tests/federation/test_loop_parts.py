@@ -143,3 +143,14 @@ def test_atomic_dir_keeps_old_content_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     write_text(tmp_path / "f.txt", "x")
     assert (tmp_path / "f.txt").read_text() == "x"
+
+
+def test_eval_subset_is_seeded_ordered_and_spread():
+    from rblora.federation.cli import _subset
+
+    values = [f"task{i // 10}-{i}" for i in range(100)]  # ordered by category, like global_test
+    picked = _subset(values, 20, seed=3)
+    assert picked == _subset(values, 20, seed=3) != _subset(values, 20, seed=4)
+    assert len(picked) == 20 and picked == sorted(picked, key=values.index)
+    assert len({v.split("-")[0] for v in picked}) > 5  # not a prefix of one or two categories
+    assert _subset(values[:5], 20, seed=3) == values[:5]

@@ -111,11 +111,22 @@ def _eval_suites(args: TrainArgs, prompter, data) -> tuple[dict[str, list], list
     test_items = load_mc_file(test_path, prompter)
     test_records = list(data.global_test)
     if args.eval_test_size:
-        test_items = test_items[: args.eval_test_size]
-        test_records = test_records[: args.eval_test_size]
+        # a seeded subset: the file is ordered by category, a prefix would miss some of them
+        test_items = _subset(test_items, args.eval_test_size, args.seed)
+        test_records = _subset(test_records, args.eval_test_size, args.seed)
     if test_items:
         suites["test"] = test_items
     return suites, test_records
+
+
+def _subset(values: list, size: int, seed: int) -> list:
+    """At most ``size`` of ``values``, drawn with ``seed``, in their original order."""
+    if len(values) <= size:
+        return values
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng(seed).choice(len(values), size=size, replace=False))
+    return [values[i] for i in keep]
 
 
 def run(args: TrainArgs) -> int:

