@@ -71,6 +71,12 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, token: s
 
     path = resolve_model(name_or_path)
     is_local = Path(path).exists()
+    if is_local and not (Path(path) / "config.json").is_file():
+        raise AssetError(
+            f"cannot load model {name_or_path!r}: the folder has no config.json, so it is not a "
+            f"transformers model folder; pass one (saved with save_pretrained) or an embedded "
+            f"name: {', '.join(CAUSAL_LM_ASSETS)}."
+        )
     online = is_local or hub_reachable()
     kwargs = {"token": token, "local_files_only": not online}
     if not online and not _in_hub_cache(path):

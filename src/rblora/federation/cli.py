@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         return run(args)
-    except (ValueError, AssetError, FileNotFoundError) as err:
+    except (ValueError, AssetError, OSError) as err:
+        # bad input found before anything is written, or a file system error (writes are
+        # atomic, so nothing half-written is left either way)
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
