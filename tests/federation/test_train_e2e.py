@@ -212,3 +212,17 @@ def test_local_validation_split_is_reported(workspace, tmp_path):
     assert sizes == [6, 10, 14]  # 8, 12, 16 minus the 2 held out per client
     assert all(0 < c["val_loss"] < 20 for c in clients)
     assert [c["num_examples"] for c in clients] == sizes
+
+
+def test_base_model_evaluated_as_round_0(workspace, tmp_path):
+    argv = _argv(workspace, tmp_path, "--eval_base", "--num_communication_rounds", "1")
+    assert cli.main(argv) == 0
+    run = tmp_path / "3"
+    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if r["type"] == "round"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[0]["eval"]["suites"]["dev"]["count"] == 6 and rounds[0]["eval"]["loss"] > 0
+    assert rounds[0]["eval"]["loss"] != rounds[1]["eval"]["loss"]  # round 1 evaluates base + update
+    results = json.loads((run / "results.json").read_text())
+    assert results["rounds_completed"] == 1 and results["rounds"][0]["round"] == 0
+    assert "| 0 | - |" in (run / "summary.md").read_text()

@@ -240,6 +240,7 @@ def run(args: TrainArgs) -> int:
         seed=args.seed,
         save_client_adapters=args.save_client_adapters,
         progress=args.progress,
+        eval_base=args.eval_base,
     )
     run_rounds(task, server, run_dir, options)
 

@@ -107,6 +107,9 @@ class TrainArgs:
     resume: bool = _opt(False, "continue after the last completed round in the output folder")
     overwrite: bool = _opt(False, "replace an existing run in the output folder")
     save_client_adapters: bool = _opt(True, "save every client's trained adapter each round")
+    eval_base: bool = _opt(
+        False, "also evaluate the base model before round 1 (recorded as round 0)"
+    )
     eval_batch_size: int = _opt(64, "at most this many sequences per evaluation forward pass")
     progress: bool = _opt(True, "show progress bars")
 

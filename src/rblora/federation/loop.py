@@ -38,6 +38,7 @@ class LoopOptions:
     seed: int
     save_client_adapters: bool = True
     progress: bool = True
+    eval_base: bool = False  # evaluate the untouched base model first, recorded as round 0
 
 
 def log(message: str) -> None:
@@ -148,6 +149,17 @@ def run_rounds(
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     rounds_done: list[dict[str, Any]] = []
     first = server.completed_rounds + 1
+    if (
+        options.eval_base
+        and first == 1
+        and not any(r.get("type") == "round" and r.get("round") == 0 for r in read_metrics(run_dir))
+    ):
+        start = time.perf_counter()
+        record = {"type": "round", "round": 0, "selected": [], "eval": task.evaluate({}, round_=0)}
+        record["eval_seconds"] = record["round_seconds"] = round(time.perf_counter() - start, 3)
+        metrics.write(record)
+        rounds_done.append(record)
+        log(_round_line(record).replace("round 0 done", "base model evaluated"))
     round_bar = tqdm(
         range(first, options.num_rounds + 1),
         desc="rounds",

@@ -54,7 +54,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
         "global_model": config.get("global_model"),
         "num_clients": config.get("num_clients"),
         "client_ranks": config.get("client_ranks_resolved"),
-        "rounds_completed": len(rounds),
+        "rounds_completed": sum(1 for r in rounds if r["round"] >= 1),  # round 0: the base model
         "final": per_round[-1] if per_round else {},
         "rounds": per_round,
         "clients": clients,
