@@ -11,6 +11,7 @@ with nothing written.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -140,6 +141,7 @@ def run(args: TrainArgs) -> int:
         LoopOptions,
         load_checkpoint,
         log,
+        read_metrics,
         run_rounds,
         truncate_metrics,
     )
@@ -163,12 +165,8 @@ def run(args: TrainArgs) -> int:
                 f"client_dataset_size_dict {expected} does not match the data folder's client "
                 f"sizes {actual} ({Path(args.data_path) / str(args.num_clients)})"
             )
-    saved_config = None
     if args.resume and (run_dir / "config.json").is_file():
-        import json
-
-        saved_config = json.loads((run_dir / "config.json").read_text())
-        _check_resume_config(args, saved_config)
+        _check_resume_config(args, json.loads((run_dir / "config.json").read_text()))
     train_config = TrainConfig(
         micro_batch_size=args.local_micro_batch_size,
         batch_size=args.local_batch_size,
@@ -243,9 +241,6 @@ def run(args: TrainArgs) -> int:
         eval_base=args.eval_base,
     )
     run_rounds(task, server, run_dir, options)
-
-    from rblora.federation.loop import read_metrics
-
     results = write_report(run_dir, read_metrics(run_dir), config)
     print(markdown_table(results), end="")
     print(f"results: {run_dir / 'results.json'}")
