@@ -174,6 +174,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(
         (["--num_clients", "4", "--client_ranks", "2,2,2,2"], "no prepared data for 4"),
         (["--global_model", "nobody/no-such-model-xyz"], "no-such-model-xyz"),
         (["--global_model", "/"], "no config.json"),
+        (["--lora_target_modules", "nope_proj"], "'nope_proj' matches no module"),
         (["--dev_data_path", "/nonexistent/dev.json"], "dev.json"),
         (
             ["--client_dataset_size_dict", '{"client_0": 1, "client_1": 2, "client_2": 3}'],

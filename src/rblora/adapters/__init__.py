@@ -7,13 +7,12 @@ Factors are ``{module name: (A: (r, d_in), B: (d_out, r))}``, raw PEFT weights (
 from rblora.adapters.lora import (
     attach_lora,
     detach_lora,
-    factor_bytes,
     lora_layers,
     merge_into_base,
     read_factors,
 )
 from rblora.adapters.peft_io import load_peft_adapter, save_peft_adapter
-from rblora.adapters.spec import Factors, LoraSpec, resolve_targets
+from rblora.adapters.spec import Factors, LoraSpec, factor_bytes, resolve_targets
 
 __all__ = [
     "Factors",

@@ -132,10 +132,3 @@ def merge_into_base(base_model: nn.Module, deltas: Factors) -> None:
                 w.add_(delta)
             else:
                 w.copy_((w.to(torch.float32) + delta).to(w.dtype))
-
-
-def factor_bytes(factors: Factors) -> int:
-    """Bytes needed to send ``factors`` as stored (sum of ``numel * element_size`` of A and B)."""
-    return sum(
-        a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values()
-    )

@@ -140,3 +140,10 @@ def check_factors(
             )
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
+
+
+def factor_bytes(factors: Factors) -> int:
+    """Bytes needed to send ``factors`` as stored (sum of ``numel * element_size`` of A and B)."""
+    return sum(
+        a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values()
+    )

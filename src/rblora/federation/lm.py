@@ -22,10 +22,12 @@ from rblora.adapters import (
     detach_lora,
     merge_into_base,
     read_factors,
+    resolve_targets,
     save_peft_adapter,
 )
+from rblora.adapters.spec import Factors
 from rblora.data.templates import Prompter
-from rblora.federation.server import ClientSpec, Factors
+from rblora.federation.server import ClientSpec
 from rblora.federation.task import ClientResult
 from rblora.training import TrainConfig, tokenize_records, train_local
 from rblora.training.batching import collate, count_targets
@@ -109,25 +111,11 @@ class CausalLMTask:
         )
 
     def _find_shapes(self) -> dict[str, tuple[int, int]]:
-        shapes = {}
-        for name, module in self.model.named_modules():
-            if name.rsplit(".", 1)[-1] in self.target_modules and isinstance(
-                module, torch.nn.Linear
-            ):
-                shapes[name] = (module.out_features, module.in_features)
-        if not shapes:
-            present = sorted(
-                {
-                    n.rsplit(".", 1)[-1]
-                    for n, m in self.model.named_modules()
-                    if isinstance(m, torch.nn.Linear)
-                }
-            )
-            raise ValueError(
-                f"lora_target_modules {self.target_modules} match no linear layer of the model; "
-                f"its linear layers are named {present}"
-            )
-        return shapes
+        """(d_out, d_in) of every module the LoRA will wrap, matched exactly as attach_lora does."""
+        spec = LoraSpec(rank=1, target_modules=self.target_modules, dropout=self.lora_dropout)
+        return {
+            name: (d_out, d_in) for name, (d_in, d_out) in resolve_targets(self.model, spec).items()
+        }
 
     # ------------------------------------------------------------------ Task protocol
     def num_examples(self, client_id: int) -> int:

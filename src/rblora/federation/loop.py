@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rblora.adapters.spec import Factors, factor_bytes
 from rblora.aggregation import ClientUpdate
-from rblora.federation.server import Factors, FederatedServer, derive_seed, factor_nbytes
+from rblora.federation.server import FederatedServer, derive_seed
 from rblora.federation.task import Task
 from rblora.utils.atomic import atomic_dir, write_text
 
@@ -212,7 +213,7 @@ def run_rounds(
                 "num_examples": result.num_examples,
                 **result.metrics,
                 "bytes_down": bytes_down,
-                "bytes_up": factor_nbytes(result.factors),
+                "bytes_up": factor_bytes(result.factors),
             }
             metrics.write(record)
             client_records.append(record)

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rblora.adapters.spec import Factors, factor_bytes
 from rblora.aggregation import ClientUpdate, GlobalUpdate, aggregate
-
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""module name -> (A: (r, d_in), B: (d_out, r))"""
 
 
 @dataclass(frozen=True)
@@ -33,13 +31,6 @@ class ClientSpec:
 def derive_seed(seed: int, *parts: int) -> int:
     """A 31-bit seed for one (round, client, ...) from the run seed; stable across runs."""
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def factor_nbytes(factors: Factors) -> int:
-    """Bytes of the tensors in a factor dict as sent (their own dtype)."""
-    return sum(
-        a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values()
-    )
 
 
 class FederatedServer:
@@ -94,9 +85,9 @@ class FederatedServer:
     def download_bytes(self, client_id: int) -> int:
         """Bytes the client downloads before training this round."""
         start = self._starts.get(client_id)
-        total = factor_nbytes(start) if start else 0
+        total = factor_bytes(start) if start else 0
         if self._broadcast is not None:
-            total += factor_nbytes(self._broadcast)
+            total += factor_bytes(self._broadcast)
         return total
 
     def aggregate(self, updates: list[ClientUpdate]) -> GlobalUpdate:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rblora.federation.server import ClientSpec, Factors
+from rblora.adapters.spec import Factors
+from rblora.federation.server import ClientSpec
 
 
 @dataclass
