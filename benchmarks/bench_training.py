@@ -127,7 +127,7 @@ def worker_ours(args) -> dict:
     res = train_local(peft_model, examples, config, pad_token_id=tok.pad_token_id)
     return {
         "tokens": res.tokens, "seconds": res.seconds, "tokens_per_s": res.tokens / res.seconds,
-        "bf16": config.use_bf16(),
+        "bf16": res.bf16,
     }  # fmt: skip
 
 

@@ -80,13 +80,38 @@ def test_group_by_length_pads_less_than_random():
     lengths = [rnd.randint(5, 300) for _ in range(400)]
 
     def padding(group):
-        mbs = epoch_order(lengths, 8, group, torch.Generator().manual_seed(0))
+        mbs = epoch_order(lengths, 400, 8, group, torch.Generator().manual_seed(0))
         assert sorted(i for mb in mbs for i in mb) == list(range(400))
         return sum(
             max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb) for mb in mbs
         )
 
     assert padding(True) < 0.2 * padding(False)
+
+
+def test_group_by_length_small_client_batches_depend_on_the_seed():
+    # 24 examples, micro-batch 8: a fixed mega-batch of 50 micro-batches sorted all 24 by length,
+    # so every seed gave the same three batches; transformers' rule uses mega-batches of one
+    rnd = random.Random(1)
+    lengths = [rnd.randint(5, 300) for _ in range(24)]
+
+    def batches(seed):
+        order = epoch_order(lengths, 24, 8, True, torch.Generator().manual_seed(seed))
+        assert sorted(i for mb in order for i in mb) == list(range(24))
+        return [sorted(mb) for mb in order]
+
+    assert batches(0) != batches(1)
+    assert batches(0) == batches(0)
+    for seed in range(5):  # the micro-batch holding the longest example comes first
+        assert max(lengths) in [lengths[i] for i in batches(seed)[0]]
+
+
+def test_mega_batch_follows_transformers_rule():
+    from rblora.training.batching import mega_batch_mult
+
+    assert mega_batch_mult(24, 8) == 1  # 24 // 32 = 0 -> at least 1
+    assert mega_batch_mult(400, 8) == 12
+    assert mega_batch_mult(100_000, 8) == 50
 
 
 def _train(tok, config, spec, seed=0, n=16, init=None):
@@ -171,3 +196,59 @@ def test_fused_linear_cross_entropy_matches_autograd(monkeypatch):
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="frozen"):
         loss_mod.linear_cross_entropy(h, w.requires_grad_(), None, y)
+
+
+@pytest.mark.parametrize("lr", [1e9, 1e37])
+def test_divergence_stops_training(tiny_tokenizer, lr):
+    from rblora.training import TrainingDiverged
+
+    spec = LoraSpec(rank=2, dropout=0.0)
+    cfg = fp32(micro_batch_size=4, batch_size=4, learning_rate=lr, max_grad_norm=0.0)
+    with pytest.raises(TrainingDiverged, match="diverged at step 1: a trainable weight reached"):
+        _train(tiny_tokenizer, cfg, spec, n=8)
+
+
+def test_learning_rate_that_overflows_adamw_is_refused():
+    with pytest.raises(ValueError, match="learning_rate 3e.38 overflows float32"):
+        fp32(learning_rate=3e38)
+
+
+def test_nonfinite_loss_is_divergence(tiny_tokenizer):
+    from rblora.training import TrainingDiverged
+
+    model = build_tiny_llama(vocab_size=len(tiny_tokenizer))
+    pm = attach_lora(model, LoraSpec(rank=2), seed=0)
+
+    def nan_loss(m, batch):
+        return next(p for p in m.parameters() if p.requires_grad).sum() * float("nan"), 1
+
+    with pytest.raises(TrainingDiverged, match="the loss is nan"):
+        train_local(pm, [0, 1, 2], fp32(micro_batch_size=1, batch_size=1), loss_fn=nan_loss)
+
+
+def test_task_loss_function(tiny_tokenizer):
+    """Any task's loss: a two-layer MLP classifier trained through train_local."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+    def loss_fn(m, batch):
+        idx = torch.tensor(batch)
+        return torch.nn.functional.cross_entropy(m(x[idx]), y[idx], reduction="sum"), len(batch)
+
+    cfg = fp32(micro_batch_size=4, batch_size=8, num_epochs=30, learning_rate=1e-2)
+    res = train_local(model, list(range(32)), cfg, loss_fn=loss_fn)
+    assert res.tokens == 0 and res.steps == 120
+    assert res.losses[-1] < 0.3 * res.losses[0]
+    with pytest.raises(ValueError, match="length function"):
+        train_local(model, list(range(32)), fp32(group_by_length=True), loss_fn=loss_fn)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_trains_on_cuda(tiny_tokenizer):
+    model = build_tiny_llama(vocab_size=len(tiny_tokenizer)).to("cuda")
+    pm = attach_lora(model, LoraSpec(rank=2), seed=0)
+    res = train_local(pm, examples(tiny_tokenizer, 8), TrainConfig(micro_batch_size=4))
+    assert res.steps == 1 and 0 < res.loss < 20
+    assert all(a.device.type == "cpu" for a, _ in read_factors(pm).values())

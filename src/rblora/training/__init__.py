@@ -1,7 +1,7 @@
 """One client's local training of a causal LM; knows nothing about federation."""
 
-from rblora.training.config import TrainConfig, cpu_has_native_bf16
-from rblora.training.loop import LocalResult, train_local
+from rblora.training.config import TrainConfig
+from rblora.training.loop import LocalResult, TrainingDiverged, train_local
 from rblora.training.loss import causal_lm_loss_sum, linear_cross_entropy
 from rblora.training.tokenize import IGNORE_INDEX, tokenize_records
 
@@ -9,8 +9,8 @@ __all__ = [
     "IGNORE_INDEX",
     "LocalResult",
     "TrainConfig",
+    "TrainingDiverged",
     "causal_lm_loss_sum",
-    "cpu_has_native_bf16",
     "linear_cross_entropy",
     "tokenize_records",
     "train_local",

@@ -1,10 +1,13 @@
 """Order examples into micro-batches and optimizer steps; pad a micro-batch.
 
-``group_by_length`` follows the idea of HF's length-grouped sampler (our own code): a seeded random
-permutation is cut into mega-batches of ``50 * micro_batch_size`` examples, each mega-batch is
-sorted by length (longest first), and consecutive runs of ``micro_batch_size`` become micro-batches.
-Micro-batches then hold similar lengths (little padding) while the data order stays random across
-mega-batches.
+``group_by_length`` follows the rule of transformers' length-grouped sampler (our own code): a
+seeded random permutation is cut into mega-batches of ``m * micro_batch_size`` examples with
+``m = min(n // (4 * micro_batch_size), 50)``, at least 1; each mega-batch is sorted by length
+(longest first) and cut into micro-batches, which then hold similar lengths (little padding), and
+the micro-batch holding the longest example of all goes first (an out-of-memory error shows on
+the first step, not the last). A small client (n < 8 micro-batches) gets mega-batches of one
+micro-batch, i.e. a plain random order: a fixed mega-batch of 50 micro-batches would sort its
+whole data set, giving the same batches in every seed, round and epoch.
 """
 
 from __future__ import annotations
@@ -13,22 +16,38 @@ import torch
 
 from rblora.training.tokenize import IGNORE_INDEX
 
-MEGA_BATCH_MULT = 50
+MAX_MEGA_BATCH_MULT = 50
+
+
+def mega_batch_mult(n: int, micro_batch_size: int) -> int:
+    """Micro-batches per mega-batch: ``min(n // (4 * micro_batch_size), 50)``, at least 1."""
+    return max(1, min(n // (4 * micro_batch_size), MAX_MEGA_BATCH_MULT))
 
 
 def epoch_order(
-    lengths: list[int], micro_batch_size: int, group_by_length: bool, generator: torch.Generator
+    lengths: list[int] | None,
+    n: int,
+    micro_batch_size: int,
+    group_by_length: bool,
+    generator: torch.Generator,
 ) -> list[list[int]]:
-    """Micro-batches (lists of example indices) for one epoch; the last one may be short."""
-    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    """Micro-batches (lists of example indices) for one epoch of ``n`` examples; the last one may
+    be short. ``lengths`` (one per example) is needed only with ``group_by_length``."""
+    perm = torch.randperm(n, generator=generator).tolist()
     if group_by_length:
-        mega = MEGA_BATCH_MULT * micro_batch_size
+        if lengths is None or len(lengths) != n:
+            raise ValueError("group_by_length needs one length per example")
+        mega = mega_batch_mult(n, micro_batch_size) * micro_batch_size
         perm = [
             i
-            for start in range(0, len(perm), mega)
+            for start in range(0, n, mega)
             for i in sorted(perm[start : start + mega], key=lambda j: -lengths[j])
         ]
-    return [perm[s : s + micro_batch_size] for s in range(0, len(perm), micro_batch_size)]
+    batches = [perm[s : s + micro_batch_size] for s in range(0, n, micro_batch_size)]
+    if group_by_length:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[j] for j in batches[b]))
+        batches.insert(0, batches.pop(longest))
+    return batches
 
 
 def collate(
@@ -51,6 +70,11 @@ def collate(
         mask[row, :n] = 1
     padded = bool((mask == 0).any())
     return ids, (mask if padded else None), labels
+
+
+def sequence_length(example: dict[str, list[int]]) -> int:
+    """Tokens of a tokenized example (its length for length grouping and throughput)."""
+    return len(example["input_ids"])
 
 
 def count_targets(example: dict[str, list[int]]) -> int:

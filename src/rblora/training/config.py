@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -33,7 +32,12 @@ class TrainConfig:
     train_on_inputs: bool = True
     """Also train on the prompt tokens (seed default); False masks them out of the loss."""
     bf16: bool | str = "auto"
-    """bf16 autocast: True, False or "auto" (on when the CPU has native bf16 matmul)."""
+    """bf16 autocast: True, False or "auto" (on when a timed matmul on the model's device is
+    clearly faster in bf16; see ``rblora.utils.device.bf16_decision``)."""
+    max_abs_weight: float = 1e4
+    """Training stops as diverged when a trainable weight exceeds this magnitude (or any loss,
+    gradient or weight is not finite). LoRA factors start near 1/sqrt(d_in) and stay O(1); at
+    1e4 the update B @ A is of order 1e8 per entry and the model's output is noise."""
     seed: int = 42
     """Seed of the data order and of LoRA dropout."""
 
@@ -47,6 +51,14 @@ class TrainConfig:
                 f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of "
                 f"micro_batch_size ({self.micro_batch_size})"
             )
+        if not self.max_abs_weight > 0:
+            raise ValueError(f"TrainConfig.max_abs_weight must be > 0, got {self.max_abs_weight!r}")
+        # AdamW's first step moves weights by up to lr / (1 - beta1) = 10 lr, in float32
+        if not self.learning_rate * 10 < torch.finfo(torch.float32).max:
+            raise ValueError(
+                f"TrainConfig.learning_rate {self.learning_rate!r} overflows float32 in AdamW's "
+                f"first step (10 x lr > {torch.finfo(torch.float32).max:.3g})"
+            )
         for name in ("learning_rate", "weight_decay", "warmup", "max_grad_norm"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -58,28 +70,6 @@ class TrainConfig:
         """Micro-batches per optimizer step."""
         return self.batch_size // self.micro_batch_size
 
-    def use_bf16(self) -> bool:
-        """Resolve ``bf16``: "auto" means on iff the CPU does bf16 matmul natively."""
-        return cpu_has_native_bf16() if self.bf16 == "auto" else bool(self.bf16)
-
     def warmup_steps(self, total_steps: int) -> int:
         """Warmup length in optimizer steps."""
         return round(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True if the CPU flags list avx512_bf16 or amx_bf16 (Linux), else oneDNN's own bf16 check.
-
-    Without native bf16 the matmuls are emulated and much slower than fp32 (measured about 40x
-    on an AVX2-only CPU), so "auto" must not turn autocast on there.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = None
-    if flags is not None:
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False

