@@ -8,7 +8,7 @@ import torch
 
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
-from .types import ClientUpdate, Factors
+from .types import ClientUpdate, FactorPair
 from .validation import validate_updates
 
 
@@ -41,11 +41,29 @@ def aggregate(
     out_dtype = _promoted_dtype(updates)
     work = torch.float64 if out_dtype == torch.float64 else torch.float32
     num_examples = [int(u.num_examples) for u in updates]
-    factors: dict[str, Factors] = {}
+    factors: dict[str, FactorPair] = {}
     for module in shapes:
         pairs = [u.scaled_factors(module, work) for u in updates]
         factors[module] = spec.combine([a for a, _ in pairs], [bh for _, bh in pairs], num_examples)
-    return GlobalUpdate(spec.name, reduction, factors, out_dtype)
+    return GlobalUpdate(spec.name, reduction, factors, out_dtype, average_dense(updates))
+
+
+def average_dense(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """Example-weighted mean ``sum_k p_k X_k`` of each dense extra parameter (FedAvg), float32
+    (float64 if any input is), as every method treats parameters trained in full."""
+    if not updates or not updates[0].dense:
+        return {}
+    n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    p = (n / n.sum()).tolist()
+    out = {}
+    for name in sorted(updates[0].dense):
+        tensors = [u.dense[name] for u in updates]
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        total = torch.zeros(tensors[0].shape, dtype=dtype)
+        for w, t in zip(p, tensors, strict=True):
+            total += w * t.detach().to("cpu", dtype)
+        out[name] = total
+    return out
 
 
 def _promoted_dtype(updates: Sequence[ClientUpdate]) -> torch.dtype:

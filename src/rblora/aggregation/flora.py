@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from .linalg import weighted_stack
-from .types import Factors, Method
+from .types import FactorPair, Method
 
 
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> Factors:
+def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
     """Data-weighted stack: ``(A_s: (S, d_in), B_s: (d_out, S))``."""
     rank = max(a.shape[0] for a in As)
     p = torch.tensor(list(num_examples), dtype=torch.float64)

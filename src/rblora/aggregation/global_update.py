@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .linalg import FactoredSVD, orthonormal_complement_rows
-from .types import Factors, lora_scale
+from .types import FactorPair, lora_scale
 
 
 class GlobalUpdate:
@@ -27,10 +27,19 @@ class GlobalUpdate:
     """
 
     def __init__(
-        self, method: str, reduction: str, factors: dict[str, Factors], dtype: torch.dtype
+        self,
+        method: str,
+        reduction: str,
+        factors: dict[str, FactorPair],
+        dtype: torch.dtype,
+        dense: dict[str, Tensor] | None = None,
     ) -> None:
         """``factors``: module -> ``(A_g: (k, d_in), B_g: (d_out, k))`` in the working dtype;
-        ``dtype``: the dtype of returned tensors. Built by :func:`rblora.aggregation.aggregate`."""
+        ``dtype``: the dtype of returned tensors; ``dense``: the averaged dense extra parameters.
+        Built by :func:`rblora.aggregation.aggregate`."""
+        self.dense: dict[str, Tensor] = dict(dense or {})
+        """Example-weighted mean of the clients' dense extra parameters (every client starts its
+        next round from them, whatever the redistribution)."""
         self.method = method
         self.reduction = reduction
         self.modules: list[str] = sorted(factors)
@@ -61,7 +70,7 @@ class GlobalUpdate:
         numerical rank of the update may be lower."""
         return int(self._get(module)[0].shape[0])
 
-    def factors(self, module: str) -> Factors:
+    def factors(self, module: str) -> FactorPair:
         """Exact factored form ``(A: (k, d_in), B: (d_out, k))`` with ``delta == B @ A`` (scale
         folded in: export it as a PEFT adapter with ``lora_alpha == k``, or merge it)."""
         a, b = self._get(module)
@@ -75,7 +84,7 @@ class GlobalUpdate:
     @torch.no_grad()
     def for_client(
         self, rank: int, lora_alpha: float, use_rslora: bool = False
-    ) -> dict[str, Factors]:
+    ) -> dict[str, FactorPair]:
         """The rank-``rank`` adapter a client starts its next round from.
 
         Returns module -> ``(A: (rank, d_in), B: (d_out, rank))`` such that the PEFT delta
@@ -106,7 +115,7 @@ class GlobalUpdate:
             total += (d_in + d_out) * (self.rank(m) if self.merges_into_base else rank)
         return total
 
-    def _get(self, module: str) -> Factors:
+    def _get(self, module: str) -> FactorPair:
         if module not in self._factors:
             raise ValueError(f"unknown module {module!r}; this update has {self.modules}")
         return self._factors[module]
@@ -124,7 +133,7 @@ class GlobalUpdate:
         if not (ok and lora_alpha > 0):
             raise ValueError(f"for_client: lora_alpha must be finite and > 0, got {lora_alpha!r}")
 
-    def _redistribute(self, module: str, rank: int, scale: float) -> Factors:
+    def _redistribute(self, module: str, rank: int, scale: float) -> FactorPair:
         if self.reduction == "svd":
             if module not in self._svd:
                 self._svd[module] = FactoredSVD(*self._get(module))

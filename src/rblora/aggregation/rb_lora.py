@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .linalg import weighted_stack
-from .types import Factors, Method
+from .types import FactorPair, Method
 
 
 def rank_balanced_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
@@ -35,7 +35,7 @@ def rank_balanced_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> 
     return n[:, None] * has / holders[None, :]
 
 
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> Factors:
+def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
     """Rank-balanced weighted stack: ``(A_s: (S, d_in), B_s: (d_out, S))``."""
     gamma = rank_balanced_weights([a.shape[0] for a in As], num_examples)
     return weighted_stack(As, Bhs, gamma)

@@ -18,10 +18,10 @@ from torch import Tensor
 
 from .linalg import padded_component_sum
 from .rb_lora import rank_balanced_weights
-from .types import Factors, Method
+from .types import FactorPair, Method
 
 
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> Factors:
+def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
     """Rank-balanced mean of the padded factors: ``(A_g: (R, d_in), B_g: (d_out, R))``."""
     gamma = rank_balanced_weights([a.shape[0] for a in As], num_examples)
     return padded_component_sum(As, Bhs, gamma)

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-Factors = tuple[Tensor, Tensor]
-"""``(A, B)`` with ``A: (r, d_in)`` and ``B: (d_out, r)``."""
+FactorPair = tuple[Tensor, Tensor]
+"""One module's LoRA factors ``(A, B)`` with ``A: (r, d_in)`` and ``B: (d_out, r)``."""
+
+Factors = dict[str, FactorPair]
+"""Per-module factors ``{module name: (A, B)}``. A client's adapter holds raw PEFT weights (the
+scale :func:`lora_scale` is applied by PEFT, not stored); a global update's factors have the
+scale folded into B (``dW = B @ A``)."""
+
+ModuleDelta = FactorPair | Tensor
+"""One module's update ``B @ A`` held as factors ``(A, B)`` or as a dense ``(d_out, d_in)``."""
 
 REDUCTIONS = ("svd", "truncate", "merge")
 """Redistribution rules: global update -> the adapter a client starts its next round from."""
@@ -38,12 +46,16 @@ class ClientUpdate:
     """Training examples the client used (``n_k``, >= 1); sets the data weights."""
     lora_alpha: float
     """The client's PEFT ``lora_alpha`` (> 0)."""
-    factors: Mapping[str, Factors]
+    factors: Mapping[str, FactorPair]
     """Module name -> ``(A: (r, d_in), B: (d_out, r))``; the same module names on every client."""
     use_rslora: bool = False
     """True if the client's adapter uses rsLoRA scaling ``lora_alpha / sqrt(r)``."""
     client_id: str | None = None
     """Optional label used in error messages."""
+    dense: Mapping[str, Tensor] = field(default_factory=dict)
+    """Dense extra parameters trained in full beside the LoRA (PEFT's ``modules_to_save``, e.g.
+    a classification head): parameter name -> tensor, the same names and shapes on every client;
+    averaged by examples (FedAvg)."""
 
     def rank(self, module: str) -> int:
         """The client's LoRA rank ``r_k`` on ``module``."""
@@ -53,7 +65,7 @@ class ClientUpdate:
         """The client's PEFT scale ``s_k`` on ``module``."""
         return lora_scale(self.lora_alpha, self.rank(module), self.use_rslora)
 
-    def scaled_factors(self, module: str, dtype: torch.dtype) -> Factors:
+    def scaled_factors(self, module: str, dtype: torch.dtype) -> FactorPair:
         """``(A, Bh)`` in ``dtype`` with the scale folded into B: ``Bh = s_k * B``, so that
         ``dW_k = Bh @ A``. New tensors, except that A may be the caller's (never modified)."""
         a, b = self.factors[module]
@@ -65,7 +77,7 @@ class ClientUpdate:
         return f"client {index}{label}"
 
 
-Combine = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[int]], Factors]
+Combine = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[int]], FactorPair]
 """``combine(As, Bhs, num_examples) -> (A_g: (k, d_in), B_g: (d_out, k))`` for one module, where
 client k gives ``A_k: (r_k, d_in)`` and ``Bh_k = s_k * B_k: (d_out, r_k)``; the global update is
 ``B_g @ A_g``. Must not modify its inputs and must return new tensors, not views of them."""

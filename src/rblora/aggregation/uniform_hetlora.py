@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from .linalg import padded_component_sum
-from .types import Factors, Method
+from .types import FactorPair, Method
 
 
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> Factors:
+def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
     """Uniform mean of the padded factors: ``(Abar: (R, d_in), Bbar: (d_out, R))``."""
     rank = max(a.shape[0] for a in As)
     gamma = torch.full((len(As), rank), 1.0 / len(As), dtype=torch.float64)

@@ -33,7 +33,9 @@ def validate_updates(updates: Sequence[ClientUpdate]) -> dict[str, tuple[int, in
         if i == 0:
             for module in sorted(u.factors):
                 shapes[module] = _check_factors(u, module, who, None)
+            _check_dense(u, u, who)
             continue
+        _check_dense(u, updates[0], who)
         missing = sorted(set(shapes) - set(u.factors))
         extra = sorted(set(u.factors) - set(shapes))
         if missing or extra:
@@ -87,3 +89,26 @@ def _check_factors(
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: {name} contains NaN or inf values")
     return d_out, d_in
+
+
+def _check_dense(u: ClientUpdate, first: ClientUpdate, who: str) -> None:
+    """Dense extras: a mapping of finite floating tensors with client 0's names and shapes."""
+    if not hasattr(u.dense, "keys"):
+        raise ValueError(f"{who}: dense must be a mapping name -> tensor")
+    missing = sorted(set(first.dense) - set(u.dense))
+    extra = sorted(set(u.dense) - set(first.dense))
+    if missing or extra:
+        raise ValueError(
+            f"{who}: dense parameters differ from client 0's: missing {missing}, unexpected {extra}"
+        )
+    for name, t in u.dense.items():
+        where = f"{who}, dense parameter {name!r}"
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{where}: must be a floating-point tensor")
+        if t.shape != first.dense[name].shape:
+            raise ValueError(
+                f"{where}: shape {tuple(t.shape)} differs from client 0's "
+                f"{tuple(first.dense[name].shape)}"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: contains NaN or inf values")

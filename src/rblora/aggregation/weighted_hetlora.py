@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from .linalg import padded_component_sum
-from .types import Factors, Method
+from .types import FactorPair, Method
 
 
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> Factors:
+def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
     """Data-weighted mean of the padded factors: ``(Abar: (R, d_in), Bbar: (d_out, R))``."""
     rank = max(a.shape[0] for a in As)
     p = torch.tensor(list(num_examples), dtype=torch.float64)
