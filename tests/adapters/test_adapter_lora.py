@@ -12,7 +12,6 @@ from rblora.adapters import (
     LoraSpec,
     attach_lora,
     detach_lora,
-    factor_bytes,
     merge_into_base,
     read_factors,
     resolve_targets,
@@ -154,14 +153,6 @@ def test_merge_checks_everything_before_changing_anything(tiny_llama):
     with pytest.raises(ValueError, match="v_proj"):
         merge_into_base(tiny_llama, bad)
     assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())
-
-
-def test_factor_bytes_counts_float32_elements():
-    f = {"a": (torch.zeros(4, 32), torch.zeros(16, 4)), "b": (torch.zeros(2, 8), torch.zeros(8, 2))}
-    assert factor_bytes(f) == 4 * (4 * 32 + 16 * 4 + 2 * 8 + 8 * 2)
-    assert factor_bytes({"a": (torch.zeros(4, 32, dtype=torch.bfloat16), torch.zeros(16, 4))}) == (
-        2 * 128 + 4 * 64
-    )
 
 
 def test_second_base_model_gets_distinct_attachment():

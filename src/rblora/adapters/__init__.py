@@ -1,29 +1,44 @@
 """The only code that touches PEFT: build a rank-r LoRA on a base model, read/write its factors,
 export and load PEFT folders, merge deltas into the base weights.
 
-Factors are ``{module name: (A: (r, d_in), B: (d_out, r))}``, raw PEFT weights (scale not folded).
+Factors are ``{module name: (A: (r, d_in), B: (d_out, r))}``, raw PEFT weights (scale not folded);
+dense extras (``modules_to_save``) are ``{parameter name: tensor}``.
 """
 
 from rblora.adapters.lora import (
+    BaseWeights,
+    applied_delta,
     attach_lora,
     detach_lora,
     lora_layers,
     merge_into_base,
+    read_dense,
     read_factors,
+    set_dense,
 )
-from rblora.adapters.peft_io import load_peft_adapter, save_peft_adapter
-from rblora.adapters.spec import Factors, LoraSpec, factor_bytes, resolve_targets
+from rblora.adapters.peft_io import load_peft_adapter, load_peft_dense, save_peft_adapter
+from rblora.adapters.spec import (
+    Factors,
+    LoraSpec,
+    dense_parameters,
+    resolve_targets,
+)
 
 __all__ = [
+    "BaseWeights",
     "Factors",
+    "applied_delta",
+    "dense_parameters",
     "LoraSpec",
     "attach_lora",
     "detach_lora",
-    "factor_bytes",
     "load_peft_adapter",
+    "load_peft_dense",
     "lora_layers",
     "merge_into_base",
+    "read_dense",
     "read_factors",
+    "set_dense",
     "resolve_targets",
     "save_peft_adapter",
 ]

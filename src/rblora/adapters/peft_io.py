@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from rblora.adapters.spec import Factors, matches
+from rblora.adapters.spec import Factors, in_modules, matches
 from rblora.utils.atomic import atomic_dir
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,13 +34,32 @@ def save_peft_adapter(
     base_model_name_or_path: str | None,
     lora_dropout: float = 0.0,
     task_type: str | None = "CAUSAL_LM",
+    dense: dict[str, torch.Tensor] | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> Path:
     """Write ``factors`` (raw PEFT weights ``A: (rank, d_in)``, ``B: (d_out, rank)``) as a PEFT
     folder at ``path``, atomically: written to a temporary sibling folder, then renamed into place
-    (an existing folder at ``path`` is replaced). Returns the path."""
+    (an existing folder at ``path`` is replaced). Returns the path.
+
+    ``dense``: full weights of ``modules_to_save`` (parameter name -> tensor, e.g.
+    ``classifier.weight``), stored as PEFT stores modules_to_save (``base_model.model.<name>``),
+    so ``PeftModel.from_pretrained`` loads them into its trainable copy of those modules.
+    """
     if not factors:
         raise ValueError("save_peft_adapter: no factors to save")
-    tensors: dict[str, torch.Tensor] = {}
+    dense = dense or {}
+    modules_to_save = list(modules_to_save or [])
+    if dense and not modules_to_save:
+        raise ValueError("save_peft_adapter: dense weights need their modules_to_save")
+    outside = sorted(n for n in dense if not in_modules(n, modules_to_save))
+    if outside:
+        raise ValueError(
+            f"save_peft_adapter: dense weights {outside} are not in modules_to_save "
+            f"{modules_to_save}"
+        )
+    tensors: dict[str, torch.Tensor] = {
+        f"{_PREFIX}{name}": t.detach().to("cpu").contiguous() for name, t in sorted(dense.items())
+    }
     for name, (a, b) in sorted(factors.items()):
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise ValueError(
@@ -52,8 +71,8 @@ def save_peft_adapter(
                 f"save_peft_adapter: module {name!r} is not matched by target_modules "
                 f"{list(target_modules)}"
             )
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().to("cpu").contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().to("cpu").contiguous()
     config = LoraConfig(
         r=rank,
         lora_alpha=lora_alpha,
@@ -64,6 +83,7 @@ def save_peft_adapter(
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path,
         inference_mode=True,
+        modules_to_save=modules_to_save or None,
     )
     dest = Path(path)
     with atomic_dir(dest) as tmp:
@@ -75,8 +95,9 @@ def save_peft_adapter(
 def load_peft_adapter(path: str | os.PathLike) -> tuple[Factors, dict]:
     """Read a PEFT LoRA folder: ``({name: (A, B)} as float32, adapter_config as a dict)``.
 
-    Raises ValueError on a missing file, a key that is not a LoRA A/B weight, a module with only
-    one factor, or ranks that disagree with the config's ``r``.
+    The weights of ``modules_to_save`` (dense extras) are in :func:`load_peft_dense`. Raises
+    ValueError on a missing file, a key that is neither a LoRA A/B weight nor a weight of a module
+    to save, a module with only one factor, or ranks that disagree with the config's ``r``.
     """
     folder = Path(path)
     for fname in (WEIGHTS_NAME, CONFIG_NAME):
@@ -86,8 +107,11 @@ def load_peft_adapter(path: str | os.PathLike) -> tuple[Factors, dict]:
     state = load_file(str(folder / WEIGHTS_NAME))
     pairs: dict[str, list] = {}
     unexpected = []
+    saved_modules = list(config.get("modules_to_save") or [])
     for key, tensor in state.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None and _is_dense_key(key, saved_modules):
+            continue
         if suffix is None or not key.startswith(_PREFIX):
             unexpected.append(key)
             continue
@@ -108,3 +132,22 @@ def load_peft_adapter(path: str | os.PathLike) -> tuple[Factors, dict]:
     if bad:
         raise ValueError(f"load_peft_adapter: {folder}: ranks disagree with r={rank} for {bad}")
     return {n: (p[0], p[1]) for n, p in sorted(pairs.items())}, config
+
+
+def _is_dense_key(key: str, modules_to_save: list[str]) -> bool:
+    if not key.startswith(_PREFIX) or not modules_to_save:
+        return False
+    return in_modules(key[len(_PREFIX) :], modules_to_save)
+
+
+def load_peft_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``modules_to_save`` weights of a PEFT folder: parameter name -> float32 tensor."""
+    folder = Path(path)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    saved_modules = list(config.get("modules_to_save") or [])
+    state = load_file(str(folder / WEIGHTS_NAME))
+    return {
+        key[len(_PREFIX) :]: t.to(torch.float32)
+        for key, t in sorted(state.items())
+        if _is_dense_key(key, saved_modules)
+    }

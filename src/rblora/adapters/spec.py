@@ -7,15 +7,20 @@ for a list of target modules). Only ``torch.nn.Linear`` modules can be targeted.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""Per-module LoRA factors ``{name: (A, B)}`` with ``A: (r, d_in)``, ``B: (d_out, r)``, raw PEFT
-weights (the scale ``lora_alpha / r`` is NOT folded in)."""
+from rblora.aggregation.types import Factors, lora_scale
+
+__all__ = [
+    "Factors",
+    "LoraSpec",
+    "check_factors",
+    "dense_parameters",
+    "matches",
+    "resolve_targets",
+]
 
 
 @dataclass
@@ -32,6 +37,9 @@ class LoraSpec:
     """Dropout on the LoRA input during training, in [0, 1)."""
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r) instead of lora_alpha / r."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the LoRA (PEFT's modules_to_save, e.g. ["classifier"]);
+    matched by PEFT's rule, like target_modules."""
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -56,12 +64,46 @@ class LoraSpec:
             raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraSpec.use_rslora must be True or False, got {self.use_rslora!r}")
+        if isinstance(self.modules_to_save, str) or not all(
+            isinstance(m, str) and m for m in self.modules_to_save
+        ):
+            raise ValueError(
+                f"LoraSpec.modules_to_save must be a list of names, got {self.modules_to_save!r}"
+            )
+        self.modules_to_save = list(self.modules_to_save)
 
     @property
     def scaling(self) -> float:
         """The factor PEFT multiplies B @ A by."""
-        denom = math.sqrt(self.rank) if self.use_rslora else self.rank
-        return self.lora_alpha / denom
+        return lora_scale(self.lora_alpha, self.rank, self.use_rslora)
+
+
+def dense_parameters(model: nn.Module, modules_to_save: list[str]) -> dict[str, nn.Parameter]:
+    """Parameters of the modules matched by ``modules_to_save``, by name, sorted.
+
+    Raises ValueError if an entry matches no module (the model's top-level modules are listed).
+    """
+    if not modules_to_save:
+        return {}
+    out: dict[str, nn.Parameter] = {}
+    for target in modules_to_save:
+        hits = [n for n, _ in model.named_modules() if n and matches(n, [target])]
+        if not hits:
+            top = sorted(n for n, _ in model.named_children())
+            raise ValueError(
+                f"module to save {target!r} matches no module of {type(model).__name__}; "
+                f"its top-level modules are: {', '.join(top)}"
+            )
+        for hit in hits:
+            for pname, p in model.get_submodule(hit).named_parameters():
+                out[f"{hit}.{pname}"] = p
+    return dict(sorted(out.items()))
+
+
+def in_modules(param_name: str, modules: list[str]) -> bool:
+    """True if the parameter ``param_name`` belongs to a module matched by ``modules``."""
+    parts = param_name.split(".")
+    return any(matches(".".join(parts[:i]), modules) for i in range(1, len(parts)))
 
 
 def matches(name: str, targets: list[str]) -> bool:
@@ -140,10 +182,3 @@ def check_factors(
             )
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
-
-
-def factor_bytes(factors: Factors) -> int:
-    """Bytes needed to send ``factors`` as stored (sum of ``numel * element_size`` of A and B)."""
-    return sum(
-        a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values()
-    )

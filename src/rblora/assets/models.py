@@ -26,6 +26,15 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def model_reference(name_or_path: str) -> str:
+    """What a saved adapter records as its base (``base_model_name_or_path``): a reference that
+    loads on this machine. An embedded name -> its cache folder; a local folder -> its absolute
+    path; a hub id -> unchanged. (An embedded name itself is not a hub id, so
+    ``AutoPeftModel*.from_pretrained(adapter)`` would look for it on the hub and fail.)"""
+    path = resolve_model(name_or_path)
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True if the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds.
 
@@ -57,10 +66,16 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, token: str | None = None):
+def load_causal_lm(
+    name_or_path: str,
+    dtype: torch.dtype | None = None,
+    token: str | None = None,
+    device: torch.device | str | None = None,
+):
     """Load ``(model, tokenizer)`` with the transformers Auto classes, in eval mode.
 
-    ``name_or_path`` goes through ``resolve_model``; ``dtype`` defaults to ``torch.float32``;
+    ``name_or_path`` goes through ``resolve_model``; ``device`` (default CPU) is where the model
+    is put; ``dtype`` defaults to bf16 on a GPU that supports it, else float32;
     ``token`` is passed to the hub for gated models. If the tokenizer has no pad token, its eos
     token is used as the pad token (the embedded SmolLM2 already pads with its eos
     ``<|im_end|>``). A hub id that cannot be loaded raises AssetError suggesting a local folder
@@ -68,6 +83,8 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, token: s
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rblora.utils.device import load_dtype
 
     path = resolve_model(name_or_path)
     is_local = Path(path).exists()
@@ -88,7 +105,9 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, token: s
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+        device = torch.device(device or "cpu")
+        dtype = dtype or load_dtype(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
     except OSError as exc:
         if is_local:
             raise
