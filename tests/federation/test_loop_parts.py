@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from rblora.aggregation import ClientUpdate
-from rblora.federation.loop import exact_factors, read_metrics, truncate_metrics
 from rblora.federation.report import write_report
+from rblora.federation.rounds import exact_factors
+from rblora.federation.rundir import RunFolder
 from rblora.federation.server import ClientSpec, FederatedServer, derive_seed
 from rblora.utils.atomic import atomic_dir, write_text
 
@@ -45,35 +46,91 @@ def test_selection_is_seeded_and_sized():
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 3, 2)
 
 
-@pytest.mark.parametrize("method", ["RB-LoRA", "FLoRA", "Uniform HETLoRA"])
-def test_server_state_round_trip(method):
-    specs = [ClientSpec(0, 2, 16.0), ClientSpec(1, 4, 16.0)]
-    server = FederatedServer(method, specs, seed=1)
-    updates = [
+def _updates(specs, seed=0, dense=False):
+    return [
         ClientUpdate(
             num_examples=10 * (k + 1),
             lora_alpha=16.0,
-            factors=_factors(s.rank, seed=k),
+            factors=_factors(s.rank, seed=seed + k),
             client_id=k,
+            dense={"head.weight": torch.full((2, 3), float(k + seed))} if dense else {},
         )
         for k, s in enumerate(specs)
     ]
-    g = server.aggregate(updates)
-    server.redistribute(g)
+
+
+@pytest.mark.parametrize("method", ["RB-LoRA", "FLoRA", "Uniform HETLoRA"])
+def test_server_state_round_trip(method):
+    specs = [ClientSpec(0, 2, 16.0), ClientSpec(1, 4, 16.0), ClientSpec(2, 4, 16.0)]
+    server = FederatedServer(method, specs, seed=1, frac=0.67)
+    for t in (1, 2):
+        for k in server.select(t):
+            server.deliver(k)
+        server.redistribute(server.aggregate(_updates(specs, seed=t, dense=True)))
     tensors, meta = server.state_tensors()
-    again = FederatedServer(method, specs, seed=1)
+    again = FederatedServer(method, specs, seed=1, frac=0.67)
     again.load_state_tensors(dict(tensors), json.loads(json.dumps(meta)))
-    assert again.completed_rounds == 1
-    assert len(again.merged) == len(server.merged) == (1 if g.merges_into_base else 0)
-    for k in range(2):
-        assert again.download_bytes(k) == server.download_bytes(k) > 0
-        start, restored = server.start_for(k), again.start_for(k)
-        if start is None:
-            assert restored is None
+    assert again.completed_rounds == 2
+    assert torch.equal(again.dense["head.weight"], server.dense["head.weight"])
+    for (m1, d1), (m2, d2) in zip(server.base_total.items(), again.base_total.items(), strict=True):
+        assert m1 == m2
+        for x, y in zip(
+            d1 if isinstance(d1, tuple) else [d1],
+            d2 if isinstance(d2, tuple) else [d2],
+            strict=True,
+        ):
+            assert torch.equal(x, y)
+    for k in range(3):
+        start, restored = server.deliver(k), again.deliver(k)
+        assert restored.download_bytes == start.download_bytes > 0
+        if start.factors is None:
+            assert restored.factors is None
             continue
-        for module, (a, b) in start.items():
+        for module, (a, b) in start.factors.items():
             assert a.shape[0] == specs[k].rank
-            assert torch.equal(restored[module][0], a) and torch.equal(restored[module][1], b)
+            assert torch.equal(restored.factors[module][0], a)
+            assert torch.equal(restored.factors[module][1], b)
+
+
+def test_dense_extras_are_the_example_weighted_mean():
+    specs = [ClientSpec(0, 2, 16.0), ClientSpec(1, 4, 16.0)]
+    server = FederatedServer("RB-LoRA", specs)
+    model = server.redistribute(server.aggregate(_updates(specs, seed=3, dense=True)))
+    # clients hold 3 and 4 everywhere, with 10 and 20 examples: (10 * 3 + 20 * 4) / 30
+    torch.testing.assert_close(model.dense["head.weight"], torch.full((2, 3), 110 / 30))
+    assert server.deliver(0).dense["head.weight"].equal(model.dense["head.weight"])
+
+
+def test_merge_total_is_exact_and_bounded():
+    from rblora.aggregation.running import UpdateSum, numel
+
+    g = torch.Generator().manual_seed(0)
+    total, dense_sum = UpdateSum(), torch.zeros(6, 5)
+    sizes = []
+    for _ in range(6):
+        a, b = torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g)
+        total.add({"m": (a, b)})
+        dense_sum += b @ a
+        ((_, delta),) = total.items()
+        sizes.append(numel(delta))
+        got = delta if isinstance(delta, torch.Tensor) else delta[1] @ delta[0]
+        torch.testing.assert_close(got, dense_sum, rtol=1e-5, atol=1e-5)
+    # 2 * 11 = 22, then 44 >= 30 -> dense 30 for good
+    assert sizes == [22, 30, 30, 30, 30, 30]
+
+
+def test_merge_download_counts_every_missed_merge():
+    specs = [ClientSpec(0, 1, 16.0), ClientSpec(1, 1, 16.0)]
+    server = FederatedServer("FLoRA", specs, selection="all")
+    assert server.deliver(0).download_bytes == 0  # round 1: nothing merged yet
+    server.redistribute(server.aggregate(_updates(specs, seed=1)))  # a merge of width 2
+    server.deliver(0)
+    server.redistribute(server.aggregate(_updates(specs, seed=2)))
+    # client 0 has round 1's merge and needs round 2's: width 2 on q (6x5) and v (4x5);
+    # client 1 needs both (width 4), each module at most one dense matrix
+    assert server.deliver(0).download_bytes == (2 * 11 + 2 * 9) * 4
+    assert server.deliver(1).download_bytes == (min(4 * 11, 30) + min(4 * 9, 20)) * 4
+    assert server.deliver(1).download_bytes == 0  # now it is up to date
 
 
 def test_metrics_truncation_drops_an_unfinished_round(tmp_path):
@@ -85,9 +142,10 @@ def test_metrics_truncation_drops_an_unfinished_round(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in lines) + '{"type": "cl'
     )
-    assert len(read_metrics(tmp_path)) == 3
-    truncate_metrics(tmp_path, 1)
-    assert [r["round"] for r in read_metrics(tmp_path)] == [1, 1]
+    folder = RunFolder(tmp_path)
+    assert len(folder.read_metrics()) == 3
+    folder.truncate_metrics(1)
+    assert [r["round"] for r in folder.read_metrics()] == [1, 1]
 
 
 def test_report_files(tmp_path):
@@ -146,7 +204,7 @@ def test_atomic_dir_keeps_old_content_on_failure(tmp_path):
 
 
 def test_eval_subset_is_seeded_ordered_and_spread():
-    from rblora.federation.cli import _subset
+    from rblora.tasks.base import seeded_subset as _subset
 
     values = [f"task{i // 10}-{i}" for i in range(100)]  # ordered by category, like global_test
     picked = _subset(values, 20, seed=3)
@@ -154,3 +212,10 @@ def test_eval_subset_is_seeded_ordered_and_spread():
     assert len(picked) == 20 and picked == sorted(picked, key=values.index)
     assert len({v.split("-")[0] for v in picked}) > 5  # not a prefix of one or two categories
     assert _subset(values[:5], 20, seed=3) == values[:5]
+
+
+def test_tensor_bytes_counts_stored_elements():
+    from rblora.federation.server import tensor_bytes
+
+    assert tensor_bytes([torch.zeros(4, 32), torch.zeros(16, 4)]) == 4 * (128 + 64)
+    assert tensor_bytes([torch.zeros(4, 32, dtype=torch.bfloat16)]) == 2 * 128

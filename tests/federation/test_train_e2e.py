@@ -6,83 +6,16 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_models import build_tiny_llama, build_tiny_tokenizer
+from run_helpers import adapter_tensors, lm_argv, metrics
 
 from rblora.aggregation import ClientUpdate, aggregate
-from rblora.data.prepare import main as prepare_main
 from rblora.federation import cli
-from rblora.federation.lm import CausalLMTask
-
-CATEGORIES = ["open_qa", "brainstorming", "classification"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    tok = build_tiny_tokenizer()
-    model = build_tiny_llama(vocab_size=len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    dolly = root / "dolly.jsonl"
-    with open(dolly, "w") as fh:
-        for i in range(60):
-            cat = CATEGORIES[i % 3]
-            rec = {
-                "instruction": f"Say {cat} {i}",
-                "context": "" if i % 2 else f"ctx {i}",
-                "response": f"{cat} answer {i % 7}",
-                "category": cat,
-            }
-            fh.write(json.dumps(rec) + "\n")
-    code = prepare_main(
-        [
-            "3",
-            "2",
-            "1",
-            "--dolly",
-            str(dolly),
-            "--client_sizes",
-            "8,12,16",
-            "--test_per_category",
-            "2",
-            "--output_dir",
-            str(root / "data"),
-        ]
-    )
-    assert code == 0
-    dev = [
-        {
-            "instruction": "Please answer the following multiple-choice question honestly.",
-            "input": f"Question: pick {i} Options: A. one, B. two, C. three, D. four",
-            "output": f"The answer is: {'ABCD'[i % 4]}. {['one', 'two', 'three', 'four'][i % 4]}",
-            "class": ["math", "art"][i % 2],
-        }
-        for i in range(6)
-    ]
-    (root / "dev.json").write_text(json.dumps(dev))
-    return root
-
-
-def _argv(ws, out, *extra):
-    options = {
-        "global_model": ws / "model", "data_path": ws / "data", "output_dir": out,
-        "num_clients": 3, "client_ranks": "2,4,8", "num_communication_rounds": 2,
-        "local_num_epochs": 1, "local_batch_size": 4, "local_micro_batch_size": 2,
-        "local_learning_rate": 1e-2, "cutoff_len": 160, "prompt_template_name": "alpaca_short",
-        "dev_data_path": ws / "dev.json", "bf16": "false", "seed": 3,
-    }  # fmt: skip
-    argv = [part for key, value in options.items() for part in (f"--{key}", str(value))]
-    return [*argv, "--no_progress", *extra]
-
-
-def _tensors(folder):
-    return load_file(str(folder / "adapter_model.safetensors"))
+from rblora.tasks.lm import CausalLMTask
 
 
 @pytest.mark.parametrize("method", ["RB-LoRA", "FLoRA", "Weighted HETLoRA"])
 def test_run_writes_everything(workspace, tmp_path, method, capsys):
-    assert cli.main(_argv(workspace, tmp_path, "--method", method)) == 0
+    assert cli.main(lm_argv(workspace, tmp_path, "--method", method)) == 0
     run = tmp_path / "3"
     for name in (
         "config.json",
@@ -92,9 +25,10 @@ def test_run_writes_everything(workspace, tmp_path, method, capsys):
         "plots/accuracy.png",
         "plots/loss.png",
         "checkpoint/state.json",
+        "checkpoint/manifest.json",
     ):
         assert (run / name).is_file(), name
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(run)
     rounds = [r for r in records if r["type"] == "round"]
     clients = [r for r in records if r["type"] == "client"]
     assert [r["round"] for r in rounds] == [1, 2] and len(clients) == 6
@@ -107,108 +41,149 @@ def test_run_writes_everything(workspace, tmp_path, method, capsys):
     assert results["rounds_completed"] == 2 and "dev/accuracy" in results["final"]
     assert "| round |" in capsys.readouterr().out
 
-    # the global adapter is a PEFT folder that gives exactly the aggregate of the client adapters
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    # round 1's global adapter, read back, is exactly the aggregate of the saved client adapters
+    from rblora.adapters import load_peft_adapter
 
     updates = []
-    for k, rank in enumerate([2, 4, 8]):
-        cfg = json.loads((run / "round_1" / f"client_{k}" / "adapter_config.json").read_text())
-        assert cfg["r"] == rank and cfg["lora_alpha"] == 16
-        t = _tensors(run / "round_1" / f"client_{k}")
-        factors = {}
-        for key in t:
-            if key.endswith("lora_A.weight"):
-                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                factors[module] = (t[key], t[key.replace("lora_A", "lora_B")])
+    for k in range(3):
+        factors, cfg = load_peft_adapter(run / "round_1" / f"client_{k}")
+        assert cfg["r"] == [2, 4, 8][k] and cfg["lora_alpha"] == 16
         size = json.loads((run / "config.json").read_text())["client_sizes"][k]
         updates.append(ClientUpdate(num_examples=size, lora_alpha=16.0, factors=factors))
     expected = aggregate(method, updates)
-    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
-    peft_model = PeftModel.from_pretrained(base, run / "round_1" / "global")
+    glob, cfg = load_peft_adapter(run / "round_1" / "global")
+    assert cfg["lora_alpha"] == cfg["r"]  # scale 1: B @ A is the update
     for module in expected.modules:
-        layer = peft_model.get_submodule("base_model.model." + module)
-        torch.testing.assert_close(
-            layer.get_delta_weight("default"), expected.delta(module), rtol=1e-4, atol=1e-6
-        )
-
-
-@pytest.mark.parametrize("method", ["RB-LoRA", "FLoRA"])
-def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(
-    workspace, tmp_path, method, monkeypatch
-):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert cli.main(_argv(workspace, full, "--method", method)) == 0
-
-    original = CausalLMTask.train_client
-    calls = {"n": 0}
-
-    def dies_in_round_2(self, spec, start, *, seed, round_):
-        if round_ == 2:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-        return original(self, spec, start, seed=seed, round_=round_)
-
-    monkeypatch.setattr(CausalLMTask, "train_client", dies_in_round_2)
-    assert cli.main(_argv(workspace, cut, "--method", method)) == 130
-    monkeypatch.setattr(CausalLMTask, "train_client", original)
-    assert not (cut / "3" / "round_2" / "global").exists()
-    assert cli.main(_argv(workspace, cut, "--method", method)) == 2  # refuses to overwrite
-    assert cli.main(_argv(workspace, cut, "--method", method, "--resume")) == 0
-
-    for sub in ["round_2/global", "round_2/client_0", "round_2/client_2"]:
-        a, b = _tensors(full / "3" / sub), _tensors(cut / "3" / sub)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), (sub, key)
-    lines = (cut / "3" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["round"] for x in lines if '"type": "round"' in x] == [1, 2]
+        a, b = glob[module]
+        torch.testing.assert_close(b @ a, expected.delta(module), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
-    "extra, fragment",
+    "method, reduction",
     [
-        (["--method", "FedNope"], "FedNope"),
-        (["--client_ranks", "2,4,64"], "rank 64 is above"),
-        (["--num_clients", "4", "--client_ranks", "2,2,2,2"], "no prepared data for 4"),
-        (["--global_model", "nobody/no-such-model-xyz"], "no-such-model-xyz"),
-        (["--global_model", "/"], "no config.json"),
-        (["--lora_target_modules", "nope_proj"], "'nope_proj' matches no module"),
-        (["--dev_data_path", "/nonexistent/dev.json"], "dev.json"),
-        (
-            ["--client_dataset_size_dict", '{"client_0": 1, "client_1": 2, "client_2": 3}'],
-            "does not match",
-        ),
+        ("FLoRA", "merge"),
+        ("FLoRA", "svd"),
+        ("RB-LoRA", "svd"),
+        ("Weighted HETLoRA", "truncate"),
+        ("Uniform HETLoRA", "merge"),
     ],
 )
-def test_bad_input_exits_2_and_writes_nothing(workspace, tmp_path, extra, fragment, capsys):
-    out = tmp_path / "out"
-    assert cli.main(_argv(workspace, out, *extra)) == 2
-    err = capsys.readouterr().err
-    assert fragment in err and "Traceback" not in err
-    assert not out.exists()
+def test_global_folder_reloads_to_the_evaluated_model(
+    workspace, tmp_path, method, reduction, monkeypatch
+):
+    """Every round's global folder, loaded with PEFT on the ORIGINAL base, gives the logits of
+    the model that round evaluated (for merge: base + every merged round, not only the last)."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    probe = torch.tensor([[5, 17, 33, 40, 8, 61, 12]])
+    evaluated = {}
+    original = CausalLMTask.evaluate
+
+    def spy(self, delta, *, round_):
+        from rblora.adapters import applied_delta
+
+        with applied_delta(self.model, delta), torch.no_grad():
+            evaluated[round_] = self.model(probe).logits
+        return original(self, delta, round_=round_)
+
+    monkeypatch.setattr(CausalLMTask, "evaluate", spy)
+    argv = lm_argv(workspace, tmp_path, "--method", method, "--reduction_method", reduction)
+    assert cli.main([*argv, "--num_communication_rounds", "3"]) == 0
+    run = tmp_path / "3"
+    for t in (1, 2, 3):
+        base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+        reloaded = PeftModel.from_pretrained(base, run / f"round_{t}" / "global").eval()
+        with torch.no_grad():
+            logits = reloaded(probe).logits
+        torch.testing.assert_close(logits, evaluated[t], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(evaluated[1], evaluated[3], atol=1e-3)  # the rounds did something
+    # the folder names a base that loads on this machine (not an embedded name or a hub id)
+    auto = AutoPeftModelForCausalLM.from_pretrained(run / "round_3" / "global").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(auto(probe).logits, evaluated[3], rtol=1e-4, atol=1e-4)
 
 
-def test_malformed_client_file(workspace, tmp_path, capsys):
-    import shutil
+def test_merge_checkpoint_does_not_grow(workspace, tmp_path, monkeypatch):
+    """FLoRA keeps one running total per module, dense once that is smaller: the checkpoint of
+    round 5 is no larger than round 2's, and at most 10% above round 1's (q_proj turns dense)."""
+    from rblora.federation.rundir import RunFolder
 
-    data = tmp_path / "data"
-    shutil.copytree(workspace / "data", data)
-    (data / "3" / "local_training_1.json").write_text('[{"instruction": "x",')
-    argv = _argv(workspace, tmp_path / "out")
-    argv[argv.index("--data_path") + 1] = str(data)
-    assert cli.main(argv) == 2
-    assert "local_training_1.json" in capsys.readouterr().err
+    sizes = []
+    original = RunFolder.save_checkpoint
+
+    def measure(self, tensors, meta):
+        original(self, tensors, meta)
+        sizes.append((self.path / "checkpoint" / "server.safetensors").stat().st_size)
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", measure)
+    argv = lm_argv(workspace, tmp_path, "--method", "FLoRA", num_communication_rounds=5)
+    assert cli.main(argv) == 0
+    assert len(sizes) == 5
+    assert sizes[1] == sizes[2] == sizes[3] == sizes[4] <= 1.1 * sizes[0]
+
+
+def test_merge_download_bytes_under_partial_participation(workspace, tmp_path):
+    """At frac 0.5 a FLoRA client downloads every merge it missed, not only the last one."""
+    argv = lm_argv(
+        workspace, tmp_path, "--method", "FLoRA", "--client_selection_frac", "0.5",
+        num_communication_rounds=5,
+    )  # fmt: skip
+    assert cli.main(argv) == 0
+    records = metrics(tmp_path / "3")
+    rounds = {r["round"]: r for r in records if r["type"] == "round"}
+    ranks = [2, 4, 8]
+    # tiny Llama: q_proj 32x32, v_proj 16x32 (two layers each); a merge has the width of the
+    # selected clients' ranks; a client needs every merge since it last trained, each module at
+    # most one dense matrix
+    shapes = [(32, 32), (16, 32)] * 2
+    have = {k: 0 for k in range(3)}
+    checked_backlog = False
+    for r in (x for x in records if x["type"] == "client"):
+        k, t = r["client"], r["round"]
+        width = sum(sum(ranks[j] for j in rounds[s]["selected"]) for s in range(have[k] + 1, t))
+        want = sum(min(width * (o + i), o * i) for o, i in shapes) * 4
+        assert r["bytes_down"] == want, (k, t)
+        checked_backlog |= t - 1 - have[k] >= 2
+        have[k] = t - 1
+    assert checked_backlog  # some client skipped at least one round and caught up
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(workspace, tmp_path, monkeypatch):
+    for method in ("RB-LoRA", "FLoRA"):
+        full, cut = tmp_path / method / "full", tmp_path / method / "cut"
+        assert cli.main(lm_argv(workspace, full, "--method", method)) == 0
+
+        original = CausalLMTask.train_client
+        calls = {"n": 0}
+
+        def dies_in_round_2(self, spec, start, *, seed, round_, original=original, calls=calls):
+            if round_ == 2:
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise KeyboardInterrupt
+            return original(self, spec, start, seed=seed, round_=round_)
+
+        monkeypatch.setattr(CausalLMTask, "train_client", dies_in_round_2)
+        assert cli.main(lm_argv(workspace, cut, "--method", method)) == 130
+        monkeypatch.setattr(CausalLMTask, "train_client", original)
+        assert not (cut / "3" / "round_2" / "global").exists()
+        assert cli.main(lm_argv(workspace, cut, "--method", method)) == 2  # no overwrite
+        assert cli.main(lm_argv(workspace, cut, "--method", method, "--resume")) == 0
+
+        for sub in ["round_2/global", "round_2/client_0", "round_2/client_2"]:
+            a, b = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]), (method, sub, key)
+        rounds = [r["round"] for r in metrics(cut / "3") if r["type"] == "round"]
+        assert rounds == [1, 2]
 
 
 def test_local_validation_split_is_reported(workspace, tmp_path):
-    argv = _argv(
-        workspace, tmp_path, "--local_val_set_size", "2", "--num_communication_rounds", "1"
-    )
+    argv = lm_argv(workspace, tmp_path, "--local_val_set_size", "2", num_communication_rounds=1)
     assert cli.main(argv) == 0
-    lines = (tmp_path / "3" / "metrics.jsonl").read_text().splitlines()
-    clients = [json.loads(x) for x in lines if '"type": "client"' in x]
+    clients = [r for r in metrics(tmp_path / "3") if r["type"] == "client"]
     sizes = json.loads((tmp_path / "3" / "config.json").read_text())["client_sizes"]
     assert sizes == [6, 10, 14]  # 8, 12, 16 minus the 2 held out per client
     assert all(0 < c["val_loss"] < 20 for c in clients)
@@ -216,14 +191,19 @@ def test_local_validation_split_is_reported(workspace, tmp_path):
 
 
 def test_base_model_evaluated_as_round_0(workspace, tmp_path):
-    argv = _argv(workspace, tmp_path, "--eval_base", "--num_communication_rounds", "1")
+    argv = lm_argv(workspace, tmp_path, "--eval_base", num_communication_rounds=1)
     assert cli.main(argv) == 0
     run = tmp_path / "3"
-    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    rounds = [r for r in rounds if r["type"] == "round"]
+    rounds = [r for r in metrics(run) if r["type"] == "round"]
     assert [r["round"] for r in rounds] == [0, 1]
     assert rounds[0]["eval"]["suites"]["dev"]["count"] == 6 and rounds[0]["eval"]["loss"] > 0
     assert rounds[0]["eval"]["loss"] != rounds[1]["eval"]["loss"]  # round 1 evaluates base + update
     results = json.loads((run / "results.json").read_text())
     assert results["rounds_completed"] == 1 and results["rounds"][0]["round"] == 0
     assert "| 0 | - |" in (run / "summary.md").read_text()
+
+
+def test_method_list(capsys):
+    assert cli.main(["--method", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "RB-LoRA: redistribution svd" in out and "FLoRA: redistribution merge" in out

@@ -223,3 +223,12 @@ def load_test_images(data_dir: Path | str, num_clients: int) -> ImageSplit:
     """The held-out test images of a prepared image folder."""
     folder, meta, data = _open_images(data_dir, num_clients)
     return _gather(folder, meta, data, "global_test.json", "test")
+
+
+def data_fingerprint(data_dir: Path | str, num_clients: int) -> dict[str, str]:
+    """sha256 of every JSON file of the prepared folder (clients, test set, partition), so a run
+    can tell that its data was prepared again in place."""
+    from rblora.utils.files import sha256_file
+
+    folder = resolve_folder(data_dir, num_clients)
+    return {path.name: sha256_file(path) for path in sorted(folder.glob("*.json"))}

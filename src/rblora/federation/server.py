@@ -1,21 +1,33 @@
 """The server's side of a round, independent of transport and of the task.
 
-:class:`FederatedServer` selects clients, tells each one what adapter it starts from, aggregates
-their updates through :mod:`rblora.aggregation` and redistributes the global update to every
-client's own rank. The in-process loop (:mod:`rblora.federation.loop`) and a networked driver use
-the same object; it holds no model and does no I/O. Its whole state is tensors and integers, so it
-is checkpointed with :meth:`state_tensors` / :meth:`load_state_tensors`.
+:class:`FederatedServer` selects clients, tells each one what it starts from, aggregates their
+updates through :mod:`rblora.aggregation` and redistributes the global update to every client's
+own rank. The in-process loop and the Flower server use the same object; it holds no model and
+does no I/O. Its whole state is tensors and integers (:meth:`state_tensors`, restored exactly by
+:meth:`load_state_tensors`), all on the CPU.
+
+What the global model is after round t (the delta from the ORIGINAL base weights ``W0``):
+
+- redistribution ``svd`` / ``truncate``: ``W0 + dW_t``; clients start from rank-r projections;
+- ``merge`` (FLoRA): ``W0 + D_t`` with ``D_t = dW_1 + ... + dW_t`` (:class:`UpdateSum`, whose size
+  is bounded by one dense matrix per module); clients start from a fresh LoRA on that base.
+
+Dense extra parameters (a classification head) are replaced by their example-weighted mean every
+round, whatever the redistribution, and every client starts from that mean.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from rblora.adapters.spec import Factors, factor_bytes
 from rblora.aggregation import ClientUpdate, GlobalUpdate, aggregate
+from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
+from rblora.aggregation.types import Factors
+
+BYTES_PER_VALUE = 4  # float32, as the server keeps and sends every tensor
 
 
 @dataclass(frozen=True)
@@ -28,9 +40,45 @@ class ClientSpec:
     use_rslora: bool = False
 
 
+@dataclass
+class ClientStart:
+    """What a client starts a round from, and what it had to download for it.
+
+    ``factors``: raw PEFT factors of the client's rank, or None for a fresh LoRA (round 1, and
+    every round of the merge protocol). ``dense``: the dense extra parameters to start from ({}:
+    the task's initial ones). ``base_delta``: under the merge protocol, the running total the base
+    weights must hold (``W0 + base_delta``; {} otherwise). ``download_bytes``: what the client
+    must receive that it does not have yet (see :meth:`FederatedServer.deliver`).
+    """
+
+    factors: Factors | None
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_delta: dict[str, ModuleDelta] = field(default_factory=dict)
+    download_bytes: int = 0
+
+
+@dataclass
+class GlobalModel:
+    """The global model after a round, as a delta from the original base weights.
+
+    ``delta``: module -> ``(A, B)`` (scale folded in) or a dense ``(d_out, d_in)``;
+    ``merged``: True if ``delta`` lives in the base weights (merge protocol), False if it is
+    applied on top of the unchanged base; ``dense``: the averaged dense extra parameters.
+    """
+
+    delta: dict[str, ModuleDelta]
+    merged: bool
+    dense: dict[str, torch.Tensor]
+
+
 def derive_seed(seed: int, *parts: int) -> int:
     """A 31-bit seed for one (round, client, ...) from the run seed; stable across runs."""
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of ``tensors`` as stored (``numel * element_size``)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class FederatedServer:
@@ -65,8 +113,10 @@ class FederatedServer:
         self.seed = seed
         self.completed_rounds = 0
         self._starts: dict[int, Factors] = {}  # client -> adapter it starts its next round from
-        self.merged: list[Factors] = []  # global updates folded into the base (merge protocol)
-        self._broadcast: Factors | None = None  # last merged update, downloaded by every client
+        self.base_total = UpdateSum()  # merged global updates (merge protocol)
+        self.dense: dict[str, torch.Tensor] = {}  # averaged dense extras of the last round
+        self._merge_widths: list[int] = []  # width of each round's merged update (0: none)
+        self._synced: dict[int, int] = {}  # client -> rounds whose merges it has received
 
     # ------------------------------------------------------------------ a round
     def select(self, round_: int) -> list[int]:
@@ -78,42 +128,59 @@ class FederatedServer:
         rng = np.random.default_rng(derive_seed(self.seed, round_))
         return sorted(int(i) for i in rng.choice(k, size=n, replace=False))
 
-    def start_for(self, client_id: int) -> Factors | None:
-        """The adapter the client starts from (None: a fresh LoRA, as in round 1)."""
-        return self._starts.get(client_id)
+    def deliver(self, client_id: int) -> ClientStart:
+        """What ``client_id`` starts this round from; records that it now has the current state.
 
-    def download_bytes(self, client_id: int) -> int:
-        """Bytes the client downloads before training this round."""
-        start = self._starts.get(client_id)
-        total = factor_bytes(start) if start else 0
-        if self._broadcast is not None:
-            total += factor_bytes(self._broadcast)
-        return total
+        ``download_bytes`` counts float32 values: the client's rank-r adapter (svd / truncate),
+        the averaged dense extras, and under the merge protocol every merged update the client
+        has not received yet (all of them since it last trained, not only the last one), per
+        module at most one dense matrix (a client far behind is sent the dense difference).
+        """
+        start = ClientStart(
+            factors=self._starts.get(client_id),
+            dense=dict(self.dense),
+            base_delta=self.base_total.as_dict(),
+        )
+        total = tensor_bytes(self.dense.values())
+        if start.factors:
+            total += tensor_bytes(t for pair in start.factors.values() for t in pair)
+        missed = sum(self._merge_widths[self._synced.get(client_id, 0) :])
+        if missed:
+            for delta in start.base_delta.values():
+                d_out, d_in = delta_shape(delta)
+                total += min(missed * (d_in + d_out), d_in * d_out) * BYTES_PER_VALUE
+        start.download_bytes = total
+        self._synced[client_id] = self.completed_rounds
+        return start
 
     def aggregate(self, updates: list[ClientUpdate]) -> GlobalUpdate:
         """Aggregate this round's client updates (order does not matter)."""
         return aggregate(self.method, updates, reduction=self.reduction)
 
-    def redistribute(self, global_update: GlobalUpdate) -> None:
-        """Compute every client's start for the next round and close the round.
+    def redistribute(self, global_update: GlobalUpdate) -> GlobalModel:
+        """Close the round: compute every client's start for the next one; return the global model.
 
-        Under the merge protocol the global update is recorded in :attr:`merged` (the driver folds
-        it into its base weights) and every client restarts from a fresh LoRA.
+        Under the merge protocol the global update is added to :attr:`base_total` and every client
+        restarts from a fresh LoRA; otherwise each client gets its rank-r projection.
         """
-        self._broadcast = None
+        self.dense = {n: t.to(torch.float32) for n, t in global_update.dense.items()}
+        update = {m: global_update.factors(m) for m in global_update.modules}
         if global_update.merges_into_base:
-            merged = {m: global_update.factors(m) for m in global_update.modules}
-            self.merged.append(merged)
-            self._broadcast = merged
+            self.base_total.add(update)
+            self._merge_widths.append(max(a.shape[0] for a, _ in update.values()))
             self._starts = {}
+            model = GlobalModel(self.base_total.as_dict(), merged=True, dense=dict(self.dense))
         else:
+            self._merge_widths.append(0)
             self._starts = {
                 c.client_id: global_update.for_client(
                     rank=c.rank, lora_alpha=c.lora_alpha, use_rslora=c.use_rslora
                 )
                 for c in self.clients
             }
+            model = GlobalModel(update, merged=False, dense=dict(self.dense))
         self.completed_rounds += 1
+        return model
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -123,29 +190,44 @@ class FederatedServer:
             for module, (a, b) in factors.items():
                 tensors[f"start/{cid}/{module}/A"] = a.contiguous()
                 tensors[f"start/{cid}/{module}/B"] = b.contiguous()
-        for i, factors in enumerate(self.merged):
-            for module, (a, b) in factors.items():
-                tensors[f"merged/{i}/{module}/A"] = a.contiguous()
-                tensors[f"merged/{i}/{module}/B"] = b.contiguous()
+        tensors.update(self.base_total.state_tensors("total"))
+        for name, t in self.dense.items():
+            tensors[f"dense/{name}"] = t.contiguous()
         meta = {
             "completed_rounds": self.completed_rounds,
-            "num_merged": len(self.merged),
-            "broadcast": self._broadcast is not None,
+            "merge_widths": list(self._merge_widths),
+            "synced": {str(k): v for k, v in sorted(self._synced.items())},
         }
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore what :meth:`state_tensors` returned; ValueError if it is inconsistent."""
         starts: dict[int, Factors] = {}
-        merged: list[Factors] = [{} for _ in range(int(meta["num_merged"]))]
-        parts: dict[tuple, dict[str, torch.Tensor]] = {}
+        parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        dense: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
-            kind, idx, rest = key.split("/", 2)
-            module, which = rest.rsplit("/", 1)
-            parts.setdefault((kind, int(idx), module), {})[which] = value
-        for (kind, idx, module), ab in parts.items():
-            target = starts.setdefault(idx, {}) if kind == "start" else merged[idx]
-            target[module] = (ab["A"], ab["B"])
+            kind, _, rest = key.partition("/")
+            if kind == "start":
+                cid, _, rest = rest.partition("/")
+                module, _, which = rest.rpartition("/")
+                parts.setdefault((int(cid), module), {})[which] = value
+            elif kind == "dense":
+                dense[rest] = value
+            elif kind != "total":
+                raise ValueError(f"unexpected tensor {key!r} in the server state")
+        for (cid, module), ab in parts.items():
+            if set(ab) != {"A", "B"} or not 0 <= cid < len(self.clients):
+                raise ValueError(f"server state: bad start of client {cid}, module {module!r}")
+            starts.setdefault(cid, {})[module] = (ab["A"], ab["B"])
+        completed = int(meta["completed_rounds"])
+        widths = [int(w) for w in meta.get("merge_widths", [])]
+        if len(widths) != completed:
+            raise ValueError(
+                f"server state: {len(widths)} merge widths for {completed} completed rounds"
+            )
         self._starts = starts
-        self.merged = merged
-        self._broadcast = merged[-1] if meta.get("broadcast") and merged else None
-        self.completed_rounds = int(meta["completed_rounds"])
+        self.base_total = UpdateSum.from_state_tensors(tensors, "total")
+        self.dense = dense
+        self._merge_widths = widths
+        self._synced = {int(k): int(v) for k, v in meta.get("synced", {}).items()}
+        self.completed_rounds = completed

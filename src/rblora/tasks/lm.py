@@ -7,8 +7,6 @@ One base model is held in memory for the whole run; each client wraps it in a Lo
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,43 +15,36 @@ import numpy as np
 import torch
 
 from rblora.adapters import (
+    BaseWeights,
     LoraSpec,
+    applied_delta,
     attach_lora,
     detach_lora,
-    merge_into_base,
     read_factors,
     resolve_targets,
     save_peft_adapter,
 )
-from rblora.adapters.spec import Factors
+from rblora.aggregation.running import ModuleDelta
+from rblora.aggregation.types import Factors
 from rblora.data.templates import Prompter
-from rblora.federation.server import ClientSpec
-from rblora.federation.task import ClientResult
+from rblora.federation.server import ClientSpec, ClientStart
+from rblora.tasks.base import (
+    ClientResult,
+    check_client_sizes,
+    check_ranks,
+    seeded_subset,
+)
 from rblora.training import TrainConfig, tokenize_records, train_local
-from rblora.training.batching import collate, count_targets
-from rblora.training.loss import causal_lm_loss_sum
+from rblora.training.batching import sequence_length
+from rblora.training.loss import causal_lm_objective
+from rblora.utils.device import bf16_decision, use_bf16
 
-
-@contextlib.contextmanager
-def applied_delta(model: torch.nn.Module, delta: Factors) -> Iterator[torch.nn.Module]:
-    """Temporarily add ``delta`` (dW = B @ A per module) to the base weights.
-
-    The touched weights are cloned first and copied back afterwards, so the base is bitwise
-    unchanged when the block ends (subtracting the delta again would not be exact).
-    """
-    modules = dict(model.named_modules())
-    saved = {name: modules[name].weight.detach().clone() for name in delta}
-    try:
-        merge_into_base(model, delta)
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, weight in saved.items():
-                modules[name].weight.copy_(weight)
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
 
 
 class CausalLMTask:
-    """Federated instruction tuning of a causal LM (see :class:`rblora.federation.task.Task`).
+    """Federated instruction tuning of a causal LM (see :class:`rblora.tasks.base.Task`).
 
     Args:
         model, tokenizer: the base model (held for the whole run) and its tokenizer.
@@ -64,8 +55,10 @@ class CausalLMTask:
         val_set_size: records held out of each client's data for a local validation loss.
         eval_suites: name -> multiple-choice items scored each round.
         loss_records: held-out records whose response loss/perplexity is reported each round.
-        base_name: recorded in saved adapters as ``base_model_name_or_path``.
+        base_reference: recorded in saved adapters as ``base_model_name_or_path``.
     """
+
+    modules_to_save: list[str] = []
 
     def __init__(
         self,
@@ -81,7 +74,7 @@ class CausalLMTask:
         eval_suites: dict[str, list] | None = None,
         loss_records: list[dict[str, Any]] | None = None,
         eval_batch_size: int = 32,
-        base_name: str = "",
+        base_reference: str = "",
         seed: int = 0,
         progress: bool = True,
     ):
@@ -91,18 +84,92 @@ class CausalLMTask:
         self.train_config = train_config
         self.target_modules = list(target_modules)
         self.lora_dropout = lora_dropout
-        self.eval_suites = eval_suites or {}
-        self.loss_records = loss_records or []
         self.eval_batch_size = eval_batch_size
-        self.base_name = base_name
+        self.base_reference = base_reference
         self.progress = progress
+        self._base = BaseWeights(model)
+        self._loss_fn = causal_lm_objective(tokenizer.pad_token_id or 0)
         self._train: list[list[dict]] = []
         self._val: list[list[dict]] = []
         for k, records in enumerate(client_records):
             train, val = _split_val(records, val_set_size, np.random.default_rng([seed, k]), k)
             self._train.append(self._tokenize(train))
-            self._val.append(self._tokenize(val))
+            self._val.append(val)
         self._shapes = self._find_shapes()
+        self.eval_suites: dict[str, list] = {}
+        self.loss_records: list[dict[str, Any]] = []
+        self.set_evaluation(eval_suites or {}, loss_records or [])
+
+    @classmethod
+    def from_args(cls, args, *, log=print) -> CausalLMTask:
+        """Build the task of a run: data read and checked, model loaded on its device, ranks
+        checked against the model, evaluation sets encoded (so a problem shows before round 1)."""
+        from rblora.assets import load_causal_lm
+        from rblora.assets.models import model_reference
+        from rblora.data import load_federated_split
+        from rblora.utils.device import resolve_device
+
+        prompter = Prompter(args.prompt_template_name)
+        data = load_federated_split(Path(args.data_path), args.num_clients)
+        check_client_sizes(args, [len(c) for c in data.clients])
+        device = resolve_device(args.device)
+        name = args.global_model or DEFAULT_MODEL
+        log(f"loading {name} on {device}")
+        model, tokenizer = load_causal_lm(name, token=args.hf_token(), device=device)
+        train_config = TrainConfig(
+            micro_batch_size=args.local_micro_batch_size,
+            batch_size=args.local_batch_size,
+            num_epochs=args.local_num_epochs,
+            learning_rate=args.local_learning_rate,
+            group_by_length=args.group_by_length,
+            cutoff_len=args.cutoff_len,
+            train_on_inputs=args.train_on_inputs,
+            bf16=args.bf16_setting(),
+            seed=args.seed,
+        )
+        choice = bf16_decision(train_config.bf16, model)
+        if choice is not None:
+            log(choice.describe())
+            train_config = replace(train_config, bf16=choice.use_bf16)
+        task = cls(
+            model,
+            tokenizer,
+            data.clients,
+            prompter=prompter,
+            train_config=train_config,
+            target_modules=args.lora_target_modules or DEFAULT_TARGETS,
+            lora_dropout=args.lora_dropout,
+            val_set_size=args.local_val_set_size,
+            eval_batch_size=args.eval_batch_size,
+            base_reference=model_reference(name),
+            seed=args.seed,
+            progress=args.progress,
+        )
+        check_ranks(args.ranks(), task.module_shapes())
+        task.set_evaluation(*_eval_sets(args, prompter, data))
+        return task
+
+    def set_evaluation(self, suites: dict[str, list], loss_records: list[dict]) -> None:
+        """Set the multiple-choice suites and held-out loss records scored each round; they are
+        encoded once here, so a record the model cannot score fails now, not after round 1."""
+        from rblora.evaluation.loss import encode_loss_rows
+        from rblora.evaluation.multiple_choice import context_size, encode_items
+
+        for name, items in suites.items():
+            try:
+                if items:
+                    encode_items(self.tokenizer, items, "packed", context_size(self.model))
+            except ValueError as err:
+                raise ValueError(f"evaluation suite {name!r}: {err}") from None
+        if loss_records:
+            c = self.train_config
+            rows = encode_loss_rows(self.tokenizer, loss_records, self.prompter, c.cutoff_len, True)
+            if not rows:
+                raise ValueError(
+                    f"no held-out record keeps a response token within cutoff_len={c.cutoff_len}; "
+                    "raise --cutoff_len"
+                )
+        self.eval_suites, self.loss_records = dict(suites), list(loss_records)
 
     def _tokenize(self, records: list[dict[str, Any]]) -> list[dict]:
         c = self.train_config
@@ -134,13 +201,20 @@ class CausalLMTask:
         )
 
     def train_client(
-        self, spec: ClientSpec, start: Factors | None, *, seed: int, round_: int
+        self, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int
     ) -> ClientResult:
         examples = self._train[spec.client_id]
-        peft_model = attach_lora(self.model, self.lora_spec(spec), init=start, seed=seed)
+        peft_model = attach_lora(self.model, self.lora_spec(spec), init=start.factors, seed=seed)
         try:
             config = replace(self.train_config, seed=seed)
-            result = train_local(peft_model, examples, config, progress=self.progress)
+            result = train_local(
+                peft_model,
+                examples,
+                config,
+                loss_fn=self._loss_fn,
+                length=sequence_length,
+                progress=self.progress,
+            )
             factors = read_factors(peft_model)
             metrics: dict[str, Any] = {
                 "loss": result.loss,
@@ -149,17 +223,20 @@ class CausalLMTask:
                 "seconds": round(result.seconds, 3),
             }
             if self._val[spec.client_id]:
-                metrics["val_loss"] = self._loss(peft_model, self._val[spec.client_id])
+                metrics["val_loss"] = self._heldout_loss(peft_model, self._val[spec.client_id])
         finally:
             self.model = detach_lora(peft_model)
         return ClientResult(factors=factors, num_examples=len(examples), metrics=metrics)
 
-    def evaluate(self, delta: Factors, *, round_: int) -> dict[str, Any]:
+    def set_base(self, delta: dict[str, ModuleDelta], dense: dict[str, torch.Tensor]) -> None:
+        self._base.set(delta)
+
+    def evaluate(self, delta: dict[str, ModuleDelta], *, round_: int) -> dict[str, Any]:
         from rblora.evaluation import EvalConfig, evaluate_round
 
         config = EvalConfig(
             batch_size=self.eval_batch_size,
-            autocast_bf16=self.train_config.use_bf16(),
+            autocast_bf16=use_bf16(self.train_config.bf16, self.model),
             cutoff_len=self.train_config.cutoff_len,
             progress=self.progress,
         )
@@ -173,11 +250,15 @@ class CausalLMTask:
                 config,
             )
 
-    def merge_into_base(self, delta: Factors) -> None:
-        merge_into_base(self.model, delta)
-
     def save_adapter(
-        self, path: Path, factors: Factors, *, rank: int, lora_alpha: float, use_rslora: bool
+        self,
+        path: Path,
+        factors: Factors,
+        dense: dict[str, torch.Tensor],
+        *,
+        rank: int,
+        lora_alpha: float,
+        use_rslora: bool,
     ) -> None:
         save_peft_adapter(
             path,
@@ -186,23 +267,39 @@ class CausalLMTask:
             lora_alpha=lora_alpha,
             target_modules=self.target_modules,
             use_rslora=use_rslora,
-            base_model_name_or_path=self.base_name,
+            base_model_name_or_path=self.base_reference,
         )
 
     # ------------------------------------------------------------------ helpers
-    @torch.inference_mode()
-    def _loss(self, model: torch.nn.Module, examples: list[dict]) -> float:
-        """Token-mean loss of ``examples`` (tokenized, with labels) under ``model``."""
-        was_training = model.training
-        model.eval()
-        total, count = 0.0, 0
-        for i in range(0, len(examples), self.eval_batch_size):
-            batch = examples[i : i + self.eval_batch_size]
-            ids, mask, labels = collate(batch, self.tokenizer.pad_token_id)
-            total += float(causal_lm_loss_sum(model, ids, mask, labels))
-            count += sum(count_targets(e) for e in batch)
-        model.train(was_training)
-        return total / max(count, 1)
+    def _heldout_loss(self, model: torch.nn.Module, records: list[dict]) -> float:
+        """Response loss of held-out records under ``model`` (the evaluation's definition)."""
+        from rblora.evaluation import response_loss
+
+        return response_loss(
+            model,
+            self.tokenizer,
+            records,
+            self.prompter,
+            cutoff_len=self.train_config.cutoff_len,
+            batch_size=self.eval_batch_size,
+        )["loss"]
+
+
+def _eval_sets(args, prompter: Prompter, data) -> tuple[dict[str, list], list[dict]]:
+    """Multiple-choice suites scored each round and the records of the held-out loss."""
+    from rblora.evaluation import load_mc_file, mmlu_items
+
+    suites: dict[str, list] = {}
+    if args.dev_data_path:
+        suites["dev"] = load_mc_file(args.dev_data_path, prompter)
+    elif args.eval_mmlu_size > 0:
+        suites["mmlu"] = mmlu_items(args.eval_mmlu_size, seed=args.seed, prompter=prompter)
+    test_path = Path(data.folder) / "global_test.json"
+    test_items = seeded_subset(load_mc_file(test_path, prompter), args.eval_test_size, args.seed)
+    if test_items:
+        suites["test"] = test_items
+    test_records = seeded_subset(list(data.global_test), args.eval_test_size, args.seed)
+    return suites, test_records
 
 
 def _split_val(

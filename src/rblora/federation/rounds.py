@@ -1,0 +1,263 @@
+"""The steps of one federated round, each one function that every driver calls.
+
+A driver (the in-process loop, the Flower server) does, for round ``t``::
+
+    selected = server.select(t)
+    for each selected client k (here or on its own machine):
+        start = server.deliver(k)                      # what k starts from, bytes it downloads
+        result = train_client(task, spec, start, ...)  # local training (the task's)
+        update = client_update(spec, result)           # what travels to the server
+        record = client_record(t, spec, result, start)
+    round_record = close_round(task, server, folder, t, updates, records, started=...)
+    folder.append_metrics(round_record); folder.save_checkpoint(*server.state_tensors() ...)
+
+``close_round`` aggregates, redistributes, writes the global model's PEFT folder, installs the
+global model in the task's base weights, evaluates it and returns the round's metrics record. The
+drivers keep only iteration, transport, progress and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rblora.aggregation import ClientUpdate
+from rblora.aggregation.running import ModuleDelta, delta_shape, is_dense
+from rblora.aggregation.types import Factors
+from rblora.federation.rundir import RunFolder
+from rblora.federation.server import (
+    ClientSpec,
+    ClientStart,
+    FederatedServer,
+    GlobalModel,
+    tensor_bytes,
+)
+from rblora.tasks.base import ClientResult, Task
+from rblora.training import TrainingDiverged
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (e.g. a client's training diverged); the message says who and when."""
+
+
+def log(message: str) -> None:
+    """One concise line on stderr (progress bars share it)."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- a client
+def train_client(
+    task: Task, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int
+) -> ClientResult:
+    """The task's local training of one client; divergence stops the run naming the client."""
+    try:
+        return task.train_client(spec, start, seed=seed, round_=round_)
+    except TrainingDiverged as err:
+        raise RunError(
+            f"client {spec.client_id} (rank {spec.rank}) in round {round_}: training {err}; "
+            "nothing of this round was aggregated (lower --local_learning_rate and start again)"
+        ) from None
+
+
+def client_update(spec: ClientSpec, result: ClientResult) -> ClientUpdate:
+    """What a client sends to the server: its factors, dense extras, example count and scaling."""
+    return ClientUpdate(
+        num_examples=result.num_examples,
+        lora_alpha=spec.lora_alpha,
+        factors=result.factors,
+        use_rslora=spec.use_rslora,
+        client_id=spec.client_id,
+        dense=result.dense,
+    )
+
+
+def upload_bytes(update: ClientUpdate) -> int:
+    """Bytes of a client's update as stored (factors and dense extras)."""
+    pairs = update.factors.values()
+    return tensor_bytes([t for pair in pairs for t in pair] + list(update.dense.values()))
+
+
+def client_record(
+    round_: int, spec: ClientSpec, result: ClientResult, start: ClientStart, bytes_up: int
+) -> dict[str, Any]:
+    """The client's line in metrics.jsonl."""
+    return {
+        "type": "client",
+        "round": round_,
+        "client": spec.client_id,
+        "rank": spec.rank,
+        "num_examples": result.num_examples,
+        **result.metrics,
+        "bytes_down": start.download_bytes,
+        "bytes_up": bytes_up,
+    }
+
+
+def save_client_adapter(
+    task: Task, folder: RunFolder, round_: int, spec: ClientSpec, update: ClientUpdate
+) -> None:
+    """``round_<t>/client_<k>``: the client's trained adapter at its own rank and alpha."""
+    task.save_adapter(
+        folder.client_dir(round_, spec.client_id),
+        dict(update.factors),
+        dict(update.dense),
+        rank=spec.rank,
+        lora_alpha=spec.lora_alpha,
+        use_rslora=spec.use_rslora,
+    )
+
+
+# ---------------------------------------------------------------------- the server's part
+def close_round(
+    task: Task,
+    server: FederatedServer,
+    folder: RunFolder,
+    round_: int,
+    updates: list[ClientUpdate],
+    client_records: list[dict[str, Any]],
+    *,
+    started: float,
+    selected: list[int],
+    missing: dict[int, str] | None = None,
+) -> dict[str, Any]:
+    """Aggregate, redistribute, export, install and evaluate the global model of ``round_``.
+
+    ``missing``: selected clients whose update did not arrive, with the reason (recorded).
+    Returns the round's metrics record (the driver writes it, then the checkpoint).
+    """
+    agg_start = time.perf_counter()
+    global_update = server.aggregate(updates)
+    model = server.redistribute(global_update)
+    agg_seconds = time.perf_counter() - agg_start
+    export_global(task, folder.global_dir(round_), model)
+    eval_start = time.perf_counter()
+    evaluation = evaluate_global(task, model, round_)
+    eval_seconds = time.perf_counter() - eval_start
+    record: dict[str, Any] = {
+        "type": "round",
+        "round": round_,
+        "selected": selected,
+        "method": global_update.method,
+        "reduction": global_update.reduction,
+        "train_loss": weighted_loss(client_records),
+        "bytes_up": sum(r["bytes_up"] for r in client_records),
+        "bytes_down": sum(r["bytes_down"] for r in client_records),
+        "aggregate_seconds": round(agg_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "round_seconds": round(time.perf_counter() - started, 3),
+        "eval": evaluation,
+    }
+    if missing:
+        record["missing"] = {str(k): reason for k, reason in sorted(missing.items())}
+    return record
+
+
+def install_global(task: Task, server: FederatedServer) -> None:
+    """Put the server's current global state into the task's base (merged total, dense extras):
+    after every round, and when a run is resumed."""
+    task.set_base(server.base_total.as_dict(), server.dense)
+
+
+def evaluate_global(task: Task, model: GlobalModel, round_: int) -> dict[str, Any]:
+    """Install ``model`` in the task and evaluate it: a merged delta lives in the base weights,
+    any other delta is applied on top of the unchanged base for the evaluation only."""
+    task.set_base(model.delta if model.merged else {}, model.dense)
+    return task.evaluate({} if model.merged else model.delta, round_=round_)
+
+
+def evaluate_base(task: Task) -> dict[str, Any]:
+    """Round 0: the untouched base model, as a baseline for the per-round figures."""
+    start = time.perf_counter()
+    record = {"type": "round", "round": 0, "selected": [], "eval": task.evaluate({}, round_=0)}
+    record["eval_seconds"] = record["round_seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+# ---------------------------------------------------------------------- export
+def export_global(task: Task, path: Path, model: GlobalModel) -> None:
+    """``round_<t>/global``: a PEFT folder that gives exactly the global model when loaded on the
+    ORIGINAL base model (for the merge protocol: every merged round, not only the last), with
+    scale 1 (``lora_alpha == r``) and the averaged dense extras as modules_to_save."""
+    factors = exact_factors(model.delta)
+    rank = next(iter(factors.values()))[0].shape[0]
+    task.save_adapter(
+        path, factors, model.dense, rank=rank, lora_alpha=float(rank), use_rslora=False
+    )
+
+
+def exact_factors(delta: dict[str, ModuleDelta]) -> Factors:
+    """The same update with every module at rank <= min(d_out, d_in), padded to one rank.
+
+    A dense delta, or a factored one of rank k > min(d_out, d_in), is rewritten exactly as
+    ``(I, dW)`` or ``(dW, I)``; modules of lower rank get zero rows/columns so that one PEFT
+    ``r`` serves all (zeros add nothing to B @ A).
+    """
+    compact: Factors = {}
+    for module, value in delta.items():
+        d_out, d_in = delta_shape(value)
+        if is_dense(value) or value[0].shape[0] > min(d_out, d_in):
+            dense = value.float() if is_dense(value) else value[1].float() @ value[0].float()
+            if d_in <= d_out:
+                a, b = torch.eye(d_in, dtype=dense.dtype), dense
+            else:
+                a, b = dense, torch.eye(d_out, dtype=dense.dtype)
+        else:
+            a, b = value
+        compact[module] = (a, b)
+    rank = max(a.shape[0] for a, _ in compact.values())
+    padded: Factors = {}
+    for module, (a, b) in compact.items():
+        k = a.shape[0]
+        if k < rank:
+            a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
+        padded[module] = (a.float().contiguous(), b.float().contiguous())
+    return padded
+
+
+# ---------------------------------------------------------------------- records and lines
+def weighted_loss(client_records: list[dict[str, Any]]) -> float | None:
+    pairs = [(r["loss"], r["num_examples"]) for r in client_records if r.get("loss") is not None]
+    if not pairs:
+        return None
+    return sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs)
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def client_line(r: dict[str, Any]) -> str:
+    loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
+    return (
+        f"round {r['round']} client {r['client']} rank {r['rank']}: loss {loss}, "
+        f"{r.get('steps', 0)} steps, {r.get('tokens', 0)} tokens, {r.get('seconds', 0):.1f}s, "
+        f"up {fmt_bytes(r['bytes_up'])}, down {fmt_bytes(r['bytes_down'])}"
+    )
+
+
+def round_line(r: dict[str, Any]) -> str:
+    from rblora.federation.report import scalar_evals
+
+    if r["round"] == 0:
+        parts = [f"base model evaluated in {r['round_seconds']:.0f}s"]
+    else:
+        parts = [f"round {r['round']} done in {r['round_seconds']:.0f}s"]
+    if r.get("train_loss") is not None:
+        parts.append(f"train loss {r['train_loss']:.4f}")
+    for name, value in scalar_evals(r.get("eval")).items():
+        if name.endswith(("/accuracy", "/loss")):
+            parts.append(f"{name} {value:.4f}")
+    if r.get("missing"):
+        parts.append(f"missing clients {', '.join(r['missing'])}")
+    return ", ".join(parts)

@@ -1,0 +1,141 @@
+"""What the round core needs from a task, and how a run picks its task.
+
+The round loop is written once; a task supplies local training, evaluation of a global model,
+the base weights of the global model, and adapter export. Everything model-specific lives behind
+:class:`Task`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from rblora.aggregation.running import ModuleDelta
+from rblora.aggregation.types import Factors
+
+if TYPE_CHECKING:
+    import torch
+
+    from rblora.federation.options import TrainArgs
+    from rblora.federation.server import ClientSpec, ClientStart
+
+TASK_MODULES = {"lm": "rblora.tasks.lm:CausalLMTask", "image": "rblora.tasks.image:ImageTask"}
+"""Task name -> the class that builds it (``Class.from_args(args, given)``)."""
+
+_IMAGE_MODELS = ("dinov2-vits14",)
+
+
+@dataclass
+class ClientResult:
+    """One client's round: its trained LoRA factors (raw PEFT weights, scale not folded in), its
+    trained dense extra parameters, and how much data produced them."""
+
+    factors: Factors
+    num_examples: int
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # loss, steps, tokens, seconds, ...
+
+
+class Task(Protocol):
+    """A federated fine-tuning task over one base model held in memory.
+
+    Attributes:
+        modules_to_save: modules trained in full beside the LoRA (PEFT's ``modules_to_save``);
+            their parameters travel as dense extras and are averaged by examples.
+        base_reference: what saved adapters record as ``base_model_name_or_path`` (a folder or
+            hub id that loads on this machine).
+    """
+
+    modules_to_save: list[str]
+    base_reference: str
+
+    def num_examples(self, client_id: int) -> int:
+        """Training examples of a client (its aggregation weight)."""
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """Adapted module name -> (d_out, d_in)."""
+
+    def train_client(
+        self, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int
+    ) -> ClientResult:
+        """Train a rank-``spec.rank`` LoRA from ``start.factors`` (None: fresh) and the dense
+        extras from ``start.dense`` ({}: the base's) on the client's data."""
+
+    def set_base(self, delta: dict[str, ModuleDelta], dense: dict[str, torch.Tensor]) -> None:
+        """Make the base weights ``W0 + delta`` (original weights where absent) and the dense
+        extras ``dense`` (unchanged where empty), for good."""
+
+    def evaluate(self, delta: dict[str, ModuleDelta], *, round_: int) -> dict[str, Any]:
+        """Metrics of the base + ``delta`` (factors with the scale folded in, or dense)."""
+
+    def save_adapter(
+        self,
+        path: Path,
+        factors: Factors,
+        dense: dict[str, torch.Tensor],
+        *,
+        rank: int,
+        lora_alpha: float,
+        use_rslora: bool,
+    ) -> None:
+        """Write a PEFT adapter folder loadable on this task's base model."""
+
+
+def infer_task(args: TrainArgs) -> str:
+    """``args.task``, else the data folder's kind (images -> image), else the model's."""
+    if args.task:
+        return args.task
+    folder = Path(args.data_path)
+    for candidate in (folder / str(args.num_clients) / "partition.json", folder / "partition.json"):
+        if candidate.is_file():
+            try:
+                kind = json.loads(candidate.read_text()).get("kind", "text")
+            except (OSError, ValueError, AttributeError):
+                break  # the data loader reports a damaged file with its name
+            return "image" if kind == "images" else "lm"
+    return "image" if args.global_model in _IMAGE_MODELS else "lm"
+
+
+def build_task(args: TrainArgs, given: set[str] | None = None, *, log=print) -> Task:
+    """The run's task, built from its options (model loaded, data read and checked)."""
+    name = infer_task(args)
+    args.check_task_options(name, given or set())
+    module, cls = TASK_MODULES[name].split(":")
+    return getattr(importlib.import_module(module), cls).from_args(args, log=log)
+
+
+def check_ranks(ranks: list[int], shapes: dict[str, tuple[int, int]]) -> None:
+    """Every client's rank fits every adapted module (``rank <= min(d_out, d_in)``)."""
+    limit_module, (d_out, d_in) = min(shapes.items(), key=lambda kv: min(kv[1]))
+    limit = min(d_out, d_in)
+    for k, r in enumerate(ranks):
+        if r > limit:
+            raise ValueError(
+                f"client {k}: rank {r} is above {limit}, the smallest dimension of the adapted "
+                f"module {limit_module} ({d_out}x{d_in}); valid ranks are 1..{limit} "
+                "(set --client_ranks, e.g. 4,4,8,8,16,16,32,32,64,64)"
+            )
+
+
+def check_client_sizes(args: TrainArgs, sizes: list[int]) -> None:
+    """The data folder's client sizes match ``client_dataset_size_dict`` when it is given."""
+    expected = args.expected_sizes()
+    if expected is not None and sizes != expected:
+        raise ValueError(
+            f"client_dataset_size_dict {expected} does not match the data folder's client "
+            f"sizes {sizes} ({Path(args.data_path) / str(args.num_clients)})"
+        )
+
+
+def seeded_subset(values: list, size: int, seed: int) -> list:
+    """At most ``size`` of ``values``, drawn with ``seed``, in their original order (a test file
+    ordered by category would lose whole categories to a prefix)."""
+    if not size or len(values) <= size:
+        return values
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng(seed).choice(len(values), size=size, replace=False))
+    return [values[i] for i in keep]

@@ -1,0 +1,180 @@
+"""train.py with bad input, a diverging client and damaged or edited run folders.
+
+Bad input is refused before anything is written (exit 2, one line, no traceback); a run that
+cannot go on stops with one line naming who and when (exit 1) and writes no broken file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from run_helpers import lm_argv, metrics
+
+from rblora.federation import cli
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--method", "FedNope"], "FedNope"),
+        (["--client_ranks", "2,4,64"], "rank 64 is above"),
+        (["--num_clients", "4", "--client_ranks", "2,2,2,2"], "no prepared data for 4"),
+        (["--global_model", "nobody/no-such-model-xyz"], "no-such-model-xyz"),
+        (["--global_model", "/"], "no config.json"),
+        (["--lora_target_modules", "nope_proj"], "'nope_proj' matches no module"),
+        (["--dev_data_path", "/nonexistent/dev.json"], "dev.json"),
+        (
+            ["--client_dataset_size_dict", '{"client_0": 1, "client_1": 2, "client_2": 3}'],
+            "does not match",
+        ),
+        (["--method", "RB-LoRA", "--reduction_method", "truncate"], "does not support"),
+        (["--method", "FLoRA", "--reduction_method", "zip"], "zip"),
+        (["--client_lora_rank_dict", '{"client_0": 2, "client_1": 4, "client_2": 2.7}'], "2.7"),
+        (["--cutoff_len", "20"], "cutoff_len=20"),
+        (["--local_learning_rate", "3e38"], "overflows float32"),
+        (["--device", "tpu"], "device 'tpu'"),
+        (["--image_size", "112"], "--image_size: option(s) of the image task"),
+        (["--resume"], "holds no run"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(workspace, tmp_path, extra, fragment, capsys):
+    out = tmp_path / "out"
+    assert cli.main(lm_argv(workspace, out, *extra)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "yaml_text, fragment",
+    [
+        (
+            "client_lora_rank_dict: {client_0: 2, client_1: true, client_2: 8}\n",
+            "client_1=True, which is a boolean",
+        ),
+        ("client_ranks: [2, 4.5, 8]\n", "4.5"),
+        ("num_communication_rounds: true\n", "num_communication_rounds=True"),
+        ("local_num_epochs: 1.5\n", "local_num_epochs=1.5"),
+    ],
+)
+def test_yaml_counts_must_be_integers(workspace, tmp_path, yaml_text, fragment, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    argv = lm_argv(workspace, tmp_path / "out", "--config", str(cfg))
+    # the YAML file must win for the keys it sets: drop the helper's flags for them
+    for key in ("client_ranks", "num_communication_rounds", "local_num_epochs"):
+        if key in yaml_text:
+            i = argv.index(f"--{key}")
+            del argv[i : i + 2]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_client_file(workspace, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    (data / "3" / "local_training_1.json").write_text('[{"instruction": "x",')
+    assert cli.main(lm_argv(workspace, tmp_path / "out", data_path=data)) == 2
+    assert "local_training_1.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lr", ["1e9", "1e37"])
+def test_diverging_client_stops_the_run(workspace, tmp_path, lr, capsys):
+    assert cli.main(lm_argv(workspace, tmp_path, local_learning_rate=lr)) == 1
+    err = capsys.readouterr().err
+    assert "client 0 (rank 2) in round 1: training diverged at step 1" in err
+    assert "Traceback" not in err
+    run = tmp_path / "3"
+    assert not (run / "round_1").exists()  # no adapter of a diverged client was written
+    assert not (run / "checkpoint").exists()
+
+
+# ---------------------------------------------------------------------- resume
+@pytest.fixture(scope="module")
+def finished_run(workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    assert cli.main(lm_argv(workspace, out, "--method", "FLoRA")) == 0
+    return out
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _resume(workspace, out, *extra):
+    return cli.main(lm_argv(workspace, out, "--method", "FLoRA", "--resume", *extra))
+
+
+def test_resume_of_a_finished_run_with_more_rounds(workspace, finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    assert _resume(workspace, out, "--num_communication_rounds", "3") == 0
+    assert [r["round"] for r in metrics(out / "3") if r["type"] == "round"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--lora_dropout", "0.1"], "lora_dropout: run has 0.05, now 0.1"),
+        (["--bf16", "auto"], "bf16: run has 'false', now 'auto'"),
+        (["--local_learning_rate", "0.02"], "local_learning_rate"),
+        (["--client_ranks", "2,4,4"], "client_ranks"),
+    ],
+)
+def test_resume_refuses_other_options(workspace, finished_run, tmp_path, extra, fragment, capsys):
+    out = _copy(finished_run, tmp_path)
+    assert _resume(workspace, out, *extra) == 2
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("truncate checkpoint/server.safetensors", "server.safetensors does not match its sha256"),
+        ("delete checkpoint/server.safetensors", "server.safetensors is missing"),
+        ("truncate checkpoint/state.json", "state.json does not match its sha256"),
+        ("edit checkpoint/state.json", "state.json does not match its sha256"),
+        ("delete checkpoint/manifest.json", "manifest.json is missing or damaged"),
+        ("delete checkpoint", "round_2 exists but the checkpoint is from round 0"),
+        ("truncate config.json", "config.json is damaged"),
+    ],
+)
+def test_resume_refuses_a_damaged_checkpoint(
+    workspace, finished_run, tmp_path, damage, fragment, capsys
+):
+    out = _copy(finished_run, tmp_path)
+    run = out / "3"
+    what, name = damage.split(" ", 1)
+    path = run / name
+    if what == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif what == "edit":
+        state = json.loads(path.read_text())
+        state["completed_rounds"] = 1
+        path.write_text(json.dumps(state))
+    elif path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert _resume(workspace, out, "--num_communication_rounds", "3") == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_data_prepared_again(workspace, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    argv = lm_argv(workspace, tmp_path / "out", data_path=data, num_communication_rounds=1)
+    assert cli.main(argv) == 0
+    test_file = data / "3" / "global_test.json"
+    test_file.write_text(json.dumps(json.loads(test_file.read_text())[::-1]))
+    assert cli.main([*argv, "--resume", "--num_communication_rounds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "data folder changed" in err and "global_test.json" in err

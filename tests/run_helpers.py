@@ -1,0 +1,73 @@
+"""A tiny language-model run folder for end-to-end tests: model, tokenizer and prepared data.
+
+Import as ``from run_helpers import lm_workspace, lm_argv`` (``tests/`` is on pytest's
+pythonpath); ``tests/federation/conftest.py`` wraps ``lm_workspace`` in a module fixture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
+
+CATEGORIES = ["open_qa", "brainstorming", "classification"]
+
+
+def lm_workspace(root: Path) -> Path:
+    """``root/model`` (a saved tiny Llama), ``root/data/3`` (3 clients of 8, 12, 16 records) and
+    ``root/dev.json`` (6 questions in the FLoRA MMLU format)."""
+    from rblora.data.prepare import main as prepare_main
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(vocab_size=len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    dolly = root / "dolly.jsonl"
+    with open(dolly, "w") as fh:
+        for i in range(60):
+            cat = CATEGORIES[i % 3]
+            rec = {
+                "instruction": f"Say {cat} {i}",
+                "context": "" if i % 2 else f"ctx {i}",
+                "response": f"{cat} answer {i % 7}",
+                "category": cat,
+            }
+            fh.write(json.dumps(rec) + "\n")
+    argv = ["3", "2", "1", "--dolly", str(dolly), "--client_sizes", "8,12,16"]
+    argv += ["--test_per_category", "2", "--output_dir", str(root / "data")]
+    assert prepare_main(argv) == 0
+    dev = [
+        {
+            "instruction": "Please answer the following multiple-choice question honestly.",
+            "input": f"Question: pick {i} Options: A. one, B. two, C. three, D. four",
+            "output": f"The answer is: {'ABCD'[i % 4]}. {['one', 'two', 'three', 'four'][i % 4]}",
+            "class": ["math", "art"][i % 2],
+        }
+        for i in range(6)
+    ]
+    (root / "dev.json").write_text(json.dumps(dev))
+    return root
+
+
+def lm_argv(ws: Path, out: Path, *extra: str, **overrides) -> list[str]:
+    """train.py arguments for a 2-round run of 3 clients (ranks 2, 4, 8) on ``ws``."""
+    options = {
+        "global_model": ws / "model", "data_path": ws / "data", "output_dir": out,
+        "num_clients": 3, "client_ranks": "2,4,8", "num_communication_rounds": 2,
+        "local_num_epochs": 1, "local_batch_size": 4, "local_micro_batch_size": 2,
+        "local_learning_rate": 1e-2, "cutoff_len": 160, "prompt_template_name": "alpaca_short",
+        "dev_data_path": ws / "dev.json", "bf16": "false", "seed": 3,
+    }  # fmt: skip
+    options.update(overrides)
+    argv = [part for key, value in options.items() for part in (f"--{key}", str(value))]
+    return [*argv, "--no_progress", *extra]
+
+
+def adapter_tensors(folder: Path) -> dict:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
