@@ -11,7 +11,7 @@ from tiny_models import build_tiny_llama
 from rblora.evaluation.encoding import leading_special_ids, split_continuations
 from rblora.evaluation.forward import plan_batches
 from rblora.evaluation.items import MCItem
-from rblora.evaluation.multiple_choice import score_multiple_choice, summarize
+from rblora.evaluation.multiple_choice import score_multiple_choice, scored_parts, summarize
 
 ITEMS = [
     MCItem("Q: what is 2+2?\nA:", [" four", " 5", " twenty two"], 0, "math"),
@@ -36,16 +36,18 @@ ITEMS = [
 def naive_loglikelihoods(model, tokenizer, items, max_length=None):
     """One forward per option over the full text; sum of log-probs of the continuation tokens.
 
-    Truncation: every option of an item keeps the same prompt tokens, the last
-    ``max_length - longest continuation`` of them.
+    Context and continuations are the scorer's (``scored_parts``: the options' shared lead is
+    context; tested on its own). Truncation: every option of an item keeps the same prompt
+    tokens, the last ``max_length - longest continuation`` of them.
     """
     out = []
     model.eval()
     for it in items:
-        prompt = tokenizer(it.prompt)["input_ids"]
+        context, continuations = scored_parts(it)
+        prompt = tokenizer(context)["input_ids"]
         fulls, n_conts = [], []
-        for choice in it.choices:
-            full = tokenizer(it.prompt + choice)["input_ids"]
+        for choice in continuations:
+            full = tokenizer(context + choice)["input_ids"]
             n_prompt = 0
             while n_prompt < len(prompt) and prompt[n_prompt] == full[n_prompt]:
                 n_prompt += 1
@@ -195,3 +197,49 @@ def test_empty_and_bad_arguments(tiny_llama, tiny_tokenizer):
         score_multiple_choice(tiny_llama, tiny_tokenizer, [])
     with pytest.raises(ValueError, match="unknown strategy"):
         score_multiple_choice(tiny_llama, tiny_tokenizer, ITEMS, strategy="fast")
+
+
+def _fixed_table(tokenizer, chosen: dict[str, float]) -> torch.Tensor:
+    """Log-probs: ``chosen`` for its characters, the rest of the mass spread over other ids."""
+    table = torch.empty(len(tokenizer), dtype=torch.float64)
+    ids = {tokenizer.convert_tokens_to_ids(ch): lp for ch, lp in chosen.items()}
+    rest = 1 - sum(math.exp(lp) for lp in ids.values())
+    table.fill_(math.log(rest / (len(tokenizer) - len(ids))))
+    for i, lp in ids.items():
+        table[i] = lp
+    return table
+
+
+def test_acc_norm_ignores_the_shared_answer_lead(tiny_tokenizer):
+    from tiny_models import build_fixed_logprob_lm
+
+    # log p(token) whatever the context: the lead's letters are costly (format not learnt yet)
+    lead_letters = {ch: -6.0 for ch in "Thenaswri:"}
+    table = _fixed_table(
+        tiny_tokenizer,
+        {**lead_letters, " ": -3.0, "A": -3.0, "B": -3.0, ".": -3.0, "x": -3.0, "y": -4.0},
+    )
+    model = build_fixed_logprob_lm(table)
+    item = MCItem("Q?\n", ["The answer is: A. x", "The answer is: B. yyyyyy"], 0, "s")
+    # Scored and normalised: " A. x" = 5 x -3 = -15 -> -15/5 = -3.0;
+    #                        " B. yyyyyy" = 4 x -3 + 6 x -4 = -36 -> -36/10 = -3.6: picks A.
+    # Before, the lead "The answer is:" (2 spaces x -3 + 12 letters x -6 = -78) was scored too:
+    # -93/19 = -4.89 vs -114/24 = -4.75 picked B, the longer option; the argmax was A either way.
+    got = score_multiple_choice(model, tiny_tokenizer, [item])
+    assert got.loglikelihoods[0] == pytest.approx([-15.0, -36.0], abs=1e-5)
+    assert got.predictions_norm == [0] and got.acc_norm == 1.0
+    assert got.predictions == [0] and got.accuracy == 1.0
+
+
+@pytest.mark.parametrize(
+    ("choices", "context", "continuations"),
+    [
+        (["The answer is: A. x", "The answer is: B. yy"], "p:The answer is:", [" A. x", " B. yy"]),
+        (["A. x", "A. xy"], "p:A.", [" x", " xy"]),  # up to the last word boundary
+        ([" four", " five"], "p:", [" four", " five"]),  # " f" ends inside a word: kept
+        ([" red", " green"], "p:", [" red", " green"]),  # cloze: only the leading space shared
+        (["Yes.", "Yes!"], "p:", ["Yes.", "Yes!"]),  # no word boundary in "Yes"
+    ],
+)
+def test_scored_parts_moves_the_common_lead_to_a_word_boundary(choices, context, continuations):
+    assert scored_parts(MCItem("p:", choices, 0, "s")) == (context, continuations)
