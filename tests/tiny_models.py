@@ -9,8 +9,12 @@ from __future__ import annotations
 import string
 
 
-def build_tiny_tokenizer():
-    """A character-level fast tokenizer (printable ASCII + specials), built in memory."""
+def build_tiny_tokenizer(bos_token: str | None = "<s>", eos_token: str | None = "</s>"):
+    """A character-level fast tokenizer (printable ASCII + specials), built in memory.
+
+    It adds no special token to a text. ``bos_token=None`` / ``eos_token=None`` build one that
+    declares no BOS / EOS (the ids of ``<s>`` and ``</s>`` stay in the vocabulary).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -23,8 +27,8 @@ def build_tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
+        bos_token=bos_token,
+        eos_token=eos_token,
         unk_token="<unk>",
     )
 

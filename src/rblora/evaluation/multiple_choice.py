@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rblora.evaluation.config import DEFAULTS
-from rblora.evaluation.encoding import Row, Segment, encode_texts, split_continuations
+from rblora.evaluation.encoding import (
+    Row,
+    Segment,
+    encode_texts,
+    split_continuations,
+    start_token_id,
+)
 from rblora.evaluation.forward import sum_logprobs
 from rblora.evaluation.items import MCItem
 
@@ -156,13 +162,14 @@ def encode_items(
         texts.append(context)
         texts.extend(context + c for c in continuations)
     ids = encode_texts(tokenizer, texts)
+    start_id = start_token_id(tokenizer)
     rows, slots = [], []
     at = 0
     for i, it in enumerate(items):
         prompt_ids, full = ids[at], ids[at + 1 : at + 1 + len(it.choices)]
         at += 1 + len(it.choices)
         try:
-            prefix, suffixes = split_continuations(prompt_ids, full, max_length)
+            prefix, suffixes = split_continuations(prompt_ids, full, max_length, start_id=start_id)
         except ValueError as err:
             raise ValueError(f"item {i} ({it.subject!r}): {err}") from err
         segments = []
