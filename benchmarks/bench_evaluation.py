@@ -24,6 +24,7 @@ import torch
 from rblora.assets import load_causal_lm
 from rblora.data.templates import Prompter
 from rblora.evaluation import load_mc_file, mmlu_items, score_multiple_choice
+from rblora.evaluation.multiple_choice import scored_parts
 
 DEFAULT_DATA = "/work/shared/data/mmlu_test_1444.jsonl"
 
@@ -34,10 +35,11 @@ def naive_seconds_per_item(model, tokenizer, items) -> tuple[float, list[list[fl
     start = time.perf_counter()
     with torch.inference_mode():
         for it in items:
-            n_prompt = len(tokenizer(it.prompt)["input_ids"])
+            context, continuations = scored_parts(it)  # the options' shared lead is context
+            n_prompt = len(tokenizer(context)["input_ids"])
             row = []
-            for choice in it.choices:
-                ids = tokenizer(it.prompt + choice)["input_ids"]
+            for choice in continuations:
+                ids = tokenizer(context + choice)["input_ids"]
                 logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
                 row.append(sum(logp[k - 1, ids[k]].item() for k in range(n_prompt, len(ids))))
             scores.append(row)

@@ -9,8 +9,12 @@ from __future__ import annotations
 import string
 
 
-def build_tiny_tokenizer():
-    """A character-level fast tokenizer (printable ASCII + specials), built in memory."""
+def build_tiny_tokenizer(bos_token: str | None = "<s>", eos_token: str | None = "</s>"):
+    """A character-level fast tokenizer (printable ASCII + specials), built in memory.
+
+    It adds no special token to a text. ``bos_token=None`` / ``eos_token=None`` build one that
+    declares no BOS / EOS (the ids of ``<s>`` and ``</s>`` stay in the vocabulary).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -23,8 +27,8 @@ def build_tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
+        bos_token=bos_token,
+        eos_token=eos_token,
         unk_token="<unk>",
     )
 
@@ -52,3 +56,28 @@ def build_tiny_llama(vocab_size: int = 104, seed: int = 0, **config_overrides):
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def build_fixed_logprob_lm(logprobs):
+    """A causal LM whose log-prob of each token id is ``logprobs[id]`` whatever the context.
+
+    ``logprobs``: a 1-D float tensor (or list) over the vocabulary whose ``exp`` sums to 1, so the
+    logits it returns are already log-probabilities. It accepts the keyword arguments the scorer
+    passes (``position_ids``, ``attention_mask``, ``logits_to_keep``, ...) and ignores them except
+    ``logits_to_keep``; hand-computed scores are sums of table entries.
+    """
+    from types import SimpleNamespace
+
+    import torch
+
+    class FixedLogProbLM(torch.nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.as_tensor(table, dtype=torch.float32))
+
+        def forward(self, input_ids, logits_to_keep=0, **_):
+            batch, length = input_ids.shape
+            keep = logits_to_keep or length
+            return SimpleNamespace(logits=self.table.expand(batch, keep, -1))
+
+    return FixedLogProbLM(logprobs).eval()

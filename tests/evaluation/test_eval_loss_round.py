@@ -71,6 +71,34 @@ def test_response_loss_cutoff_truncates_on_the_right(tiny_llama, tiny_tokenizer)
         response_loss(tiny_llama, tiny_tokenizer, [{"instruction": "x"}], PROMPTER)
 
 
+class _BarePrompter:
+    """No prompt text at all: the response starts the sequence."""
+
+    def prompt(self, instruction, context=None):
+        return ""
+
+    def full(self, instruction, context, response):
+        return response
+
+
+def test_response_loss_without_prompt_scores_the_first_token_after_eos(tiny_llama):
+    from tiny_models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(bos_token=None)  # adds no BOS and declares none
+    records = [{"instruction": "x", "context": "", "response": "hi"}]
+    eos = tokenizer.eos_token_id
+    ids = [eos] + tokenizer("hi")["input_ids"] + [eos]  # start token (EOS), "h", "i", EOS
+    with torch.no_grad():
+        logp = tiny_logp(tiny_llama, ids)
+    ref = -sum(logp[k - 1, ids[k]].item() for k in range(1, len(ids))) / 3
+    got = response_loss(tiny_llama, tokenizer, records, _BarePrompter())
+    assert got["tokens"] == 3  # "h" is scored too
+    assert got["loss"] == pytest.approx(ref, abs=1e-5)
+    bare = build_tiny_tokenizer(bos_token=None, eos_token=None)
+    with pytest.raises(ValueError, match="loss record 0: .*neither a BOS nor an EOS"):
+        response_loss(tiny_llama, bare, records, _BarePrompter())
+
+
 def test_evaluate_round_dict(tiny_llama, tiny_tokenizer):
     suites = {
         "mmlu": [

@@ -32,14 +32,17 @@ def test_real_tokenizer_batched_equals_one_by_one(smollm2):
     import torch
 
     from rblora.evaluation import score_multiple_choice, task_items
+    from rblora.evaluation.multiple_choice import scored_parts
 
     model, tokenizer = smollm2
     items = task_items("sciq", n=3, seed=1, prompter=PROMPTER)
     got = score_multiple_choice(model, tokenizer, items)
     for it, lls in zip(items, got.loglikelihoods, strict=True):
-        n_prompt = len(tokenizer(it.prompt)["input_ids"])
-        for choice, ll in zip(it.choices, lls, strict=True):
-            ids = tokenizer(it.prompt + choice)["input_ids"]
+        context, continuations = scored_parts(it)  # "...The answer is:" + " A. <text>", ...
+        assert context.endswith("The answer is:")
+        n_prompt = len(tokenizer(context)["input_ids"])
+        for choice, ll in zip(continuations, lls, strict=True):
+            ids = tokenizer(context + choice)["input_ids"]
             with torch.inference_mode():
                 logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
             ref = sum(logp[k - 1, ids[k]].item() for k in range(n_prompt, len(ids)))

@@ -8,7 +8,12 @@
 from rblora.evaluation.config import DEFAULTS, EvalConfig
 from rblora.evaluation.items import MCItem, load_mc_file, mmlu_items, read_records, task_items
 from rblora.evaluation.loss import response_loss
-from rblora.evaluation.multiple_choice import MCResult, SubjectScore, score_multiple_choice
+from rblora.evaluation.multiple_choice import (
+    MCResult,
+    SubjectScore,
+    score_multiple_choice,
+    scored_parts,
+)
 from rblora.evaluation.round import evaluate_round
 
 __all__ = [
@@ -23,5 +28,6 @@ __all__ = [
     "read_records",
     "response_loss",
     "score_multiple_choice",
+    "scored_parts",
     "task_items",
 ]

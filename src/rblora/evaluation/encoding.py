@@ -6,6 +6,11 @@ continuation's tokens are the tail of the full text's tokens after their longest
 the prompt's tokens. So the scored tokens are exactly those the full text produces; if the tokenizer
 merges across the boundary, the merged token is scored as part of the continuation.
 
+Start token. When no context token precedes every option (an empty context with a tokenizer that
+adds no BOS, or a context merged whole into a continuation's first token), the tokenizer's BOS id,
+else its EOS id, is the context (the lm-evaluation-harness convention), so every continuation
+token is scored, the first one too; a tokenizer with neither is refused.
+
 Truncation keeps every continuation whole and drops prompt tokens from the left until the longest
 option fits ``max_length`` (positions ``0 .. max_length - 1``).
 
@@ -54,6 +59,14 @@ def leading_special_ids(tokenizer) -> list[int]:
     return []
 
 
+def start_token_id(tokenizer) -> int | None:
+    """The token a sequence starts from when no context token precedes it: BOS, else EOS."""
+    for value in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return None
+
+
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text with the leading special tokens (one batched tokenizer call)."""
     lead = leading_special_ids(tokenizer)
@@ -70,14 +83,20 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def split_continuations(
-    prompt_ids: list[int], full_ids: Sequence[list[int]], max_length: int | None
+    prompt_ids: list[int],
+    full_ids: Sequence[list[int]],
+    max_length: int | None,
+    *,
+    start_id: int | None,
 ) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], int]]]:
     """Shared prefix and per-option (suffix tokens, number of scored tail tokens).
 
-    prompt_ids: tokens of the prompt; full_ids[i]: tokens of prompt + continuation i.
-    The prefix is the part common to every option (at least one token: a continuation starting
-    the sequence is scored from its second token). Raises ValueError if a continuation has no
-    token of its own or if no prompt token fits ``max_length`` next to the longest option.
+    prompt_ids: tokens of the prompt; full_ids[i]: tokens of prompt + continuation i;
+    start_id: ``start_token_id(tokenizer)``. The prefix is the prompt tokens common to every
+    option; if there is none, it is ``(start_id,)`` and each option's tokens all follow it, so
+    every continuation token is scored. Raises ValueError if a continuation has no token of its
+    own, if a start token is needed but ``start_id`` is None, or if no prompt token fits
+    ``max_length`` next to the longest option.
     """
     owned = []
     for ids in full_ids:
@@ -86,13 +105,17 @@ def split_continuations(
             raise ValueError("a continuation produced no tokens of its own")
         owned.append(n_cont)
     shared = min(len(ids) - n for ids, n in zip(full_ids, owned, strict=True))
-    if shared < 1:  # nothing predicts the first token: it becomes the prefix, unscored
-        shared = 1
-        owned = [min(n, len(ids) - 1) for ids, n in zip(full_ids, owned, strict=True)]
-        if min(owned) < 1:
-            raise ValueError("a one-token text cannot be scored (nothing predicts its token)")
-    prefix = tuple(full_ids[0][:shared])
-    suffixes = [(tuple(ids[shared:]), n) for ids, n in zip(full_ids, owned, strict=True)]
+    if shared >= 1:  # every option's tokens start with these prompt tokens
+        prefix = tuple(full_ids[0][:shared])
+        suffixes = [(tuple(ids[shared:]), n) for ids, n in zip(full_ids, owned, strict=True)]
+    elif start_id is not None:  # nothing predicts an option's first token: start from BOS/EOS
+        prefix = (start_id,)
+        suffixes = [(tuple(ids), n) for ids, n in zip(full_ids, owned, strict=True)]
+    else:
+        raise ValueError(
+            "no context token precedes a continuation (empty prompt, or merged into the "
+            "continuation) and the tokenizer has neither a BOS nor an EOS token to start from"
+        )
     if max_length is not None:
         longest = max(len(s) for s, _ in suffixes)
         keep = max_length - longest

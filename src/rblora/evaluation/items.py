@@ -9,7 +9,8 @@ RB-LoRA papers evaluate on::
 
 An `MCItem` holds the prompt the model reads (``prompter.prompt(instruction, input)``) and one
 continuation per option (``"The answer is: A. <x>"``, ...); the scorer compares the
-log-likelihoods of the continuations.
+log-likelihoods of the continuations, scoring only the part in which they differ (the shared lead
+joins the context at scoring time: ``multiple_choice.scored_parts``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,13 @@ import time
 from collections.abc import Sequence
 
 from rblora.evaluation.config import DEFAULTS
-from rblora.evaluation.encoding import Row, Segment, encode_texts, split_continuations
+from rblora.evaluation.encoding import (
+    Row,
+    Segment,
+    encode_texts,
+    split_continuations,
+    start_token_id,
+)
 from rblora.evaluation.forward import sum_logprobs
 from rblora.evaluation.items import loss_pair
 from rblora.evaluation.multiple_choice import pad_token_id
@@ -31,12 +37,19 @@ def encode_loss_rows(
         fulls.append(prompter.full(instruction, context, response))
     ids = encode_texts(tokenizer, prompts + fulls)
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    start_id = start_token_id(tokenizer)
     rows = []
-    for prompt_ids, full_ids in zip(ids[: len(prompts)], ids[len(prompts) :], strict=True):
+    pairs = zip(ids[: len(prompts)], ids[len(prompts) :], strict=True)
+    for i, (prompt_ids, full_ids) in enumerate(pairs):
         full_ids = (full_ids + eos)[:cutoff_len]
-        if len(full_ids) < 2 or full_ids == prompt_ids[: len(full_ids)]:
+        if not full_ids or full_ids == prompt_ids[: len(full_ids)]:
             continue  # no response token survived the cutoff
-        prefix, [(tokens, n_scored)] = split_continuations(prompt_ids, [full_ids], None)
+        try:
+            prefix, [(tokens, n_scored)] = split_continuations(
+                prompt_ids, [full_ids], None, start_id=start_id
+            )
+        except ValueError as err:
+            raise ValueError(f"loss record {i}: {err}") from err
         rows.append(Row(prefix, (Segment(tokens, n_scored, len(rows)),)))
     return rows
 

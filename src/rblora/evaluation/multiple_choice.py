@@ -1,21 +1,31 @@
 """Zero-shot multiple-choice accuracy by the log-likelihood of each option's continuation.
 
-For each item the model reads the prompt and each continuation; the score of an option is the sum
-of the log-probabilities of its continuation tokens (see `encoding` for which tokens those are).
-``accuracy`` picks the option with the highest sum; ``acc_norm`` divides each sum by the
-continuation's length in characters first (as lm-evaluation-harness's acc_norm), which removes the
-bias towards short options. Macro averages weight every subject equally.
+Only the part in which the options differ is scored: text shared by every option up to its last
+word boundary (e.g. the lead ``"The answer is:"`` of ``"The answer is: A. <x>"``) is moved into
+the context (see `scored_parts`), as lm-evaluation-harness keeps shared text in the context. The
+score of an option is the sum of the log-probabilities of its remaining continuation tokens
+(``" A. <x>"``; see `encoding` for which tokens those are). ``accuracy`` picks the option with the
+highest sum; ``acc_norm`` divides each sum by that continuation's length in characters first (as
+lm-evaluation-harness's acc_norm), which removes the bias towards short options. Macro averages
+weight every subject equally.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rblora.evaluation.config import DEFAULTS
-from rblora.evaluation.encoding import Row, Segment, encode_texts, split_continuations
+from rblora.evaluation.encoding import (
+    Row,
+    Segment,
+    encode_texts,
+    split_continuations,
+    start_token_id,
+)
 from rblora.evaluation.forward import sum_logprobs
 from rblora.evaluation.items import MCItem
 
@@ -29,7 +39,11 @@ class SubjectScore:
 
 @dataclass
 class MCResult:
-    """Scores of one suite. loglikelihoods[i][j]: summed log-prob of item i's option j."""
+    """Scores of one suite.
+
+    loglikelihoods[i][j]: summed log-prob of item i's option j, over its scored continuation
+    (``scored_parts``: without the text all options share).
+    """
 
     count: int
     accuracy: float
@@ -66,11 +80,30 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda j: (values[j], -j))  # first of ties
 
 
+def scored_parts(item: MCItem) -> tuple[str, list[str]]:
+    """The context and the continuations that are scored: ``(prompt + shared lead, rests)``.
+
+    The options' longest common prefix is cut before its last whitespace character: the text
+    before it is the same for every option, so it joins the context (it would add one constant to
+    every score and, divided by different lengths, bias acc_norm); the whitespace stays with the
+    continuation, where BPE tokenizers attach it to the next word (``"... The answer is:"`` +
+    ``" A. x"``, ``" B. y"``). A common prefix without whitespace after its first character (a
+    shared leading space, a shared word start) moves nothing.
+    """
+    shared = os.path.commonprefix(item.choices)
+    cut = max((k for k, ch in enumerate(shared) if ch.isspace()), default=0)
+    return item.prompt + shared[:cut], [c[cut:] for c in item.choices]
+
+
 def summarize(items: Sequence[MCItem], lls: list[list[float]], seconds: float = 0.0) -> MCResult:
-    """Accuracies from per-option log-likelihoods (``lls[i][j]`` for item i, option j)."""
+    """Accuracies from per-option log-likelihoods (``lls[i][j]`` for item i, option j).
+
+    acc_norm divides ``lls[i][j]`` by the length in characters of the scored continuation
+    (``scored_parts``), not of the whole option text.
+    """
     pred = [_argmax(ll) for ll in lls]
     pred_norm = [
-        _argmax([v / len(c) for v, c in zip(ll, it.choices, strict=True)])
+        _argmax([v / len(c) for v, c in zip(ll, scored_parts(it)[1], strict=True)])
         for ll, it in zip(lls, items, strict=True)
     ]
     hits = [p == it.answer for p, it in zip(pred, items, strict=True)]
@@ -118,19 +151,25 @@ def pad_token_id(tokenizer) -> int:
 def encode_items(
     tokenizer, items: Sequence[MCItem], strategy: str, max_length: int | None
 ) -> tuple[list[Row], list[tuple[int, int]]]:
-    """Rows to score and, per slot, its (item, option). packed: a row per item; flat: per option."""
+    """Rows to score and, per slot, its (item, option). packed: a row per item; flat: per option.
+
+    Each item is tokenized as ``scored_parts`` splits it: the context, then context + each
+    continuation.
+    """
     texts = []
     for it in items:
-        texts.append(it.prompt)
-        texts.extend(it.prompt + c for c in it.choices)
+        context, continuations = scored_parts(it)
+        texts.append(context)
+        texts.extend(context + c for c in continuations)
     ids = encode_texts(tokenizer, texts)
+    start_id = start_token_id(tokenizer)
     rows, slots = [], []
     at = 0
     for i, it in enumerate(items):
         prompt_ids, full = ids[at], ids[at + 1 : at + 1 + len(it.choices)]
         at += 1 + len(it.choices)
         try:
-            prefix, suffixes = split_continuations(prompt_ids, full, max_length)
+            prefix, suffixes = split_continuations(prompt_ids, full, max_length, start_id=start_id)
         except ValueError as err:
             raise ValueError(f"item {i} ({it.subject!r}): {err}") from err
         segments = []
