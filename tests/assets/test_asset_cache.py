@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -142,6 +144,24 @@ def test_interrupted_build_leaves_nothing_that_looks_valid(fake_asset, tmp_path)
     assert list((tmp_path / "cache").iterdir()) == []
     fake_asset.fail = False
     assert (fetch("fake", progress=False) / "data.txt").read_text() == "build 2"
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and was reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=60)
+    return proc.pid
+
+
+def test_fetch_killed_while_replacing_keeps_the_old_copy(fake_asset, tmp_path):
+    folder = fetch("fake", progress=False)
+    pid = dead_pid()  # what a kill between the two renames of a re-fetch leaves behind:
+    os.replace(folder, tmp_path / "cache" / f".fake.old-{pid}-0123456789ab")
+    (tmp_path / "cache" / f".fake.tmp-{pid}-ba9876543210").mkdir()
+    assert fetch("fake", progress=False) == folder
+    assert fake_asset.calls == 1  # put back, not rebuilt
+    assert (folder / "data.txt").read_text() == "build 1"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["fake"]
 
 
 def test_unknown_name_lists_valid_names():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from data_helpers import DOLLY_CATEGORIES, alpaca_records, dolly_records, write_array, write_jsonl
 
+from rblora.data import load_federated_split
 from rblora.data import prepare as prep
 from rblora.data.prepare import main
 
@@ -214,6 +217,48 @@ def test_failed_final_rename_puts_the_old_folder_back(seed_files, monkeypatch, c
     reference = seed_files / "made_by_mkdir"
     reference.mkdir()
     assert folder.stat().st_mode == reference.stat().st_mode  # not mkdtemp's 0700
+
+
+#: ``prepare-data 2 2 --client_sizes 7,7 --overwrite``, SIGKILLed between the two renames that
+#: replace ``data/2`` (the old folder moved aside, the new one not yet in place).
+KILLED_OVERWRITE = """
+import os, signal, sys
+from rblora.data import load_federated_split
+from rblora.data.prepare import main
+real = os.replace
+def replace(src, dst):
+    if ".2.tmp-" in str(src) and str(dst).endswith(os.sep + "2"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+main(["2", "2", "--client_sizes", "7,7", "--overwrite"])
+"""
+
+
+def test_overwrite_killed_between_the_renames_is_recovered_next_start(seed_files, capsys):
+    assert main(["2", "2", "--client_sizes", "5,5"]) == 0
+    data, folder = seed_files / "data", seed_files / "data" / "2"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(Path(prep.__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_OVERWRITE], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in data.iterdir())
+    assert [n[:7] for n in left] == [".2.old-", ".2.tmp-"]  # the old data only in a hidden folder
+    assert main(["2", "2", "--client_sizes", "6,6"]) == 2  # the next start puts it back
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == ["2"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_reading_after_a_killed_overwrite_restores_the_old_folder(seed_files):
+    assert main(["2", "2", "--client_sizes", "5,5"]) == 0
+    data = seed_files / "data"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    os.replace(data / "2", data / f".2.old-{dead.pid}-0123456789ab")
+    (data / f".2.tmp-{dead.pid}-ba9876543210").mkdir()  # the unfinished new folder
+    assert load_federated_split(data, 2).client_sizes == [5, 5]
+    assert sorted(p.name for p in data.iterdir()) == ["2"]
 
 
 BAD_INPUT = [

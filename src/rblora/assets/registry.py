@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rblora.assets.cache import CacheCheck, cache_dir, check_folder, install, write_manifest
 from rblora.assets.sources import AssetError, Source, download
+from rblora.utils.atomic import recover
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,10 @@ def fetch(name: str, progress: bool = True, verify: bool = False) -> Path:
     status = check(name, full=verify)
     if status.ok:
         return target
+    if recover(target):  # a fetch killed while replacing the folder: its old copy is back
+        status = check(name, full=verify)
+        if status.ok:
+            return target
     if target.exists():
         print(
             f"rblora: cached {name} is not usable ({status.reason}); re-fetching", file=sys.stderr

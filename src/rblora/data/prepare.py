@@ -27,7 +27,7 @@ import numpy as np
 from rblora.data import partition as P
 from rblora.data import sources as S
 from rblora.data.report import save_heatmap, summary_table
-from rblora.utils.atomic import atomic_dir
+from rblora.utils.atomic import atomic_dir, recover
 
 #: The seed's numeric modes (``diff_quantity``). The seed's usage text calls 1 "IID" but its code
 #: deals category-sorted shards; we follow the code.
@@ -375,6 +375,7 @@ def prepare(cfg: PrepareConfig, cwd: Path | None = None) -> Path:
     """Run the whole preparation; returns the output folder ``<output_dir>/<num_clients>``."""
     _validate(cfg)
     folder = Path(cfg.output_dir) / str(cfg.num_clients)
+    recover(folder)  # a run killed while replacing the folder: its old copy is put back
     if folder.exists() and not cfg.overwrite:
         raise ValueError(f"output folder {folder} already exists; pass --overwrite to replace it")
     prepared = build_partition(cfg, cwd)

@@ -28,7 +28,7 @@ from rblora.adapters.spec import Factors, factor_bytes
 from rblora.aggregation import ClientUpdate
 from rblora.federation.server import FederatedServer, derive_seed
 from rblora.federation.task import Task
-from rblora.utils.atomic import atomic_dir, write_text
+from rblora.utils.atomic import atomic_dir, recover, write_text
 
 CHECKPOINT = "checkpoint"
 
@@ -90,6 +90,7 @@ def save_checkpoint(run_dir: Path, server: FederatedServer, extra: dict[str, Any
 def load_checkpoint(run_dir: Path, server: FederatedServer) -> dict[str, Any] | None:
     """Restore the server from ``run_dir/checkpoint``; returns its metadata, or None if absent."""
     folder = run_dir / CHECKPOINT
+    recover(folder)  # a run killed while replacing its checkpoint: the old one is put back
     if not (folder / "state.json").is_file():
         return None
     meta = json.loads((folder / "state.json").read_text())
