@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from rblora.assets import AssetError, cache, fetch, registry
+from rblora.assets import AssetError, cache, cli, fetch, registry
 from rblora.assets.registry import Asset
 from rblora.assets.sources import Source
 
@@ -144,6 +144,25 @@ def test_interrupted_build_leaves_nothing_that_looks_valid(fake_asset, tmp_path)
     assert list((tmp_path / "cache").iterdir()) == []
     fake_asset.fail = False
     assert (fetch("fake", progress=False) / "data.txt").read_text() == "build 2"
+
+
+def test_verify_rebuild_replaces_a_corrupt_large_file(fake_asset, monkeypatch, capsys):
+    """`rblora assets fetch NAME --verify` on a large file corrupted in place, size and mtime kept:
+    the cheap check still passes it (documented), the verified rebuild must replace it."""
+    monkeypatch.setattr(cache, "HASH_BELOW", 0)  # data.txt counts as large (checked by stamp)
+    folder = fetch("fake", progress=False)
+    path = folder / "data.txt"
+    st = path.stat()
+    path.write_text("build X")  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (fetch("fake", progress=False) / "data.txt").read_text() == "build X"
+    assert cli.main(["fetch", "fake", "--verify", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "does not match its sha256" in err and "re-fetching" in err
+    assert out.strip().splitlines()[-1] == str(folder)
+    assert path.read_text() == "build 2"
+    assert fake_asset.calls == 2
+    assert registry.check("fake", full=True).ok
 
 
 def dead_pid() -> int:

@@ -100,15 +100,17 @@ def check_folder(
     revision: int,
     source: dict,
     full: bool = False,
-    hash_below: int = HASH_BELOW,
+    hash_below: int | None = None,
 ) -> CacheCheck:
     """Check a cached asset folder against its manifest and the expected pin.
 
-    Files smaller than ``hash_below`` bytes are always re-hashed. Larger files whose size and
-    mtime match the manifest are trusted unless ``full``; one whose stamp changed is re-hashed
-    and, if its content is still right, its new stamp is saved (so a copied cache costs one
-    re-hash, not one per load).
+    Files smaller than ``hash_below`` bytes (default ``HASH_BELOW``) are always re-hashed. Larger
+    files whose size and mtime match the manifest are trusted unless ``full``; one whose stamp
+    changed is re-hashed and, if its content is still right, its new stamp is saved (so a copied
+    cache costs one re-hash, not one per load).
     """
+    if hash_below is None:
+        hash_below = HASH_BELOW
     manifest = read_manifest(folder)
     if manifest is None:
         return CacheCheck(False, "no manifest" if folder.exists() else "not fetched")

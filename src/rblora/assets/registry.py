@@ -131,13 +131,16 @@ def fetch(name: str, progress: bool = True, verify: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".tmp-{name}-") as tmp:
         work = Path(tmp)
         built = _build(asset, work, progress)
-        if check(name).ok:  # another process finished first; keep theirs (it may be in use)
+        # Another process may have finished first; keep theirs (it may be in use) if it passes
+        # the same check that failed above: with --verify the cheap check would also pass the
+        # copy that failed verification (a large file corrupted with its size and mtime intact).
+        if check(name, full=verify).ok:
             return target
         try:
             install(built, target)
         except OSError:
             # Another process installed it first; use theirs if it is intact.
-            if not check(name).ok:
+            if not check(name, full=verify).ok:
                 raise
     return target
 
