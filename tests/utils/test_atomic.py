@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 import rblora.utils.atomic as atomic
-from rblora.utils.atomic import atomic_dir, recover, replace_dir
+from rblora.utils.atomic import atomic_dir, exclusive_dir, lock_path, recover, replace_dir
 
 SRC = Path(atomic.__file__).resolve().parents[2]
 
@@ -170,3 +171,29 @@ def test_a_partly_deleted_old_folder_is_never_restored(tmp_path, monkeypatch):
     with atomic_dir(target) as tmp:
         (tmp / "new.txt").write_text("new")
     assert seen and all(n.startswith(".out.tmp-") for n in seen)
+
+
+def test_exclusive_dir_makes_a_second_holder_wait_and_cleans_every_leftover(tmp_path):
+    target = tmp_path / "out"
+    waited, order = [], []
+
+    def second():
+        with exclusive_dir(target, on_wait=waited.append) as lock:
+            order.append(("second", lock))
+
+    with exclusive_dir(target) as lock:
+        assert lock == tmp_path / ".out.lock" and lock == lock_path(target)
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()
+        with exclusive_dir(target, wait=False) as busy:
+            assert busy is None  # not waiting, not holding
+        # leftovers written while the lock is held (by this holder) are stale for the next one
+        make_old_folder(tmp_path / f".out.tmp-{os.getpid()}-0123456789ab")
+        make_old_folder(tmp_path / f".out.old-{os.getppid()}-0123456789ab")
+        order.append(("first", lock))
+    thread.join(30)
+    assert waited == [lock] and order == [("first", lock), ("second", lock)]
+    assert names(tmp_path) == [".out.lock", "out"]  # the old folder came back, the rest went
+    assert names(target) == ["old.txt"]

@@ -6,13 +6,15 @@ can be told from the work of a live one):
 
 - ``.name.tmp-<pid>-<hex>``: a folder or file being written (or an old folder being deleted);
 - ``.name.old-<pid>-<hex>``: the previous folder, moved aside for the moment between the two
-  renames that replace a folder (``replace_dir``).
+  renames that replace a folder (``replace_dir``);
+- ``.name.lock``: the lock file of ``exclusive_dir``, empty and kept (a waiter must lock the same
+  file the holder locked); deleting it while no writer runs is harmless.
 
 A process killed mid-write can leave a ``.tmp-`` or ``.old-`` sibling. ``recover(path)`` cleans
 them up and every writer here calls it first: an ``.old-`` folder is moved back when ``path`` is
 missing (the kill came between the two renames, so it is the only complete copy) and deleted
 otherwise; temporaries are deleted. Only leftovers of processes that are no longer running (on
-this machine) are touched, unless the caller holds a lock that every writer takes.
+this machine) are touched, except under ``exclusive_dir``, whose holder is the only writer.
 Files and folders get the usual permissions (``mkstemp``/``mkdtemp`` would make them private).
 """
 
@@ -24,9 +26,11 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 TMP, OLD = "tmp", "old"
 #: ``<pid>-<hex>``, or ``<hex>`` for leftovers of versions that did not record the pid.
@@ -46,6 +50,12 @@ def sibling_prefix(path: Path, kind: str) -> str:
 
 def _fresh_name(parent: Path, prefix: str) -> Path:
     return parent / f"{prefix}{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of ``path`` taken by ``exclusive_dir``: ``.name.lock`` next to it."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -105,7 +115,7 @@ def _leftovers(path: Path, kind: str, locked: bool) -> list[Path]:
     prefix = sibling_prefix(path, kind)
     try:
         names = os.listdir(path.parent)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # no parent folder (nothing to recover) or not readable
         return []
     found = []
     for name in names:
@@ -116,6 +126,12 @@ def _leftovers(path: Path, kind: str, locked: bool) -> list[Path]:
         if locked or pid is None or not _process_alive(int(pid)):
             found.append(path.parent / name)
     return found
+
+
+def leftovers(path: str | Path) -> list[Path]:
+    """Every hidden ``.tmp-``/``.old-`` sibling of ``path``, whoever wrote it (a cheap listing)."""
+    path = Path(path)
+    return _leftovers(path, OLD, locked=True) + _leftovers(path, TMP, locked=True)
 
 
 def _delete(path: Path, target: Path) -> None:
@@ -145,9 +161,8 @@ def recover(path: str | Path, *, locked: bool = False) -> bool:
 
     Missing ``path`` and an ``.old-`` leftover: the leftover is renamed back to ``path`` (the
     newest, if there are several). Otherwise ``.old-`` leftovers are deleted. Temporaries
-    (``.tmp-``) are deleted. ``locked``: the caller holds a lock that every writer of ``path``
-    takes, so every leftover is stale; otherwise only those of processes no longer running are
-    touched.
+    (``.tmp-``) are deleted. ``locked``: the caller holds ``exclusive_dir(path)``, so every
+    leftover is stale; otherwise only those of processes no longer running are touched.
     Deleting is best effort; an ``OSError`` from renaming the old folder back propagates.
     """
     path = Path(path)
@@ -209,3 +224,42 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _acquire_now(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def exclusive_dir(
+    path: str | Path, on_wait: Callable[[Path], None] | None = None, wait: bool = True
+) -> Iterator[Path | None]:
+    """Hold the lock file ``.name.lock`` next to ``path`` (``filelock``); yields the lock file.
+
+    The parent folder is created. Other processes and threads entering ``exclusive_dir`` for the
+    same ``path`` wait until this one leaves: ``on_wait(lock_file)`` is called once before
+    waiting; with ``wait=False`` nothing waits and ``None`` is yielded (without the lock) when
+    another holds it. While the lock is held every ``.tmp-``/``.old-`` leftover of ``path`` is
+    stale (its writer held the lock and died), so ``recover(path, locked=True)`` runs on entry.
+    Do not nest two ``exclusive_dir`` of one ``path``: the inner one would wait forever.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = lock_path(path)
+    lock = FileLock(str(lock_file))
+    if not _acquire_now(lock):
+        if not wait:
+            yield None
+            return
+        if on_wait is not None:
+            on_wait(lock_file)
+        lock.acquire()
+    try:
+        recover(path, locked=True)
+        yield lock_file
+    finally:
+        lock.release()
