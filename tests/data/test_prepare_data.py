@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from data_helpers import DOLLY_CATEGORIES, alpaca_records, dolly_records, write_array, write_jsonl
 
+from rblora.data import load_federated_split
 from rblora.data import prepare as prep
 from rblora.data.prepare import main
+from rblora.utils.atomic import exclusive_dir
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT_KEYS = {"instruction", "context", "response", "category"}
@@ -173,7 +178,8 @@ def test_existing_folder_refused_then_overwritten(seed_files, capsys):
     assert (folder / "local_training_0.json").read_bytes() == before
     assert main(["2", "2", "--client_sizes", "6,6", "--overwrite"]) == 0
     assert len(read(folder, "local_training_0.json")) == 6
-    assert sorted(p.name for p in (seed_files / "data").iterdir()) == ["2"]  # no temp left
+    # no temporary left; the lock file stays
+    assert sorted(p.name for p in (seed_files / "data").iterdir()) == [".2.lock", "2"]
 
 
 def test_failure_while_writing_leaves_nothing(seed_files, monkeypatch):
@@ -189,7 +195,7 @@ def test_failure_while_writing_leaves_nothing(seed_files, monkeypatch):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert main(["3", "--output_dir", "fresh"]) == 2
     assert not (seed_files / "fresh").exists()
-    assert sorted(p.name for p in (seed_files / "data").iterdir()) == ["2"]
+    assert sorted(p.name for p in (seed_files / "data").iterdir()) == [".2.lock", "2"]
 
 
 def test_failed_final_rename_puts_the_old_folder_back(seed_files, monkeypatch, capsys):
@@ -210,10 +216,82 @@ def test_failed_final_rename_puts_the_old_folder_back(seed_files, monkeypatch, c
     monkeypatch.undo()
     assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert sorted(p.name for p in (seed_files / "data").iterdir()) == ["2"]
+    assert sorted(p.name for p in (seed_files / "data").iterdir()) == [".2.lock", "2"]
     reference = seed_files / "made_by_mkdir"
     reference.mkdir()
     assert folder.stat().st_mode == reference.stat().st_mode  # not mkdtemp's 0700
+
+
+#: ``prepare-data 2 2 --client_sizes 7,7 --overwrite``, SIGKILLed between the two renames that
+#: replace ``data/2`` (the old folder moved aside, the new one not yet in place).
+KILLED_OVERWRITE = """
+import os, signal, sys
+from rblora.data import load_federated_split
+from rblora.data.prepare import main
+real = os.replace
+def replace(src, dst):
+    if ".2.tmp-" in str(src) and str(dst).endswith(os.sep + "2"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+main(["2", "2", "--client_sizes", "7,7", "--overwrite"])
+"""
+
+
+def test_overwrite_killed_between_the_renames_is_recovered_next_start(seed_files, capsys):
+    assert main(["2", "2", "--client_sizes", "5,5"]) == 0
+    data, folder = seed_files / "data", seed_files / "data" / "2"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(Path(prep.__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_OVERWRITE], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    left = sorted(p.name[:7] for p in data.iterdir())
+    assert left == [".2.lock", ".2.old-", ".2.tmp-"]  # the old data only in a hidden folder
+    assert main(["2", "2", "--client_sizes", "6,6"]) == 2  # the next start puts it back
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == [".2.lock", "2"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_reading_after_a_killed_overwrite_restores_the_old_folder(seed_files):
+    assert main(["2", "2", "--client_sizes", "5,5"]) == 0
+    data = seed_files / "data"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    os.replace(data / "2", data / f".2.old-{dead.pid}-0123456789ab")
+    (data / f".2.tmp-{dead.pid}-ba9876543210").mkdir()  # the unfinished new folder
+    assert load_federated_split(data, 2).client_sizes == [5, 5]
+    assert sorted(p.name for p in data.iterdir()) == [".2.lock", "2"]
+
+
+def test_second_run_waits_for_the_lock_then_finds_the_folder(seed_files, capsys, monkeypatch):
+    """Two runs for one folder take turns: the second, waiting while the first holds the lock,
+    then finds the folder written and refuses it (no --overwrite), instead of both writing."""
+    folder = seed_files / "data" / "2"
+    results, waiting, say = [], threading.Event(), prep._say_waiting
+    monkeypatch.setattr(prep, "_say_waiting", lambda lock: (say(lock), waiting.set()))
+    with exclusive_dir(folder):  # a first run, writing right now
+        second = threading.Thread(target=lambda: results.append(main(["2", "2"])))
+        second.start()
+        assert waiting.wait(60)  # it built its partition and now waits to write it
+        second.join(0.3)
+        assert second.is_alive() and not folder.exists()
+        folder.mkdir()  # what the first run leaves when it is done
+    second.join(60)
+    assert results == [2]
+    err = capsys.readouterr().err
+    assert "waiting for another run writing to" in err and "already exists; pass --overwrite" in err
+    assert sorted(p.name for p in (seed_files / "data").iterdir()) == [".2.lock", "2"]
+
+
+def test_leftovers_are_removed_under_the_lock(seed_files):
+    data = seed_files / "data"
+    # a run killed on another machine sharing the folder, or whose pid is now another process's
+    stale = data / f".2.tmp-{os.getppid()}-0123456789ab"
+    stale.mkdir(parents=True)
+    (stale / "local_training_0.json").write_text("[]")
+    assert main(["2", "2"]) == 0
+    assert sorted(p.name for p in data.iterdir()) == [".2.lock", "2"]
 
 
 BAD_INPUT = [

@@ -12,6 +12,11 @@ i.e. everything but the SmolLM2 weights) are re-hashed on every check (sha256 ru
 manifest, or with ``full=True`` (``rblora assets fetch NAME --verify``). A new asset is
 built in a temporary folder inside the cache and renamed into place only after its manifest was
 written and checked, so an interrupted fetch never leaves a folder that looks valid.
+
+Hidden entries of the cache root (see ``rblora.utils.atomic``): ``.<name>.lock``, the lock a
+fetch holds while building ``<name>`` (empty, kept); ``.<name>.tmp-<pid>-*``, a fetch's work
+folder; ``.<name>.old-<pid>-*``, the previous copy during its replacement. Leftovers of killed
+fetches are recovered or deleted by the next fetch of that asset.
 """
 
 from __future__ import annotations
@@ -100,15 +105,17 @@ def check_folder(
     revision: int,
     source: dict,
     full: bool = False,
-    hash_below: int = HASH_BELOW,
+    hash_below: int | None = None,
 ) -> CacheCheck:
     """Check a cached asset folder against its manifest and the expected pin.
 
-    Files smaller than ``hash_below`` bytes are always re-hashed. Larger files whose size and
-    mtime match the manifest are trusted unless ``full``; one whose stamp changed is re-hashed
-    and, if its content is still right, its new stamp is saved (so a copied cache costs one
-    re-hash, not one per load).
+    Files smaller than ``hash_below`` bytes (default ``HASH_BELOW``) are always re-hashed. Larger
+    files whose size and mtime match the manifest are trusted unless ``full``; one whose stamp
+    changed is re-hashed and, if its content is still right, its new stamp is saved (so a copied
+    cache costs one re-hash, not one per load).
     """
+    if hash_below is None:
+        hash_below = HASH_BELOW
     manifest = read_manifest(folder)
     if manifest is None:
         return CacheCheck(False, "no manifest" if folder.exists() else "not fetched")
@@ -146,6 +153,7 @@ def install(built: Path, target: Path) -> None:
     """Move the finished folder ``built`` to ``target``, replacing an invalid old copy.
 
     Both must be on the same filesystem (``built`` lives in a temporary folder inside the cache).
-    The old folder is first renamed aside, then deleted, so ``target`` is never half-written.
+    The old folder is first renamed aside, then deleted, so ``target`` is never half-written; a
+    kill between the two renames is recovered by the next fetch (``rblora.utils.atomic``).
     """
     replace_dir(built, target)

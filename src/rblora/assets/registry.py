@@ -8,16 +8,19 @@ cached copies with another revision are rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rblora.assets.cache import CacheCheck, cache_dir, check_folder, install, write_manifest
 from rblora.assets.sources import AssetError, Source, download
+from rblora.utils.atomic import TMP, exclusive_dir, leftovers, make_temp_dir, sibling_prefix
 
 
 @dataclass(frozen=True)
@@ -108,33 +111,74 @@ def fetch(name: str, progress: bool = True, verify: bool = False) -> Path:
     """Local folder of the converted asset ``name``, fetching and converting it if needed.
 
     A cache hit checks each file's size and mtime against the manifest (well under a second);
-    ``verify=True`` re-hashes every file. A missing, stale or corrupted copy is rebuilt: download
-    (pinned version and sha256), convert in a temporary folder inside the cache, write the
-    manifest, then rename into place. Raises ValueError for an unknown name, AssetError if the
-    source cannot be fetched or converted.
+    ``verify=True`` re-hashes every file. A missing, stale or corrupted copy is rebuilt while
+    holding the asset's lock (``<cache>/.<name>.lock``): download (pinned version and sha256),
+    convert in a temporary folder inside the cache, write the manifest, then rename into place,
+    replacing the copy that failed the check. A process that waited for the lock uses what the
+    holder built. Leftovers of killed fetches are recovered or deleted under the lock. Raises
+    ValueError for an unknown name, AssetError if the source cannot be fetched or converted or
+    the cache cannot be written.
     """
     asset = get_asset(name)
     target = cache_dir() / name
-    status = check(name, full=verify)
-    if status.ok:
+    if check(name, full=verify).ok:
+        if _has_leftovers(target):
+            _tidy(target)
         return target
-    if target.exists():
-        print(
-            f"rblora: cached {name} is not usable ({status.reason}); re-fetching", file=sys.stderr
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".tmp-{name}-") as tmp:
-        work = Path(tmp)
-        built = _build(asset, work, progress)
-        if check(name).ok:  # another process finished first; keep theirs (it may be in use)
-            return target
-        try:
-            install(built, target)
-        except OSError:
-            # Another process installed it first; use theirs if it is intact.
-            if not check(name).ok:
-                raise
+    try:
+        with exclusive_dir(target, on_wait=lambda lock: _say_waiting(name, lock)):
+            _remove_legacy_temporaries(target)
+            # Checked again under the lock: the process we waited for may have built it, or a
+            # killed fetch's old copy was put back.
+            status = check(name, full=verify)
+            if status.ok:
+                return target
+            if target.exists():
+                print(
+                    f"rblora: cached {name} is not usable ({status.reason}); re-fetching",
+                    file=sys.stderr,
+                )
+            work = make_temp_dir(target.parent, sibling_prefix(target, TMP))
+            try:
+                install(_build(asset, work, progress), target)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    except OSError as exc:  # the cache cannot be written: disk full, read-only, ...
+        raise AssetError(
+            f"fetching {name} into the cache {target.parent} failed: {exc} "
+            "(set RBLORA_CACHE to a writable folder with free space)"
+        ) from exc
     return target
+
+
+def _say_waiting(name: str, lock: Path) -> None:
+    print(f"rblora: waiting for another process fetching {name} (lock {lock})", file=sys.stderr)
+
+
+def _legacy_temporaries(target: Path) -> list[Path]:
+    """Work folders of versions that took no lock: ``TemporaryDirectory(prefix=".tmp-<name>-")``."""
+    pattern = re.compile(rf"\.tmp-{re.escape(target.name)}-[a-z0-9_]{{8}}")
+    try:
+        return [target.parent / n for n in os.listdir(target.parent) if pattern.fullmatch(n)]
+    except OSError:
+        return []
+
+
+def _remove_legacy_temporaries(target: Path) -> None:
+    for path in _legacy_temporaries(target):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _has_leftovers(target: Path) -> bool:
+    return bool(leftovers(target) or _legacy_temporaries(target))
+
+
+def _tidy(target: Path) -> None:
+    """Delete leftovers of killed fetches next to a valid cached copy, if nobody holds the lock
+    (best effort: a read-only cache is used as it is)."""
+    with contextlib.suppress(OSError), exclusive_dir(target, wait=False) as lock:
+        if lock is not None:
+            _remove_legacy_temporaries(target)
 
 
 def _build(asset: Asset, work: Path, progress: bool) -> Path:

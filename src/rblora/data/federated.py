@@ -7,12 +7,15 @@ own ``prepare_data.py`` (no ``partition.json``) are accepted for text data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from rblora.utils.atomic import recover
 
 _LOCAL = re.compile(r"^local_training_(\d+)\.json$")
 
@@ -45,6 +48,8 @@ def resolve_folder(data_dir: Path | str, num_clients: int) -> Path:
         raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
     data_dir = Path(data_dir)
     folder = data_dir / str(num_clients)
+    with contextlib.suppress(OSError):  # a read-only folder is read as it is
+        recover(folder)  # prepare-data killed while replacing the folder: the old one comes back
     if folder.is_dir():
         return folder
     if (data_dir / "partition.json").is_file() or (data_dir / "local_training_0.json").is_file():

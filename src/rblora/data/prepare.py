@@ -10,13 +10,16 @@ Writes ``<output_dir>/<num_clients>/``: ``local_training_<k>.json`` (k = 0..K-1)
 ``global_training.json`` (the union of the clients' data), ``global_test.json`` (held out,
 stratified by category), ``partition.json`` (sizes, per-client category histogram, seed,
 arguments, source checksums) and ``partition.png`` (clients x categories heatmap). The folder is
-built under a temporary name and renamed at the end, so a failure never leaves half of it.
+built under a temporary name and renamed at the end, so a failure never leaves half of it, while
+holding the lock ``<output_dir>/.<num_clients>.lock`` (empty, kept; see ``rblora.utils.atomic``
+for the hidden ``.<num_clients>.tmp-*``/``.old-*`` leftovers a kill can leave and their recovery).
 Image sources write indices, not pixels: ``{"source", "split", "indices"}`` per file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -27,7 +30,7 @@ import numpy as np
 from rblora.data import partition as P
 from rblora.data import sources as S
 from rblora.data.report import save_heatmap, summary_table
-from rblora.utils.atomic import atomic_dir
+from rblora.utils.atomic import atomic_dir, exclusive_dir, lock_path, recover
 
 #: The seed's numeric modes (``diff_quantity``). The seed's usage text calls 1 "IID" but its code
 #: deals category-sorted shards; we follow the code.
@@ -346,35 +349,61 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
 
 
 def write_prepared(prepared: Prepared, folder: Path, overwrite: bool) -> None:
-    """Write every file into a temporary sibling of ``folder`` and rename it into place."""
+    """Write every file into a temporary sibling of ``folder`` and rename it into place.
+
+    Holds the folder's lock ``.<K>.lock`` next to it meanwhile, so concurrent runs for the same
+    folder take turns (the second then finds the folder and refuses it without ``overwrite``),
+    and leftovers of killed runs are recovered or deleted first.
+    """
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise ValueError(f"output folder {folder} already exists; pass --overwrite to replace it")
     parent = folder.parent
     made_parent = not parent.exists()
-    try:
-        with atomic_dir(folder) as tmp:
-            for name, value in prepared.files.items():
-                with open(tmp / name, "w", encoding="utf-8") as fh:
-                    json.dump(value, fh, ensure_ascii=False)
-            with open(tmp / "partition.json", "w", encoding="utf-8") as fh:
-                json.dump(prepared.meta, fh, indent=1, ensure_ascii=False)
-            meta = prepared.meta
-            title = (
-                f"{meta['source']}: {meta['partition']} split, {meta['num_clients']} clients, "
-                f"seed {meta['seed']}"
-            )
-            save_heatmap(prepared.histogram, prepared.categories, tmp / "partition.png", title)
-    except BaseException:
-        if made_parent and parent.exists() and not any(parent.iterdir()):
-            parent.rmdir()
-        raise
+    with exclusive_dir(folder, on_wait=_say_waiting):
+        try:
+            if folder.exists() and not overwrite:
+                raise ValueError(
+                    f"output folder {folder} already exists; pass --overwrite to replace it"
+                )
+            with atomic_dir(folder) as tmp:
+                for name, value in prepared.files.items():
+                    with open(tmp / name, "w", encoding="utf-8") as fh:
+                        json.dump(value, fh, ensure_ascii=False)
+                with open(tmp / "partition.json", "w", encoding="utf-8") as fh:
+                    json.dump(prepared.meta, fh, indent=1, ensure_ascii=False)
+                meta = prepared.meta
+                title = (
+                    f"{meta['source']}: {meta['partition']} split, {meta['num_clients']} "
+                    f"clients, seed {meta['seed']}"
+                )
+                save_heatmap(prepared.histogram, prepared.categories, tmp / "partition.png", title)
+        except BaseException:
+            if made_parent:  # leave no new, empty output root (lock file aside) behind
+                _remove_if_only(parent, lock_path(folder))
+            raise
+
+
+def _say_waiting(lock: Path) -> None:
+    print(
+        f"prepare-data: waiting for another run writing to {lock.parent} (lock {lock})",
+        file=sys.stderr,
+    )
+
+
+def _remove_if_only(folder: Path, lock: Path) -> None:
+    # Only for an output root this run created a moment ago. A run started in that moment and
+    # waiting on the lock file would get a lock that a third run no longer sees: a tiny window,
+    # accepted to leave nothing behind after bad input.
+    with contextlib.suppress(OSError):
+        if [p.name for p in folder.iterdir()] == [lock.name]:
+            lock.unlink()
+            folder.rmdir()
 
 
 def prepare(cfg: PrepareConfig, cwd: Path | None = None) -> Path:
     """Run the whole preparation; returns the output folder ``<output_dir>/<num_clients>``."""
     _validate(cfg)
     folder = Path(cfg.output_dir) / str(cfg.num_clients)
+    recover(folder)  # a run killed while replacing the folder: its old copy is put back
     if folder.exists() and not cfg.overwrite:
         raise ValueError(f"output folder {folder} already exists; pass --overwrite to replace it")
     prepared = build_partition(cfg, cwd)

@@ -26,7 +26,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rblora.utils.atomic import atomic_dir, write_json, write_text
+from rblora.utils.atomic import atomic_dir, recover, write_json, write_text
 from rblora.utils.files import sha256_file
 
 CHECKPOINT = "checkpoint"
@@ -127,6 +127,7 @@ class RunFolder:
         (a file missing, or not matching its sha256 in the manifest).
         """
         folder = self.path / CHECKPOINT
+        recover(folder)  # a run killed while replacing its checkpoint: the old one is put back
         if not folder.exists():
             return None
         manifest_path = folder / MANIFEST
