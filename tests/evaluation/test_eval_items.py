@@ -106,7 +106,7 @@ def test_load_json_array(tmp_path):
 def test_malformed_files_name_file_and_record(tmp_path):
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text(json.dumps(_flora("q", ["a", "b"], 0)) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
         load_mc_file(bad_line, PROMPTER)
     bad_record = tmp_path / "bad.json"
     broken = _flora("q", ["a", "b"], 0)

@@ -9,13 +9,13 @@ import numpy as np
 
 from rblora.assets import images, mmlu, tasks
 from rblora.assets.registry import fetch
+from rblora.utils.records import read_records
 
 DEFAULT_SPLIT = "validation"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [record for _, record in read_records(path)]
 
 
 def load_mmlu() -> list[dict]:

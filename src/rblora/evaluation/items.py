@@ -15,19 +15,35 @@ joins the context at scoring time: ``multiple_choice.scored_parts``).
 
 from __future__ import annotations
 
-import json
 import re
-import string
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MC_INSTRUCTION = "Please answer the following multiple-choice question honestly."
-ANSWER_LEAD = "The answer is: "
-LETTERS = string.ascii_uppercase
+from rblora.data.templates import (
+    ANSWER_LEAD,
+    LETTERS,
+    MC_INSTRUCTION,
+    render_answer,
+    render_options,
+)
+
+__all__ = [
+    "ANSWER_LEAD",
+    "LETTERS",
+    "MC_INSTRUCTION",
+    "MCItem",
+    "load_mc_file",
+    "mmlu_items",
+    "read_records",
+    "render_answer",
+    "render_options",
+    "task_items",
+]
+
+# the format itself lives in rblora.data.templates (shared with the training mixture)
 
 # "<lead><letter>. <text>" (text may be empty); the lead is whatever precedes the first "X. ".
 _OUTPUT_RE = re.compile(r"^(?P<lead>.*?)(?P<letter>[A-Z])\.(?: (?P<text>.*))?$", re.DOTALL)
@@ -56,19 +72,6 @@ class MCItem:
             raise ValueError(
                 f"MCItem answer {self.answer} out of range for {len(self.choices)} choices"
             )
-
-
-def render_options(question: str, choices: Sequence[str]) -> str:
-    """The input field: ``"Question: <q> Options: A. <x>, B. <y>, ..."``."""
-    if not 2 <= len(choices) <= len(LETTERS):
-        raise ValueError(f"need 2..{len(LETTERS)} choices, got {len(choices)}")
-    options = ", ".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    return f"Question: {question} Options: {options}"
-
-
-def render_answer(choices: Sequence[str], index: int, lead: str = ANSWER_LEAD) -> str:
-    """The response for option ``index``: ``"The answer is: C. <text>"``."""
-    return f"{lead}{LETTERS[index]}. {choices[index]}"
 
 
 def parse_options(text: str) -> list[str]:
@@ -142,31 +145,14 @@ def _prepared_item(record: dict, prompter) -> MCItem | None:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Records of a JSON array file or a JSON-lines file (decided by the first character)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ValueError(f"cannot read evaluation file {path}: {err}") from err
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
-        where = "record"
-    else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON: {err.msg}") from err
-        where = "line"
-    for i, rec in enumerate(records):
+    """Records of a JSON array file or a JSON-lines file; each must be an object."""
+    from rblora.utils.records import read_records as read_lines
+
+    records = []
+    for line, rec in read_lines(path):
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: {where} {i} is a {type(rec).__name__}, expected an object")
+            raise ValueError(f"{path}:{line}: a {type(rec).__name__}, expected an object")
+        records.append(rec)
     return records
 
 

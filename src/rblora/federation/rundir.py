@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from rblora.utils.atomic import atomic_dir, recover, write_json, write_text
 from rblora.utils.files import sha256_file
+from rblora.utils.records import read_records
 
 CHECKPOINT = "checkpoint"
 MANIFEST = "manifest.json"
@@ -93,15 +94,8 @@ class RunFolder:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        records = []
-        for line in self.metrics_path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill: everything after it is an unfinished round
-        return records
+        # a line cut by a kill ends the records: everything after it is an unfinished round
+        return [r for _, r in read_records(self.metrics_path, stop_at_error=True)]
 
     def truncate_metrics(self, completed_rounds: int) -> None:
         """Drop metric lines of rounds after ``completed_rounds`` (an interrupted round)."""
