@@ -207,3 +207,11 @@ def test_method_list(capsys):
     assert cli.main(["--method", "list"]) == 0
     out = capsys.readouterr().out
     assert "RB-LoRA: redistribution svd" in out and "FLoRA: redistribution merge" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_one_round_on_cuda(workspace, tmp_path):
+    argv = lm_argv(workspace, tmp_path, "--device", "cuda", num_communication_rounds=1)
+    assert cli.main(argv) == 0
+    rounds = [r for r in metrics(tmp_path / "3") if r["type"] == "round"]
+    assert rounds[0]["eval"]["loss"] > 0
