@@ -8,12 +8,17 @@ own ``prepare_data.py`` (no ``partition.json``) are accepted for text data.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from rblora.utils.records import read_json
+
+if TYPE_CHECKING:
+    import torch
 
 from rblora.utils.atomic import recover
 
@@ -63,11 +68,7 @@ def resolve_folder(data_dir: Path | str, num_clients: int) -> Path:
 def _load_json(path: Path):
     if not path.is_file():
         raise ValueError(f"{path} is missing; the folder is incomplete, run prepare_data.py again")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    return read_json(path)
 
 
 def _check_records(path: Path, value) -> list[dict]:
@@ -147,14 +148,62 @@ def load_federated_split(data_dir: Path | str, num_clients: int) -> FederatedDat
 # ----------------------------------------------------------------------------- images
 @dataclass
 class ImageSplit:
-    """Images of one client (or of the test set) as tensors.
+    """Images of one client (or of the test set).
 
-    ``images``: ``(n, H, W)`` uint8; ``labels``: ``(n,)`` int64; ``classes[label]`` is the name.
+    ``images``: a ``(n, H, W)`` or ``(n, H, W, 3)`` uint8 tensor (embedded sets), or ``n`` image
+    file paths (an image folder; decoded by :meth:`pixels`); ``labels``: ``(n,)`` int64;
+    ``classes[label]`` is the name.
     """
 
-    images: object  # torch.Tensor
+    images: object  # torch.Tensor, or list[Path]
     labels: object  # torch.Tensor
     classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pixels(self, size: int) -> torch.Tensor:
+        """``(n, C, size, size)`` uint8, C = 1 (grey) or 3 (RGB): resized so the shorter side is
+        ``size`` (bicubic, antialiased), then centre-cropped to a square."""
+        import torch
+
+        if isinstance(self.images, list):
+            return torch.stack([_load_file(p, size) for p in self.images])
+        x = self.images
+        x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return _resize_crop(x, size)
+
+
+def _resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``(n, C, H, W)`` uint8 -> ``(n, C, size, size)`` uint8 (shorter side to ``size``, centre
+    crop), in float32 chunks to bound memory."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new = (max(size, round(h * scale)), max(size, round(w * scale)))
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    for s in range(0, x.shape[0], 512):
+        chunk = x[s : s + 512].float()
+        if new != (h, w):
+            chunk = F.interpolate(chunk, size=new, mode="bicubic", antialias=True)
+        chunk = chunk[..., top : top + size, left : left + size]
+        out[s : s + 512] = chunk.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def _load_file(path: Path, size: int) -> torch.Tensor:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+    return _resize_crop(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], size)[0]
 
 
 @dataclass
@@ -165,59 +214,82 @@ class FederatedImages:
     meta: dict
 
 
-def _index_file(path: Path, source: str, split: str, size: int) -> np.ndarray:
+def _index_file(
+    path: Path, source: str, split: str | None, sizes: dict[str, int]
+) -> tuple[np.ndarray, str]:
+    """(indices, split) of an index file ``{"source", "split", "indices"}``; ``split`` None
+    accepts either split (a test set carved out of the training pool indexes "train")."""
     value = _load_json(path)
     if not isinstance(value, dict) or not isinstance(value.get("indices"), list):
         raise ValueError(f"{path}: expected an object with 'source', 'split' and 'indices'")
-    if value.get("source") != source or value.get("split") != split:
+    if value.get("source") != source or value.get("split") not in ("train", "test"):
         raise ValueError(
             f"{path}: indexes {value.get('source')!r}/{value.get('split')!r}, expected "
-            f"{source!r}/{split!r}"
+            f"{source!r}/train or test"
         )
+    if split is not None and value["split"] != split:
+        raise ValueError(f"{path}: indexes the {value['split']!r} split, expected {split!r}")
     idx = np.asarray(value["indices"])
     if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"{path}: 'indices' must be a non-empty list of integers")
+    size = sizes.get(value["split"], 0)
     if idx.min() < 0 or idx.max() >= size:
-        raise ValueError(f"{path}: indices must lie in 0..{size - 1} (the {split} split)")
-    return idx.astype(np.int64)
+        raise ValueError(f"{path}: indices must lie in 0..{size - 1} (the {value['split']} split)")
+    return idx.astype(np.int64), value["split"]
 
 
 def _open_images(data_dir: Path | str, num_clients: int):
-    from rblora import assets
-
+    """(folder, meta, data): ``data`` maps ``<split>_images``/``<split>_labels`` and ``classes``
+    (for an image folder, the images are file paths and both splits are the file list)."""
     folder = resolve_folder(data_dir, num_clients)
     meta = _read_meta(folder, num_clients, "images")
     if meta is None:
         raise ValueError(f"{folder / 'partition.json'} is missing; image folders need it")
     _check_client_files(folder, num_clients)
-    return folder, meta, assets.load_images(meta["source"])
+    if meta["source"] != "imagefolder":
+        from rblora import assets
+
+        return folder, meta, assets.load_images(meta["source"])
+    listing = _load_json(folder / "image_files.json")
+    root = Path(listing["root"])
+    if not root.is_dir():
+        raise ValueError(
+            f"{folder / 'image_files.json'}: the image folder {root} it lists no longer exists"
+        )
+    paths = [root / rel for rel in listing["files"]]
+    labels = np.asarray(listing["labels"], dtype=np.int64)
+    data = {"train_images": paths, "train_labels": labels, "classes": listing["classes"]}
+    return folder, meta, data
 
 
-def _gather(folder: Path, meta: dict, data: dict, name: str, split: str) -> ImageSplit:
+def _gather(folder: Path, meta: dict, data: dict, name: str, split: str | None) -> ImageSplit:
     import torch
 
+    sizes = {s: len(data[f"{s}_labels"]) for s in ("train", "test") if f"{s}_labels" in data}
+    idx, split = _index_file(folder / name, meta["source"], split, sizes)
     images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-    idx = _index_file(folder / name, meta["source"], split, len(labels))
+    picked = [images[i] for i in idx] if isinstance(images, list) else images[idx]
     return ImageSplit(
-        torch.from_numpy(np.ascontiguousarray(images[idx])),
+        picked if isinstance(picked, list) else torch.from_numpy(np.ascontiguousarray(picked)),
         torch.from_numpy(np.asarray(labels, dtype=np.int64)[idx]),
         [str(c) for c in data["classes"]],
     )
 
 
 def load_federated_images(data_dir: Path | str, num_clients: int) -> FederatedImages:
-    """Read ``data_dir/<num_clients>`` prepared from an image source (``--source fashion-mnist``
-    or ``digits``) and gather the pixels from ``rblora.assets.load_images``."""
+    """Read ``data_dir/<num_clients>`` prepared from an image source (``--source fashion-mnist``,
+    ``digits`` or ``imagefolder``); the pixels come from ``rblora.assets.load_images`` or, for
+    an image folder, are decoded on demand (:meth:`ImageSplit.pixels`)."""
     folder, meta, data = _open_images(data_dir, num_clients)
     clients = [
         _gather(folder, meta, data, f"local_training_{k}.json", "train") for k in range(num_clients)
     ]
-    test = _gather(folder, meta, data, "global_test.json", "test")
+    test = _gather(folder, meta, data, "global_test.json", None)
     return FederatedImages(folder, clients, test, meta)
 
 
 def load_client_images(data_dir: Path | str, num_clients: int, k: int) -> ImageSplit:
-    """Client ``k``'s images ``(n, H, W)`` uint8 and labels ``(n,)`` int64."""
+    """Client ``k``'s images and labels ``(n,)`` int64."""
     if not 0 <= k < num_clients:
         raise ValueError(f"client index {k} out of range 0..{num_clients - 1}")
     folder, meta, data = _open_images(data_dir, num_clients)
@@ -227,7 +299,7 @@ def load_client_images(data_dir: Path | str, num_clients: int, k: int) -> ImageS
 def load_test_images(data_dir: Path | str, num_clients: int) -> ImageSplit:
     """The held-out test images of a prepared image folder."""
     folder, meta, data = _open_images(data_dir, num_clients)
-    return _gather(folder, meta, data, "global_test.json", "test")
+    return _gather(folder, meta, data, "global_test.json", None)
 
 
 def data_fingerprint(data_dir: Path | str, num_clients: int) -> dict[str, str]:

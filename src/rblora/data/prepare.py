@@ -22,7 +22,7 @@ import argparse
 import contextlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,13 @@ from rblora.data import partition as P
 from rblora.data import sources as S
 from rblora.data.report import save_heatmap, summary_table
 from rblora.utils.atomic import atomic_dir, exclusive_dir, lock_path, recover
+from rblora.utils.options import add_flags, option, values_from
 
 #: The seed's numeric modes (``diff_quantity``). The seed's usage text calls 1 "IID" but its code
 #: deals category-sorted shards; we follow the code.
 SEED_MODES = {"0": "dirichlet", "1": "shards", "2": "sizes"}
 PARTITIONS = ("dirichlet", "iid", "shards", "sizes")
-SOURCES = ("auto", "files", "mixture", *S.IMAGE_SOURCES)
+SOURCES = ("auto", "files", "mixture", *S.IMAGE_SOURCES, "imagefolder")
 FORMAT_VERSION = 1
 
 
@@ -44,53 +45,42 @@ FORMAT_VERSION = 1
 class PrepareConfig:
     """Every option of ``prepare-data``, with its default; the CLI flags are built from this."""
 
-    num_clients: int = field(default=10, metadata={"help": "number of clients K"})
-    partition: str = field(
-        default="sizes",
-        metadata={"help": "dirichlet | iid | shards | sizes, or the seed's 0 | 1 | 2"},
+    num_clients: int = option(10, "number of clients K")
+    partition: str = option("sizes", "dirichlet | iid | shards | sizes, or the seed's 0 | 1 | 2")
+    seed: int = option(42, "seed of every random draw")
+    alpha: float = option(0.5, "Dirichlet concentration (smaller: more skew)")
+    min_size: int = option(40, "Dirichlet: minimum examples per client")
+    shards_per_client: int = option(2, "shards: shards per client")
+    client_sizes: list[int] | None = option(
+        None, "sizes: comma-separated per-client sizes (default: the seed's, scaled)"
     )
-    seed: int = field(default=42, metadata={"help": "seed of every random draw"})
-    alpha: float = field(
-        default=0.5, metadata={"help": "Dirichlet concentration (smaller: more skew)"}
+    source: str = option(
+        "auto",
+        "auto (files if given or found in the working directory, else mixture) | files | "
+        "mixture | fashion-mnist | digits | imagefolder",
     )
-    min_size: int = field(default=40, metadata={"help": "Dirichlet: minimum examples per client"})
-    shards_per_client: int = field(default=2, metadata={"help": "shards: shards per client"})
-    client_sizes: list[int] | None = field(
-        default=None,
-        metadata={"help": "sizes: comma-separated per-client sizes (default: the seed's, scaled)"},
+    dolly: str | None = option(None, "Dolly-15k file (.jsonl or JSON array)")
+    alpaca: str | None = option(None, "Alpaca file (alpaca_data.json)")
+    alpaca_samples: int = option(42000, "Alpaca records kept (seed: 42000)")
+    image_dir: str | None = option(
+        None, "imagefolder: a folder of class folders, root/<class>/<image> (png, jpg, ...)"
     )
-    source: str = field(
-        default="auto",
-        metadata={
-            "help": "auto (files if given or found in the working directory, else mixture) | "
-            "files | mixture | fashion-mnist | digits"
-        },
+    tasks: list[str] | None = option(
+        None, "mixture: comma-separated tasks (default: every embedded task but mmlu)"
     )
-    dolly: str | None = field(
-        default=None, metadata={"help": "Dolly-15k file (.jsonl or JSON array)"}
+    per_task: int = option(2000, "mixture: training records per task (at most)")
+    pool_size: int | None = option(
+        None,
+        "keep a seeded subsample of this many training examples (stratified by category) "
+        "before partitioning (default: the whole pool)",
     )
-    alpaca: str | None = field(default=None, metadata={"help": "Alpaca file (alpaca_data.json)"})
-    alpaca_samples: int = field(
-        default=42000, metadata={"help": "Alpaca records kept (seed: 42000)"}
+    test_per_category: int | None = option(
+        None,
+        "global_test examples per category (default: Dolly categories 10, alpaca 80, mixture "
+        "tasks 20, image classes 100)",
     )
-    tasks: list[str] | None = field(
-        default=None,
-        metadata={"help": "mixture: comma-separated tasks (default: every embedded task but mmlu)"},
-    )
-    per_task: int = field(
-        default=2000, metadata={"help": "mixture: training records per task (at most)"}
-    )
-    test_per_category: int | None = field(
-        default=None,
-        metadata={
-            "help": "global_test examples per category (default: Dolly categories 10, "
-            "alpaca 80, mixture tasks 20, image classes 100)"
-        },
-    )
-    output_dir: str = field(
-        default="./data", metadata={"help": "output root; data goes to <output_dir>/<K>"}
-    )
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+    output_dir: str = option("./data", "output root; data goes to <output_dir>/<K>")
+    overwrite: bool = option(False, "replace an existing output folder")
 
 
 #: Default held-out examples per category when --test_per_category is not given.
@@ -100,28 +90,6 @@ DEFAULT_TEST = {"files": 10, "alpaca": 80, "mixture": 20, "images": 100}
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and sys.exit(2)
         raise ValueError(message)
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _str_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-_FLAG_TYPES = {
-    "int": int,
-    "float": float,
-    "str": str,
-    "int | None": int,
-    "str | None": str,
-    "list[int] | None": _int_list,
-    "list[str] | None": _str_list,
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,14 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("pos_mode", nargs="?", metavar="diff_quantity", help="0 | 1 | 2 or a name")
     parser.add_argument("pos_seed", nargs="?", metavar="seed", help="random seed")
-    for f in fields(PrepareConfig):  # annotations are strings (from __future__ import annotations)
-        flag, help_ = f"--{f.name}", f.metadata["help"]
-        if f.default is not None and "default" not in help_:
-            help_ += f" (default: {f.default})"
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=help_)
-        else:
-            parser.add_argument(flag, type=_FLAG_TYPES[f.type], default=None, help=help_)
+    add_flags(parser, PrepareConfig)
     return parser
 
 
@@ -156,13 +117,14 @@ def _parse_int(name: str, text: str) -> int:
 def config_from_args(argv: list[str]) -> PrepareConfig:
     """Parse the command line (seed positional form and/or flags) into a ``PrepareConfig``."""
     ns = vars(build_parser().parse_intermixed_args(argv))
-    given = {k: v for k, v in ns.items() if v is not None and not k.startswith("pos_")}
+    flags = {k: v for k, v in ns.items() if not k.startswith("pos_")}
+    given = values_from(PrepareConfig, flags, "command line")
     for pos, name, conv in (
         ("pos_num_clients", "num_clients", lambda t: _parse_int("num_clients", t)),
         ("pos_mode", "partition", str),
         ("pos_seed", "seed", lambda t: _parse_int("seed", t)),
     ):
-        if ns[pos] is None:
+        if ns.get(pos) is None:
             continue
         value = conv(ns[pos])
         if name in given and str(given[name]) != str(value):
@@ -237,6 +199,12 @@ def _validate(cfg: PrepareConfig) -> None:
         raise ValueError(f"--test_per_category must be >= 0, got {cfg.test_per_category}")
     if cfg.alpaca_samples < 0:
         raise ValueError(f"--alpaca_samples must be >= 0, got {cfg.alpaca_samples}")
+    if cfg.pool_size is not None and cfg.pool_size < cfg.num_clients:
+        raise ValueError(
+            f"--pool_size {cfg.pool_size} is below the number of clients {cfg.num_clients}"
+        )
+    if (cfg.source == "imagefolder") != (cfg.image_dir is not None):
+        raise ValueError("--source imagefolder and --image_dir ROOT go together")
 
 
 def _split(cfg: PrepareConfig, labels: np.ndarray, rng: np.random.Generator, notes: list[str]):
@@ -281,6 +249,24 @@ def _hold_out(cfg: PrepareConfig, src: S.Source, rng: np.random.Generator):
     return pool, [src.heldout[i] for i in idx], src.heldout_labels[idx]
 
 
+def _subsample(
+    pool: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator, notes: list[str]
+) -> np.ndarray:
+    """``size`` indices of ``pool``, each category in proportion to its share (largest
+    remainders), sorted."""
+    if size >= pool.size:
+        notes.append(f"pool_size {size} >= the {pool.size} available: the whole pool is used")
+        return pool
+    counts = np.bincount(labels[pool], minlength=int(labels.max()) + 1)
+    quota = counts * size / pool.size
+    take = np.floor(quota).astype(np.int64)
+    for c in np.argsort(-(quota - take), kind="stable")[: size - int(take.sum())]:
+        take[c] += 1
+    chosen = P.stratified_sample(labels[pool], take, rng)
+    notes.append(f"pool subsampled to {size} of {pool.size} examples (stratified)")
+    return np.sort(pool[chosen])
+
+
 def _output_files(src: S.Source, parts: list[np.ndarray], test_items: list) -> dict[str, object]:
     """File name -> JSON value: records for text, ``{"source","split","indices"}`` for images."""
     if src.kind == "images":
@@ -290,7 +276,10 @@ def _output_files(src: S.Source, parts: list[np.ndarray], test_items: list) -> d
 
         files = {f"local_training_{k}.json": index_file("train", p) for k, p in enumerate(parts)}
         files["global_training.json"] = index_file("train", np.concatenate(parts))
-        files["global_test.json"] = index_file("test", test_items)
+        test_split = "test" if src.heldout is not None else "train"
+        files["global_test.json"] = index_file(test_split, test_items)
+        if src.files is not None:
+            files["image_files.json"] = src.files
         return files
     clients = [[src.train[i] for i in p] for p in parts]
     files = {f"local_training_{k}.json": c for k, c in enumerate(clients)}
@@ -303,8 +292,8 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
     """Load the source, hold out the test set, partition the rest; nothing is written."""
     _validate(cfg)
     source_name, dolly, alpaca = _resolve_source(cfg, Path.cwd() if cwd is None else cwd)
-    seeds = np.random.SeedSequence(cfg.seed).spawn(3)  # independent streams per stage
-    r_source, r_test, r_part = (np.random.default_rng(s) for s in seeds)
+    seeds = np.random.SeedSequence(cfg.seed).spawn(4)  # independent streams per stage
+    r_source, r_test, r_part, r_pool = (np.random.default_rng(s) for s in seeds)
     if source_name == "files":
         src = S.load_files(dolly, alpaca, cfg.alpaca_samples, r_source)
     elif source_name == "mixture":
@@ -312,10 +301,14 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
             DEFAULT_TEST["mixture"] if cfg.test_per_category is None else cfg.test_per_category
         )
         src = S.load_mixture(cfg.tasks, cfg.per_task, reserve, r_source)
+    elif source_name == "imagefolder":
+        src = S.load_image_folder(Path(cfg.image_dir))
     else:
         src = S.load_image_source(source_name)
     notes, cats = list(src.notes), src.categories
     pool, test_items, test_labels = _hold_out(cfg, src, r_test)
+    if cfg.pool_size is not None:
+        pool = _subsample(pool, src.train_labels, cfg.pool_size, r_pool, notes)
     parts = [pool[p] for p in _split(cfg, src.train_labels[pool], r_part, notes)]
     hist = P.category_histogram(parts, src.train_labels, len(cats))
     files = _output_files(src, parts, test_items)

@@ -15,9 +15,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from string import ascii_uppercase
 
 import numpy as np
+
+from rblora.data.templates import LETTERS, MC_INSTRUCTION, render_answer, render_options
+from rblora.utils.records import parse_records
 
 #: File names the seed looks for in the working directory (first match wins).
 DOLLY_DEFAULT_NAMES = (
@@ -27,7 +29,6 @@ DOLLY_DEFAULT_NAMES = (
 )
 ALPACA_DEFAULT_NAMES = ("alpaca_data.json",)
 
-MC_INSTRUCTION = "Please answer the following multiple-choice question honestly."
 #: Tasks never put in the training mixture (MMLU is the evaluation benchmark).
 MIXTURE_EXCLUDED = ("mmlu",)
 TRAIN_SPLIT = "train"
@@ -64,6 +65,7 @@ class Source:
     heldout_labels: np.ndarray | None = None
     checksums: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    files: dict | None = None  # imagefolder: {"root", "files", "labels", "classes"}
 
 
 def _encode(values: Sequence[str], categories: list[str]) -> np.ndarray:
@@ -80,62 +82,7 @@ def _read_json_records(path: Path, what: str) -> tuple[list[tuple[int, object]],
             + (_WHERE_DOLLY if what == "Dolly" else _WHERE_ALPACA)
         )
     raw = path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason})") from None
-    start = len(text) - len(text.lstrip())
-    if start == len(text):
-        raise ValueError(f"{path}: the file is empty; expected a JSON array or JSON lines")
-    if text[start] == "[":
-        return _parse_array(text, start, path), digest
-    out = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-    return out, digest
-
-
-def _parse_array(text: str, pos: int, path: Path) -> list[tuple[int, object]]:
-    """Decode a JSON array element by element, remembering the line each element starts on."""
-    decoder = json.JSONDecoder()
-    out: list[tuple[int, object]] = []
-    line, seen = 1, 0
-
-    def line_at(p: int) -> int:
-        nonlocal line, seen
-        line += text.count("\n", seen, p)
-        seen = p
-        return line
-
-    def skip_ws(p: int) -> int:
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    pos = skip_ws(pos + 1)
-    if pos < len(text) and text[pos] == "]":
-        return out
-    while True:
-        try:
-            value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_at(err.pos)}: not valid JSON ({err.msg})") from None
-        out.append((line_at(pos), value))
-        pos = skip_ws(pos)
-        if pos < len(text) and text[pos] == ",":
-            pos = skip_ws(pos + 1)
-            continue
-        if pos < len(text) and text[pos] == "]":
-            if skip_ws(pos + 1) != len(text):
-                raise ValueError(f"{path}:{line_at(pos + 1)}: extra data after the JSON array")
-            return out
-        raise ValueError(f"{path}:{line_at(pos)}: expected ',' or ']' in the JSON array")
+    return parse_records(raw, path), hashlib.sha256(raw).hexdigest()
 
 
 def _field(path: Path, line: int, obj: dict, key: str, required: bool) -> str:
@@ -242,7 +189,7 @@ def format_multiple_choice(record: dict) -> dict:
     task = record.get("task")
     choices = record.get("choices")
     answer = record.get("answer")
-    if not (isinstance(choices, list) and 2 <= len(choices) <= len(ascii_uppercase)):
+    if not (isinstance(choices, list) and 2 <= len(choices) <= len(LETTERS)):
         raise ValueError(f"task {task!r}: choices must be a list of 2-26 strings, got {choices!r}")
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
         raise ValueError(
@@ -253,14 +200,10 @@ def format_multiple_choice(record: dict) -> dict:
     if not question:  # tasks whose whole prompt is the passage (e.g. a sentence to complete)
         question, passage = passage, ""
     choices = [str(c) for c in choices]
-    options = ", ".join(f"{ascii_uppercase[i]}. {c}" for i, c in enumerate(choices))
-    text = f"Question: {question}"
-    if passage:
-        text += f" Context: {passage}"
     return {
         "instruction": MC_INSTRUCTION,
-        "context": f"{text} Options: {options}",
-        "response": f"The answer is: {ascii_uppercase[answer]}. {choices[answer]}",
+        "context": render_options(question, choices, passage),
+        "response": render_answer(choices, answer),
         "category": task,
         "task": task,
         "choices": choices,
@@ -420,4 +363,54 @@ def load_image_source(name: str) -> Source:
                 "test": int(test_labels.size),
             }
         },
+    )
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_image_folder(root: Path) -> Source:
+    """A user's image folder ``root/<class>/<image>``: one category per class folder (sorted),
+    images found recursively inside it (sorted). Nothing is decoded here; the pool indexes the
+    file list, which is written to ``image_files.json`` (paths relative to ``root``), and the
+    test set is carved out of the pool."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--image_dir {root} is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, labels, empty = [], [], []
+    for c, name in enumerate(classes):
+        found = sorted(
+            p.relative_to(root).as_posix()
+            for p in (root / name).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not found:
+            empty.append(name)
+        files += found
+        labels += [c] * len(found)
+    if len(classes) < 2 or empty:
+        raise ValueError(
+            f"--image_dir {root} must hold at least two class folders with images "
+            f"({', '.join(IMAGE_SUFFIXES)}); found classes {classes}"
+            + (f", without images: {empty}" if empty else "")
+        )
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(f"{rel}\0{(root / rel).stat().st_size}\n".encode())
+    label_array = np.asarray(labels, dtype=np.int64)
+    return Source(
+        "images",
+        "imagefolder",
+        classes,
+        np.arange(len(files)),
+        label_array,
+        checksums={
+            "imagefolder": {
+                "root": str(root.resolve()),
+                "files_sha256": digest.hexdigest(),
+                "images": len(files),
+            }
+        },
+        files={"root": str(root.resolve()), "classes": classes, "files": files, "labels": labels},
     )
