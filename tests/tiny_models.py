@@ -81,3 +81,24 @@ def build_fixed_logprob_lm(logprobs):
             return SimpleNamespace(logits=self.table.expand(batch, keep, -1))
 
     return FixedLogProbLM(logprobs).eval()
+
+
+def build_tiny_vit(folder, num_labels: int = 10, seed: int = 0):
+    """A 2-layer ViT image classifier (hidden 32, 16 px, patch 4) saved with its image processor
+    to ``folder``; returns the folder."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder

@@ -123,6 +123,37 @@ def read_factors(peft_model: nn.Module) -> Factors:
     return out
 
 
+@contextlib.contextmanager
+def dense_only(
+    model: nn.Module, modules_to_save: list[str], dense: dict[str, torch.Tensor] | None = None
+) -> Iterator[nn.Module]:
+    """Train only the parameters of ``modules_to_save`` (no LoRA; a head-only baseline).
+
+    Inside the block those parameters require grad (starting from ``dense`` if given) and every
+    other parameter is frozen; afterwards values and flags are put back as they were.
+    """
+    extras = dense_parameters(model, modules_to_save)
+    if not extras:
+        raise ValueError("dense_only: no modules_to_save, so nothing would train")
+    if dense is not None:
+        check_dense(dense, extras, "dense_only dense")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    saved = {n: p.detach().clone() for n, p in extras.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            for n, p in extras.items():
+                if dense is not None:
+                    p.copy_(dense[n])
+                p.requires_grad_(True)
+        yield model
+    finally:
+        set_dense(model, saved)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
 def read_dense(peft_model: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
     """Float32 CPU clones of the parameters of ``modules_to_save`` (name -> tensor, base names)."""
     base = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model

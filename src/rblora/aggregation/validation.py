@@ -54,8 +54,11 @@ def _check_scalars(u: ClientUpdate, who: str) -> None:
     a = u.lora_alpha
     if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a <= 0:
         raise ValueError(f"{who}: lora_alpha must be a finite number > 0, got {a!r}")
-    if not hasattr(u.factors, "keys") or len(u.factors) == 0:
-        raise ValueError(f"{who}: factors must be a non-empty mapping module -> (A, B)")
+    if not hasattr(u.factors, "keys") or (len(u.factors) == 0 and not u.dense):
+        raise ValueError(
+            f"{who}: factors must be a non-empty mapping module -> (A, B) (they may be empty "
+            "only when dense parameters are trained instead)"
+        )
 
 
 def _check_factors(

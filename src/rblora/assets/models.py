@@ -121,3 +121,120 @@ def load_causal_lm(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+IMAGE_MODEL_ASSETS = ("dinov2-vits14",)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check_local(path: str, name_or_path: str, embedded: tuple[str, ...]) -> bool:
+    """True if ``path`` is a local model folder; AssetError for a folder without config.json or
+    an id the hub cannot provide (checked at once, no minute of retries)."""
+    is_local = Path(path).exists()
+    if is_local and not (Path(path) / "config.json").is_file():
+        raise AssetError(
+            f"cannot load model {name_or_path!r}: the folder has no config.json, so it is not a "
+            f"transformers model folder; pass one (saved with save_pretrained) or an embedded "
+            f"name: {', '.join(embedded)}."
+        )
+    if not is_local and not hub_reachable() and not _in_hub_cache(path):
+        raise AssetError(
+            f"cannot load model {name_or_path!r}: it is not an embedded name or a local folder, "
+            "the Hugging Face hub is not reachable from this machine and the model is not in its "
+            "local hub cache. Pass a local folder with a transformers model, or an embedded "
+            f"name: {', '.join(embedded)}."
+        )
+    return is_local
+
+
+def _backbone_classifier(backbone, num_labels: int):
+    """An ``nn.Module``: a transformers backbone plus a new linear ``classifier`` on its pooled
+    output (``pooler_output``, else the first token of ``last_hidden_state``)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class _Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+            self.config = backbone.config
+            self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
+
+        def forward(self, pixel_values: torch.Tensor, **_):
+            out = self.backbone(pixel_values=pixel_values)
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:
+                pooled = out.last_hidden_state[:, 0]
+            return SimpleNamespace(logits=self.classifier(pooled))
+
+    return _Classifier()
+
+
+def load_image_classifier(
+    name_or_path: str,
+    num_labels: int,
+    *,
+    seed: int,
+    device: torch.device | str | None = None,
+    token: str | None = None,
+):
+    """``(model, preprocessing)`` for image classification with ``num_labels`` classes.
+
+    A model type transformers knows as an image classifier (``AutoModelForImageClassification``:
+    DINOv2, ViT, ...) is loaded as one, its backbone weights from ``name_or_path``; anything else
+    is loaded with ``AutoModel`` and given a linear head. The head (``model.classifier``) is
+    drawn anew from ``seed`` (normal, std 0.02; bias 0), so every client and run starts from the
+    same head. ``preprocessing``: ``{"mean", "std", "size"}`` from the model's image processor
+    (ImageNet's mean/std and 224 px when it has none). float32, in eval mode, on ``device``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    path = resolve_model(name_or_path)
+    is_local = _check_local(path, name_or_path, IMAGE_MODEL_ASSETS)
+    kwargs = {"token": token, "local_files_only": is_local or not hub_reachable()}
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        if config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+            from transformers import AutoModelForImageClassification
+
+            config.num_labels = num_labels
+            model = AutoModelForImageClassification.from_pretrained(
+                path, config=config, ignore_mismatched_sizes=True, dtype=torch.float32, **kwargs
+            )
+        else:
+            backbone = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+            model = _backbone_classifier(backbone, num_labels)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AssetError(f"cannot load image model {name_or_path!r}: {first}") from exc
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise AssetError(
+            f"{name_or_path!r}: the classifier ({type(head).__name__}) is not one linear layer"
+        )
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
+        if head.bias is not None:
+            head.bias.zero_()
+    preprocessing = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224}
+    try:
+        processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        size = None
+        for spec in (getattr(processor, "crop_size", None), getattr(processor, "size", None)):
+            # a dict or transformers' SizeDict: the crop's height, else the shortest edge
+            get = spec.get if isinstance(spec, dict) else lambda k, s=spec: getattr(s, k, None)
+            size = size or (spec is not None and (get("height") or get("shortest_edge")))
+        preprocessing = {
+            "mean": tuple(processor.image_mean or IMAGENET_MEAN),
+            "std": tuple(processor.image_std or IMAGENET_STD),
+            "size": int(size or 224),
+        }
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # no image processor saved with the model: ImageNet defaults
+    model.to(device or "cpu").eval()
+    return model, preprocessing

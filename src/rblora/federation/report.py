@@ -51,7 +51,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
     return {
         "method": config.get("method"),
         "reduction": rounds[-1].get("reduction") if rounds else None,
-        "global_model": config.get("global_model"),
+        "global_model": config.get("global_model") or config.get("base_model"),
         "num_clients": config.get("num_clients"),
         "client_ranks": config.get("client_ranks_resolved"),
         "rounds_completed": sum(1 for r in rounds if r["round"] >= 1),  # round 0: the base model
@@ -148,9 +148,50 @@ def write_plots(run_dir: Path, results: dict[str, Any]) -> list[Path]:
     return written
 
 
+def write_confusion(run_dir: Path, records: list[dict[str, Any]]) -> Path | None:
+    """``plots/confusion.png``: the last round's confusion matrix (classification tasks)."""
+    last = next((r for r in reversed(records) if r.get("type") == "round" and r.get("eval")), None)
+    evaluation = (last or {}).get("eval") or {}
+    matrix, classes = evaluation.get("confusion_matrix"), evaluation.get("classes")
+    if not matrix or not classes:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=float)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(5, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if counts[i, j]:
+                color = "white" if rows[i, j] > 0.5 else "black"
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                        color=color)  # fmt: skip
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"round {last['round']}: confusion (row-normalised colour, counts)")
+    fig.tight_layout()
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    path = out / "confusion.png"
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def write_report(run_dir: Path, records: list[dict[str, Any]], config: dict[str, Any]) -> dict:
     results = summarize(records, config)
     write_json(run_dir / "results.json", results)
     write_summary(run_dir, results)
     write_plots(run_dir, results)
+    write_confusion(run_dir, records)
     return results

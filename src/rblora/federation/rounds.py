@@ -184,10 +184,10 @@ def export_global(task: Task, path: Path, model: GlobalModel) -> None:
     """``round_<t>/global``: a PEFT folder that gives exactly the global model when loaded on the
     ORIGINAL base model (for the merge protocol: every merged round, not only the last), with
     scale 1 (``lora_alpha == r``) and the averaged dense extras as modules_to_save."""
-    factors = exact_factors(model.delta)
-    rank = next(iter(factors.values()))[0].shape[0]
+    factors = exact_factors(model.delta) if model.delta else {}  # {}: dense extras only
+    rank = next(iter(factors.values()))[0].shape[0] if factors else 0
     task.save_adapter(
-        path, factors, model.dense, rank=rank, lora_alpha=float(rank), use_rslora=False
+        path, factors, model.dense, rank=rank, lora_alpha=float(max(rank, 1)), use_rslora=False
     )
 
 
@@ -241,9 +241,13 @@ def client_line(r: dict[str, Any]) -> str:
     loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
     return (
         f"round {r['round']} client {r['client']} rank {r['rank']}: loss {loss}, "
-        f"{r.get('steps', 0)} steps, {r.get('tokens', 0)} tokens, {r.get('seconds', 0):.1f}s, "
+        f"{r.get('steps', 0)} steps, {_size(r)}, {r.get('seconds', 0):.1f}s, "
         f"up {fmt_bytes(r['bytes_up'])}, down {fmt_bytes(r['bytes_down'])}"
     )
+
+
+def _size(r: dict[str, Any]) -> str:
+    return f"{r['images']} images" if "images" in r else f"{r.get('tokens', 0)} tokens"
 
 
 def round_line(r: dict[str, Any]) -> str:

@@ -1,0 +1,308 @@
+"""The image-classification task: a vision transformer with heterogeneous-rank LoRA on its
+attention and a classification head trained in full by every client (averaged by examples).
+
+Images are resized once per run to ``image_size`` (uint8, shorter side then centre crop) and
+normalised per batch with the model's image processor's mean and std; grey images are repeated
+over the three colour channels. Each client wraps the one base model in a LoRA of its own rank
+plus a trainable copy of the head, trains on its images (cross-entropy), and hands back its
+factors and head. ``head_only`` is the baseline without LoRA: same head averaging, same steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from rblora.adapters import (
+    BaseWeights,
+    LoraSpec,
+    applied_delta,
+    attach_lora,
+    dense_only,
+    detach_lora,
+    read_dense,
+    read_factors,
+    resolve_targets,
+    save_peft_adapter,
+    set_dense,
+)
+from rblora.aggregation.running import ModuleDelta
+from rblora.aggregation.types import Factors
+from rblora.federation.server import ClientSpec, ClientStart
+from rblora.tasks.base import ClientResult, check_client_sizes, check_ranks, seeded_subset
+from rblora.training import TrainConfig, train_local
+from rblora.utils.atomic import atomic_dir
+from rblora.utils.device import bf16_decision, use_bf16
+
+DEFAULT_MODEL = "dinov2-vits14"
+HEAD = "classifier"
+DENSE_FILE = "dense.safetensors"
+# attention projections by architecture and transformers version: (query, value) leaf names
+_ATTENTION_PAIRS = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("q_lin", "v_lin"))
+
+
+def attention_targets(model: torch.nn.Module) -> list[str]:
+    """The query and value projections of the model's attention (the seed's LoRA placement),
+    whatever they are called; ValueError listing the linear layers if none is found."""
+    leaves = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and "attention" in name
+    }
+    for pair in _ATTENTION_PAIRS:
+        if set(pair) <= leaves:
+            return list(pair)
+    raise ValueError(
+        f"cannot tell the attention projections of {type(model).__name__} (linear layers under "
+        f"'attention': {sorted(leaves)}); pass --lora_target_modules"
+    )
+
+
+class ImageTask:
+    """Federated image classification (see :class:`rblora.tasks.base.Task`).
+
+    Args:
+        model: an image classifier with a linear ``classifier`` head (held for the whole run).
+        preprocessing: ``{"mean", "std"}`` of the model's image processor.
+        clients, test: :class:`rblora.data.federated.ImageSplit` of each client and the test set.
+        image_size: pixels a side the images are resized to.
+        train_config: local training options; its seed is replaced per client and round.
+        target_modules, lora_dropout: LoRA placement and dropout (ignored with ``head_only``).
+        head_only: train only the head (the baseline without LoRA).
+    """
+
+    modules_to_save = [HEAD]
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocessing: dict,
+        clients: list,
+        test,
+        *,
+        image_size: int,
+        train_config: TrainConfig,
+        target_modules: list[str],
+        lora_dropout: float,
+        head_only: bool = False,
+        eval_batch_size: int = 64,
+        base_reference: str = "",
+        progress: bool = True,
+    ):
+        self.model = model
+        self.classes = list(test.classes)
+        self.image_size = image_size
+        self.train_config = train_config
+        self.target_modules = list(target_modules)
+        self.lora_dropout = lora_dropout
+        self.head_only = head_only
+        self.eval_batch_size = eval_batch_size
+        self.base_reference = base_reference
+        self.progress = progress
+        self._mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        self._base = BaseWeights(model)
+        self._pixels = [c.pixels(image_size) for c in clients]
+        self._labels = [torch.as_tensor(c.labels, dtype=torch.long) for c in clients]
+        self._test_pixels = test.pixels(image_size)
+        self._test_labels = torch.as_tensor(test.labels, dtype=torch.long)
+        spec = LoraSpec(rank=1, target_modules=self.target_modules)
+        self._shapes = {n: (o, i) for n, (i, o) in resolve_targets(model, spec).items()}
+
+    @classmethod
+    def from_args(cls, args, *, log=print) -> ImageTask:
+        """Build the task of a run: images read and resized, model loaded with a head for the
+        data's classes on its device, LoRA targets found, ranks checked."""
+        from rblora.assets.models import load_image_classifier, model_reference
+        from rblora.data import load_federated_images
+        from rblora.utils.device import resolve_device
+
+        data = load_federated_images(Path(args.data_path), args.num_clients)
+        check_client_sizes(args, [len(c) for c in data.clients])
+        device = resolve_device(args.device)
+        name = args.global_model or DEFAULT_MODEL
+        log(f"loading {name} on {device} with a {len(data.global_test.classes)}-class head")
+        model, preprocessing = load_image_classifier(
+            name,
+            len(data.global_test.classes),
+            seed=args.seed,
+            device=device,
+            token=args.hf_token(),
+        )
+        train_config = TrainConfig(
+            micro_batch_size=args.local_micro_batch_size,
+            batch_size=args.local_batch_size,
+            num_epochs=args.local_num_epochs,
+            learning_rate=args.local_learning_rate,
+            bf16=args.bf16_setting(),
+            seed=args.seed,
+        )
+        choice = bf16_decision(train_config.bf16, model)
+        if choice is not None:
+            log(choice.describe())
+            train_config = replace(train_config, bf16=choice.use_bf16)
+        test = data.global_test
+        if args.eval_test_size and args.eval_test_size < len(test):
+            keep = seeded_subset(list(range(len(test))), args.eval_test_size, args.seed)
+            test = _take(test, keep)
+        size = args.image_size or preprocessing["size"]
+        log(f"resizing {sum(len(c) for c in data.clients) + len(test)} images to {size} px")
+        task = cls(
+            model,
+            preprocessing,
+            data.clients,
+            test,
+            image_size=size,
+            train_config=train_config,
+            target_modules=args.lora_target_modules or attention_targets(model),
+            lora_dropout=args.lora_dropout,
+            head_only=args.head_only,
+            eval_batch_size=args.eval_batch_size,
+            base_reference=model_reference(name),
+            progress=args.progress,
+        )
+        if not args.head_only:
+            check_ranks(args.ranks(), task.module_shapes())
+        task.check_forward()
+        return task
+
+    def check_forward(self) -> None:
+        """One test image through the model, so a size it cannot take fails before round 1."""
+        try:
+            with torch.no_grad():
+                self.model(pixel_values=self.inputs(self._test_pixels[:1]).to(self._device()))
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"the model cannot classify {self.image_size} px images ({err}); set "
+                "--image_size to a size it takes"
+            ) from None
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ inputs and loss
+    def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(b, C, S, S)`` -> normalised float ``(b, 3, S, S)``."""
+        x = pixels.float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - self._mean) / self._std
+
+    def _loss_fn(self, client: int):
+        pixels, labels = self._pixels[client], self._labels[client]
+
+        def loss_fn(model, batch) -> tuple[torch.Tensor, int]:
+            device = next(model.parameters()).device
+            idx = torch.as_tensor(batch, dtype=torch.long)
+            logits = model(pixel_values=self.inputs(pixels[idx]).to(device)).logits.float()
+            return F.cross_entropy(logits, labels[idx].to(device), reduction="sum"), len(batch)
+
+        return loss_fn
+
+    # ------------------------------------------------------------------ Task protocol
+    def num_examples(self, client_id: int) -> int:
+        return len(self._labels[client_id])
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._shapes)
+
+    def train_client(
+        self, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int
+    ) -> ClientResult:
+        k = spec.client_id
+        config = replace(self.train_config, seed=seed)
+        dense = start.dense or None
+        examples = list(range(self.num_examples(k)))
+        if self.head_only:
+            with dense_only(self.model, self.modules_to_save, dense) as model:
+                result = train_local(
+                    model, examples, config, loss_fn=self._loss_fn(k), progress=self.progress
+                )
+                factors, trained = {}, read_dense(model, self.modules_to_save)
+        else:
+            lora = LoraSpec(
+                rank=spec.rank,
+                lora_alpha=spec.lora_alpha,
+                target_modules=self.target_modules,
+                dropout=self.lora_dropout,
+                use_rslora=spec.use_rslora,
+                modules_to_save=self.modules_to_save,
+            )
+            peft_model = attach_lora(self.model, lora, init=start.factors, dense=dense, seed=seed)
+            try:
+                result = train_local(
+                    peft_model, examples, config, loss_fn=self._loss_fn(k), progress=self.progress
+                )
+                factors = read_factors(peft_model)
+                trained = read_dense(peft_model, self.modules_to_save)
+            finally:
+                self.model = detach_lora(peft_model)
+        metrics = {
+            "loss": result.loss,
+            "steps": result.steps,
+            "images": len(examples) * config.num_epochs,
+            "seconds": round(result.seconds, 3),
+        }
+        return ClientResult(factors, len(examples), dense=trained, metrics=metrics)
+
+    def set_base(self, delta: dict[str, ModuleDelta], dense: dict[str, torch.Tensor]) -> None:
+        self._base.set(delta)
+        if dense:
+            set_dense(self.model, dense)
+
+    def evaluate(self, delta: dict[str, ModuleDelta], *, round_: int) -> dict[str, Any]:
+        from rblora.evaluation.classification import evaluate_classifier
+
+        with applied_delta(self.model, delta):
+            return evaluate_classifier(
+                self.model,
+                lambda idx: self.inputs(self._test_pixels[idx]),
+                self._test_labels,
+                self.classes,
+                batch_size=self.eval_batch_size,
+                autocast_bf16=use_bf16(self.train_config.bf16, self.model),
+            )
+
+    def save_adapter(
+        self,
+        path: Path,
+        factors: Factors,
+        dense: dict[str, torch.Tensor],
+        *,
+        rank: int,
+        lora_alpha: float,
+        use_rslora: bool,
+    ) -> None:
+        if not factors:  # head only: no LoRA, so no PEFT folder; the head's weights alone
+            with atomic_dir(path) as tmp:
+                tensors = {n: t.detach().to("cpu").contiguous() for n, t in dense.items()}
+                save_file(tensors, str(tmp / DENSE_FILE), metadata={"format": "pt"})
+            return
+        save_peft_adapter(
+            path,
+            factors,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            target_modules=self.target_modules,
+            use_rslora=use_rslora,
+            base_model_name_or_path=self.base_reference,
+            task_type=None,
+            dense=dense,
+            modules_to_save=self.modules_to_save if dense else None,
+        )
+
+
+def _take(split, keep: list[int]):
+    """The examples ``keep`` of an ImageSplit."""
+    from rblora.data.federated import ImageSplit
+
+    idx = torch.as_tensor(keep, dtype=torch.long)
+    images = (
+        [split.images[i] for i in keep] if isinstance(split.images, list) else split.images[idx]
+    )
+    return ImageSplit(images, torch.as_tensor(split.labels)[idx], split.classes)

@@ -1,0 +1,140 @@
+"""The image task end to end on a tiny ViT and the packaged digits (no download)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from run_helpers import metrics
+from safetensors.torch import load_file
+from tiny_models import build_tiny_vit
+
+from rblora.aggregation import available_methods, default_reduction
+from rblora.data.prepare import main as prepare_main
+from rblora.federation import cli
+from rblora.tasks.image import ImageTask
+
+RANKS = [2, 4, 8]
+
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision")
+    build_tiny_vit(root / "vit")
+    argv = ["3", "--source", "digits", "--partition", "dirichlet", "--alpha", "0.5"]
+    argv += ["--min_size", "20", "--pool_size", "240", "--test_per_category", "6"]
+    assert prepare_main([*argv, "--output_dir", str(root / "data")]) == 0
+    return root
+
+
+def _argv(root, out, *extra):
+    options = {
+        "global_model": root / "vit", "data_path": root / "data", "output_dir": out,
+        "num_clients": 3, "client_ranks": ",".join(map(str, RANKS)),
+        "num_communication_rounds": 2, "local_num_epochs": 1, "local_batch_size": 16,
+        "local_micro_batch_size": 8, "local_learning_rate": 1e-2, "bf16": "false", "seed": 5,
+    }  # fmt: skip
+    argv = [part for key, value in options.items() for part in (f"--{key}", str(value))]
+    return [*argv, "--no_progress", *extra]
+
+
+def _dense(folder):
+    return {
+        k.removeprefix("base_model.model."): v
+        for k, v in load_file(str(folder / "adapter_model.safetensors")).items()
+        if "lora_" not in k
+    }
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_two_rounds_every_method(vision, tmp_path, method, monkeypatch):
+    """Heterogeneous ranks for every method: the global head is exactly the example-weighted
+    mean of the client heads, and each global folder reloads with PEFT to the logits the round
+    evaluated."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    probe = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    evaluated = {}
+    original = ImageTask.evaluate
+
+    def spy(self, delta, *, round_):
+        from rblora.adapters import applied_delta
+
+        with applied_delta(self.model, delta), torch.no_grad():
+            evaluated[round_] = self.model(pixel_values=probe).logits
+        return original(self, delta, round_=round_)
+
+    monkeypatch.setattr(ImageTask, "evaluate", spy)
+    assert cli.main(_argv(vision, tmp_path, "--method", method)) == 0
+    run = tmp_path / "3"
+    config = json.loads((run / "config.json").read_text())
+    assert config["task_resolved"] == "image"  # inferred from the data folder
+    sizes = config["client_sizes"]
+    for t in (1, 2):
+        heads = [_dense(run / f"round_{t}" / f"client_{k}") for k in range(3)]
+        glob = _dense(run / f"round_{t}" / "global")
+        assert set(glob) == {"classifier.weight", "classifier.bias"}
+        for name in glob:
+            weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+            mean = sum(w * h[name].double() for w, h in zip(weights, heads, strict=True))
+            torch.testing.assert_close(glob[name].double(), mean, rtol=1e-6, atol=1e-7)
+        base = AutoModelForImageClassification.from_pretrained(vision / "vit", num_labels=10)
+        reloaded = PeftModel.from_pretrained(base, run / f"round_{t}" / "global").eval()
+        with torch.no_grad():
+            logits = reloaded(pixel_values=probe).logits
+        torch.testing.assert_close(logits, evaluated[t], rtol=1e-4, atol=1e-5)
+    records = metrics(run)
+    rounds = [r for r in records if r["type"] == "round"]
+    assert rounds[-1]["reduction"] == default_reduction(method)
+    ev = rounds[-1]["eval"]
+    assert ev["suites"]["test"]["count"] == 60 and len(ev["confusion_matrix"]) == 10
+    assert 0 <= ev["suites"]["test"]["macro_accuracy"] <= 1
+    assert set(ev["suites"]["test"]["per_class"]) <= set(ev["classes"])
+    clients = [r for r in records if r["type"] == "client"]
+    assert [c["rank"] for c in clients] == RANKS * 2
+    assert all(c["images"] == c["num_examples"] for c in clients)
+    for name in ("plots/accuracy.png", "plots/loss.png", "plots/confusion.png", "summary.md"):
+        assert (run / name).is_file(), name
+
+
+def test_head_only_baseline(vision, tmp_path):
+    assert cli.main(_argv(vision, tmp_path, "--head_only")) == 0
+    run = tmp_path / "3"
+    glob = load_file(str(run / "round_2" / "global" / "dense.safetensors"))
+    assert set(glob) == {"classifier.weight", "classifier.bias"}
+    clients = [r for r in metrics(run) if r["type"] == "client"]
+    # only the head travels: 10 x 32 weights + 10 biases in float32
+    assert all(c["bytes_up"] == (10 * 32 + 10) * 4 for c in clients)
+
+
+def test_image_options_and_sizes(vision, tmp_path, capsys):
+    assert cli.main(_argv(vision, tmp_path / "a", "--prompt_template_name", "alpaca")) == 2
+    assert "option(s) of the lm task" in capsys.readouterr().err
+    assert cli.main(_argv(vision, tmp_path / "b", "--image_size", "20")) == 2
+    assert "cannot classify 20 px images" in capsys.readouterr().err
+    assert cli.main(_argv(vision, tmp_path / "c", "--client_ranks", "2,4,64")) == 2
+    assert "rank 64 is above 32" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_attention_targets_found_by_name():
+    from torch import nn
+
+    from rblora.tasks.image import attention_targets
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.key, self.value = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attn()
+            self.classifier = nn.Linear(4, 2)
+
+    assert attention_targets(Model()) == ["query", "value"]
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        attention_targets(nn.Sequential(nn.Linear(4, 4)))
