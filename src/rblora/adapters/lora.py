@@ -31,6 +31,7 @@ from rblora.aggregation.running import ModuleDelta, delta_shape, is_dense
 _ADAPTER = "default"
 _FLAGS_ATTR = "_rblora_base_requires_grad"
 _DENSE_ATTR = "_rblora_dense_at_attach"
+_BASE_ATTR = "_rblora_base_weights"
 
 
 def attach_lora(
@@ -290,6 +291,16 @@ class BaseWeights:
     def __init__(self, model: nn.Module):
         self.model = model
         self._original: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, model: nn.Module) -> BaseWeights:
+        """The one BaseWeights of ``model`` (kept on the model): every holder of the model sets
+        its weights from the same originals."""
+        found = getattr(model, _BASE_ATTR, None)
+        if found is None:
+            found = cls(model)
+            setattr(model, _BASE_ATTR, found)
+        return found
 
     def set(self, total: dict[str, ModuleDelta]) -> None:
         """Make each touched module's weight ``W0 + total[module]`` (``W0`` where absent)."""

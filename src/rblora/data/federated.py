@@ -168,6 +168,8 @@ class ImageSplit:
         import torch
 
         if isinstance(self.images, list):
+            if not self.images:
+                return torch.empty((0, 3, size, size), dtype=torch.uint8)
             return torch.stack([_load_file(p, size) for p in self.images])
         x = self.images
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)

@@ -13,7 +13,6 @@ cannot go on later (a client's training diverged) stops with one message and exi
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 from rblora.federation.options import TrainArgs, parse_args
@@ -54,64 +53,20 @@ def _lists_methods(argv: list[str]) -> bool:
 
 
 def run(args: TrainArgs, given: set[str] | None = None) -> int:
-    from rblora.data.federated import data_fingerprint
-    from rblora.federation import rundir
-    from rblora.federation.loop import LoopOptions, run_rounds
-    from rblora.federation.report import markdown_table, write_report
-    from rblora.federation.rounds import log
-    from rblora.federation.server import ClientSpec, FederatedServer
-    from rblora.tasks import build_task, infer_task
+    from rblora.federation.setup import finish_run, prepare_run
 
     if not args.progress:  # process-wide, so here in the entry point and nowhere else
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    folder = rundir.RunFolder(args.run_dir())
-    if folder.holds_run() and not (args.resume or args.overwrite):
-        raise ValueError(
-            f"output folder {folder.path} already holds a run; pass --resume to continue it or "
-            "--overwrite to replace it"
-        )
-    ranks = args.ranks()
-    fingerprint = data_fingerprint(args.data_path, args.num_clients)
-    if args.resume:
-        rundir.check_resume(folder, args, fingerprint)
+    if args.engine == "flower":
+        from rblora.flower.simulation import run_simulation_engine
 
-    # -- everything checked before anything is written (the task loads and checks the rest)
-    task = build_task(args, given, log=log)
+        run_simulation_engine(args, given)
+        return 0
+    prepared = prepare_run(args, given)
+    from rblora.federation.loop import LoopOptions, run_rounds
 
-    # -- from here on the run folder is written
-    if args.overwrite and folder.path.exists():
-        shutil.rmtree(folder.path)
-    config = {
-        **args.to_dict(),
-        "task_resolved": infer_task(args),
-        "client_ranks_resolved": ranks,
-        "client_sizes": [task.num_examples(k) for k in range(args.num_clients)],
-        "data_sha256": fingerprint,
-        "base_model": task.base_reference,
-    }
-    if not args.resume:
-        folder.write_config(config)
-    server = FederatedServer(
-        args.method,
-        [ClientSpec(k, r, args.lora_alpha, args.use_rslora) for k, r in enumerate(ranks)],
-        reduction=args.reduction_method,
-        selection=args.client_selection_strategy,
-        frac=args.client_selection_frac,
-        seed=args.seed,
-    )
-    if args.resume:
-        done = rundir.restore(folder, server, task)
-        log(f"resuming after round {done}" if done else "nothing completed yet: from round 1")
-    else:
-        folder.clear_metrics()
-
-    log(
-        f"{args.method} ({server.reduction or 'default'} redistribution), {args.num_clients} "
-        f"clients, ranks {ranks}, sizes {config['client_sizes']}, "
-        f"{args.num_communication_rounds} rounds"
-    )
     options = LoopOptions(
         num_rounds=args.num_communication_rounds,
         seed=args.seed,
@@ -119,10 +74,8 @@ def run(args: TrainArgs, given: set[str] | None = None) -> int:
         progress=args.progress,
         eval_base=args.eval_base,
     )
-    run_rounds(task, server, folder, options)
-    results = write_report(folder.path, folder.read_metrics(), folder.read_config())
-    print(markdown_table(results), end="")
-    print(f"results: {folder.path / 'results.json'}")
+    run_rounds(prepared.task, prepared.server, prepared.folder, options)
+    finish_run(prepared)
     return 0
 
 

@@ -40,21 +40,15 @@ def run_rounds(
     """Run rounds ``server.completed_rounds + 1 .. options.num_rounds``; returns their records.
 
     To resume, restore ``server`` from the checkpoint and install it in the task first
-    (:func:`rblora.federation.resume.restore`).
+    (:func:`rblora.federation.rundir.restore`).
     """
     from tqdm import tqdm
 
     folder.path.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = []
     first = server.completed_rounds + 1
-    has_base_record = any(
-        r.get("type") == "round" and r.get("round") == 0 for r in folder.read_metrics()
-    )
-    if options.eval_base and first == 1 and not has_base_record:
-        record = rounds.evaluate_base(task)
-        folder.append_metrics(record)
-        done.append(record)
-        rounds.log(rounds.round_line(record))
+    if options.eval_base and first == 1:
+        done += rounds.evaluate_base_once(task, folder)
     bar = tqdm(
         range(first, options.num_rounds + 1),
         desc="rounds",
@@ -91,13 +85,8 @@ def run_rounds(
         record = rounds.close_round(
             task, server, folder, t, updates, client_records, started=started, selected=selected
         )
-        # metrics first: a kill between the two leaves a checkpoint of round t-1, and resuming
-        # drops round t's lines and redoes it
-        folder.append_metrics(record)
-        tensors, meta = server.state_tensors()
-        folder.save_checkpoint(tensors, {**meta, "round_record": record})
+        rounds.commit_round(server, folder, record)
         done.append(record)
-        rounds.log(rounds.round_line(record))
         if on_round is not None:
             on_round(record)
     return done

@@ -9,7 +9,7 @@ A driver (the in-process loop, the Flower server) does, for round ``t``::
         update = client_update(spec, result)           # what travels to the server
         record = client_record(t, spec, result, start)
     round_record = close_round(task, server, folder, t, updates, records, started=...)
-    folder.append_metrics(round_record); folder.save_checkpoint(*server.state_tensors() ...)
+    commit_round(server, folder, round_record)         # metrics line, then the checkpoint
 
 ``close_round`` aggregates, redistributes, writes the global model's PEFT folder, installs the
 global model in the task's base weights, evaluates it and returns the round's metrics record. The
@@ -171,12 +171,27 @@ def evaluate_global(task: Task, model: GlobalModel, round_: int) -> dict[str, An
     return task.evaluate({} if model.merged else model.delta, round_=round_)
 
 
-def evaluate_base(task: Task) -> dict[str, Any]:
-    """Round 0: the untouched base model, as a baseline for the per-round figures."""
+def evaluate_base_once(task: Task, folder: RunFolder) -> list[dict[str, Any]]:
+    """Round 0: the untouched base model, as a baseline for the per-round figures; written to
+    the metrics unless they already hold it (a resumed run). Returns the new records."""
+    if any(r.get("type") == "round" and r.get("round") == 0 for r in folder.read_metrics()):
+        return []
     start = time.perf_counter()
     record = {"type": "round", "round": 0, "selected": [], "eval": task.evaluate({}, round_=0)}
     record["eval_seconds"] = record["round_seconds"] = round(time.perf_counter() - start, 3)
-    return record
+    folder.append_metrics(record)
+    log(round_line(record))
+    return [record]
+
+
+def commit_round(server: FederatedServer, folder: RunFolder, record: dict[str, Any]) -> None:
+    """Write the round's metrics line, then the checkpoint. In that order: a kill between the
+    two leaves the checkpoint of the round before, and resuming drops the line and redoes the
+    round."""
+    folder.append_metrics(record)
+    tensors, meta = server.state_tensors()
+    folder.save_checkpoint(tensors, {**meta, "round_record": record})
+    log(round_line(record))
 
 
 # ---------------------------------------------------------------------- export

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from rblora.federation.server import ClientSpec, ClientStart
 
 TASK_MODULES = {"lm": "rblora.tasks.lm:CausalLMTask", "image": "rblora.tasks.image:ImageTask"}
-"""Task name -> the class that builds it (``Class.from_args(args, given)``)."""
+"""Task name -> the class that builds it (``Class.from_args(args, log=, client=)``)."""
 
 _IMAGE_MODELS = ("dinov2-vits14",)
 
@@ -99,12 +99,35 @@ def infer_task(args: TrainArgs) -> str:
     return "image" if args.global_model in _IMAGE_MODELS else "lm"
 
 
-def build_task(args: TrainArgs, given: set[str] | None = None, *, log=print) -> Task:
-    """The run's task, built from its options (model loaded, data read and checked)."""
+def build_task(
+    args: TrainArgs,
+    given: set[str] | None = None,
+    *,
+    log=print,
+    client: int | None = None,
+    models: dict | None = None,
+) -> Task:
+    """The run's task, built from its options (model loaded, data read and checked).
+
+    ``client``: build it for that client only (its data, no evaluation sets), as a Flower
+    ClientApp does; None: the whole task (every client, evaluation), as the server does.
+    ``models``: a cache the caller owns of loaded base models, shared by the tasks built with
+    it (a ClientApp process serving several clients loads its model once).
+    """
     name = infer_task(args)
     args.check_task_options(name, given or set())
     module, cls = TASK_MODULES[name].split(":")
-    return getattr(importlib.import_module(module), cls).from_args(args, log=log)
+    task_cls = getattr(importlib.import_module(module), cls)
+    return task_cls.from_args(args, log=log, client=client, models=models)
+
+
+def cached(models: dict | None, key: tuple, load):
+    """``load()``, or its earlier result for ``key`` in ``models`` (None: no cache)."""
+    if models is None:
+        return load()
+    if key not in models:
+        models[key] = load()
+    return models[key]
 
 
 def check_ranks(ranks: list[int], shapes: dict[str, tuple[int, int]]) -> None:
@@ -139,3 +162,12 @@ def seeded_subset(values: list, size: int, seed: int) -> list:
 
     keep = np.sort(np.random.default_rng(seed).choice(len(values), size=size, replace=False))
     return [values[i] for i in keep]
+
+
+def only_client(items: list, client: int | None, empty) -> list:
+    """``items`` with every entry but ``client``'s replaced by ``empty`` (all if None)."""
+    if client is None:
+        return list(items)
+    if not 0 <= client < len(items):
+        raise ValueError(f"client {client} is out of range 0..{len(items) - 1}")
+    return [item if k == client else empty for k, item in enumerate(items)]

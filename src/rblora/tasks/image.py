@@ -34,7 +34,14 @@ from rblora.adapters import (
 from rblora.aggregation.running import ModuleDelta
 from rblora.aggregation.types import Factors
 from rblora.federation.server import ClientSpec, ClientStart
-from rblora.tasks.base import ClientResult, check_client_sizes, check_ranks, seeded_subset
+from rblora.tasks.base import (
+    ClientResult,
+    cached,
+    check_client_sizes,
+    check_ranks,
+    only_client,
+    seeded_subset,
+)
 from rblora.training import TrainConfig, train_local
 from rblora.utils.atomic import atomic_dir
 from rblora.utils.device import bf16_decision, use_bf16
@@ -106,7 +113,7 @@ class ImageTask:
         self.progress = progress
         self._mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1)
-        self._base = BaseWeights(model)
+        self._base = BaseWeights.of(model)
         self._pixels = [c.pixels(image_size) for c in clients]
         self._labels = [torch.as_tensor(c.labels, dtype=torch.long) for c in clients]
         self._test_pixels = test.pixels(image_size)
@@ -115,9 +122,12 @@ class ImageTask:
         self._shapes = {n: (o, i) for n, (i, o) in resolve_targets(model, spec).items()}
 
     @classmethod
-    def from_args(cls, args, *, log=print) -> ImageTask:
+    def from_args(
+        cls, args, *, log=print, client: int | None = None, models: dict | None = None
+    ) -> ImageTask:
         """Build the task of a run: images read and resized, model loaded with a head for the
-        data's classes on its device, LoRA targets found, ranks checked."""
+        data's classes on its device, LoRA targets found, ranks checked. ``client``: only that
+        client's images and no test set (a Flower ClientApp)."""
         from rblora.assets.models import load_image_classifier, model_reference
         from rblora.data import load_federated_images
         from rblora.utils.device import resolve_device
@@ -127,12 +137,13 @@ class ImageTask:
         device = resolve_device(args.device)
         name = args.global_model or DEFAULT_MODEL
         log(f"loading {name} on {device} with a {len(data.global_test.classes)}-class head")
-        model, preprocessing = load_image_classifier(
-            name,
-            len(data.global_test.classes),
-            seed=args.seed,
-            device=device,
-            token=args.hf_token(),
+        num_labels = len(data.global_test.classes)
+        model, preprocessing = cached(
+            models,
+            ("image", name, str(device), num_labels, args.seed),
+            lambda: load_image_classifier(
+                name, num_labels, seed=args.seed, device=device, token=args.hf_token()
+            ),
         )
         train_config = TrainConfig(
             micro_batch_size=args.local_micro_batch_size,
@@ -147,15 +158,18 @@ class ImageTask:
             log(choice.describe())
             train_config = replace(train_config, bf16=choice.use_bf16)
         test = data.global_test
-        if args.eval_test_size and args.eval_test_size < len(test):
+        if client is not None:
+            test = _take(test, [])
+        elif args.eval_test_size and args.eval_test_size < len(test):
             keep = seeded_subset(list(range(len(test))), args.eval_test_size, args.seed)
             test = _take(test, keep)
+        clients = only_client(data.clients, client, _take(test, []))
         size = args.image_size or preprocessing["size"]
-        log(f"resizing {sum(len(c) for c in data.clients) + len(test)} images to {size} px")
+        log(f"resizing {sum(len(c) for c in clients) + len(test)} images to {size} px")
         task = cls(
             model,
             preprocessing,
-            data.clients,
+            clients,
             test,
             image_size=size,
             train_config=train_config,
@@ -168,14 +182,14 @@ class ImageTask:
         )
         if not args.head_only:
             check_ranks(args.ranks(), task.module_shapes())
-        task.check_forward()
+        task.check_forward(_take(data.global_test, [0]).pixels(size))
         return task
 
-    def check_forward(self) -> None:
-        """One test image through the model, so a size it cannot take fails before round 1."""
+    def check_forward(self, pixels: torch.Tensor) -> None:
+        """One image through the model, so a size it cannot take fails before round 1."""
         try:
             with torch.no_grad():
-                self.model(pixel_values=self.inputs(self._test_pixels[:1]).to(self._device()))
+                self.model(pixel_values=self.inputs(pixels).to(self._device()))
         except (RuntimeError, ValueError) as err:
             raise ValueError(
                 f"the model cannot classify {self.image_size} px images ({err}); set "

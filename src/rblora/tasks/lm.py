@@ -30,8 +30,10 @@ from rblora.data.templates import Prompter
 from rblora.federation.server import ClientSpec, ClientStart
 from rblora.tasks.base import (
     ClientResult,
+    cached,
     check_client_sizes,
     check_ranks,
+    only_client,
     seeded_subset,
 )
 from rblora.training import TrainConfig, tokenize_records, train_local
@@ -87,7 +89,7 @@ class CausalLMTask:
         self.eval_batch_size = eval_batch_size
         self.base_reference = base_reference
         self.progress = progress
-        self._base = BaseWeights(model)
+        self._base = BaseWeights.of(model)
         self._loss_fn = causal_lm_objective(tokenizer.pad_token_id or 0)
         self._train: list[list[dict]] = []
         self._val: list[list[dict]] = []
@@ -101,9 +103,12 @@ class CausalLMTask:
         self.set_evaluation(eval_suites or {}, loss_records or [])
 
     @classmethod
-    def from_args(cls, args, *, log=print) -> CausalLMTask:
+    def from_args(
+        cls, args, *, log=print, client: int | None = None, models: dict | None = None
+    ) -> CausalLMTask:
         """Build the task of a run: data read and checked, model loaded on its device, ranks
-        checked against the model, evaluation sets encoded (so a problem shows before round 1)."""
+        checked against the model, evaluation sets encoded (so a problem shows before round 1).
+        ``client``: only that client's data and no evaluation sets (a Flower ClientApp)."""
         from rblora.assets import load_causal_lm
         from rblora.assets.models import model_reference
         from rblora.data import load_federated_split
@@ -115,7 +120,11 @@ class CausalLMTask:
         device = resolve_device(args.device)
         name = args.global_model or DEFAULT_MODEL
         log(f"loading {name} on {device}")
-        model, tokenizer = load_causal_lm(name, token=args.hf_token(), device=device)
+        model, tokenizer = cached(
+            models,
+            ("lm", name, str(device)),
+            lambda: load_causal_lm(name, token=args.hf_token(), device=device),
+        )
         train_config = TrainConfig(
             micro_batch_size=args.local_micro_batch_size,
             batch_size=args.local_batch_size,
@@ -134,7 +143,7 @@ class CausalLMTask:
         task = cls(
             model,
             tokenizer,
-            data.clients,
+            only_client(data.clients, client, []),
             prompter=prompter,
             train_config=train_config,
             target_modules=args.lora_target_modules or DEFAULT_TARGETS,
@@ -146,7 +155,8 @@ class CausalLMTask:
             progress=args.progress,
         )
         check_ranks(args.ranks(), task.module_shapes())
-        task.set_evaluation(*_eval_sets(args, prompter, data))
+        if client is None:
+            task.set_evaluation(*_eval_sets(args, prompter, data))
         return task
 
     def set_evaluation(self, suites: dict[str, list], loss_records: list[dict]) -> None:

@@ -1,0 +1,91 @@
+"""What every engine does before and after its rounds: check, build, write config, restore.
+
+``prepare_run`` checks everything that can be checked before anything is written (the output
+folder, a resumed run's options, data and checkpoint, then the task: model, data, ranks,
+evaluation sets), writes ``config.json``, creates the server and restores it from the
+checkpoint when resuming. ``finish_run`` writes results.json, summary.md and the plots and
+prints the table. The in-process loop and the Flower server both run between the two.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from rblora.federation import rundir
+from rblora.federation.options import TrainArgs
+from rblora.federation.rounds import log
+from rblora.federation.server import ClientSpec, FederatedServer
+from rblora.tasks.base import Task
+
+
+@dataclass
+class PreparedRun:
+    args: TrainArgs
+    task: Task
+    server: FederatedServer
+    folder: rundir.RunFolder
+    config: dict[str, Any]
+
+
+def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
+    from rblora.data.federated import data_fingerprint
+    from rblora.tasks import build_task, infer_task
+
+    folder = rundir.RunFolder(args.run_dir())
+    if folder.holds_run() and not (args.resume or args.overwrite):
+        raise ValueError(
+            f"output folder {folder.path} already holds a run; pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
+    ranks = args.ranks()
+    fingerprint = data_fingerprint(args.data_path, args.num_clients)
+    if args.resume:
+        rundir.check_resume(folder, args, fingerprint)
+
+    # -- everything checked before anything is written (the task loads and checks the rest)
+    task = build_task(args, given, log=log)
+
+    # -- from here on the run folder is written
+    if args.overwrite and folder.path.exists():
+        shutil.rmtree(folder.path)
+    config = {
+        **args.to_dict(),
+        "task_resolved": infer_task(args),
+        "client_ranks_resolved": ranks,
+        "client_sizes": [task.num_examples(k) for k in range(args.num_clients)],
+        "data_sha256": fingerprint,
+        "base_model": task.base_reference,
+    }
+    if not args.resume:
+        folder.write_config(config)
+    server = FederatedServer(
+        args.method,
+        [ClientSpec(k, r, args.lora_alpha, args.use_rslora) for k, r in enumerate(ranks)],
+        reduction=args.reduction_method,
+        selection=args.client_selection_strategy,
+        frac=args.client_selection_frac,
+        seed=args.seed,
+    )
+    if args.resume:
+        done = rundir.restore(folder, server, task)
+        log(f"resuming after round {done}" if done else "nothing completed yet: from round 1")
+    else:
+        folder.clear_metrics()
+    log(
+        f"{args.method} ({server.reduction or 'default'} redistribution), {args.num_clients} "
+        f"clients, ranks {ranks}, sizes {config['client_sizes']}, "
+        f"{args.num_communication_rounds} rounds, engine {args.engine}"
+    )
+    return PreparedRun(args, task, server, folder, config)
+
+
+def finish_run(run: PreparedRun) -> dict[str, Any]:
+    """Write results.json, summary.md and the plots; print the table; return the results."""
+    from rblora.federation.report import markdown_table, write_report
+
+    results = write_report(run.folder.path, run.folder.read_metrics(), run.folder.read_config())
+    print(markdown_table(results), end="")
+    print(f"results: {run.folder.path / 'results.json'}")
+    return results
