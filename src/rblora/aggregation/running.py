@@ -83,35 +83,11 @@ class UpdateSum:
                 total = (torch.cat([current[0], a]), torch.cat([current[1], b], dim=1))
             self._modules[module] = _compact(total)
 
-    def state_tensors(self, prefix: str) -> dict[str, Tensor]:
-        """Tensors for a checkpoint: ``<prefix>/<module>/A|B`` or ``<prefix>/<module>/dense``."""
-        out: dict[str, Tensor] = {}
-        for module, delta in self._modules.items():
-            if is_dense(delta):
-                out[f"{prefix}/{module}/dense"] = delta.contiguous()
-            else:
-                out[f"{prefix}/{module}/A"] = delta[0].contiguous()
-                out[f"{prefix}/{module}/B"] = delta[1].contiguous()
-        return out
-
     @classmethod
-    def from_state_tensors(cls, tensors: dict[str, Tensor], prefix: str) -> UpdateSum:
-        """Inverse of :meth:`state_tensors` (other keys are ignored)."""
-        parts: dict[str, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            head, sep, rest = key.partition("/")
-            if head != prefix or not sep:
-                continue
-            module, _, which = rest.rpartition("/")
-            parts.setdefault(module, {})[which] = value
+    def from_dict(cls, deltas: dict[str, ModuleDelta]) -> UpdateSum:
+        """A running total holding ``deltas`` as they are (e.g. read from a checkpoint)."""
         total = cls()
-        for module, p in parts.items():
-            if "dense" in p:
-                total._modules[module] = p["dense"]
-            elif {"A", "B"} <= p.keys():
-                total._modules[module] = (p["A"], p["B"])
-            else:
-                raise ValueError(f"running total of {module!r}: expected A and B, or dense")
+        total._modules = dict(deltas)
         return total
 
 

@@ -58,7 +58,19 @@ class RunOptions:
         resumable=True,
     )
     engine: str = option(
-        "inprocess", "inprocess (one process) | flower (Flower's simulation runtime)"
+        "inprocess",
+        "inprocess (one process) | flower (Flower's simulation runtime on this machine; for "
+        "separate machines see the README's Flower section)",
+        resumable=True,
+    )
+    min_replies: float = option(
+        1,
+        "flower engine: a round fails unless at least this many selected clients reply (a "
+        "count, or a fraction of the selected clients when below 1)",
+        resumable=True,
+    )
+    round_timeout: float = option(
+        3600, "flower engine: seconds a round waits for replies", resumable=True
     )
     device: str = option(
         "auto", "where the model runs: auto (CUDA if available, else CPU) | cpu | cuda[:N] | mps"
@@ -239,6 +251,10 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             "cutoff_len",
             "eval_batch_size",
         )
+        if not self.min_replies > 0:
+            raise ValueError(f"min_replies {self.min_replies} must be > 0")
+        if not self.round_timeout > 0:
+            raise ValueError(f"round_timeout {self.round_timeout} must be > 0")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size {self.image_size} must be >= 1")
         if self.local_batch_size % self.local_micro_batch_size:
@@ -360,3 +376,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, set[str]]:
     args = TrainArgs(**values)
     args.validate()
     return args, set(values)
+
+
+def required_replies(min_replies: float, selected: int) -> int:
+    """How many of ``selected`` clients must reply: a count, or a fraction of them below 1."""
+    if min_replies < 1:
+        return max(1, math.ceil(min_replies * selected - 1e-9))  # 0.5 of 4 is 2, not 3
+    return int(min_replies)

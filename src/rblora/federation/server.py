@@ -26,6 +26,7 @@ import torch
 from rblora.aggregation import ClientUpdate, GlobalUpdate, aggregate
 from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
 from rblora.aggregation.types import Factors
+from rblora.federation.codec import decode_deltas, decode_dense, decode_factors, encode
 
 BYTES_PER_VALUE = 4  # float32, as the server keeps and sends every tensor
 
@@ -185,49 +186,33 @@ class FederatedServer:
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-able metadata) that :meth:`load_state_tensors` restores exactly."""
-        tensors: dict[str, torch.Tensor] = {}
+        tensors = encode("server", dense=self.dense, deltas=self.base_total.as_dict())
         for cid, factors in self._starts.items():
-            for module, (a, b) in factors.items():
-                tensors[f"start/{cid}/{module}/A"] = a.contiguous()
-                tensors[f"start/{cid}/{module}/B"] = b.contiguous()
-        tensors.update(self.base_total.state_tensors("total"))
-        for name, t in self.dense.items():
-            tensors[f"dense/{name}"] = t.contiguous()
+            tensors.update(encode(f"start/{cid}", factors=factors))
         meta = {
             "completed_rounds": self.completed_rounds,
             "merge_widths": list(self._merge_widths),
             "synced": {str(k): v for k, v in sorted(self._synced.items())},
+            "starts": sorted(self._starts),
         }
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Restore what :meth:`state_tensors` returned; ValueError if it is inconsistent."""
-        starts: dict[int, Factors] = {}
-        parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-        dense: dict[str, torch.Tensor] = {}
-        for key, value in tensors.items():
-            kind, _, rest = key.partition("/")
-            if kind == "start":
-                cid, _, rest = rest.partition("/")
-                module, _, which = rest.rpartition("/")
-                parts.setdefault((int(cid), module), {})[which] = value
-            elif kind == "dense":
-                dense[rest] = value
-            elif kind != "total":
-                raise ValueError(f"unexpected tensor {key!r} in the server state")
-        for (cid, module), ab in parts.items():
-            if set(ab) != {"A", "B"} or not 0 <= cid < len(self.clients):
-                raise ValueError(f"server state: bad start of client {cid}, module {module!r}")
-            starts.setdefault(cid, {})[module] = (ab["A"], ab["B"])
         completed = int(meta["completed_rounds"])
         widths = [int(w) for w in meta.get("merge_widths", [])]
         if len(widths) != completed:
             raise ValueError(
                 f"server state: {len(widths)} merge widths for {completed} completed rounds"
             )
+        starts = {}
+        for cid in meta.get("starts", []):
+            if not 0 <= int(cid) < len(self.clients):
+                raise ValueError(f"server state: a start for unknown client {cid}")
+            starts[int(cid)] = decode_factors(tensors, f"start/{cid}")
         self._starts = starts
-        self.base_total = UpdateSum.from_state_tensors(tensors, "total")
-        self.dense = dense
+        self.base_total = UpdateSum.from_dict(decode_deltas(tensors, "server"))
+        self.dense = decode_dense(tensors, "server")
         self._merge_widths = widths
         self._synced = {int(k): int(v) for k, v in meta.get("synced", {}).items()}
         self.completed_rounds = completed
