@@ -57,3 +57,11 @@ def best_rank(delta: torch.Tensor, r: int) -> torch.Tensor:
     """Best rank-r approximation from a dense float64 SVD (the Eckart-Young reference)."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+def fit(method: str, ranks: list[int]) -> list[int]:
+    """``ranks`` as ``method`` accepts them: all equal to the largest for a method that needs
+    homogeneous ranks (FedIT), unchanged otherwise."""
+    from rblora.aggregation import get_method
+
+    return [max(ranks)] * len(ranks) if get_method(method).homogeneous_ranks else list(ranks)

@@ -39,7 +39,9 @@ def t(rows):
 # RB-LoRA: gamma_1 = (1/4, 3/4), gamma_2 = (-, 1):
 #   1/4 dW1 + 3/4 [1,3,5]^T [1,0] + [2,4,6]^T [0,1]
 # RB-LoRA (factor): B_g = [[1.25,2],[2.25,4],[4.75,6]], A_g = [[1,.5],[0,1]]  ->  B_g A_g
+# FlexLoRA: dW1/4 + 3 dW2/4, as FLoRA (it redistributes by SVD instead of merging)
 EXPECTED = {
+    "FlexLoRA": [[1.25, 2.5], [2.25, 3.0], [4.75, 6.5]],
     "Uniform HETLoRA": [[1.5, 2.0], [1.5, 2.5], [4.5, 6.0]],
     "Weighted HETLoRA": [[1.25, 1.75], [2.25, 3.375], [4.75, 5.75]],
     "FLoRA": [[1.25, 2.5], [2.25, 3.0], [4.75, 6.5]],
@@ -145,3 +147,30 @@ def test_official_code_bug_is_not_copied():
     (a4, b4) = aggregate("RB-LoRA", clients).for_client(4, alpha)[M]
     u, s, vh = torch.linalg.svd(want)
     torch.testing.assert_close((alpha / 4) * b4 @ a4, (u[:, :4] * s[:4]) @ vh[:4])
+
+
+def test_flexlora_sends_each_client_the_truncated_svd():
+    # rank 1 of the hand-computed dW above, against torch's dense SVD of that matrix
+    dw = t(EXPECTED["FlexLoRA"]).double()
+    u, sigma, vh = torch.linalg.svd(dw)
+    best = sigma[0] * torch.outer(u[:, 0], vh[0])
+    (a, b) = aggregate("FlexLoRA", two_clients()).for_client(1, 2.0)[M]  # s_r = 2
+    torch.testing.assert_close((2.0 * b @ a).double(), best, rtol=1e-5, atol=1e-5)
+
+
+def test_fedit_averages_factors_by_hand():
+    """Client 1: rank 2, alpha 4 (s = 2), n = 1: A1 = I, B1 = [[1,0],[0,1],[1,1]] -> Bh1 = 2 B1.
+    Client 2: rank 2, alpha 2 (s = 1), n = 3: A2 = [[1,1],[0,1]], B2 = [[1,2],[3,4],[5,6]].
+    Bbar = Bh1/4 + 3 B2/4 = [[1.25,1.5],[2.25,3.5],[4.25,5]]; Abar = I/4 + 3 A2/4 = [[1,.75],[0,1]]
+    dW = Bbar Abar = [[1.25,2.4375],[2.25,5.1875],[4.25,8.1875]] (not the mean of the dW_k)."""
+    clients = [
+        ClientUpdate(1, 4.0, {M: (torch.eye(2), t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))}),
+        ClientUpdate(
+            3, 2.0, {M: (t([[1.0, 1.0], [0.0, 1.0]]), t([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))}
+        ),
+    ]
+    g = aggregate("FedIT", clients)
+    torch.testing.assert_close(g.delta(M), t([[1.25, 2.4375], [2.25, 5.1875], [4.25, 8.1875]]))
+    (a, b) = g.for_client(2, 2.0)[M]  # truncate at the common rank, s_r = 1: the averages
+    torch.testing.assert_close(a, t([[1.0, 0.75], [0.0, 1.0]]))
+    torch.testing.assert_close(b, t([[1.25, 1.5], [2.25, 3.5], [4.25, 5.0]]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from agg_helpers import SHAPES, client_delta, make_clients
+from agg_helpers import SHAPES, client_delta, fit, make_clients
 
 from rblora.aggregation import (
     ClientUpdate,
@@ -24,13 +24,15 @@ def peft_delta(factors, rank, alpha, use_rslora=False):
     return lora_scale(alpha, rank, use_rslora) * (b @ a)
 
 
-def test_all_five_methods_registered_with_defaults():
+def test_all_methods_registered_with_defaults():
     assert available_methods() == [
         "RB-LoRA",
         "RB-LoRA (factor)",
         "Uniform HETLoRA",
         "Weighted HETLoRA",
         "FLoRA",
+        "FlexLoRA",
+        "FedIT",
     ]
     defaults = {m: supported_reductions(m)[0] for m in available_methods()}
     assert defaults == {
@@ -39,6 +41,8 @@ def test_all_five_methods_registered_with_defaults():
         "Uniform HETLoRA": "truncate",
         "Weighted HETLoRA": "truncate",
         "FLoRA": "merge",
+        "FlexLoRA": "svd",
+        "FedIT": "truncate",
     }
 
 
@@ -68,7 +72,7 @@ def test_single_client_returns_its_own_update(method, reduction, use_rslora):
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 def test_client_order_does_not_matter(method, reduction):
-    clients = make_clients([1, 2, 4], [10, 30, 60], alphas=[8.0, 16.0, 4.0])
+    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60], alphas=[8.0, 16.0, 4.0])
     g1 = aggregate(method, clients, reduction=reduction)
     g2 = aggregate(method, clients[::-1], reduction=reduction)
     for m in MODULES:
@@ -98,7 +102,7 @@ def test_equal_ranks_and_sizes_exact_mean_where_promised(method):
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 @pytest.mark.parametrize("rank", [1, 2, 4, 7, 10, 16])
 def test_for_client_gives_exactly_the_asked_rank(method, reduction, rank):
-    clients = make_clients([1, 2, 4], [10, 30, 60])
+    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60])
     g = aggregate(method, clients, reduction=reduction)
     sent = g.for_client(rank=rank, lora_alpha=16.0)
     if reduction == "merge":
@@ -120,7 +124,7 @@ def test_for_client_gives_exactly_the_asked_rank(method, reduction, rank):
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 def test_rslora_scaling(method, reduction):
-    rs = make_clients([2, 4], [10, 30], alphas=[8.0, 16.0], use_rslora=True)
+    rs = make_clients(fit(method, [2, 4]), [10, 30], alphas=[8.0, 16.0], use_rslora=True)
     # The same updates as plain-LoRA clients: B * sqrt(r) under alpha/r equals B under alpha/sqrt(r)
     plain = [
         ClientUpdate(
@@ -132,7 +136,9 @@ def test_rslora_scaling(method, reduction):
     ]
     g_rs = aggregate(method, rs, reduction=reduction)
     g_plain = aggregate(method, plain, reduction=reduction)
-    no_rs = aggregate(method, make_clients([2, 4], [10, 30], alphas=[8.0, 16.0]), reduction)
+    no_rs = aggregate(
+        method, make_clients(fit(method, [2, 4]), [10, 30], alphas=[8.0, 16.0]), reduction
+    )
     for m in MODULES:
         torch.testing.assert_close(g_rs.delta(m), g_plain.delta(m), rtol=1e-10, atol=1e-12)
         assert not torch.allclose(g_rs.delta(m), no_rs.delta(m))
@@ -152,7 +158,7 @@ def test_rslora_scaling(method, reduction):
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 def test_global_update_object(method, reduction):
-    clients = make_clients([1, 2, 4], [10, 30, 60], dtype=torch.float32)
+    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60], dtype=torch.float32)
     g = aggregate(method, clients, reduction=reduction)
     assert g.method == method and g.reduction == reduction and g.modules == MODULES
     assert g.merges_into_base == (reduction == "merge")
@@ -161,7 +167,8 @@ def test_global_update_object(method, reduction):
         assert a.dtype == b.dtype == g.delta(m).dtype == torch.float32
         assert a.shape[0] == b.shape[1] == g.rank(m)
         torch.testing.assert_close(b @ a, g.delta(m))
-        assert g.rank(m) == (7 if method in ("RB-LoRA", "FLoRA") else 4)
+        stacked = method in ("RB-LoRA", "FLoRA", "FlexLoRA")
+        assert g.rank(m) == (7 if stacked else 4)
     if reduction == "merge":
         width = 7 if method == "FLoRA" else 4
         assert g.download_numel(3) == sum((do + di) * width for do, di in SHAPES.values())
@@ -172,7 +179,7 @@ def test_global_update_object(method, reduction):
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 def test_inputs_never_modified_and_outputs_not_shared(method, reduction):
-    clients = make_clients([1, 2, 4], [10, 30, 60])
+    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60])
     before = [{m: (a.clone(), b.clone()) for m, (a, b) in u.factors.items()} for u in clients]
     g = aggregate(method, clients, reduction=reduction)
     for m in MODULES:
@@ -193,7 +200,7 @@ def test_inputs_never_modified_and_outputs_not_shared(method, reduction):
 
 @pytest.mark.parametrize("method", available_methods())
 def test_live_parameters_are_fine_and_later_changes_do_not_leak(method):
-    clients = make_clients([1, 2, 4], [10, 30, 60])
+    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60])
     params = [
         ClientUpdate(
             u.num_examples,
@@ -214,3 +221,16 @@ def test_live_parameters_are_fine_and_later_changes_do_not_leak(method):
         torch.testing.assert_close(g.delta(m), want[m], rtol=0, atol=0)
     for a, b in g.for_client(2, 16.0).values():
         assert not a.requires_grad and not b.requires_grad
+
+
+def test_homogeneous_methods_refuse_mixed_ranks_naming_them():
+    from rblora.aggregation.registry import check_ranks_fit
+
+    with pytest.raises(ValueError, match=r"FedIT averages A and B .* ranks \[2, 4\]"):
+        aggregate("FedIT", make_clients([2, 4], [10, 30]))
+    with pytest.raises(
+        ValueError, match=r"FedIT needs every client at the same rank, got \[2, 4\]"
+    ):
+        check_ranks_fit("fedavg", [2, 4])
+    check_ranks_fit("FedIT", [4, 4])
+    check_ranks_fit("FlexLoRA", [2, 4])

@@ -37,7 +37,9 @@ class TestGrid(Grid):
 
     def __init__(self, node_configs: dict[int, dict], tamper=None):
         self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={})
+            node: Context(
+                run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={}
+            )
             for node, cfg in node_configs.items()
         }
         self.tamper = tamper or (lambda client, reply: reply)
@@ -136,9 +138,9 @@ def _nan_reply(client, reply):
         (_nan_reply, "reply dropped: client 0 (id 1), module"),
         (lambda k, r: None if k == 1 else r, "no reply within"),
         (
-            lambda k, r: Message(Error(code=5, reason="node unavailable"), reply_to=r)
-            if k == 1
-            else r,
+            lambda k, r: (
+                Message(Error(code=5, reason="node unavailable"), reply_to=r) if k == 1 else r
+            ),
             "error 5: node unavailable",
         ),
     ],

@@ -10,7 +10,7 @@ from run_helpers import metrics
 from safetensors.torch import load_file
 from tiny_models import build_tiny_vit
 
-from rblora.aggregation import available_methods, default_reduction
+from rblora.aggregation import available_methods, default_reduction, get_method
 from rblora.data.prepare import main as prepare_main
 from rblora.federation import cli
 from rblora.tasks.image import ImageTask
@@ -67,7 +67,9 @@ def test_two_rounds_every_method(vision, tmp_path, method, monkeypatch):
         return original(self, delta, round_=round_)
 
     monkeypatch.setattr(ImageTask, "evaluate", spy)
-    assert cli.main(_argv(vision, tmp_path, "--method", method)) == 0
+    ranks = [4, 4, 4] if get_method(method).homogeneous_ranks else RANKS  # FedIT: one rank
+    argv = _argv(vision, tmp_path, "--method", method, "--client_ranks", ",".join(map(str, ranks)))
+    assert cli.main(argv) == 0
     run = tmp_path / "3"
     config = json.loads((run / "config.json").read_text())
     assert config["task_resolved"] == "image"  # inferred from the data folder
@@ -93,7 +95,7 @@ def test_two_rounds_every_method(vision, tmp_path, method, monkeypatch):
     assert 0 <= ev["suites"]["test"]["macro_accuracy"] <= 1
     assert set(ev["suites"]["test"]["per_class"]) <= set(ev["classes"])
     clients = [r for r in records if r["type"] == "client"]
-    assert [c["rank"] for c in clients] == RANKS * 2
+    assert [c["rank"] for c in clients] == ranks * 2
     assert all(c["images"] == c["num_examples"] for c in clients)
     for name in ("plots/accuracy.png", "plots/loss.png", "plots/confusion.png", "summary.md"):
         assert (run / name).is_file(), name

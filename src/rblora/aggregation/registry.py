@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from . import flora, rb_lora, rb_lora_factor, uniform_hetlora, weighted_hetlora
+from . import fedit, flexlora, flora, rb_lora, rb_lora_factor, uniform_hetlora, weighted_hetlora
 from .types import REDUCTIONS, Method
 
 _METHODS: dict[str, Method] = {}  # normalised name -> method, filled once below
@@ -36,6 +36,8 @@ register(rb_lora_factor.METHOD)
 register(uniform_hetlora.METHOD)
 register(weighted_hetlora.METHOD)
 register(flora.METHOD)
+register(flexlora.METHOD)
+register(fedit.METHOD)
 
 
 def available_methods() -> list[str]:
@@ -76,3 +78,13 @@ def resolve_reduction(method: Method, reduction: str | None) -> str:
             f"valid: {', '.join(method.reductions)}"
         )
     return reduction
+
+
+def check_ranks_fit(name: str, ranks: list[int]) -> None:
+    """ValueError if method ``name`` cannot aggregate clients of these ``ranks``."""
+    method = get_method(name)
+    if method.homogeneous_ranks and len(set(ranks)) > 1:
+        raise ValueError(
+            f"{method.name} needs every client at the same rank, got {ranks}; give one rank "
+            "(e.g. --client_ranks 8,8,...) or use a heterogeneous method"
+        )

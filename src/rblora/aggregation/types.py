@@ -102,3 +102,5 @@ class Method:
     HETLoRA-style factors), so ``truncate`` does not depend on client order; False for stacks."""
     aliases: tuple[str, ...] = ()
     """Extra accepted names (matching ignores case, spaces and punctuation anyway)."""
+    homogeneous_ranks: bool = False
+    """True if every client must have the same rank (FedIT); checked before any training."""

@@ -192,10 +192,14 @@ def load_image_classifier(
     import torch
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    from transformers.utils import logging as hf_logging
 
     path = resolve_model(name_or_path)
     is_local = _check_local(path, name_or_path, IMAGE_MODEL_ASSETS)
     kwargs = {"token": token, "local_files_only": is_local or not hub_reachable()}
+    # the new head is "missing" from the checkpoint by design: keep that report out of the log
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
         if config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
@@ -211,6 +215,8 @@ def load_image_classifier(
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AssetError(f"cannot load image model {name_or_path!r}: {first}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     head = getattr(model, "classifier", None)
     if not isinstance(head, torch.nn.Linear):
         raise AssetError(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rblora.aggregation import default_reduction, get_method
-from rblora.aggregation.registry import resolve_reduction
+from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
 from rblora.utils.device import check_device_name
 from rblora.utils.options import add_flags, as_int, default_of, load_yaml, option, values_from
 
@@ -287,7 +287,7 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
-        self.ranks()
+        check_ranks_fit(self.method, self.ranks())
         self.expected_sizes()
 
     def check_task_options(self, task: str, given: set[str]) -> None:
