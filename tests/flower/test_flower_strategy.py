@@ -184,3 +184,15 @@ def test_a_partition_claimed_twice_is_refused(workspace, tmp_path):
     grid = TestGrid({1: {"partition-id": 0}, 2: {"partition-id": 0}})
     with pytest.raises(RunError, match="both have partition 0"):
         _serve(workspace, tmp_path, grid)
+
+
+def test_a_flower_run_resumes_after_its_checkpoint(workspace, tmp_path):
+    _serve(workspace, tmp_path / "cut", _grid(), "--num_communication_rounds", "1")
+    _serve(workspace, tmp_path / "cut", _grid(), "--resume")  # 2 rounds in all
+    _serve(workspace, tmp_path / "full", _grid())
+    for sub in ("round_2/global", "round_2/client_1"):
+        a = adapter_tensors(tmp_path / "cut" / "3" / sub)
+        b = adapter_tensors(tmp_path / "full" / "3" / sub)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    rounds = [r["round"] for r in metrics(tmp_path / "cut" / "3") if r["type"] == "round"]
+    assert rounds == [1, 2]

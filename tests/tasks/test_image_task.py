@@ -140,3 +140,14 @@ def test_attention_targets_found_by_name():
     assert attention_targets(Model()) == ["query", "value"]
     with pytest.raises(ValueError, match="lora_target_modules"):
         attention_targets(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_image_run_resumes_to_the_same_adapters(vision, tmp_path):
+    cut, full = tmp_path / "cut", tmp_path / "full"
+    assert cli.main(_argv(vision, cut, "--num_communication_rounds", "1")) == 0
+    assert cli.main(_argv(vision, cut, "--resume")) == 0
+    assert cli.main(_argv(vision, full)) == 0
+    for sub in ("round_2/global", "round_2/client_2"):
+        a = load_file(str(cut / "3" / sub / "adapter_model.safetensors"))
+        b = load_file(str(full / "3" / sub / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

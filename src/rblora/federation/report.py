@@ -5,12 +5,20 @@ Works on the metric records alone (no model), so ``rblora report`` can rebuild t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from rblora.utils.atomic import write_json, write_text
 
 _SUITE_METRICS = ("accuracy", "acc_norm", "macro_accuracy")
+CI_SUFFIX = "_ci95"
+
+
+def ci95(p: float, n: int) -> float:
+    """Half-width of the 95% interval of an accuracy ``p`` measured on ``n`` questions (normal
+    approximation of the binomial: 1.96 sqrt(p (1 - p) / n)); the sampling noise of a figure."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
 def scalar_evals(evaluation: dict[str, Any] | None) -> dict[str, float]:
@@ -25,6 +33,8 @@ def scalar_evals(evaluation: dict[str, Any] | None) -> dict[str, float]:
         for key in _SUITE_METRICS:
             if isinstance(value.get(key), (int, float)):
                 flat[f"{suite}/{key}"] = float(value[key])
+        if isinstance(value.get("accuracy"), (int, float)) and value.get("count"):
+            flat[f"{suite}/accuracy{CI_SUFFIX}"] = ci95(value["accuracy"], value["count"])
     for key in ("loss", "perplexity"):
         if isinstance(evaluation.get(key), (int, float)):
             flat[f"heldout/{key}"] = float(evaluation[key])
@@ -76,12 +86,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     rows = results["rounds"]
     if not rows:
         return "(no completed round)\n"
-    metric_keys = sorted({k for r in rows for k in r if "/" in k})
+    metric_keys = sorted({k for r in rows for k in r if "/" in k and not k.endswith(CI_SUFFIX)})
     head = ["round", "train_loss", *metric_keys, "MB up", "MB down", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["round"]), _fmt(r.get("train_loss"))]
-        cells += [_fmt(r.get(k)) for k in metric_keys]
+        for k in metric_keys:  # accuracies with their 95% sampling interval
+            ci = r.get(k + CI_SUFFIX)
+            cells.append(_fmt(r.get(k)) + (f" ± {ci:.3f}" if ci is not None else ""))
         cells += [
             f"{(r.get('bytes_up') or 0) / 2**20:.1f}",
             f"{(r.get('bytes_down') or 0) / 2**20:.1f}",

@@ -1,0 +1,339 @@
+"""``rblora compare``: methods x rank settings x seeds on one prepared setting, one table.
+
+    rblora compare --methods RB-LoRA,FLoRA --seeds 1,2,3 --output_dir ./outputs/compare \
+        -- --config configs/embedded.yaml
+    rblora compare --rank_settings "heterogeneous;smallest;wide=8,8,64,64" -- --config ...
+
+Everything after ``--`` is train.py's options, the same for every cell (each cell changes only
+the method, the client ranks and the seed). Each cell is a normal run folder
+``<output_dir>/<setting>/<method>/seed<s>/<num_clients>/``: a finished cell is kept, an
+unfinished one is resumed, so a killed comparison goes on where it stopped. The base model is
+evaluated once (round 0 of the first cell). At the end ``<output_dir>/comparison.md`` holds the
+table (mean and standard deviation over seeds of each metric after round 1 and after the last
+round, communication per round and aggregation time) and ``<output_dir>/plots/`` one PNG per
+metric (mean per round, a band of one standard deviation). ``rblora report <output_dir>``
+rebuilds them from the cells' metrics.
+
+Rank settings: ``heterogeneous`` (the options' client ranks), ``smallest`` (every client at the
+smallest of them), ``uniform`` (every client at their rounded mean), or ``name=r0,r1,...``.
+Methods that need one rank (FedIT) run only in settings with one rank. For the image task the
+method list may hold ``head-only``: the baseline without LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HEAD_ONLY = "head-only"
+INDEX = "compare.json"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "-", name.lower()).strip("-")
+
+
+def rank_settings(names: list[str], ranks: list[int]) -> dict[str, list[int]]:
+    """Setting name -> client ranks (see the module doc)."""
+    out: dict[str, list[int]] = {}
+    for item in names:
+        name, _, custom = item.partition("=")
+        if custom:
+            values = [int(x) for x in custom.split(",") if x.strip()]
+            if len(values) != len(ranks):
+                raise ValueError(f"rank setting {item!r} has {len(values)} ranks, not {len(ranks)}")
+            out[name] = values
+        elif name == "heterogeneous":
+            out[name] = list(ranks)
+        elif name == "smallest":
+            out[name] = [min(ranks)] * len(ranks)
+        elif name == "uniform":
+            out[name] = [round(sum(ranks) / len(ranks))] * len(ranks)
+        else:
+            raise ValueError(
+                f"unknown rank setting {name!r}; valid: heterogeneous, smallest, uniform, "
+                "name=r0,r1,..."
+            )
+    return out
+
+
+def plan(methods: list[str], seeds: list[int], settings: dict[str, list[int]]) -> list[dict]:
+    """The cells: one per (setting, method, seed) that the method can run."""
+    from rblora.aggregation import get_method
+
+    cells = []
+    for setting, ranks in settings.items():
+        for method in methods:
+            if method != HEAD_ONLY and get_method(method).homogeneous_ranks and len(set(ranks)) > 1:
+                continue  # FedIT averages factors of one shape
+            for seed in seeds:
+                path = Path(setting) / _slug(method) / f"seed{seed}"
+                cells.append(
+                    {"setting": setting, "method": method, "seed": seed, "ranks": ranks,
+                     "path": str(path)}
+                )  # fmt: skip
+    return cells
+
+
+def _cell_argv(base: list[str], cell: dict, root: Path, first: bool) -> list[str]:
+    argv = [*base, "--output_dir", str(root / cell["path"]), "--seed", str(cell["seed"])]
+    argv += ["--client_ranks", ",".join(map(str, cell["ranks"]))]
+    if cell["method"] == HEAD_ONLY:
+        argv += ["--head_only"]
+    else:
+        argv += ["--method", cell["method"]]
+    argv += ["--eval_base" if first else "--no_eval_base"]
+    return argv
+
+
+def _state(run_dir: Path, rounds: int) -> str:
+    """done | resume | new."""
+    results = run_dir / "results.json"
+    if results.is_file():
+        try:
+            if json.loads(results.read_text()).get("rounds_completed", 0) >= rounds:
+                return "done"
+        except ValueError:
+            pass
+    return "resume" if (run_dir / "config.json").is_file() else "new"
+
+
+def run_compare(
+    base_argv: list[str], methods: list[str], seeds: list[int], setting_names: list[str],
+    root: Path,
+) -> dict:  # fmt: skip
+    """Run every cell (skipping finished ones), then write the table and plots."""
+    from rblora.federation.cli import run
+    from rblora.federation.options import parse_args
+    from rblora.federation.rounds import RunError, log
+    from rblora.tasks import infer_task
+
+    args, _ = parse_args(base_argv)
+    settings = rank_settings(setting_names, args.ranks())
+    cells = plan(methods, seeds, settings)
+    if not cells:
+        raise ValueError("no cell to run: every method needs a rank setting it cannot take")
+    for i, cell in enumerate(cells, start=1):  # every cell's options are checked first
+        try:
+            cell_args, given = parse_args(_cell_argv(base_argv, cell, root, first=i == 1))
+            cell_args.check_task_options(infer_task(cell_args), given)
+        except ValueError as err:
+            raise ValueError(f"{cell['setting']} / {cell['method']}: {err}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    index = {"base_argv": base_argv, "cells": cells, "num_clients": args.num_clients,
+             "rounds": args.num_communication_rounds}  # fmt: skip
+    (root / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    for i, cell in enumerate(cells, start=1):
+        run_dir = root / cell["path"] / str(args.num_clients)
+        state = _state(run_dir, args.num_communication_rounds)
+        label = f"cell {i}/{len(cells)}: {cell['setting']} / {cell['method']} / seed {cell['seed']}"
+        if state == "done":
+            log(f"{label}: finished earlier, kept")
+            continue
+        log(f"{label}{' (resuming)' if state == 'resume' else ''}")
+        argv = _cell_argv(base_argv, cell, root, first=i == 1)
+        argv += ["--resume"] if state == "resume" else ["--overwrite"]
+        cell_args, given = parse_args(argv)
+        start = time.perf_counter()
+        try:
+            run(cell_args, given)
+        except RunError as err:  # a method that diverges is a result, not a crash
+            log(f"{label}: stopped: {err}")
+            (root / cell["path"]).mkdir(parents=True, exist_ok=True)
+            (root / cell["path"] / "failed.txt").write_text(str(err) + "\n")
+        log(f"{label}: {time.perf_counter() - start:.0f} s")
+    return write_comparison(root)
+
+
+# ---------------------------------------------------------------------- table and plots
+def _cell_rounds(root: Path, cell: dict, num_clients: int) -> list[dict] | None:
+    from rblora.federation.report import summarize
+    from rblora.federation.rundir import RunFolder
+
+    folder = RunFolder(root / cell["path"] / str(num_clients))
+    if not folder.config_path.is_file():
+        return None
+    return summarize(folder.read_metrics(), folder.read_config())["rounds"]
+
+
+def _fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def collect(root: Path) -> dict:
+    """Per (setting, method): per round, per metric, the values over seeds."""
+    index = json.loads((root / INDEX).read_text())
+    groups: dict[tuple[str, str], dict] = {}
+    base: dict[str, float] = {}
+    for cell in index["cells"]:
+        rounds = _cell_rounds(root, cell, index["num_clients"])
+        group = groups.setdefault((cell["setting"], cell["method"]), {"seeds": 0, "rounds": {}})
+        if (root / cell["path"] / "failed.txt").is_file():
+            group["failed"] = (root / cell["path"] / "failed.txt").read_text().strip()
+        if not rounds:
+            continue
+        group["seeds"] += 1
+        for r in rounds:
+            if r["round"] == 0:
+                base = {k: v for k, v in r.items() if "/" in k and v is not None}
+                continue
+            slot = group["rounds"].setdefault(r["round"], {})
+            for key, value in r.items():
+                if value is not None and ("/" in key or key in _COSTS):
+                    slot.setdefault(key, []).append(float(value))
+    return {"index": index, "groups": groups, "base": base}
+
+
+_COSTS = ("bytes_up", "bytes_down", "aggregate_seconds")
+
+
+def comparison_table(data: dict) -> str:
+    groups, base = data["groups"], data["base"]
+    last = data["index"]["rounds"]
+    metrics = sorted(
+        {k for g in groups.values() for slot in g["rounds"].values() for k in slot if "/" in k},
+        key=lambda k: (not k.endswith("accuracy"), k),
+    )
+    skip = ("perplexity", "acc_norm", "macro_accuracy", "_ci95")
+    metrics = [m for m in metrics if not m.endswith(skip)]
+    shown = [1] if last == 1 else [1, last]
+    head = ["setting", "method", "seeds"]
+    head += [f"{m} r{t}" for m in metrics for t in shown]
+    head += ["MB up/round", "MB down/round", "agg s/round"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base:
+        cells = ["-", "base model", "-"]
+        cells += [(f"{base[m]:.3f}" if m in base else "-") for m in metrics for _ in shown]
+        lines.append("| " + " | ".join(cells + ["-", "-", "-"]) + " |")
+    for (setting, method), g in groups.items():
+        cells = [setting, method, str(g["seeds"])]
+        for m in metrics:
+            for t in shown:
+                cells.append(_fmt(g["rounds"].get(t, {}).get(m, [])))
+        every = [slot for slot in g["rounds"].values()]
+        for key, scale, digits in (
+            ("bytes_up", 2**20, 1), ("bytes_down", 2**20, 1), ("aggregate_seconds", 1, 2),
+        ):  # fmt: skip
+            values = [v / scale for slot in every for v in slot.get(key, [])]
+            cells.append(f"{statistics.fmean(values):.{digits}f}" if values else "-")
+        if g.get("failed"):
+            cells[2] += " (failed: see failed.txt)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(root: Path, data: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    groups = data["groups"]
+    metrics = sorted(
+        {
+            k
+            for g in groups.values()
+            for slot in g["rounds"].values()
+            for k in slot
+            if "/" in k and not k.endswith("_ci95")
+        }
+    )
+    out = root / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (setting, method), g in groups.items():
+            rounds = sorted(t for t, slot in g["rounds"].items() if slot.get(metric))
+            if not rounds:
+                continue
+            means = [statistics.fmean(g["rounds"][t][metric]) for t in rounds]
+            sds = [
+                statistics.stdev(v) if len(v := g["rounds"][t][metric]) > 1 else 0.0 for t in rounds
+            ]
+            label = method if len({s for s, _ in groups}) == 1 else f"{method} ({setting})"
+            ax.plot(rounds, means, marker="o", label=label)
+            ax.fill_between(
+                rounds,
+                [m - s for m, s in zip(means, sds, strict=True)],
+                [m + s for m, s in zip(means, sds, strict=True)],
+                alpha=0.15,
+            )
+        if metric in data["base"]:
+            ax.axhline(data["base"][metric], color="grey", linestyle="--", label="base model")
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric}: mean over seeds, band = 1 sd")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{metric.replace('/', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_comparison(root: Path) -> dict:
+    """``comparison.md`` and ``plots/`` from the cells' metrics; returns the collected data."""
+    from rblora.utils.atomic import write_text
+
+    data = collect(root)
+    index = data["index"]
+    text = [
+        "# Comparison",
+        "",
+        f"- train options: `{' '.join(index['base_argv'])}`",
+        f"- {index['num_clients']} clients, {index['rounds']} rounds; cells under {root}",
+        "- mean ± standard deviation over seeds; r<t> = after round t",
+        "",
+        comparison_table(data),
+    ]
+    write_text(root / "comparison.md", "\n".join(text))
+    write_plots(root, data)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rblora.aggregation import available_methods
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, train = (
+        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    )
+    parser = argparse.ArgumentParser(prog="rblora compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--methods",
+        default=",".join(available_methods()),
+        help=f"comma-separated methods and/or {HEAD_ONLY} (default: every registered method)",
+    )
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    parser.add_argument(
+        "--rank_settings",
+        default="heterogeneous",
+        help="semicolon-separated: heterogeneous; smallest; uniform; name=r0,r1,... "
+        "(default: heterogeneous)",
+    )
+    parser.add_argument("--output_dir", required=True, help="root of the cells and the table")
+    try:
+        ns = parser.parse_args(own)
+        methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+        seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
+        settings = [s.strip() for s in ns.rank_settings.split(";") if s.strip()]
+        data = run_compare(train, methods, seeds, settings, Path(ns.output_dir))
+    except (ValueError, OSError) as err:
+        print(f"rblora compare: error: {err}", file=sys.stderr)
+        return 2
+    print(comparison_table(data), end="")
+    print(f"table: {Path(ns.output_dir) / 'comparison.md'}")
+    return 0

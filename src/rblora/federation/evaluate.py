@@ -1,0 +1,130 @@
+"""``rblora evaluate`` and ``rblora report``: score a saved adapter; rebuild reports.
+
+    rblora evaluate --adapter outputs/embedded/10/round_3/global
+    rblora evaluate --adapter outputs/embedded/10/round_1/client_4 --out scores.json
+    rblora evaluate --adapter PATH -- --eval_mmlu_size 1444 --eval_test_size 0
+    rblora report outputs/embedded/10 outputs/compare
+
+``evaluate`` scores any adapter folder the runs write (a global model, a client's adapter, or a
+head-only ``dense.safetensors``) on the suites of the run it comes from: its options are read
+from the run's ``config.json`` (the first one found above the adapter, or ``--run``); options
+after ``--`` override them. The adapter is applied to the original base model with its own rank
+and scaling (``lora_alpha / r`` from its ``adapter_config.json``). A client adapter of a
+merge-protocol run (FLoRA) was trained on the merged base of its round; it is scored on the
+original base here.
+
+``report`` rebuilds ``results.json``, ``summary.md`` and the plots of finished runs from their
+``metrics.jsonl``, and ``comparison.md`` with its plots for ``rblora compare`` folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def find_run(adapter: Path) -> Path:
+    """The run folder (holding config.json) that ``adapter`` belongs to."""
+    for folder in [adapter, *adapter.resolve().parents]:
+        if (folder / "config.json").is_file() and (folder / "metrics.jsonl").exists():
+            return folder
+    raise ValueError(
+        f"no run folder (config.json) above {adapter}; pass --run RUN_DIR or the options after --"
+    )
+
+
+def adapter_delta(path: Path) -> tuple[dict, dict]:
+    """(module -> (A, s * B), dense extras) of a saved adapter folder."""
+    from safetensors.torch import load_file
+
+    from rblora.adapters import load_peft_adapter, load_peft_dense
+    from rblora.aggregation import lora_scale
+    from rblora.tasks.image import DENSE_FILE
+
+    if (path / DENSE_FILE).is_file():
+        return {}, dict(load_file(str(path / DENSE_FILE)))
+    factors, config = load_peft_adapter(path)
+    rank = int(config["r"])
+    scale = lora_scale(float(config["lora_alpha"]), rank, bool(config.get("use_rslora")))
+    delta = {m: (a, b * scale) for m, (a, b) in factors.items()}
+    return delta, load_peft_dense(path)
+
+
+def run_args(config: dict, extra: list[str]):
+    """(TrainArgs, given) of a run's saved configuration with ``extra`` train.py options on top."""
+    from dataclasses import fields
+
+    from rblora.federation.options import TrainArgs, parse_args
+
+    overrides, given = parse_args(extra)
+    values = {f.name: config[f.name] for f in fields(TrainArgs) if f.name in config}
+    values.update({name: getattr(overrides, name) for name in given})
+    values.update(resume=False, overwrite=False)
+    args = TrainArgs(**values)
+    args.validate()
+    return args, given
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, extra = (
+        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    )
+    parser = argparse.ArgumentParser(prog="rblora evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", required=True, help="an adapter folder a run wrote")
+    parser.add_argument("--run", help="the run folder whose options to use (default: found)")
+    parser.add_argument("--out", help="also write the evaluation as JSON to this file")
+    ns = parser.parse_args(own)
+    from rblora.assets import AssetError
+    from rblora.federation.report import scalar_evals
+    from rblora.federation.rounds import log
+    from rblora.tasks import build_task
+    from rblora.utils.atomic import write_json
+
+    try:
+        adapter = Path(ns.adapter)
+        if not adapter.is_dir():
+            raise ValueError(f"--adapter {adapter} is not a folder")
+        run = Path(ns.run) if ns.run else find_run(adapter)
+        config = json.loads((run / "config.json").read_text())
+        args, given = run_args(config, extra)
+        delta, dense = adapter_delta(adapter)
+        task = build_task(args, given, log=log)
+        task.set_base({}, dense)
+        evaluation = task.evaluate(delta, round_=-1)
+    except (ValueError, AssetError, OSError) as err:
+        print(f"rblora evaluate: error: {err}", file=sys.stderr)
+        return 2
+    for name, value in scalar_evals(evaluation).items():
+        print(f"{name}: {value:.4f}")
+    if ns.out:
+        write_json(Path(ns.out), {"adapter": str(adapter), "eval": evaluation})
+    return 0
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="rblora report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", help="run folders and/or rblora compare folders")
+    ns = parser.parse_args(argv)
+    from rblora.federation.compare import INDEX, comparison_table, write_comparison
+    from rblora.federation.report import markdown_table, write_report
+    from rblora.federation.rundir import RunFolder
+
+    status = 0
+    for path in map(Path, ns.folders):
+        try:
+            if (path / INDEX).is_file():
+                print(f"# {path}\n\n{comparison_table(write_comparison(path))}")
+            elif (path / "config.json").is_file():
+                folder = RunFolder(path)
+                results = write_report(path, folder.read_metrics(), folder.read_config())
+                print(f"# {path}\n\n{markdown_table(results)}")
+            else:
+                raise ValueError(f"{path} is neither a run folder nor a comparison folder")
+        except (ValueError, OSError) as err:
+            print(f"rblora report: error: {err}", file=sys.stderr)
+            status = 2
+    return status
