@@ -173,3 +173,20 @@ def test_mixture_drops_duplicates_so_nothing_is_trained_on_and_held_out(fake_ass
     assert np.bincount(src.train_labels).tolist() == [60, 45]
     keys = [S._item_key(r) for r in src.train + src.heldout]
     assert len(keys) == len(set(keys))
+
+
+def test_format_multiple_choice_in_the_cloze_style_scores_the_option_texts():
+    from rblora.data.templates import Prompter
+    from rblora.evaluation.items import _prepared_item
+
+    rec = {"task": "sciq", "question": "Which gas?", "context": "Plants make it.",
+           "choices": ["oxygen", "neon"], "answer": 0}  # fmt: skip
+    out = S.format_multiple_choice(rec, "cloze")
+    assert out["instruction"] == "Answer the question."
+    assert out["context"] == "Question: Which gas? Context: Plants make it."
+    assert out["response"] == "oxygen" and out["style"] == "cloze"
+    item = _prepared_item(out, Prompter("alpaca_legacy"))  # prompt ends with "Response:"
+    assert item.choices == [" oxygen", " neon"] and item.answer == 0
+    assert _prepared_item(out, Prompter("alpaca_short")).choices == ["oxygen", "neon"]
+    with pytest.raises(ValueError, match="unknown multiple-choice style 'plain'"):
+        S.format_multiple_choice(rec, "plain")

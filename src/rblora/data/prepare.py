@@ -69,6 +69,11 @@ class PrepareConfig:
         None, "mixture: comma-separated tasks (default: every embedded task but mmlu)"
     )
     per_task: int = option(2000, "mixture: training records per task (at most)")
+    mc_style: str = option(
+        "mmlu",
+        "mixture: mmlu (the papers' format: options listed, response 'The answer is: B. y') | "
+        "cloze (question only, response the option's text; scored like zero-shot harnesses)",
+    )
     pool_size: int | None = option(
         None,
         "keep a seeded subsample of this many training examples (stratified by category) "
@@ -300,7 +305,7 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
         reserve = (
             DEFAULT_TEST["mixture"] if cfg.test_per_category is None else cfg.test_per_category
         )
-        src = S.load_mixture(cfg.tasks, cfg.per_task, reserve, r_source)
+        src = S.load_mixture(cfg.tasks, cfg.per_task, reserve, r_source, cfg.mc_style)
     elif source_name == "imagefolder":
         src = S.load_image_folder(Path(cfg.image_dir))
     else:

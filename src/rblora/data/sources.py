@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from rblora.data.templates import LETTERS, MC_INSTRUCTION, render_answer, render_options
+from rblora.data.templates import (
+    CLOZE_INSTRUCTION,
+    LETTERS,
+    MC_INSTRUCTION,
+    MC_STYLES,
+    render_answer,
+    render_options,
+    render_question,
+)
 from rblora.utils.records import parse_records
 
 #: File names the seed looks for in the working directory (first match wins).
@@ -179,13 +187,18 @@ def load_files(
 
 
 # -------------------------------------------------------------------------- mixture
-def format_multiple_choice(record: dict) -> dict:
-    """An assets task record -> the seed's instruction shape in the FLoRA/RB-LoRA MMLU style.
+def format_multiple_choice(record: dict, style: str = "mmlu") -> dict:
+    """An assets task record -> the seed's instruction shape.
 
-    ``{"task","question","context","choices","answer"}`` becomes instruction = ``MC_INSTRUCTION``,
-    context ``"Question: <q>[ Context: <passage>] Options: A. x, B. y"``, response
-    ``"The answer is: B. y"``, category = task, plus ``task``, ``choices`` and ``answer``.
+    ``{"task","question","context","choices","answer"}`` becomes, in the FLoRA/RB-LoRA MMLU style
+    (``style="mmlu"``), instruction = ``MC_INSTRUCTION``, context ``"Question: <q>[ Context:
+    <passage>] Options: A. x, B. y"``, response ``"The answer is: B. y"``; in the cloze style,
+    instruction = ``CLOZE_INSTRUCTION``, context ``"Question: <q>[ Context: <passage>]"``,
+    response ``"y"`` (the option's text). Plus category = task, ``task``, ``choices`` and
+    ``answer``; cloze records also carry ``style: "cloze"`` (how evaluation scores them).
     """
+    if style not in MC_STYLES:
+        raise ValueError(f"unknown multiple-choice style {style!r}; valid: {', '.join(MC_STYLES)}")
     task = record.get("task")
     choices = record.get("choices")
     answer = record.get("answer")
@@ -200,15 +213,24 @@ def format_multiple_choice(record: dict) -> dict:
     if not question:  # tasks whose whole prompt is the passage (e.g. a sentence to complete)
         question, passage = passage, ""
     choices = [str(c) for c in choices]
-    return {
-        "instruction": MC_INSTRUCTION,
-        "context": render_options(question, choices, passage),
-        "response": render_answer(choices, answer),
+    if style == "cloze":
+        text = (CLOZE_INSTRUCTION, render_question(question, passage), choices[answer])
+    else:
+        text = (
+            MC_INSTRUCTION,
+            render_options(question, choices, passage),
+            render_answer(choices, answer),
+        )
+    record = {
+        "instruction": text[0],
+        "context": text[1],
+        "response": text[2],
         "category": task,
         "task": task,
         "choices": choices,
         "answer": answer,
     }
+    return {**record, "style": style} if style == "cloze" else record
 
 
 def _assets():
@@ -287,7 +309,11 @@ def _split_task(assets, name: str, splits: dict, per_task: int, reserve: int, rn
 
 
 def load_mixture(
-    tasks: Sequence[str] | None, per_task: int, reserve: int, rng: np.random.Generator
+    tasks: Sequence[str] | None,
+    per_task: int,
+    reserve: int,
+    rng: np.random.Generator,
+    style: str = "mmlu",
 ) -> Source:
     """The embedded instruction mixture from ``rblora.assets`` tasks.
 
@@ -318,8 +344,8 @@ def load_mixture(
         task_train, task_held, checksums[name] = _split_task(
             assets, name, index[name], per_task, reserve, rng
         )
-        train += [format_multiple_choice(r) for r in task_train]
-        heldout += [format_multiple_choice(r) for r in task_held]
+        train += [format_multiple_choice(r, style) for r in task_train]
+        heldout += [format_multiple_choice(r, style) for r in task_held]
     categories = sorted(names)
     return Source(
         "text",

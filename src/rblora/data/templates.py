@@ -92,7 +92,17 @@ class Prompter:
 #   output       "The answer is: B. <y>"
 MC_INSTRUCTION = "Please answer the following multiple-choice question honestly."
 ANSWER_LEAD = "The answer is: "
+# The cloze style scores the option texts themselves after the question (as zero-shot harnesses
+# do for ARC, SciQ, PIQA): instruction CLOZE_INSTRUCTION, input "Question: <q>[ Context: <p>]",
+# output the correct option's text.
+CLOZE_INSTRUCTION = "Answer the question."
+MC_STYLES = ("mmlu", "cloze")
 LETTERS = string.ascii_uppercase
+
+
+def render_question(question: str, passage: str | None = None) -> str:
+    """``"Question: <q>[ Context: <passage>]"``."""
+    return f"Question: {question}" + (f" Context: {passage}" if passage else "")
 
 
 def render_options(question: str, choices: Sequence[str], passage: str | None = None) -> str:
@@ -100,8 +110,7 @@ def render_options(question: str, choices: Sequence[str], passage: str | None = 
     if not 2 <= len(choices) <= len(LETTERS):
         raise ValueError(f"need 2..{len(LETTERS)} choices, got {len(choices)}")
     options = ", ".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    context = f" Context: {passage}" if passage else ""
-    return f"Question: {question}{context} Options: {options}"
+    return f"{render_question(question, passage)} Options: {options}"
 
 
 def render_answer(choices: Sequence[str], index: int, lead: str = ANSWER_LEAD) -> str:

@@ -26,6 +26,7 @@ from rblora.data.templates import (
     ANSWER_LEAD,
     LETTERS,
     MC_INSTRUCTION,
+    MC_STYLES,
     render_answer,
     render_options,
 )
@@ -123,8 +124,9 @@ def _prepared_item(record: dict, prompter) -> MCItem | None:
     """A prepared record ``{instruction, context, response, category, choices?, answer?}``.
 
     Without choices it is a loss-only record (None). If the response has the form
-    ``"<lead><letter>. <text>"`` the continuations are ``"<lead>A. <choice>"``, ...; otherwise
-    the continuations are the raw choice texts.
+    ``"<lead><letter>. <text>"`` (and the record is not in the cloze style) the continuations
+    are ``"<lead>A. <choice>"``, ...; otherwise the raw choice texts, after a space when the
+    prompt does not end in whitespace.
     """
     choices = record.get("choices")
     if not choices:
@@ -136,11 +138,14 @@ def _prepared_item(record: dict, prompter) -> MCItem | None:
         lead, letter_index, _ = parse_answer(str(record.get("response", "")))
     except ValueError:
         lead = None
+    if record.get("style") == "cloze":  # the option texts themselves are the continuations
+        lead = None
+    prompt = prompter.prompt(record["instruction"], record.get("context") or "")
     if lead is not None and letter_index == answer:
         continuations = [f"{lead}{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
     else:
-        continuations = [str(c) for c in choices]
-    prompt = prompter.prompt(record["instruction"], record.get("context") or "")
+        space = "" if prompt[-1:].isspace() else " "
+        continuations = [space + str(c) for c in choices]
     return MCItem(prompt, continuations, answer, str(record.get("category", "")))
 
 
@@ -244,8 +249,7 @@ def mmlu_items(n: int = 1444, seed: int = 0, prompter=None, records: list[dict] 
     return items
 
 
-CLOZE_INSTRUCTION = "Answer the question."
-TASK_STYLES = ("mmlu", "cloze")
+TASK_STYLES = MC_STYLES
 
 
 def task_items(
@@ -291,18 +295,10 @@ def task_items(
     items = []
     for i, rec in enumerate(records):
         try:
-            prepared = format_multiple_choice({**rec, "task": name})
+            prepared = format_multiple_choice({**rec, "task": name}, style)
         except (KeyError, ValueError) as err:
             raise ValueError(f"task {name!r} record {i}: {err}") from err
-        if style == "cloze":
-            context = prepared["context"].rsplit(" Options: ", 1)[0]
-            prompt = prompter.prompt(CLOZE_INSTRUCTION, context)
-            choices = [
-                " " + c if prompt[-1:] not in (" ", "\n") else c for c in prepared["choices"]
-            ]
-            items.append(MCItem(prompt, choices, prepared["answer"], name))
-        else:
-            items.append(_prepared_item(prepared, prompter))
+        items.append(_prepared_item(prepared, prompter))
     return items
 
 

@@ -16,8 +16,9 @@ rebuilds them from the cells' metrics.
 
 Rank settings: ``heterogeneous`` (the options' client ranks), ``smallest`` (every client at the
 smallest of them), ``uniform`` (every client at their rounded mean), or ``name=r0,r1,...``.
-Methods that need one rank (FedIT) run only in settings with one rank. For the image task the
-method list may hold ``head-only``: the baseline without LoRA.
+Methods that need one rank (FedIT) run only in settings with one rank; ``method@setting`` runs a
+method in that setting only. For the image task the method list may hold ``head-only``: the
+baseline without LoRA.
 """
 
 from __future__ import annotations
@@ -66,9 +67,16 @@ def plan(methods: list[str], seeds: list[int], settings: dict[str, list[int]]) -
     """The cells: one per (setting, method, seed) that the method can run."""
     from rblora.aggregation import get_method
 
+    for entry in methods:
+        only = entry.partition("@")[2]
+        if only and only not in settings:
+            raise ValueError(f"{entry}: no rank setting {only!r} (have {', '.join(settings)})")
     cells = []
     for setting, ranks in settings.items():
-        for method in methods:
+        for entry in methods:
+            method, _, only = entry.partition("@")
+            if only and only != setting:
+                continue  # "FedIT@smallest": that setting only
             if method != HEAD_ONLY and get_method(method).homogeneous_ranks and len(set(ranks)) > 1:
                 continue  # FedIT averages factors of one shape
             for seed in seeds:

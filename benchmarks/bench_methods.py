@@ -1,0 +1,102 @@
+"""The comparison of methods this project exists for: every method, 3 seeds, one table.
+
+    .venv/bin/python benchmarks/bench_methods.py lm              # about 90 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_methods.py image           # about 45 minutes
+    .venv/bin/python benchmarks/bench_methods.py lm --quick      # a few minutes (what tests run)
+
+Prepares the data of the setting under ``<output_dir>/data`` (once), then runs ``rblora
+compare`` (``rblora.federation.compare``) with the same hyperparameters for every method and
+writes ``<output_dir>/comparison.md`` and ``<output_dir>/plots/``. Killed, it resumes where it
+stopped (finished cells are kept).
+
+- ``lm``: SmolLM2-135M-Instruct on the embedded sentiment/NLI mixture of the main job
+  (``make run``), 10 clients with ranks [4, 4, 8, 8, 16, 16, 32, 32, 64, 64], 3 rounds; every
+  registered method with heterogeneous ranks, FedIT (one rank only) with every client at rank 4.
+- ``image``: DINOv2 ViT-S/14 on Fashion-MNIST, 10 Dirichlet-0.5 clients, the seed's ranks,
+  3 rounds at 84 px; every method, FedIT at rank 4, and the head-only baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rblora.aggregation import available_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+HETEROGENEOUS = [m for m in available_methods() if m != "FedIT"]
+
+PRESETS = {
+    "lm": {
+        "prepare": ["10", "2", "--source", "mixture", "--tasks", "sst2,rte,mrpc,boolq",
+                    "--per_task", "200", "--client_sizes", "8,8,12,12,16,16,20,20,24,24",
+                    "--test_per_category", "50"],
+        "train": ["--config", str(ROOT / "configs" / "embedded.yaml"), "--eval_mmlu_size", "0"],
+        "methods": [*HETEROGENEOUS, "FedIT@smallest"],
+        "seeds": "1,2,3",
+        "settings": "heterogeneous;smallest",
+    },
+    "image": {
+        "prepare": ["10", "--source", "fashion-mnist", "--partition", "dirichlet",
+                    "--alpha", "0.5", "--pool_size", "1000", "--test_per_category", "50"],
+        "train": ["--config", str(ROOT / "configs" / "vit_embedded.yaml"),
+                  "--image_size", "84"],
+        "methods": [*HETEROGENEOUS, "FedIT@smallest", "head-only"],
+        "seeds": "1,2,3",
+        "settings": "heterogeneous;smallest",
+    },
+}  # fmt: skip
+
+QUICK = {
+    "lm": {
+        "prepare": ["3", "2", "--source", "mixture", "--tasks", "sst2", "--client_sizes",
+                    "4,4,8", "--test_per_category", "10"],
+        "train": ["--num_clients", "3", "--client_ranks", "4,8,16",
+                  "--num_communication_rounds", "1"],
+        "methods": ["RB-LoRA", "FLoRA"],
+        "seeds": "1",
+        "settings": "heterogeneous",
+    },
+    "image": {
+        "prepare": ["3", "--source", "fashion-mnist", "--partition", "iid", "--pool_size", "96",
+                    "--test_per_category", "5"],
+        "train": ["--num_clients", "3", "--client_ranks", "4,8,16",
+                  "--num_communication_rounds", "1", "--image_size", "56"],
+        "methods": ["RB-LoRA", "FLoRA", "head-only"],
+        "seeds": "1",
+        "settings": "heterogeneous",
+    },
+}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("task", choices=sorted(PRESETS))
+    parser.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, 1 round")
+    parser.add_argument("--output_dir", type=Path, help="default: ./outputs/bench_<task>[_quick]")
+    parser.add_argument("--seeds", help="override the preset's seeds, e.g. 1,2")
+    ns = parser.parse_args(argv)
+    from rblora.data.prepare import main as prepare_main
+    from rblora.federation.compare import main as compare_main
+
+    preset = dict(PRESETS[ns.task])
+    if ns.quick:  # the full preset's options, smaller where QUICK says so
+        quick = QUICK[ns.task]
+        preset = {**preset, **{k: v for k, v in quick.items() if k != "train"}}
+        preset["train"] = [*preset["train"], *quick["train"]]
+    out = ns.output_dir or ROOT / "outputs" / f"bench_{ns.task}{'_quick' if ns.quick else ''}"
+    data = out / "data"
+    clients = preset["prepare"][0]
+    if not (data / clients / "partition.json").is_file():
+        code = prepare_main([*preset["prepare"], "--output_dir", str(data)])
+        if code:
+            return code
+    argv = ["--methods", ",".join(preset["methods"]), "--seeds", ns.seeds or preset["seeds"]]
+    argv += ["--rank_settings", preset["settings"], "--output_dir", str(out), "--"]
+    argv += [*preset["train"], "--data_path", str(data), "--no_progress"]
+    return compare_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
