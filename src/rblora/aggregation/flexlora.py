@@ -14,22 +14,10 @@ The same global update as FLoRA's; FLoRA merges it into the base, FlexLoRA redis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from . import flora
+from .types import Method
 
-import torch
-from torch import Tensor
-
-from .linalg import weighted_stack
-from .types import FactorPair, Method
-
-
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
-    """Data-weighted stack of the full updates: ``(A_s: (S, d_in), B_s: (d_out, S))``."""
-    rank = max(a.shape[0] for a in As)
-    p = torch.tensor(list(num_examples), dtype=torch.float64)
-    gamma = (p / p.sum())[:, None].expand(len(As), rank)
-    return weighted_stack(As, Bhs, gamma)
-
+combine = flora.combine  # the same exact weighted stack; only the redistribution differs
 
 METHOD = Method(
     name="FlexLoRA",

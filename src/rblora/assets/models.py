@@ -87,22 +87,8 @@ def load_causal_lm(
     from rblora.utils.device import load_dtype
 
     path = resolve_model(name_or_path)
-    is_local = Path(path).exists()
-    if is_local and not (Path(path) / "config.json").is_file():
-        raise AssetError(
-            f"cannot load model {name_or_path!r}: the folder has no config.json, so it is not a "
-            f"transformers model folder; pass one (saved with save_pretrained) or an embedded "
-            f"name: {', '.join(CAUSAL_LM_ASSETS)}."
-        )
-    online = is_local or hub_reachable()
-    kwargs = {"token": token, "local_files_only": not online}
-    if not online and not _in_hub_cache(path):
-        raise AssetError(
-            f"cannot load model {name_or_path!r}: it is not an embedded name or a local folder, "
-            "the Hugging Face hub is not reachable from this machine and the model is not in its "
-            "local hub cache. Pass a local folder with a transformers model, or an embedded "
-            f"name: {', '.join(CAUSAL_LM_ASSETS)}."
-        )
+    is_local, offline = _check_local(path, name_or_path, CAUSAL_LM_ASSETS)
+    kwargs = {"token": token, "local_files_only": offline}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         device = torch.device(device or "cpu")
@@ -128,9 +114,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _check_local(path: str, name_or_path: str, embedded: tuple[str, ...]) -> bool:
-    """True if ``path`` is a local model folder; AssetError for a folder without config.json or
-    an id the hub cannot provide (checked at once, no minute of retries)."""
+def _check_local(path: str, name_or_path: str, embedded: tuple[str, ...]) -> tuple[bool, bool]:
+    """(is a local folder, load from local files only). AssetError for a folder without
+    config.json, or an id the hub cannot provide (checked at once, no minute of retries)."""
     is_local = Path(path).exists()
     if is_local and not (Path(path) / "config.json").is_file():
         raise AssetError(
@@ -138,14 +124,15 @@ def _check_local(path: str, name_or_path: str, embedded: tuple[str, ...]) -> boo
             f"transformers model folder; pass one (saved with save_pretrained) or an embedded "
             f"name: {', '.join(embedded)}."
         )
-    if not is_local and not hub_reachable() and not _in_hub_cache(path):
+    offline = is_local or not hub_reachable()
+    if offline and not is_local and not _in_hub_cache(path):
         raise AssetError(
             f"cannot load model {name_or_path!r}: it is not an embedded name or a local folder, "
             "the Hugging Face hub is not reachable from this machine and the model is not in its "
             "local hub cache. Pass a local folder with a transformers model, or an embedded "
             f"name: {', '.join(embedded)}."
         )
-    return is_local
+    return is_local, offline
 
 
 def _backbone_classifier(backbone, num_labels: int):
@@ -195,8 +182,8 @@ def load_image_classifier(
     from transformers.utils import logging as hf_logging
 
     path = resolve_model(name_or_path)
-    is_local = _check_local(path, name_or_path, IMAGE_MODEL_ASSETS)
-    kwargs = {"token": token, "local_files_only": is_local or not hub_reachable()}
+    _, offline = _check_local(path, name_or_path, IMAGE_MODEL_ASSETS)
+    kwargs = {"token": token, "local_files_only": offline}
     # the new head is "missing" from the checkpoint by design: keep that report out of the log
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()

@@ -171,3 +171,28 @@ def only_client(items: list, client: int | None, empty) -> list:
     if not 0 <= client < len(items):
         raise ValueError(f"client {client} is out of range 0..{len(items) - 1}")
     return [item if k == client else empty for k, item in enumerate(items)]
+
+
+def train_config(args: TrainArgs, model, *, log=print, **task_fields):
+    """The local-training settings every task shares, from the run's options, with ``bf16``
+    resolved for ``model`` (timed once per process, the decision logged); ``task_fields`` are
+    the task's own (cutoff, masking, length grouping for language models)."""
+    from dataclasses import replace
+
+    from rblora.training import TrainConfig
+    from rblora.utils.device import bf16_decision
+
+    config = TrainConfig(
+        micro_batch_size=args.local_micro_batch_size,
+        batch_size=args.local_batch_size,
+        num_epochs=args.local_num_epochs,
+        learning_rate=args.local_learning_rate,
+        bf16=args.bf16_setting(),
+        seed=args.seed,
+        **task_fields,
+    )
+    choice = bf16_decision(config.bf16, model)
+    if choice is None:
+        return config
+    log(choice.describe())
+    return replace(config, bf16=choice.use_bf16)

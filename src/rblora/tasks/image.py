@@ -41,10 +41,11 @@ from rblora.tasks.base import (
     check_ranks,
     only_client,
     seeded_subset,
+    train_config,
 )
 from rblora.training import TrainConfig, train_local
 from rblora.utils.atomic import atomic_dir
-from rblora.utils.device import bf16_decision, use_bf16
+from rblora.utils.device import use_bf16
 
 DEFAULT_MODEL = "dinov2-vits14"
 HEAD = "classifier"
@@ -145,18 +146,7 @@ class ImageTask:
                 name, num_labels, seed=args.seed, device=device, token=args.hf_token()
             ),
         )
-        train_config = TrainConfig(
-            micro_batch_size=args.local_micro_batch_size,
-            batch_size=args.local_batch_size,
-            num_epochs=args.local_num_epochs,
-            learning_rate=args.local_learning_rate,
-            bf16=args.bf16_setting(),
-            seed=args.seed,
-        )
-        choice = bf16_decision(train_config.bf16, model)
-        if choice is not None:
-            log(choice.describe())
-            train_config = replace(train_config, bf16=choice.use_bf16)
+        config = train_config(args, model, log=log)
         test = data.global_test
         if client is not None:
             test = _take(test, [])
@@ -172,7 +162,7 @@ class ImageTask:
             clients,
             test,
             image_size=size,
-            train_config=train_config,
+            train_config=config,
             target_modules=args.lora_target_modules or attention_targets(model),
             lora_dropout=args.lora_dropout,
             head_only=args.head_only,

@@ -35,11 +35,12 @@ from rblora.tasks.base import (
     check_ranks,
     only_client,
     seeded_subset,
+    train_config,
 )
 from rblora.training import TrainConfig, tokenize_records, train_local
 from rblora.training.batching import sequence_length
 from rblora.training.loss import causal_lm_objective
-from rblora.utils.device import bf16_decision, use_bf16
+from rblora.utils.device import use_bf16
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -125,27 +126,20 @@ class CausalLMTask:
             ("lm", name, str(device)),
             lambda: load_causal_lm(name, token=args.hf_token(), device=device),
         )
-        train_config = TrainConfig(
-            micro_batch_size=args.local_micro_batch_size,
-            batch_size=args.local_batch_size,
-            num_epochs=args.local_num_epochs,
-            learning_rate=args.local_learning_rate,
+        config = train_config(
+            args,
+            model,
+            log=log,
             group_by_length=args.group_by_length,
             cutoff_len=args.cutoff_len,
             train_on_inputs=args.train_on_inputs,
-            bf16=args.bf16_setting(),
-            seed=args.seed,
         )
-        choice = bf16_decision(train_config.bf16, model)
-        if choice is not None:
-            log(choice.describe())
-            train_config = replace(train_config, bf16=choice.use_bf16)
         task = cls(
             model,
             tokenizer,
             only_client(data.clients, client, []),
             prompter=prompter,
-            train_config=train_config,
+            train_config=config,
             target_modules=args.lora_target_modules or DEFAULT_TARGETS,
             lora_dropout=args.lora_dropout,
             val_set_size=args.local_val_set_size,
