@@ -57,7 +57,10 @@ def parse_records(
     if text[start] == "[":
         return _parse_array(text, start, path)
     out = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a record: str.splitlines would also split inside strings holding U+2028,
+    # U+0085 or other Unicode line breaks, which JSON allows unescaped (MMLU has some).
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if line.strip():
             try:
                 out.append((number, json.loads(line)))
