@@ -22,10 +22,11 @@ setup: $(STAMP)
 
 # The main job: embedded data for 10 clients (small sizes: a 2-core CPU trains ~200 tokens/s),
 # then RB-LoRA for 3 rounds on SmolLM2-135M-Instruct (configs/embedded.yaml).
-RUN_SIZES ?= 8,8,12,12,16,16,20,20,24,24
+RUN_SIZES ?= 16,16,24,24,32,32,40,40,48,48
+RUN_TASKS ?= sst2,rte,mrpc,boolq
 run: setup
-	$(PY) prepare_data.py 10 2 --source mixture --client_sizes $(RUN_SIZES) \
-		--test_per_category 5 --overwrite
+	$(PY) prepare_data.py 10 2 --source mixture --tasks $(RUN_TASKS) --per_task 200 \
+		--client_sizes $(RUN_SIZES) --test_per_category 50 --overwrite
 	$(PY) train.py --config configs/embedded.yaml --overwrite
 
 # The vision job: DINOv2 ViT-S/14 (embedded) on Fashion-MNIST, 10 label-skewed clients

@@ -25,12 +25,16 @@ from pathlib import Path
 from rblora.aggregation import available_methods
 
 ROOT = Path(__file__).resolve().parents[1]
-HETEROGENEOUS = [m for m in available_methods() if m != "FedIT"]
+# every heterogeneous-rank method with the options' ranks; FedIT (one rank only) with every
+# client at the smallest of them. The paper's four first: a comparison cut short has them.
+PAPER = ["RB-LoRA", "Weighted HETLoRA", "Uniform HETLoRA", "FLoRA"]
+OTHERS = [m for m in available_methods() if m not in PAPER and m != "FedIT"]
+HETEROGENEOUS = [f"{m}@heterogeneous" for m in PAPER + OTHERS]
 
 PRESETS = {
     "lm": {
         "prepare": ["10", "2", "--source", "mixture", "--tasks", "sst2,rte,mrpc,boolq",
-                    "--per_task", "200", "--client_sizes", "8,8,12,12,16,16,20,20,24,24",
+                    "--per_task", "200", "--client_sizes", "16,16,24,24,32,32,40,40,48,48",
                     "--test_per_category", "50"],
         "train": ["--config", str(ROOT / "configs" / "embedded.yaml"), "--eval_mmlu_size", "0"],
         "methods": [*HETEROGENEOUS, "FedIT@smallest"],
@@ -42,7 +46,7 @@ PRESETS = {
                     "--alpha", "0.5", "--pool_size", "1000", "--test_per_category", "50"],
         "train": ["--config", str(ROOT / "configs" / "vit_embedded.yaml"),
                   "--image_size", "84"],
-        "methods": [*HETEROGENEOUS, "FedIT@smallest", "head-only"],
+        "methods": [*HETEROGENEOUS, "FedIT@smallest", "head-only@heterogeneous"],
         "seeds": "1,2,3",
         "settings": "heterogeneous;smallest",
     },
