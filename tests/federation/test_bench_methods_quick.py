@@ -1,0 +1,64 @@
+"""benchmarks/bench_methods.py --quick on the real embedded models (slow): the comparison table
+of the README's Results section, in a form that runs in minutes."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_methods.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(table: str, method: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 2 and cells[1] == method:
+            return cells
+    raise AssertionError(f"no row for {method} in\n{table}")
+
+
+def _number(cell: str) -> float:
+    match = re.fullmatch(r"(-?[\d.]+)( ± [\d.]+)?", cell)
+    assert match, cell
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize(
+    ("task", "methods", "metric"),
+    [
+        ("lm", ["RB-LoRA", "FLoRA"], "test/accuracy r1"),
+        ("image", ["RB-LoRA", "FLoRA", "head-only"], "test/accuracy r1"),
+    ],
+)
+def test_quick_comparison_writes_table_and_plots(tmp_path, task, methods, metric):
+    out = tmp_path / task
+    assert _bench().main([task, "--quick", "--output_dir", str(out)]) == 0
+    table = (out / "comparison.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| setting |"))
+    head = [c.strip() for c in header.strip("|").split("|")]
+    column = head.index(metric)
+    base = _row(table, "base model")
+    assert 0.0 <= _number(base[column]) <= 1.0
+    for method in methods:
+        row = _row(table, method)
+        assert row[2] == "1"  # one seed
+        accuracy = _number(row[column])
+        assert 0.0 <= accuracy <= 1.0
+        if method != "head-only":
+            assert float(row[head.index("MB up/round")]) > 0
+    assert (out / "plots" / "test_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # a second call keeps every finished cell (nothing re-run) and rewrites the same table
+    assert _bench().main([task, "--quick", "--output_dir", str(out)]) == 0
+    assert (out / "comparison.md").read_text() == table
