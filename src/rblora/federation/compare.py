@@ -245,6 +245,7 @@ def write_plots(root: Path, data: dict) -> list[Path]:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     groups = data["groups"]
     metrics = sorted(
@@ -280,6 +281,7 @@ def write_plots(root: Path, data: dict) -> list[Path]:
         if metric in data["base"]:
             ax.axhline(data["base"][metric], color="grey", linestyle="--", label="base model")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.set_title(f"{metric}: mean over seeds, band = 1 sd")
         ax.grid(alpha=0.3)
