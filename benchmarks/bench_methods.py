@@ -1,8 +1,8 @@
 """The comparison of methods this project exists for: every method, 3 seeds, one table.
 
-    .venv/bin/python benchmarks/bench_methods.py lm              # about 90 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/bench_methods.py image           # about 45 minutes
-    .venv/bin/python benchmarks/bench_methods.py lm --quick      # a few minutes (what tests run)
+    .venv/bin/python benchmarks/bench_methods.py lm              # ~80 min a seed on 2 CPU cores
+    .venv/bin/python benchmarks/bench_methods.py image           # ~1 hour for the 3 seeds
+    .venv/bin/python benchmarks/bench_methods.py lm --quick      # about a minute (what tests run)
 
 Prepares the data of the setting under ``<output_dir>/data`` (once), then runs ``rblora
 compare`` (``rblora.federation.compare``) with the same hyperparameters for every method and
@@ -10,8 +10,9 @@ writes ``<output_dir>/comparison.md`` and ``<output_dir>/plots/``. Killed, it re
 stopped (finished cells are kept).
 
 - ``lm``: SmolLM2-135M-Instruct on the embedded sentiment/NLI mixture of the main job
-  (``make run``), 10 clients with ranks [4, 4, 8, 8, 16, 16, 32, 32, 64, 64], 3 rounds; every
-  registered method with heterogeneous ranks, FedIT (one rank only) with every client at rank 4.
+  (``make run``: the prepare-data options of the Makefile's ``run`` target, and its config),
+  10 clients with ranks [4, 4, 8, 8, 16, 16, 32, 32, 64, 64], 3 rounds; every registered
+  method with heterogeneous ranks, FedIT (one rank only) with every client at rank 4.
 - ``image``: DINOv2 ViT-S/14 on Fashion-MNIST, 10 Dirichlet-0.5 clients, the seed's ranks,
   3 rounds at 84 px; every method, FedIT at rank 4, and the head-only baseline.
 """
@@ -36,7 +37,7 @@ PRESETS = {
         "prepare": ["10", "2", "--source", "mixture", "--tasks", "sst2,rte,mrpc,boolq",
                     "--per_task", "200", "--client_sizes", "16,16,24,24,32,32,40,40,48,48",
                     "--test_per_category", "50"],
-        "train": ["--config", str(ROOT / "configs" / "embedded.yaml"), "--eval_mmlu_size", "0"],
+        "train": ["--config", str(ROOT / "configs" / "embedded.yaml")],
         "methods": [*HETEROGENEOUS, "FedIT@smallest"],
         "seeds": "1,2,3",
         "settings": "heterogeneous;smallest",

@@ -249,9 +249,6 @@ def mmlu_items(n: int = 1444, seed: int = 0, prompter=None, records: list[dict] 
     return items
 
 
-TASK_STYLES = MC_STYLES
-
-
 def task_items(
     name: str,
     n: int | None = None,
@@ -290,8 +287,8 @@ def task_items(
             raise ValueError(f"n must be >= 1, got {n}")
         picked = np.sort(np.random.default_rng(seed).choice(len(records), size=n, replace=False))
         records = [records[int(j)] for j in picked]
-    if style not in TASK_STYLES:
-        raise ValueError(f"unknown style {style!r}; valid: {', '.join(TASK_STYLES)}")
+    if style not in MC_STYLES:
+        raise ValueError(f"unknown style {style!r}; valid: {', '.join(MC_STYLES)}")
     items = []
     for i, rec in enumerate(records):
         try:

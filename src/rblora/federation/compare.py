@@ -316,11 +316,10 @@ def write_comparison(root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from rblora.aggregation import available_methods
+    from rblora.utils.options import split_passthrough
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    own, train = (
-        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    )
+    own, train = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="rblora compare", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--methods",

@@ -68,10 +68,10 @@ def run_args(config: dict, extra: list[str]):
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
+    from rblora.utils.options import split_passthrough
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    own, extra = (
-        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    )
+    own, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="rblora evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="an adapter folder a run wrote")
     parser.add_argument("--run", help="the run folder whose options to use (default: found)")

@@ -32,6 +32,15 @@ def option(default: Any, help_: str, *, resumable: bool = False, **metadata: Any
     return field(default=default, metadata=metadata)
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(own, passed)``: a command's own arguments and those after the first ``--`` (train.py
+    options that ``rblora compare`` and ``rblora evaluate`` hand on unchanged)."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]
+
+
 def default_of(f: Field) -> Any:
     return f.default if f.default is not MISSING else f.default_factory()
 
