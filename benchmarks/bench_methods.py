@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_methods.py lm --quick      # about a minute (what tests run)
 
 Prepares the data of the setting under ``<output_dir>/data`` (once), then runs ``rblora
-compare`` (``rblora.federation.compare``) with the same hyperparameters for every method and
+compare`` (``rblora.experiments.compare``) with the same hyperparameters for every method and
 writes ``<output_dir>/comparison.md`` and ``<output_dir>/plots/``. Killed, it resumes where it
 stopped (finished cells are kept).
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", help="override the preset's seeds, e.g. 1,2")
     ns = parser.parse_args(argv)
     from rblora.data.prepare import main as prepare_main
-    from rblora.federation.compare import main as compare_main
+    from rblora.experiments.compare import main as compare_main
 
     preset = dict(PRESETS[ns.task])
     if ns.quick:  # the full preset's options, smaller where QUICK says so

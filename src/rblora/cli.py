@@ -14,9 +14,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("rblora.data.prepare:main", "partition a data source into federated clients"),
     "train": ("rblora.federation.cli:main", "federated training with heterogeneous LoRA ranks"),
-    "evaluate": ("rblora.federation.evaluate:evaluate_main", "score a saved adapter"),
-    "compare": ("rblora.federation.compare:main", "methods x seeds x rank settings, one table"),
-    "report": ("rblora.federation.evaluate:report_main", "rebuild tables and plots of runs"),
+    "evaluate": ("rblora.experiments.evaluate:main", "score a saved adapter"),
+    "compare": ("rblora.experiments.compare:main", "methods x seeds x rank settings, one table"),
+    "report": ("rblora.experiments.report:main", "rebuild tables and plots of runs"),
     "assets": ("rblora.assets.cli:main", "list or fetch the embedded models and data"),
 }
 

@@ -169,11 +169,7 @@ def test_global_update_object(method, reduction):
         torch.testing.assert_close(b @ a, g.delta(m))
         stacked = method in ("RB-LoRA", "FLoRA", "FlexLoRA")
         assert g.rank(m) == (7 if stacked else 4)
-    if reduction == "merge":
-        width = 7 if method == "FLoRA" else 4
-        assert g.download_numel(3) == sum((do + di) * width for do, di in SHAPES.values())
-    else:
-        assert g.download_numel(3) == sum((do + di) * 3 for do, di in SHAPES.values())
+    if reduction != "merge":
         assert all(t.dtype == torch.float32 for ab in g.for_client(3, 16.0).values() for t in ab)
 
 

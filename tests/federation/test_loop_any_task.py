@@ -23,8 +23,8 @@ from rblora.adapters import (
 )
 from rblora.federation.loop import LoopOptions, run_rounds
 from rblora.federation.rundir import RunFolder
-from rblora.federation.server import ClientSpec, FederatedServer
-from rblora.tasks.base import ClientResult
+from rblora.federation.server import FederatedServer
+from rblora.protocol.types import ClientResult, ClientSpec
 from rblora.training import TrainConfig, train_local
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from rblora.aggregation import ClientUpdate
-from rblora.federation.report import write_report
+from rblora.federation.results import write_report
 from rblora.federation.rounds import exact_factors
 from rblora.federation.rundir import RunFolder
-from rblora.federation.server import ClientSpec, FederatedServer, derive_seed
+from rblora.federation.server import FederatedServer, derive_seed
+from rblora.protocol.types import ClientSpec
 from rblora.utils.atomic import atomic_dir, write_text
 
 
@@ -102,7 +103,7 @@ def test_dense_extras_are_the_example_weighted_mean():
 
 
 def test_merge_total_is_exact_and_bounded():
-    from rblora.aggregation.running import UpdateSum, numel
+    from rblora.aggregation.running import UpdateSum
 
     g = torch.Generator().manual_seed(0)
     total, dense_sum = UpdateSum(), torch.zeros(6, 5)
@@ -112,7 +113,9 @@ def test_merge_total_is_exact_and_bounded():
         total.add({"m": (a, b)})
         dense_sum += b @ a
         ((_, delta),) = total.items()
-        sizes.append(numel(delta))
+        sizes.append(
+            sum(t.numel() for t in ([delta] if isinstance(delta, torch.Tensor) else delta))
+        )
         got = delta if isinstance(delta, torch.Tensor) else delta[1] @ delta[0]
         torch.testing.assert_close(got, dense_sum, rtol=1e-5, atol=1e-5)
     # 2 * 11 = 22, then 44 >= 30 -> dense 30 for good
@@ -215,7 +218,7 @@ def test_eval_subset_is_seeded_ordered_and_spread():
 
 
 def test_tensor_bytes_counts_stored_elements():
-    from rblora.federation.server import tensor_bytes
+    from rblora.protocol.types import tensor_bytes
 
     assert tensor_bytes([torch.zeros(4, 32), torch.zeros(16, 4)]) == 4 * (128 + 64)
     assert tensor_bytes([torch.zeros(4, 32, dtype=torch.bfloat16)]) == 2 * 128

@@ -106,15 +106,6 @@ class GlobalUpdate:
         scale = lora_scale(lora_alpha, rank, use_rslora)
         return {m: self._redistribute(m, rank, scale) for m in self.modules}
 
-    def download_numel(self, rank: int) -> int:
-        """Parameters a client of ``rank`` downloads: ``sum (d_in + d_out) * rank``, or the whole
-        factored form under ``merge``."""
-        total = 0
-        for m in self.modules:
-            d_out, d_in = self.shape(m)
-            total += (d_in + d_out) * (self.rank(m) if self.merges_into_base else rank)
-        return total
-
     def _get(self, module: str) -> FactorPair:
         if module not in self._factors:
             raise ValueError(f"unknown module {module!r}; this update has {self.modules}")

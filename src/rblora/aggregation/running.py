@@ -35,14 +35,6 @@ def delta_shape(delta: ModuleDelta) -> tuple[int, int]:
     return int(b.shape[0]), int(a.shape[1])
 
 
-def numel(delta: ModuleDelta) -> int:
-    """Numbers stored for a delta in its current form."""
-    if is_dense(delta):
-        return delta.numel()
-    a, b = delta
-    return a.numel() + b.numel()
-
-
 class UpdateSum:
     """Exact sum of factored updates, per module, dense where that is smaller (see module doc)."""
 
@@ -51,10 +43,6 @@ class UpdateSum:
 
     def __bool__(self) -> bool:
         return bool(self._modules)
-
-    @property
-    def modules(self) -> list[str]:
-        return sorted(self._modules)
 
     def items(self):
         """``(module, delta)`` pairs, sorted; a delta is ``(A, B)`` or a dense tensor."""

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rblora.utils.sequences import common_prefix
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -74,14 +76,6 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [lead + list(x) for x in ids]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def split_continuations(
     prompt_ids: list[int],
     full_ids: Sequence[list[int]],
@@ -100,7 +94,7 @@ def split_continuations(
     """
     owned = []
     for ids in full_ids:
-        n_cont = len(ids) - _common_prefix(prompt_ids, ids)
+        n_cont = len(ids) - common_prefix(prompt_ids, ids)
         if n_cont < 1:
             raise ValueError("a continuation produced no tokens of its own")
         owned.append(n_cont)

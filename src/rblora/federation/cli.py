@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args, given = parse_args(argv)
-        return run(args, given)
+        run(args, given)
+        return 0
     except RunError as err:
         print(f"train.py: stopped: {err}", file=sys.stderr)
         return 1
@@ -52,31 +53,15 @@ def _lists_methods(argv: list[str]) -> bool:
     return True
 
 
-def run(args: TrainArgs, given: set[str] | None = None) -> int:
-    from rblora.federation.setup import finish_run, prepare_run
+def run(args: TrainArgs, given: set[str] | None = None) -> dict:
+    """Run ``args`` on its engine (``--engine``); returns the run's results."""
+    from rblora.federation.engines import get_engine
 
     if not args.progress:  # process-wide, so here in the entry point and nowhere else
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if args.engine == "flower":
-        from rblora.flower.simulation import run_simulation_engine
-
-        run_simulation_engine(args, given)
-        return 0
-    prepared = prepare_run(args, given)
-    from rblora.federation.loop import LoopOptions, run_rounds
-
-    options = LoopOptions(
-        num_rounds=args.num_communication_rounds,
-        seed=args.seed,
-        save_client_adapters=args.save_client_adapters,
-        progress=args.progress,
-        eval_base=args.eval_base,
-    )
-    run_rounds(prepared.task, prepared.server, prepared.folder, options)
-    finish_run(prepared)
-    return 0
+    return get_engine(args.engine)(args, set(given or ()))
 
 
 if __name__ == "__main__":

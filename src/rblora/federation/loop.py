@@ -1,4 +1,4 @@
-"""The in-process driver: every client trains in this process, one after the other.
+"""The in-process engine: every client trains in this process, one after the other.
 
 It keeps only iteration, progress, metrics and the checkpoint; each step of a round is a function
 of :mod:`rblora.federation.rounds`, shared with the Flower driver. Each round is repeatable:
@@ -40,7 +40,7 @@ def run_rounds(
     """Run rounds ``server.completed_rounds + 1 .. options.num_rounds``; returns their records.
 
     To resume, restore ``server`` from the checkpoint and install it in the task first
-    (:func:`rblora.federation.rundir.restore`).
+    (:func:`rblora.federation.setup.restore`).
     """
     from tqdm import tqdm
 
@@ -90,3 +90,20 @@ def run_rounds(
         if on_round is not None:
             on_round(record)
     return done
+
+
+def run_inprocess(args, given: set[str] | None = None) -> dict[str, Any]:
+    """The ``inprocess`` engine (see :mod:`rblora.federation.engines`): prepare the run, its
+    rounds in this process, the results."""
+    from rblora.federation.setup import finish_run, prepare_run
+
+    run = prepare_run(args, given)
+    options = LoopOptions(
+        num_rounds=args.num_communication_rounds,
+        seed=args.seed,
+        save_client_adapters=args.save_client_adapters,
+        progress=args.progress,
+        eval_base=args.eval_base,
+    )
+    run_rounds(run.task, run.server, run.folder, options)
+    return finish_run(run)

@@ -22,6 +22,7 @@ from typing import Any
 
 from rblora.aggregation import default_reduction, get_method
 from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
+from rblora.federation.engines import available_engines
 from rblora.utils.device import check_device_name
 from rblora.utils.options import add_flags, as_int, default_of, load_yaml, option, values_from
 
@@ -29,7 +30,6 @@ SEED_RANKS = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256]
 """The seed's client ranks for 10 clients."""
 
 TASKS = ("lm", "image")
-ENGINES = ("inprocess", "flower")
 
 
 @dataclass
@@ -239,8 +239,8 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         resolve_reduction(get_method(self.method), self.reduction_method)
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"task {self.task!r}: valid are {', '.join(TASKS)}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine {self.engine!r}: valid are {', '.join(ENGINES)}")
+        if self.engine not in available_engines():
+            raise ValueError(f"engine {self.engine!r}: valid are {', '.join(available_engines())}")
         _positive(
             self,
             "num_clients",

@@ -29,14 +29,9 @@ from rblora.aggregation import ClientUpdate
 from rblora.aggregation.running import ModuleDelta, delta_shape, is_dense
 from rblora.aggregation.types import Factors
 from rblora.federation.rundir import RunFolder
-from rblora.federation.server import (
-    ClientSpec,
-    ClientStart,
-    FederatedServer,
-    GlobalModel,
-    tensor_bytes,
-)
-from rblora.tasks.base import ClientResult, Task
+from rblora.federation.server import FederatedServer, GlobalModel
+from rblora.protocol.types import ClientResult, ClientSpec, ClientStart, tensor_bytes
+from rblora.tasks.base import Task
 from rblora.training import TrainingDiverged
 
 
@@ -266,7 +261,7 @@ def _size(r: dict[str, Any]) -> str:
 
 
 def round_line(r: dict[str, Any]) -> str:
-    from rblora.federation.report import scalar_evals
+    from rblora.federation.results import scalar_evals
 
     if r["round"] == 0:
         parts = [f"base model evaluated in {r['round_seconds']:.0f}s"]

@@ -9,7 +9,7 @@
         server.safetensors   tensors (client starts, merged total, dense extras)
         state.json           counters and the last round's record
         manifest.json        sha256 of the two files above, written last
-      results.json summary.md plots/   written at the end (rblora.federation.report)
+      results.json summary.md plots/   written at the end (rblora.federation.results)
 
 Writes are atomic (a file or folder appears complete or not at all). A kill between the round's
 metrics line and its checkpoint leaves the checkpoint of the round before: resuming drops the
@@ -174,10 +174,13 @@ class RunFolder:
 
 
 # ---------------------------------------------------------------------- resume
-def check_resume(folder: RunFolder, args, data_fingerprint: dict[str, str]) -> None:
+def check_resume(
+    folder: RunFolder, args, data_fingerprint: dict[str, str]
+) -> tuple[dict, dict[str, Any]] | None:
     """Before anything is loaded: the folder holds a run made with the same options (all but
     those marked resumable), the same client ranks and the same data files; its checkpoint, if
-    any, is intact. Raises ResumeError naming what differs."""
+    any, is intact. Returns the verified checkpoint (as :meth:`RunFolder.load_checkpoint`).
+    Raises ResumeError naming what differs."""
     from rblora.federation.options import resume_differences
 
     saved = folder.read_config()
@@ -199,28 +202,8 @@ def check_resume(folder: RunFolder, args, data_fingerprint: dict[str, str]) -> N
             f"cannot resume: the data folder changed since the run started ({', '.join(changed)} "
             "differ): it was prepared again in place; start a new run (--overwrite)"
         )
-    # the checkpoint is verified now, before the model is loaded
+    # the checkpoint is verified now, before the model is loaded (and read only this once)
     loaded = folder.load_checkpoint()
     completed = int(loaded[1].get("completed_rounds", 0)) if loaded is not None else 0
     folder.check_consistent(completed)
-
-
-def restore(folder: RunFolder, server, task) -> int:
-    """Load the checkpoint into ``server`` and install its global state in ``task``; drop the
-    metrics of an interrupted round. Returns the number of completed rounds (0: no checkpoint)."""
-    from rblora.federation.rounds import install_global
-
-    loaded = folder.load_checkpoint()
-    if loaded is not None:
-        tensors, meta = loaded
-        try:
-            server.load_state_tensors(tensors, meta)
-        except (KeyError, ValueError, TypeError) as err:
-            raise ResumeError(
-                f"--resume: the checkpoint in {folder.path / CHECKPOINT} does not fit this run "
-                f"({err})"
-            ) from None
-        install_global(task, server)
-    folder.check_consistent(server.completed_rounds)
-    folder.truncate_metrics(server.completed_rounds)
-    return server.completed_rounds
+    return loaded

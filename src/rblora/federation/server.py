@@ -18,7 +18,7 @@ round, whatever the redistribution, and every client starts from that mean.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,36 +26,10 @@ import torch
 from rblora.aggregation import ClientUpdate, GlobalUpdate, aggregate
 from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
 from rblora.aggregation.types import Factors
-from rblora.federation.codec import decode_deltas, decode_dense, decode_factors, encode
+from rblora.protocol.codec import decode_deltas, decode_dense, decode_factors, encode
+from rblora.protocol.types import ClientSpec, ClientStart, tensor_bytes
 
 BYTES_PER_VALUE = 4  # float32, as the server keeps and sends every tensor
-
-
-@dataclass(frozen=True)
-class ClientSpec:
-    """What the server knows of a client: its LoRA rank and scaling."""
-
-    client_id: int
-    rank: int
-    lora_alpha: float
-    use_rslora: bool = False
-
-
-@dataclass
-class ClientStart:
-    """What a client starts a round from, and what it had to download for it.
-
-    ``factors``: raw PEFT factors of the client's rank, or None for a fresh LoRA (round 1, and
-    every round of the merge protocol). ``dense``: the dense extra parameters to start from ({}:
-    the task's initial ones). ``base_delta``: under the merge protocol, the running total the base
-    weights must hold (``W0 + base_delta``; {} otherwise). ``download_bytes``: what the client
-    must receive that it does not have yet (see :meth:`FederatedServer.deliver`).
-    """
-
-    factors: Factors | None
-    dense: dict[str, torch.Tensor] = field(default_factory=dict)
-    base_delta: dict[str, ModuleDelta] = field(default_factory=dict)
-    download_bytes: int = 0
 
 
 @dataclass
@@ -75,11 +49,6 @@ class GlobalModel:
 def derive_seed(seed: int, *parts: int) -> int:
     """A 31-bit seed for one (round, client, ...) from the run seed; stable across runs."""
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes of ``tensors`` as stored (``numel * element_size``)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class FederatedServer:

@@ -15,8 +15,9 @@ from typing import Any
 
 from rblora.federation import rundir
 from rblora.federation.options import TrainArgs
-from rblora.federation.rounds import log
-from rblora.federation.server import ClientSpec, FederatedServer
+from rblora.federation.rounds import install_global, log
+from rblora.federation.server import FederatedServer
+from rblora.protocol.types import ClientSpec
 from rblora.tasks.base import Task
 
 
@@ -41,8 +42,7 @@ def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
         )
     ranks = args.ranks()
     fingerprint = data_fingerprint(args.data_path, args.num_clients)
-    if args.resume:
-        rundir.check_resume(folder, args, fingerprint)
+    checkpoint = rundir.check_resume(folder, args, fingerprint) if args.resume else None
 
     # -- everything checked before anything is written (the task loads and checks the rest)
     task = build_task(args, given, log=log)
@@ -69,7 +69,7 @@ def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
         seed=args.seed,
     )
     if args.resume:
-        done = rundir.restore(folder, server, task)
+        done = restore(folder, server, task, checkpoint)
         log(f"resuming after round {done}" if done else "nothing completed yet: from round 1")
     else:
         folder.clear_metrics()
@@ -81,9 +81,28 @@ def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
     return PreparedRun(args, task, server, folder, config)
 
 
+def restore(folder: rundir.RunFolder, server: FederatedServer, task: Task, checkpoint) -> int:
+    """Load ``checkpoint`` (verified by ``rundir.check_resume``; None: the run has none yet) into
+    ``server``, install its global state in ``task`` and drop the metrics of an interrupted round.
+    Returns the number of completed rounds."""
+    if checkpoint is not None:
+        tensors, meta = checkpoint
+        try:
+            server.load_state_tensors(tensors, meta)
+        except (KeyError, ValueError, TypeError) as err:
+            raise rundir.ResumeError(
+                f"--resume: the checkpoint in {folder.path / rundir.CHECKPOINT} does not fit "
+                f"this run ({err})"
+            ) from None
+        install_global(task, server)
+    folder.check_consistent(server.completed_rounds)
+    folder.truncate_metrics(server.completed_rounds)
+    return server.completed_rounds
+
+
 def finish_run(run: PreparedRun) -> dict[str, Any]:
     """Write results.json, summary.md and the plots; print the table; return the results."""
-    from rblora.federation.report import markdown_table, write_report
+    from rblora.federation.results import markdown_table, write_report
 
     results = write_report(run.folder.path, run.folder.read_metrics(), run.folder.read_config())
     print(markdown_table(results), end="")

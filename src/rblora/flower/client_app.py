@@ -24,11 +24,11 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from rblora.federation.codec import decode_start, encode_update
 from rblora.federation.options import TrainArgs
 from rblora.federation.rounds import client_update, train_client
-from rblora.federation.server import ClientSpec
 from rblora.flower.records import CONFIG, from_content, to_content
+from rblora.protocol.codec import decode_start, encode_update
+from rblora.protocol.types import ClientSpec
 
 app = ClientApp()
 

@@ -1,4 +1,4 @@
-"""Flower records from and to rblora's encoding (:mod:`rblora.federation.codec`).
+"""Flower records from and to rblora's encoding (:mod:`rblora.protocol.codec`).
 
 A message's content is a ``RecordDict`` with an ``ArrayRecord`` "arrays" (the codec's flat
 tensors, float32) and a ``ConfigRecord`` "config" (the codec's metadata plus what the message is

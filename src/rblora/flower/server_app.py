@@ -41,14 +41,14 @@ from flwr.serverapp.strategy import Result, Strategy
 from rblora.adapters import dense_parameters
 from rblora.aggregation.validation import validate_updates
 from rblora.federation import rounds
-from rblora.federation.codec import decode_update, encode_start
 from rblora.federation.options import TrainArgs, parse_args, required_replies
-from rblora.federation.report import scalar_evals
+from rblora.federation.results import scalar_evals
 from rblora.federation.rounds import RunError, log
-from rblora.federation.server import ClientStart, derive_seed
+from rblora.federation.server import derive_seed
 from rblora.federation.setup import PreparedRun, finish_run, prepare_run
 from rblora.flower.records import CONFIG, content_bytes, from_content, to_content
-from rblora.tasks.base import ClientResult
+from rblora.protocol.codec import decode_update, encode_start
+from rblora.protocol.types import ClientResult, ClientStart
 
 app = ServerApp()
 

@@ -6,6 +6,6 @@ A task holds one base model in memory for the whole run and implements
 run (``--task lm | image``, inferred from the data folder and the model when not given).
 """
 
-from rblora.tasks.base import ClientResult, Task, build_task, infer_task
+from rblora.tasks.base import Task, build_task, infer_task
 
-__all__ = ["ClientResult", "Task", "build_task", "infer_task"]
+__all__ = ["Task", "build_task", "infer_task"]

@@ -9,34 +9,22 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rblora.aggregation.running import ModuleDelta
 from rblora.aggregation.types import Factors
+from rblora.protocol.types import ClientResult, ClientSpec, ClientStart
 
 if TYPE_CHECKING:
     import torch
 
     from rblora.federation.options import TrainArgs
-    from rblora.federation.server import ClientSpec, ClientStart
 
 TASK_MODULES = {"lm": "rblora.tasks.lm:CausalLMTask", "image": "rblora.tasks.image:ImageTask"}
 """Task name -> the class that builds it (``Class.from_args(args, log=, client=)``)."""
 
 _IMAGE_MODELS = ("dinov2-vits14",)
-
-
-@dataclass
-class ClientResult:
-    """One client's round: its trained LoRA factors (raw PEFT weights, scale not folded in), its
-    trained dense extra parameters, and how much data produced them."""
-
-    factors: Factors
-    num_examples: int
-    dense: dict[str, torch.Tensor] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)  # loss, steps, tokens, seconds, ...
 
 
 class Task(Protocol):

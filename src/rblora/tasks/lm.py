@@ -27,9 +27,8 @@ from rblora.adapters import (
 from rblora.aggregation.running import ModuleDelta
 from rblora.aggregation.types import Factors
 from rblora.data.templates import Prompter
-from rblora.federation.server import ClientSpec, ClientStart
+from rblora.protocol.types import ClientResult, ClientSpec, ClientStart
 from rblora.tasks.base import (
-    ClientResult,
     cached,
     check_client_sizes,
     check_ranks,

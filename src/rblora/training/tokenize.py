@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from rblora.utils.sequences import common_prefix
+
 IGNORE_INDEX = -100
 
 
@@ -58,15 +60,7 @@ def tokenize_records(
             ids.append(eos)
         labels = list(ids)
         if prompt_ids is not None:
-            n = _common_prefix(prompt_ids[i], ids)
+            n = common_prefix(prompt_ids[i], ids)
             labels[:n] = [IGNORE_INDEX] * n
         out.append({"input_ids": ids, "labels": labels})
     return out
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -1,9 +1,8 @@
-"""``rblora evaluate`` and ``rblora report``: score a saved adapter; rebuild reports.
+"""``rblora evaluate``: score a saved adapter on the suites of the run it comes from.
 
     rblora evaluate --adapter outputs/embedded/10/round_3/global
     rblora evaluate --adapter outputs/embedded/10/round_1/client_4 --out scores.json
     rblora evaluate --adapter PATH -- --eval_mmlu_size 1444 --eval_test_size 0
-    rblora report outputs/embedded/10 outputs/compare
 
 ``evaluate`` scores any adapter folder the runs write (a global model, a client's adapter, or a
 head-only ``dense.safetensors``) on the suites of the run it comes from: its options are read
@@ -12,9 +11,6 @@ after ``--`` override them. The adapter is applied to the original base model wi
 and scaling (``lora_alpha / r`` from its ``adapter_config.json``). A client adapter of a
 merge-protocol run (FLoRA) was trained on the merged base of its round; it is scored on the
 original base here.
-
-``report`` rebuilds ``results.json``, ``summary.md`` and the plots of finished runs from their
-``metrics.jsonl``, and ``comparison.md`` with its plots for ``rblora compare`` folders.
 """
 
 from __future__ import annotations
@@ -67,7 +63,7 @@ def run_args(config: dict, extra: list[str]):
     return args, given
 
 
-def evaluate_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from rblora.utils.options import split_passthrough
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -78,7 +74,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the evaluation as JSON to this file")
     ns = parser.parse_args(own)
     from rblora.assets import AssetError
-    from rblora.federation.report import scalar_evals
+    from rblora.federation.results import scalar_evals
     from rblora.federation.rounds import log
     from rblora.tasks import build_task
     from rblora.utils.atomic import write_json
@@ -102,29 +98,3 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if ns.out:
         write_json(Path(ns.out), {"adapter": str(adapter), "eval": evaluation})
     return 0
-
-
-def report_main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="rblora report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="+", help="run folders and/or rblora compare folders")
-    ns = parser.parse_args(argv)
-    from rblora.federation.compare import INDEX, comparison_table, write_comparison
-    from rblora.federation.report import markdown_table, write_report
-    from rblora.federation.rundir import RunFolder
-
-    status = 0
-    for path in map(Path, ns.folders):
-        try:
-            if (path / INDEX).is_file():
-                print(f"# {path}\n\n{comparison_table(write_comparison(path))}")
-            elif (path / "config.json").is_file():
-                folder = RunFolder(path)
-                results = write_report(path, folder.read_metrics(), folder.read_config())
-                print(f"# {path}\n\n{markdown_table(results)}")
-            else:
-                raise ValueError(f"{path} is neither a run folder nor a comparison folder")
-        except (ValueError, OSError) as err:
-            print(f"rblora report: error: {err}", file=sys.stderr)
-            status = 2
-    return status

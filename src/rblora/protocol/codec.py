@@ -19,6 +19,7 @@ import torch
 from rblora.aggregation import ClientUpdate
 from rblora.aggregation.running import ModuleDelta, is_dense
 from rblora.aggregation.types import Factors
+from rblora.protocol.types import ClientStart
 
 
 def _t(x: torch.Tensor) -> torch.Tensor:
@@ -119,18 +120,16 @@ def decode_update(
         raise ValueError(f"the update's metadata lacks {err}") from None
 
 
-def encode_start(start) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A :class:`~rblora.federation.server.ClientStart` as (tensors, metadata)."""
+def encode_start(start: ClientStart) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A :class:`ClientStart` as (tensors, metadata)."""
     tensors = encode(
         "start", factors=start.factors or {}, dense=start.dense, deltas=start.base_delta
     )
     return tensors, {"fresh": start.factors is None, "download-bytes": int(start.download_bytes)}
 
 
-def decode_start(tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
+def decode_start(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> ClientStart:
     """Inverse of :func:`encode_start`."""
-    from rblora.federation.server import ClientStart
-
     factors = decode_factors(tensors, "start")
     return ClientStart(
         factors=None if meta.get("fresh") else factors,

@@ -7,7 +7,7 @@ import json
 from run_helpers import lm_argv, metrics
 
 from rblora.cli import main as rblora
-from rblora.federation import compare
+from rblora.experiments import compare
 
 
 def _base(workspace, tmp_path):

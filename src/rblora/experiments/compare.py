@@ -160,7 +160,7 @@ def run_compare(
 
 # ---------------------------------------------------------------------- table and plots
 def _cell_rounds(root: Path, cell: dict, num_clients: int) -> list[dict] | None:
-    from rblora.federation.report import summarize
+    from rblora.federation.results import summarize
     from rblora.federation.rundir import RunFolder
 
     folder = RunFolder(root / cell["path"] / str(num_clients))
