@@ -10,9 +10,12 @@ from data_helpers import alpaca_records, dolly_records, write_array, write_jsonl
 
 from rblora.data import (
     load_client_images,
+    load_client_records,
     load_federated_images,
     load_federated_split,
     load_test_images,
+    load_test_records,
+    read_partition,
 )
 from rblora.data.prepare import main
 
@@ -42,6 +45,32 @@ def test_seed_made_folder_without_partition_json(prepared):
     (prepared / "3" / "partition.json").unlink()
     data = load_federated_split(prepared, 3)
     assert data.meta is None and data.num_clients == 3
+
+
+def _only(src: Path, dst: Path, *names: str) -> Path:
+    """``dst/3`` holding copies of ``src/3``'s files ``names`` and nothing else."""
+    (dst / "3").mkdir(parents=True)
+    for name in names:
+        (dst / "3" / name).write_bytes((src / "3" / name).read_bytes())
+    return dst
+
+
+def test_a_node_reads_only_its_own_file_and_the_server_only_the_test_set(prepared, tmp_path):
+    data = load_federated_split(prepared, 3)
+    node = _only(prepared, tmp_path / "node1", "local_training_1.json")
+    assert load_client_records(node, 3, 1) == data.clients[1]
+    assert load_client_records(node / "3", 3, 1) == data.clients[1]  # the folder itself
+    assert read_partition(node, 3) is None
+    with pytest.raises(ValueError, match="local_training_0.json is missing"):
+        load_client_records(node, 3, 0)
+    server = _only(prepared, tmp_path / "server", "global_test.json", "partition.json")
+    assert load_test_records(server, 3) == data.global_test
+    assert read_partition(server, 3)["client_sizes"] == data.client_sizes
+    # a node whose file disagrees with the partition.json beside it is refused, named
+    both = _only(prepared, tmp_path / "both", "local_training_2.json", "partition.json")
+    edit(both / "3" / "local_training_2.json", data.clients[2][:-1])
+    with pytest.raises(ValueError, match=r"local_training_2.json holds \d+ examples but"):
+        load_client_records(both, 3, 2)
 
 
 def edit(path: Path, value) -> None:
@@ -82,7 +111,7 @@ def edit(path: Path, value) -> None:
         (
             lambda f: edit(f / "partition.json", {"num_clients": 3, "kind": "images"}),
             3,
-            "read it with load_federated_images",
+            "holds 'images' data, not 'text' data (--task image reads it)",
         ),
     ],
 )
@@ -91,6 +120,13 @@ def test_broken_folders(prepared, breakage, num_clients, message):
     with pytest.raises(ValueError) as err:
         load_federated_split(prepared, num_clients)
     assert message in str(err.value)
+
+
+def _only_files(src: Path, dst: Path, *names: str) -> Path:
+    dst.mkdir(parents=True)
+    for name in names:
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
 
 
 def test_images_round_trip(tmp_path, fake_assets):
@@ -109,9 +145,16 @@ def test_images_round_trip(tmp_path, fake_assets):
     client = load_client_images(out, 2, 1)
     assert client.labels.tolist() == data.clients[1].labels.tolist()
     assert load_test_images(out, 2).images.shape[0] == 50
-    with pytest.raises(ValueError, match="client index 2 out of range 0..1"):
+    # a node's folder holds its index file only: source and classes come from the image set
+    node = _only_files(out / "2", tmp_path / "node" / "2", "local_training_1.json")
+    alone = load_client_images(node.parent, 2, 1)
+    assert alone.labels.tolist() == client.labels.tolist() and alone.classes == client.classes
+    assert alone.images.equal(client.images)
+    server = _only_files(out / "2", tmp_path / "server" / "2", "global_test.json", "partition.json")
+    assert load_test_images(server.parent, 2).labels.equal(data.global_test.labels)
+    with pytest.raises(ValueError, match="client 2 is out of range: valid are 0..1"):
         load_client_images(out, 2, 2)
-    with pytest.raises(ValueError, match="holds .images. data; read it with load_federated_images"):
+    with pytest.raises(ValueError, match="holds 'images' data, not 'text' data"):
         load_federated_split(out, 2)
     edit(
         out / "2" / "local_training_0.json",

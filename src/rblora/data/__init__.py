@@ -1,7 +1,10 @@
 """Data: prompt templates, data sources, federated partitioners and the prepared-folder readers.
 
 ``prepare-data`` (``rblora.data.prepare``) writes ``<root>/<K>/``; the training loop reads it back
-with :func:`load_federated_split` (text) or :func:`load_federated_images` (images).
+with :func:`load_federated_split` (text) or :func:`load_federated_images` (images); a Flower node
+reads its own client alone (:func:`load_client_records`, :func:`load_client_images`) and a Flower
+server the metadata and the test set alone (:func:`read_partition`, :func:`load_test_records`,
+:func:`load_test_images`).
 """
 
 from rblora.data.federated import (
@@ -9,9 +12,12 @@ from rblora.data.federated import (
     FederatedImages,
     ImageSplit,
     load_client_images,
+    load_client_records,
     load_federated_images,
     load_federated_split,
     load_test_images,
+    load_test_records,
+    read_partition,
 )
 
 __all__ = [
@@ -19,7 +25,10 @@ __all__ = [
     "FederatedImages",
     "ImageSplit",
     "load_client_images",
+    "load_client_records",
     "load_federated_images",
     "load_federated_split",
     "load_test_images",
+    "load_test_records",
+    "read_partition",
 ]

@@ -3,6 +3,12 @@
 ``data_dir`` is the output root (``./data``); the folder read is ``data_dir/<num_clients>``, as in
 the seed's ``train.py``. ``data_dir`` may also be that folder itself. Folders made by the seed's
 own ``prepare_data.py`` (no ``partition.json``) are accepted for text data.
+
+Who reads what (DESIGN.md section 6): one process holding every client (the in-process engine)
+reads the whole folder (:func:`load_federated_split`, :func:`load_federated_images`); a Flower
+node reads only its own client's file (:func:`load_client_records`, :func:`load_client_images`),
+and a Flower server only the run's metadata and test set (:func:`read_partition`,
+:func:`load_test_records`, :func:`load_test_images`), never a client's training records.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ class FederatedData:
 
 
 def resolve_folder(data_dir: Path | str, num_clients: int) -> Path:
-    """``data_dir/<num_clients>`` (or ``data_dir`` itself when it is a prepared folder)."""
+    """``data_dir/<num_clients>`` (or ``data_dir`` itself when it is a prepared folder, or a
+    part of one: a node's folder may hold only its own ``local_training_<k>.json``)."""
     if not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
     data_dir = Path(data_dir)
@@ -57,8 +64,10 @@ def resolve_folder(data_dir: Path | str, num_clients: int) -> Path:
         recover(folder)  # prepare-data killed while replacing the folder: the old one comes back
     if folder.is_dir():
         return folder
-    if (data_dir / "partition.json").is_file() or (data_dir / "local_training_0.json").is_file():
-        return data_dir
+    with contextlib.suppress(OSError):
+        names = {p.name for p in data_dir.iterdir()}
+        if names & {"partition.json", "global_test.json"} or any(map(_LOCAL.match, names)):
+            return data_dir
     raise ValueError(
         f"no prepared data for {num_clients} clients: {folder} does not exist; run "
         f"`python prepare_data.py {num_clients} --output_dir {data_dir}` first"
@@ -87,7 +96,14 @@ def _check_records(path: Path, value) -> list[dict]:
     return value
 
 
-def _read_meta(folder: Path, num_clients: int, kind: str) -> dict | None:
+def read_partition(data_dir: Path | str, num_clients: int, kind: str | None = None) -> dict | None:
+    """``partition.json`` of the prepared folder (the run's metadata: kind, client sizes, class
+    names), checked against ``num_clients`` and ``kind`` ("text" | "images", None: either); None
+    if the folder has none (made by the seed's script, or a node's folder with only its file)."""
+    return _read_meta(resolve_folder(data_dir, num_clients), num_clients, kind)
+
+
+def _read_meta(folder: Path, num_clients: int, kind: str | None) -> dict | None:
     path = folder / "partition.json"
     if not path.exists():
         return None
@@ -99,10 +115,37 @@ def _read_meta(folder: Path, num_clients: int, kind: str) -> dict | None:
             f"{path} describes {meta['num_clients']} clients but {num_clients} were asked for; "
             f"use num_clients={meta['num_clients']} or prepare data for {num_clients} clients"
         )
-    if meta.get("kind", "text") != kind:
-        other = "load_federated_images" if kind == "text" else "load_federated_split"
-        raise ValueError(f"{folder} holds {meta.get('kind')!r} data; read it with {other}")
+    if kind is not None and meta.get("kind", "text") != kind:
+        raise ValueError(
+            f"{folder} holds {meta.get('kind')!r} data, not {kind!r} data (--task "
+            f"{'image' if meta.get('kind') == 'images' else 'lm'} reads it)"
+        )
+    sizes = meta.get("client_sizes")
+    if sizes is not None and (
+        not isinstance(sizes, list)
+        or len(sizes) != num_clients
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
+    ):
+        raise ValueError(f"{path}: 'client_sizes' must be {num_clients} counts, got {sizes!r}")
     return meta
+
+
+def _check_client_size(meta: dict | None, k: int, size: int, path: Path) -> None:
+    """The client file holds as many examples as partition.json says it does."""
+    if (
+        meta is not None
+        and meta.get("client_sizes") is not None
+        and meta["client_sizes"][k] != size
+    ):
+        raise ValueError(
+            f"{path} holds {size} examples but partition.json says {meta['client_sizes'][k]}; "
+            "the folder was modified, prepare it again"
+        )
+
+
+def _check_client(k: int, num_clients: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_clients:
+        raise ValueError(f"client {k!r} is out of range: valid are 0..{num_clients - 1}")
 
 
 def _check_client_files(folder: Path, num_clients: int) -> None:
@@ -130,19 +173,32 @@ def load_federated_split(data_dir: Path | str, num_clients: int) -> FederatedDat
     folder = resolve_folder(data_dir, num_clients)
     meta = _read_meta(folder, num_clients, "text")
     _check_client_files(folder, num_clients)
-    clients = []
-    for k in range(num_clients):
-        path = folder / f"local_training_{k}.json"
-        clients.append(_check_records(path, _load_json(path)))
-    if meta is not None and "client_sizes" in meta:
-        sizes = [len(c) for c in clients]
-        if sizes != meta["client_sizes"]:
-            raise ValueError(
-                f"{folder}: client files hold {sizes} records but partition.json says "
-                f"{meta['client_sizes']}; the folder was modified, prepare it again"
-            )
+    clients = [_client_records(folder, meta, k) for k in range(num_clients)]
     path = folder / "global_test.json"
     return FederatedData(folder, clients, _check_records(path, _load_json(path)), meta)
+
+
+def _client_records(folder: Path, meta: dict | None, k: int) -> list[dict]:
+    path = folder / f"local_training_{k}.json"
+    records = _check_records(path, _load_json(path))
+    _check_client_size(meta, k, len(records), path)
+    return records
+
+
+def load_client_records(data_dir: Path | str, num_clients: int, k: int) -> list[dict]:
+    """Client ``k``'s records alone (``local_training_<k>.json``), validated, and checked against
+    ``partition.json`` when the folder has one: what a Flower node reads."""
+    _check_client(k, num_clients)
+    folder = resolve_folder(data_dir, num_clients)
+    return _client_records(folder, _read_meta(folder, num_clients, "text"), k)
+
+
+def load_test_records(data_dir: Path | str, num_clients: int) -> list[dict]:
+    """The held-out records (``global_test.json``) alone: what a Flower server reads."""
+    folder = resolve_folder(data_dir, num_clients)
+    _read_meta(folder, num_clients, "text")
+    path = folder / "global_test.json"
+    return _check_records(path, _load_json(path))
 
 
 # ----------------------------------------------------------------------------- images
@@ -216,92 +272,118 @@ class FederatedImages:
     meta: dict
 
 
-def _index_file(
-    path: Path, source: str, split: str | None, sizes: dict[str, int]
-) -> tuple[np.ndarray, str]:
-    """(indices, split) of an index file ``{"source", "split", "indices"}``; ``split`` None
-    accepts either split (a test set carved out of the training pool indexes "train")."""
+def _read_index(path: Path) -> dict:
+    """An index file ``{"source", "split", "indices"}`` (structure checked, not yet the indices)."""
     value = _load_json(path)
     if not isinstance(value, dict) or not isinstance(value.get("indices"), list):
         raise ValueError(f"{path}: expected an object with 'source', 'split' and 'indices'")
-    if value.get("source") != source or value.get("split") not in ("train", "test"):
+    if not isinstance(value.get("source"), str) or value.get("split") not in ("train", "test"):
         raise ValueError(
-            f"{path}: indexes {value.get('source')!r}/{value.get('split')!r}, expected "
-            f"{source!r}/train or test"
+            f"{path}: indexes {value.get('source')!r}/{value.get('split')!r}, expected an image "
+            "source and the train or test split"
         )
-    if split is not None and value["split"] != split:
-        raise ValueError(f"{path}: indexes the {value['split']!r} split, expected {split!r}")
-    idx = np.asarray(value["indices"])
+    return value
+
+
+def _indices(path: Path, index: dict, split: str | None, sizes: dict[str, int]) -> np.ndarray:
+    """The checked indices of ``index``; ``split`` None accepts either split (a test set carved
+    out of the training pool indexes "train")."""
+    if split is not None and index["split"] != split:
+        raise ValueError(f"{path}: indexes the {index['split']!r} split, expected {split!r}")
+    idx = np.asarray(index["indices"])
     if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"{path}: 'indices' must be a non-empty list of integers")
-    size = sizes.get(value["split"], 0)
+    size = sizes.get(index["split"], 0)
     if idx.min() < 0 or idx.max() >= size:
-        raise ValueError(f"{path}: indices must lie in 0..{size - 1} (the {value['split']} split)")
-    return idx.astype(np.int64), value["split"]
+        raise ValueError(f"{path}: indices must lie in 0..{size - 1} (the {index['split']} split)")
+    return idx.astype(np.int64)
 
 
-def _open_images(data_dir: Path | str, num_clients: int):
-    """(folder, meta, data): ``data`` maps ``<split>_images``/``<split>_labels`` and ``classes``
-    (for an image folder, the images are file paths and both splits are the file list)."""
-    folder = resolve_folder(data_dir, num_clients)
-    meta = _read_meta(folder, num_clients, "images")
-    if meta is None:
-        raise ValueError(f"{folder / 'partition.json'} is missing; image folders need it")
-    _check_client_files(folder, num_clients)
-    if meta["source"] != "imagefolder":
+def _image_source(folder: Path, source: str) -> dict:
+    """``<split>_images``/``<split>_labels`` and ``classes`` of an image source: an embedded set
+    (the whole set, from ``rblora.assets``) or an image folder (``image_files.json``: the file
+    list, both splits, decoded on demand)."""
+    if source != "imagefolder":
         from rblora import assets
 
-        return folder, meta, assets.load_images(meta["source"])
-    listing = _load_json(folder / "image_files.json")
+        return assets.load_images(source)
+    path = folder / "image_files.json"
+    listing = _load_json(path)
+    if not isinstance(listing, dict) or not {"root", "files", "labels", "classes"} <= set(listing):
+        raise ValueError(f"{path}: expected an object with root, files, labels and classes")
     root = Path(listing["root"])
     if not root.is_dir():
-        raise ValueError(
-            f"{folder / 'image_files.json'}: the image folder {root} it lists no longer exists"
-        )
+        raise ValueError(f"{path}: the image folder {root} it lists no longer exists")
     paths = [root / rel for rel in listing["files"]]
     labels = np.asarray(listing["labels"], dtype=np.int64)
-    data = {"train_images": paths, "train_labels": labels, "classes": listing["classes"]}
-    return folder, meta, data
+    return {"train_images": paths, "train_labels": labels, "classes": listing["classes"]}
 
 
-def _gather(folder: Path, meta: dict, data: dict, name: str, split: str | None) -> ImageSplit:
-    import torch
+class _ImageFolderReader:
+    """Reads index files of one prepared image folder against their image source (loaded once)."""
 
-    sizes = {s: len(data[f"{s}_labels"]) for s in ("train", "test") if f"{s}_labels" in data}
-    idx, split = _index_file(folder / name, meta["source"], split, sizes)
-    images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-    picked = [images[i] for i in idx] if isinstance(images, list) else images[idx]
-    return ImageSplit(
-        picked if isinstance(picked, list) else torch.from_numpy(np.ascontiguousarray(picked)),
-        torch.from_numpy(np.asarray(labels, dtype=np.int64)[idx]),
-        [str(c) for c in data["classes"]],
-    )
+    def __init__(self, data_dir: Path | str, num_clients: int):
+        self.folder = resolve_folder(data_dir, num_clients)
+        self.meta = _read_meta(self.folder, num_clients, "images")
+        self._sources: dict[str, dict] = {}
+
+    def split(self, name: str, split: str | None) -> ImageSplit:
+        import torch
+
+        path = self.folder / name
+        index = _read_index(path)
+        source = index["source"]
+        if self.meta is not None and source != self.meta.get("source"):
+            raise ValueError(
+                f"{path}: indexes {source!r} but partition.json says {self.meta.get('source')!r}"
+            )
+        if source not in self._sources:
+            self._sources[source] = _image_source(self.folder, source)
+        data = self._sources[source]
+        sizes = {s: len(data[f"{s}_labels"]) for s in ("train", "test") if f"{s}_labels" in data}
+        idx = _indices(path, index, split, sizes)
+        images, labels = data[f"{index['split']}_images"], data[f"{index['split']}_labels"]
+        picked = [images[i] for i in idx] if isinstance(images, list) else images[idx]
+        classes = (self.meta or {}).get("categories") or data["classes"]
+        return ImageSplit(
+            picked if isinstance(picked, list) else torch.from_numpy(np.ascontiguousarray(picked)),
+            torch.from_numpy(np.asarray(labels, dtype=np.int64)[idx]),
+            [str(c) for c in classes],
+        )
+
+    def client(self, k: int) -> ImageSplit:
+        path = self.folder / f"local_training_{k}.json"
+        split = self.split(path.name, "train")
+        _check_client_size(self.meta, k, len(split), path)
+        return split
 
 
 def load_federated_images(data_dir: Path | str, num_clients: int) -> FederatedImages:
     """Read ``data_dir/<num_clients>`` prepared from an image source (``--source fashion-mnist``,
     ``digits`` or ``imagefolder``); the pixels come from ``rblora.assets.load_images`` or, for
     an image folder, are decoded on demand (:meth:`ImageSplit.pixels`)."""
-    folder, meta, data = _open_images(data_dir, num_clients)
-    clients = [
-        _gather(folder, meta, data, f"local_training_{k}.json", "train") for k in range(num_clients)
-    ]
-    test = _gather(folder, meta, data, "global_test.json", None)
-    return FederatedImages(folder, clients, test, meta)
+    reader = _ImageFolderReader(data_dir, num_clients)
+    if reader.meta is None:
+        raise ValueError(f"{reader.folder / 'partition.json'} is missing; image folders need it")
+    _check_client_files(reader.folder, num_clients)
+    clients = [reader.client(k) for k in range(num_clients)]
+    return FederatedImages(
+        reader.folder, clients, reader.split("global_test.json", None), reader.meta
+    )
 
 
 def load_client_images(data_dir: Path | str, num_clients: int, k: int) -> ImageSplit:
-    """Client ``k``'s images and labels ``(n,)`` int64."""
-    if not 0 <= k < num_clients:
-        raise ValueError(f"client index {k} out of range 0..{num_clients - 1}")
-    folder, meta, data = _open_images(data_dir, num_clients)
-    return _gather(folder, meta, data, f"local_training_{k}.json", "train")
+    """Client ``k``'s images and labels ``(n,)`` int64 from its index file alone (the image
+    source it names, and partition.json when the folder has one): what a Flower node reads.
+    Class names come from partition.json, else from the source (an image folder's
+    ``image_files.json``, an embedded set's own list)."""
+    _check_client(k, num_clients)
+    return _ImageFolderReader(data_dir, num_clients).client(k)
 
 
 def load_test_images(data_dir: Path | str, num_clients: int) -> ImageSplit:
-    """The held-out test images of a prepared image folder."""
-    folder, meta, data = _open_images(data_dir, num_clients)
-    return _gather(folder, meta, data, "global_test.json", None)
+    """The held-out test images of a prepared image folder (``global_test.json``)."""
+    return _ImageFolderReader(data_dir, num_clients).split("global_test.json", None)
 
 
 def data_fingerprint(data_dir: Path | str, num_clients: int) -> dict[str, str]:

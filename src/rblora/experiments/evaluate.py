@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from rblora.assets import AssetError
     from rblora.federation.results import scalar_evals
     from rblora.federation.rounds import log
+    from rblora.federation.setup import precision_args
     from rblora.tasks import build_task
     from rblora.utils.atomic import write_json
 
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads((run / "config.json").read_text())
         args, given = run_args(config, extra)
         delta, dense = adapter_delta(adapter)
-        task = build_task(args, given, log=log)
+        # the test set and the model only (no client's data), in the run's recorded precision
+        task = build_task(precision_args(args, config.get("precision")), given, log=log, clients=[])
         task.set_base({}, dense)
         evaluation = task.evaluate(delta, round_=-1)
     except (ValueError, AssetError, OSError) as err:

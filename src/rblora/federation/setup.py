@@ -10,8 +10,10 @@ prints the table. The in-process loop and the Flower server both run between the
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import torch
 
 from rblora.federation import rundir
 from rblora.federation.options import TrainArgs
@@ -30,7 +32,20 @@ class PreparedRun:
     config: dict[str, Any]
 
 
-def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
+def prepare_run(
+    args: TrainArgs,
+    given: set[str] | None = None,
+    *,
+    clients: list[int] | None = None,
+    client_sizes: list[int | None] | None = None,
+) -> PreparedRun:
+    """Check, build the task, write ``config.json``, create (and on resume restore) the server.
+
+    ``clients``: the clients whose data this process holds and trains (None: every client, the
+    in-process engine; ``[]``: a Flower server, which reads only the test set and the metadata).
+    ``client_sizes``: each client's training examples as the server knows them when it holds no
+    client data (from partition.json or the nodes; None where unknown); else the task's counts.
+    """
     from rblora.data.federated import data_fingerprint
     from rblora.tasks import build_task, infer_task
 
@@ -43,9 +58,21 @@ def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
     ranks = args.ranks()
     fingerprint = data_fingerprint(args.data_path, args.num_clients)
     checkpoint = rundir.check_resume(folder, args, fingerprint) if args.resume else None
+    recorded = folder.read_config().get("precision") if args.resume else None
 
     # -- everything checked before anything is written (the task loads and checks the rest)
-    task = build_task(args, given, log=log)
+    task = build_task(precision_args(args, recorded), given, log=log, clients=clients)
+    if clients is None:
+        client_sizes = [task.num_examples(k) for k in range(args.num_clients)]
+    elif client_sizes is None or len(client_sizes) != args.num_clients:
+        raise ValueError(f"client_sizes must give {args.num_clients} counts, got {client_sizes}")
+    precision = {"bf16": bool(task.train_config.bf16), "threads": torch.get_num_threads()}
+    if recorded is not None and recorded.get("threads") != precision["threads"]:
+        log(
+            f"warning: the run started with {recorded.get('threads')} torch threads, this process "
+            f"has {precision['threads']}: float sums may round differently than in an "
+            "uninterrupted run (set OMP_NUM_THREADS / torch.set_num_threads to match)"
+        )
 
     # -- from here on the run folder is written
     if args.overwrite and folder.path.exists():
@@ -54,15 +81,20 @@ def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
         **args.to_dict(),
         "task_resolved": infer_task(args),
         "client_ranks_resolved": ranks,
-        "client_sizes": [task.num_examples(k) for k in range(args.num_clients)],
+        "client_sizes": list(client_sizes),
         "data_sha256": fingerprint,
         "base_model": task.base_reference,
+        "precision": precision,
     }
     if not args.resume:
         folder.write_config(config)
+    specs = [
+        ClientSpec(k, r, args.lora_alpha, args.use_rslora, num_examples=n)
+        for k, (r, n) in enumerate(zip(ranks, client_sizes, strict=True))
+    ]
     server = FederatedServer(
         args.method,
-        [ClientSpec(k, r, args.lora_alpha, args.use_rslora) for k, r in enumerate(ranks)],
+        specs,
         reduction=args.reduction_method,
         selection=args.client_selection_strategy,
         frac=args.client_selection_frac,
@@ -79,6 +111,16 @@ def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
         f"{args.num_communication_rounds} rounds, engine {args.engine}"
     )
     return PreparedRun(args, task, server, folder, config)
+
+
+def precision_args(args: TrainArgs, recorded: dict | None) -> TrainArgs:
+    """``args`` with ``bf16`` fixed to the run's recorded decision (``config.json``'s
+    ``precision``), so a resumed run and every node compute in the precision the run started
+    with, whatever a timing on this machine would say; ``args`` itself when nothing is recorded
+    (a new run decides, and records, its own)."""
+    if not recorded or not isinstance(recorded.get("bf16"), bool):
+        return args
+    return replace(args, bf16="true" if recorded["bf16"] else "false")
 
 
 def restore(folder: rundir.RunFolder, server: FederatedServer, task: Task, checkpoint) -> int:

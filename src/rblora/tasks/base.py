@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,9 +21,11 @@ if TYPE_CHECKING:
     import torch
 
     from rblora.federation.options import TrainArgs
+    from rblora.training import TrainConfig
 
 TASK_MODULES = {"lm": "rblora.tasks.lm:CausalLMTask", "image": "rblora.tasks.image:ImageTask"}
-"""Task name -> the class that builds it (``Class.from_args(args, log=, client=)``)."""
+"""Task name -> the class that builds it (``Class.from_args(args, log=, clients=, evaluation=,
+models=)``)."""
 
 _IMAGE_MODELS = ("dinov2-vits14",)
 
@@ -39,9 +42,12 @@ class Task(Protocol):
 
     modules_to_save: list[str]
     base_reference: str
+    train_config: TrainConfig
+    """Local training settings, ``bf16`` resolved (True/False) for this task's model."""
 
     def num_examples(self, client_id: int) -> int:
-        """Training examples of a client (its aggregation weight)."""
+        """Training examples of a client this task holds (its aggregation weight); ValueError
+        for a client whose data this process does not hold."""
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """Adapted module name -> (d_out, d_in)."""
@@ -92,21 +98,28 @@ def build_task(
     given: set[str] | None = None,
     *,
     log=print,
-    client: int | None = None,
+    clients: Sequence[int] | None = None,
+    evaluation: bool = True,
     models: dict | None = None,
 ) -> Task:
     """The run's task, built from its options (model loaded, data read and checked).
 
-    ``client``: build it for that client only (its data, no evaluation sets), as a Flower
-    ClientApp does; None: the whole task (every client, evaluation), as the server does.
-    ``models``: a cache the caller owns of loaded base models, shared by the tasks built with
-    it (a ClientApp process serving several clients loads its model once).
+    What the task holds (DESIGN.md section 6): ``clients`` are the clients whose training data
+    it reads and trains (None: every client, as the in-process engine does; ``[k]``: a Flower
+    node's own client; ``[]``: a Flower server, which trains nobody); ``evaluation``: whether it
+    reads the evaluation sets (the test set is the server's, never a node's). ``models``: a
+    cache the caller owns of loaded base models, shared by the tasks built with it (a ClientApp
+    process serving several clients loads its model once).
     """
     name = infer_task(args)
     args.check_task_options(name, given or set())
+    held = list(range(args.num_clients)) if clients is None else [int(k) for k in clients]
+    for k in held:
+        if not 0 <= k < args.num_clients:
+            raise ValueError(f"client {k} is out of range: valid are 0..{args.num_clients - 1}")
     module, cls = TASK_MODULES[name].split(":")
     task_cls = getattr(importlib.import_module(module), cls)
-    return task_cls.from_args(args, log=log, client=client, models=models)
+    return task_cls.from_args(args, log=log, clients=held, evaluation=evaluation, models=models)
 
 
 def cached(models: dict | None, key: tuple, load):
@@ -131,13 +144,20 @@ def check_ranks(ranks: list[int], shapes: dict[str, tuple[int, int]]) -> None:
             )
 
 
-def check_client_sizes(args: TrainArgs, sizes: list[int]) -> None:
-    """The data folder's client sizes match ``client_dataset_size_dict`` when it is given."""
+def check_client_sizes(args: TrainArgs, sizes: dict[int, int]) -> None:
+    """Each held client's size (client -> examples in its file) matches
+    ``client_dataset_size_dict`` when it is given."""
     expected = args.expected_sizes()
-    if expected is not None and sizes != expected:
+    if expected is None:
+        return
+    wrong = {k: (n, expected[k]) for k, n in sorted(sizes.items()) if n != expected[k]}
+    if wrong:
+        detail = ", ".join(
+            f"client {k}: {n} in the folder, {e} expected" for k, (n, e) in wrong.items()
+        )
         raise ValueError(
-            f"client_dataset_size_dict {expected} does not match the data folder's client "
-            f"sizes {sizes} ({Path(args.data_path) / str(args.num_clients)})"
+            f"client_dataset_size_dict does not match the data folder "
+            f"({Path(args.data_path) / str(args.num_clients)}): {detail}"
         )
 
 
@@ -150,15 +170,6 @@ def seeded_subset(values: list, size: int, seed: int) -> list:
 
     keep = np.sort(np.random.default_rng(seed).choice(len(values), size=size, replace=False))
     return [values[i] for i in keep]
-
-
-def only_client(items: list, client: int | None, empty) -> list:
-    """``items`` with every entry but ``client``'s replaced by ``empty`` (all if None)."""
-    if client is None:
-        return list(items)
-    if not 0 <= client < len(items):
-        raise ValueError(f"client {client} is out of range 0..{len(items) - 1}")
-    return [item if k == client else empty for k, item in enumerate(items)]
 
 
 def train_config(args: TrainArgs, model, *, log=print, **task_fields):

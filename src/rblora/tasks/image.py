@@ -38,7 +38,6 @@ from rblora.tasks.base import (
     cached,
     check_client_sizes,
     check_ranks,
-    only_client,
     seeded_subset,
     train_config,
 )
@@ -76,7 +75,10 @@ class ImageTask:
     Args:
         model: an image classifier with a linear ``classifier`` head (held for the whole run).
         preprocessing: ``{"mean", "std"}`` of the model's image processor.
-        clients, test: :class:`rblora.data.federated.ImageSplit` of each client and the test set.
+        clients: client id -> its :class:`rblora.data.federated.ImageSplit`, for the clients this
+            process trains (all in-process, one on a Flower node, none on a Flower server).
+        test: the test set's ImageSplit (None: no evaluation here, as on a Flower node).
+        classes: the class names (the head's outputs, in order).
         image_size: pixels a side the images are resized to.
         train_config: local training options; its seed is replaced per client and round.
         target_modules, lora_dropout: LoRA placement and dropout (ignored with ``head_only``).
@@ -89,9 +91,10 @@ class ImageTask:
         self,
         model: torch.nn.Module,
         preprocessing: dict,
-        clients: list,
+        clients: dict,
         test,
         *,
+        classes: list[str],
         image_size: int,
         train_config: TrainConfig,
         target_modules: list[str],
@@ -102,7 +105,7 @@ class ImageTask:
         progress: bool = True,
     ):
         self.model = model
-        self.classes = list(test.classes)
+        self.classes = list(classes)
         self.image_size = image_size
         self.train_config = train_config
         self.target_modules = list(target_modules)
@@ -114,52 +117,66 @@ class ImageTask:
         self._mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1)
         self._base = BaseWeights.of(model)
-        self._pixels = [c.pixels(image_size) for c in clients]
-        self._labels = [torch.as_tensor(c.labels, dtype=torch.long) for c in clients]
-        self._test_pixels = test.pixels(image_size)
-        self._test_labels = torch.as_tensor(test.labels, dtype=torch.long)
+        self._pixels = {k: c.pixels(image_size) for k, c in sorted(clients.items())}
+        self._labels = {k: torch.as_tensor(c.labels, dtype=torch.long) for k, c in clients.items()}
+        self._test_pixels = None if test is None else test.pixels(image_size)
+        self._test_labels = None if test is None else torch.as_tensor(test.labels).long()
         spec = LoraSpec(rank=1, target_modules=self.target_modules)
         self._shapes = {n: (o, i) for n, (i, o) in resolve_targets(model, spec).items()}
 
     @classmethod
     def from_args(
-        cls, args, *, log=print, client: int | None = None, models: dict | None = None
+        cls,
+        args,
+        *,
+        log=print,
+        clients: list[int],
+        evaluation: bool = True,
+        models: dict | None = None,
     ) -> ImageTask:
-        """Build the task of a run: images read and resized, model loaded with a head for the
-        data's classes on its device, LoRA targets found, ranks checked. ``client``: only that
-        client's images and no test set (a Flower ClientApp)."""
+        """Build the task of a run: the images of ``clients`` (and the test set when
+        ``evaluation``) read and resized, model loaded with a head for the data's classes on its
+        device, LoRA targets found, ranks checked. See ``rblora.tasks.build_task``."""
         from rblora.assets.models import load_image_classifier, model_reference
-        from rblora.data import load_federated_images
+        from rblora.data import load_client_images, load_federated_images, load_test_images
         from rblora.utils.device import resolve_device
 
-        data = load_federated_images(Path(args.data_path), args.num_clients)
-        check_client_sizes(args, [len(c) for c in data.clients])
+        path, count = Path(args.data_path), args.num_clients
+        if evaluation and clients == list(range(count)):  # the whole folder, checked as one
+            data = load_federated_images(path, count)
+            splits, test = dict(enumerate(data.clients)), data.global_test
+        else:
+            splits = {k: load_client_images(path, count, k) for k in clients}
+            test = load_test_images(path, count) if evaluation else None
+        check_client_sizes(args, {k: len(c) for k, c in splits.items()})
+        shown = [*splits.values(), *([test] if test is not None else [])]
+        if not shown:
+            raise ValueError("an image task needs a client's images or the test set")
+        classes = list(shown[0].classes)
         device = resolve_device(args.device)
         name = args.global_model or DEFAULT_MODEL
-        log(f"loading {name} on {device} with a {len(data.global_test.classes)}-class head")
-        num_labels = len(data.global_test.classes)
+        log(f"loading {name} on {device} with a {len(classes)}-class head")
         model, preprocessing = cached(
             models,
-            ("image", name, str(device), num_labels, args.seed),
+            ("image", name, str(device), len(classes), args.seed),
             lambda: load_image_classifier(
-                name, num_labels, seed=args.seed, device=device, token=args.hf_token()
+                name, len(classes), seed=args.seed, device=device, token=args.hf_token()
             ),
         )
         config = train_config(args, model, log=log)
-        test = data.global_test
-        if client is not None:
-            test = _take(test, [])
-        elif args.eval_test_size and args.eval_test_size < len(test):
+        probe = _take(shown[0], [0])  # one image through the model before round 1
+        if test is not None and args.eval_test_size and args.eval_test_size < len(test):
             keep = seeded_subset(list(range(len(test))), args.eval_test_size, args.seed)
             test = _take(test, keep)
-        clients = only_client(data.clients, client, _take(test, []))
         size = args.image_size or preprocessing["size"]
-        log(f"resizing {sum(len(c) for c in clients) + len(test)} images to {size} px")
+        total = sum(len(c) for c in splits.values()) + (len(test) if test is not None else 0)
+        log(f"resizing {total} images to {size} px")
         task = cls(
             model,
             preprocessing,
-            clients,
+            splits,
             test,
+            classes=classes,
             image_size=size,
             train_config=config,
             target_modules=args.lora_target_modules or attention_targets(model),
@@ -171,7 +188,7 @@ class ImageTask:
         )
         if not args.head_only:
             check_ranks(args.ranks(), task.module_shapes())
-        task.check_forward(_take(data.global_test, [0]).pixels(size))
+        task.check_forward(probe.pixels(size))
         return task
 
     def check_forward(self, pixels: torch.Tensor) -> None:
@@ -209,6 +226,11 @@ class ImageTask:
 
     # ------------------------------------------------------------------ Task protocol
     def num_examples(self, client_id: int) -> int:
+        if client_id not in self._labels:
+            raise ValueError(
+                f"client {client_id}'s images are not held here (this task holds clients "
+                f"{sorted(self._labels)})"
+            )
         return len(self._labels[client_id])
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
@@ -260,6 +282,9 @@ class ImageTask:
 
     def evaluate(self, delta: dict[str, ModuleDelta], *, round_: int) -> dict[str, Any]:
         from rblora.evaluation.classification import evaluate_classifier
+
+        if self._test_pixels is None:
+            raise ValueError("this task holds no test set (built with evaluation=False)")
 
         with applied_delta(self.model, delta):
             return evaluate_classifier(

@@ -32,7 +32,6 @@ from rblora.tasks.base import (
     cached,
     check_client_sizes,
     check_ranks,
-    only_client,
     seeded_subset,
     train_config,
 )
@@ -50,7 +49,9 @@ class CausalLMTask:
 
     Args:
         model, tokenizer: the base model (held for the whole run) and its tokenizer.
-        client_records: per client, its training records ``{instruction, context, response}``.
+        client_records: client id -> its training records ``{instruction, context, response}``,
+            for the clients this process trains (all of them in-process, one on a Flower node,
+            none on a Flower server).
         prompter: prompt template used for training and evaluation.
         train_config: local training options; its seed is replaced per client and round.
         target_modules, lora_dropout: LoRA placement and dropout.
@@ -66,7 +67,7 @@ class CausalLMTask:
         self,
         model: torch.nn.Module,
         tokenizer: Any,
-        client_records: list[list[dict[str, Any]]],
+        client_records: dict[int, list[dict[str, Any]]],
         *,
         prompter: Prompter,
         train_config: TrainConfig,
@@ -91,12 +92,12 @@ class CausalLMTask:
         self.progress = progress
         self._base = BaseWeights.of(model)
         self._loss_fn = causal_lm_objective(tokenizer.pad_token_id or 0)
-        self._train: list[list[dict]] = []
-        self._val: list[list[dict]] = []
-        for k, records in enumerate(client_records):
+        self._train: dict[int, list[dict]] = {}
+        self._val: dict[int, list[dict]] = {}
+        for k, records in sorted(client_records.items()):  # each client's split: its own seed
             train, val = _split_val(records, val_set_size, np.random.default_rng([seed, k]), k)
-            self._train.append(self._tokenize(train))
-            self._val.append(val)
+            self._train[k] = self._tokenize(train)
+            self._val[k] = val
         self._shapes = self._find_shapes()
         self.eval_suites: dict[str, list] = {}
         self.loss_records: list[dict[str, Any]] = []
@@ -104,19 +105,31 @@ class CausalLMTask:
 
     @classmethod
     def from_args(
-        cls, args, *, log=print, client: int | None = None, models: dict | None = None
+        cls,
+        args,
+        *,
+        log=print,
+        clients: list[int],
+        evaluation: bool = True,
+        models: dict | None = None,
     ) -> CausalLMTask:
-        """Build the task of a run: data read and checked, model loaded on its device, ranks
-        checked against the model, evaluation sets encoded (so a problem shows before round 1).
-        ``client``: only that client's data and no evaluation sets (a Flower ClientApp)."""
+        """Build the task of a run: the data of ``clients`` read and checked, model loaded on its
+        device, ranks checked against the model, evaluation sets read and encoded when
+        ``evaluation`` (so a problem shows before round 1). See ``rblora.tasks.build_task``."""
         from rblora.assets import load_causal_lm
         from rblora.assets.models import model_reference
-        from rblora.data import load_federated_split
+        from rblora.data import load_client_records, load_federated_split, load_test_records
         from rblora.utils.device import resolve_device
 
         prompter = Prompter(args.prompt_template_name)
-        data = load_federated_split(Path(args.data_path), args.num_clients)
-        check_client_sizes(args, [len(c) for c in data.clients])
+        path, count = Path(args.data_path), args.num_clients
+        if evaluation and clients == list(range(count)):  # the whole folder, checked as one
+            data = load_federated_split(path, count)
+            records, test = dict(enumerate(data.clients)), data.global_test
+        else:
+            records = {k: load_client_records(path, count, k) for k in clients}
+            test = load_test_records(path, count) if evaluation else []
+        check_client_sizes(args, {k: len(r) for k, r in records.items()})
         device = resolve_device(args.device)
         name = args.global_model or DEFAULT_MODEL
         log(f"loading {name} on {device}")
@@ -136,7 +149,7 @@ class CausalLMTask:
         task = cls(
             model,
             tokenizer,
-            only_client(data.clients, client, []),
+            records,
             prompter=prompter,
             train_config=config,
             target_modules=args.lora_target_modules or DEFAULT_TARGETS,
@@ -148,8 +161,8 @@ class CausalLMTask:
             progress=args.progress,
         )
         check_ranks(args.ranks(), task.module_shapes())
-        if client is None:
-            task.set_evaluation(*_eval_sets(args, prompter, data))
+        if evaluation:
+            task.set_evaluation(*_eval_sets(args, prompter, path, test))
         return task
 
     def set_evaluation(self, suites: dict[str, list], loss_records: list[dict]) -> None:
@@ -189,7 +202,15 @@ class CausalLMTask:
 
     # ------------------------------------------------------------------ Task protocol
     def num_examples(self, client_id: int) -> int:
-        return len(self._train[client_id])
+        return len(self._client_data(self._train, client_id))
+
+    def _client_data(self, data: dict[int, list], client_id: int) -> list:
+        if client_id not in data:
+            raise ValueError(
+                f"client {client_id}'s data is not held here (this task holds clients "
+                f"{sorted(data)})"
+            )
+        return data[client_id]
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)
@@ -206,7 +227,7 @@ class CausalLMTask:
     def train_client(
         self, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int
     ) -> ClientResult:
-        examples = self._train[spec.client_id]
+        examples = self._client_data(self._train, spec.client_id)
         peft_model = attach_lora(self.model, self.lora_spec(spec), init=start.factors, seed=seed)
         try:
             config = replace(self.train_config, seed=seed)
@@ -288,8 +309,12 @@ class CausalLMTask:
         )["loss"]
 
 
-def _eval_sets(args, prompter: Prompter, data) -> tuple[dict[str, list], list[dict]]:
-    """Multiple-choice suites scored each round and the records of the held-out loss."""
+def _eval_sets(
+    args, prompter: Prompter, data_path: Path, test: list[dict]
+) -> tuple[dict[str, list], list[dict]]:
+    """Multiple-choice suites scored each round and the records of the held-out loss
+    (``test``: the records of the prepared folder's ``global_test.json``)."""
+    from rblora.data.federated import resolve_folder
     from rblora.evaluation import load_mc_file, mmlu_items
 
     suites: dict[str, list] = {}
@@ -297,11 +322,11 @@ def _eval_sets(args, prompter: Prompter, data) -> tuple[dict[str, list], list[di
         suites["dev"] = load_mc_file(args.dev_data_path, prompter)
     elif args.eval_mmlu_size > 0:
         suites["mmlu"] = mmlu_items(args.eval_mmlu_size, seed=args.seed, prompter=prompter)
-    test_path = Path(data.folder) / "global_test.json"
+    test_path = resolve_folder(data_path, args.num_clients) / "global_test.json"
     test_items = seeded_subset(load_mc_file(test_path, prompter), args.eval_test_size, args.seed)
     if test_items:
         suites["test"] = test_items
-    test_records = seeded_subset(list(data.global_test), args.eval_test_size, args.seed)
+    test_records = seeded_subset(list(test), args.eval_test_size, args.seed)
     return suites, test_records
 
 
