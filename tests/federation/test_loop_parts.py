@@ -122,6 +122,31 @@ def test_merge_total_is_exact_and_bounded():
     assert sizes == [22, 30, 30, 30, 30, 30]
 
 
+def test_merged_total_exposes_no_client_block():
+    """FLoRA's running total, which every client receives, holds the sum in SVD form (orthonormal
+    rows of A, orthogonal columns of B), not the stack of each client's own factors."""
+    from rblora.aggregation.running import UpdateSum
+
+    g = torch.Generator().manual_seed(1)
+    clients = [(torch.randn(r, 40, generator=g), torch.randn(30, r, generator=g)) for r in (2, 3)]
+    stack = (torch.cat([a for a, _ in clients]), torch.cat([b for _, b in clients], dim=1))
+    total = UpdateSum()
+    total.add({"m": stack})
+    a, b = total.as_dict()["m"]
+    expected = sum(bk @ ak for ak, bk in clients)
+    torch.testing.assert_close(b @ a, expected, rtol=1e-5, atol=1e-5)
+    assert a.shape == (5, 40)
+    torch.testing.assert_close(a @ a.T, torch.eye(5), rtol=0, atol=1e-5)  # V^T: orthonormal rows
+    gram = b.T @ b
+    torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), rtol=0, atol=1e-3)
+    for ak, _ in clients:  # no client's own rows are in what clients receive
+        assert not any(torch.allclose(row, a_row) for row in ak for a_row in a)
+    # directions that cancel are dropped: the numerical rank, not the stacked width
+    total.add({"m": (a.clone(), -b.clone())})
+    a0, b0 = total.as_dict()["m"]
+    assert a0.shape[0] == 1 and float((b0 @ a0).abs().max()) < 1e-5
+
+
 def test_merge_download_counts_every_missed_merge():
     specs = [ClientSpec(0, 1, 16.0), ClientSpec(1, 1, 16.0)]
     server = FederatedServer("FLoRA", specs, selection="all")

@@ -4,11 +4,14 @@ process (serialising every message as Flower does), so bad and missing replies c
 from __future__ import annotations
 
 import json
+import shutil
+import time
 import uuid
 
+import hostile
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from run_helpers import adapter_tensors, lm_argv, metrics
@@ -31,11 +34,15 @@ def _roundtrip(msg: Message) -> Message:
 
 
 class TestGrid(Grid):
-    """Nodes live in this process: ``tamper(client, reply) -> reply | None`` edits replies."""
+    """Nodes live in this process and run ``app`` (rblora's ClientApp unless given).
+
+    ``tamper(client, reply) -> reply | None`` edits train replies as the transport could (None:
+    the reply never arrives); ``hidden``: node ids that appear only after the first train
+    message (a node started late)."""
 
     __test__ = False
 
-    def __init__(self, node_configs: dict[int, dict], tamper=None):
+    def __init__(self, node_configs: dict[int, dict], tamper=None, app=None, hidden=()):
         self.contexts = {
             node: Context(
                 run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={}
@@ -43,6 +50,8 @@ class TestGrid(Grid):
             for node, cfg in node_configs.items()
         }
         self.tamper = tamper or (lambda client, reply: reply)
+        self.app = app or client_app.app
+        self.hidden = set(hidden)
         self._replies: dict[str, Message] = {}
         self._run = None
 
@@ -57,7 +66,7 @@ class TestGrid(Grid):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type)
 
     def get_node_ids(self):
-        return list(self.contexts)
+        return [node for node in self.contexts if node not in self.hidden]
 
     def push_messages(self, messages):
         ids = []
@@ -67,12 +76,13 @@ class TestGrid(Grid):
             node = msg.metadata.dst_node_id
             context = self.contexts[node]
             try:
-                reply = client_app.app(_roundtrip(msg), context)
+                reply = self.app(_roundtrip(msg), context)
             except Exception as err:  # as Flower reports a ClientApp that raised
                 reply = Message(Error(code=2, reason=repr(err)), reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node
             reply.metadata.__dict__["_reply_to_message_id"] = msg.metadata.message_id
             if msg.metadata.message_type == "train":
+                self.hidden.clear()  # late nodes are up once the first round has started
                 reply = self.tamper(int(context.node_config["partition-id"]), reply)
             if reply is not None:
                 self._replies[msg.metadata.message_id] = _roundtrip(reply)
@@ -135,7 +145,7 @@ def _nan_reply(client, reply):
 @pytest.mark.parametrize(
     "tamper, fragment",
     [
-        (_nan_reply, "reply dropped: client 0 (id 1), module"),
+        (_nan_reply, "reply dropped: update/lora/"),
         (lambda k, r: None if k == 1 else r, "no reply within"),
         (
             lambda k, r: (
@@ -180,10 +190,169 @@ def test_node_ranks_must_agree_with_explicit_ones(workspace, tmp_path):
         _serve(workspace, tmp_path, _grid(ranks=(2, 4, 4)))
 
 
-def test_a_partition_claimed_twice_is_refused(workspace, tmp_path):
-    grid = TestGrid({1: {"partition-id": 0}, 2: {"partition-id": 0}})
-    with pytest.raises(RunError, match="both have partition 0"):
-        _serve(workspace, tmp_path, grid)
+# ---------------------------------------------------------------------- the server trusts nothing
+def _hostile_grid(kind, client=1):
+    configs = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    configs[100 + client]["hostile"] = kind
+    return TestGrid(configs, app=hostile.app)
+
+
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("scale", "lora-alpha 16000000.0 differs from the server's 16.0"),
+        ("examples", "num-examples 1000000000 differs from the server's 12"),
+        ("head-only", "missing arrays [update/lora/"),
+        ("missing-array", "missing arrays [update/lora/model.layers.0.self_attn.q_proj/B]"),
+        ("float64", "dtype torch.float64, not float32"),
+        ("extra-array", "unexpected arrays [update/lora/not.a.module/A]"),
+        ("other-rank", "rank 4 on"),
+        ("nan", "holds NaN or inf"),
+        ("unknown-meta", "unexpected metadata ['server-please']"),
+    ],
+)
+def test_a_hostile_reply_is_dropped_and_named(workspace, tmp_path, kind, fragment):
+    _serve(workspace, tmp_path, _hostile_grid(kind), "--num_communication_rounds", "1")
+    (record,) = [r for r in metrics(tmp_path / "3") if r["type"] == "round"]
+    assert list(record["missing"]) == ["1"]
+    assert "node 101: reply dropped: " in record["missing"]["1"]
+    assert fragment in record["missing"]["1"], record["missing"]["1"]
+    clients = [r for r in metrics(tmp_path / "3") if r["type"] == "client"]
+    assert [c["client"] for c in clients] == [0, 2]  # aggregated without client 1
+    assert not (tmp_path / "3" / "round_1" / "client_1").exists()
+
+
+def test_a_nodes_metrics_never_set_its_records_identity(workspace, tmp_path):
+    grid = _hostile_grid("identity-metrics")
+    _serve(workspace, tmp_path, grid, "--num_communication_rounds", "1")
+    records = metrics(tmp_path / "3")
+    clients = [r for r in records if r["type"] == "client"]
+    assert [c["client"] for c in clients] == [0, 1, 2]  # the update itself was sound
+    one = clients[1]
+    assert (one["round"], one["rank"], one["num_examples"], one["node"]) == (1, 4, 12, 101)
+    assert "loss" not in one and "note" not in one and "seconds" not in one and one["steps"] == 3
+    assert all(r["round"] in (1,) for r in records)  # no round-99 line
+    round_1 = [r for r in records if r["type"] == "round"][0]
+    assert "missing" not in round_1 and round_1["train_loss"] is not None
+    _serve(workspace, tmp_path, _hostile_grid("identity-metrics"), "--resume")  # resumable
+
+
+def test_same_options_with_a_validation_split_on_every_node(workspace, tmp_path):
+    extra = ("--local_val_set_size", "2", "--num_communication_rounds", "1")
+    _serve(workspace, tmp_path / "flower", _grid(), *extra)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *extra)) == 0
+    a = adapter_tensors(tmp_path / "flower" / "3" / "round_1" / "global")
+    b = adapter_tensors(tmp_path / "inprocess" / "3" / "round_1" / "global")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    clients = [r for r in metrics(tmp_path / "flower" / "3") if r["type"] == "client"]
+    assert [c["num_examples"] for c in clients] == [6, 10, 14] and all(
+        "val_loss" in c for c in clients
+    )
+
+
+def _split_folders(workspace, root):
+    """The prepared folder cut as a federation holds it: each node's folder has only its own
+    client's file, the server's only global_test.json and partition.json."""
+    source = workspace / "data" / "3"
+    for k in range(3):
+        (root / f"node{k}" / "3").mkdir(parents=True)
+        shutil.copy(source / f"local_training_{k}.json", root / f"node{k}" / "3")
+    (root / "server" / "3").mkdir(parents=True)
+    for name in ("global_test.json", "partition.json"):
+        shutil.copy(source / name, root / "server" / "3")
+    return root
+
+
+def test_each_node_holds_only_its_own_file_and_the_server_none(workspace, tmp_path):
+    folders = _split_folders(workspace, tmp_path / "data")
+    configs = {
+        100 + k: {"partition-id": k, "lora-rank": r, "data-path": str(folders / f"node{k}")}
+        for k, r in enumerate((2, 4, 8))
+    }
+    argv = lm_argv(workspace, tmp_path / "flower", data_path=folders / "server")
+    args, given = parse_args(argv)
+    serve(TestGrid(configs), args, given)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess")) == 0
+    for t in (1, 2):
+        a = adapter_tensors(tmp_path / "flower" / "3" / f"round_{t}" / "global")
+        b = adapter_tensors(tmp_path / "inprocess" / "3" / f"round_{t}" / "global")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((tmp_path / "flower" / "3" / "config.json").read_text())
+    assert config["client_sizes"] == [8, 12, 16]  # from the server's partition.json
+
+
+# ---------------------------------------------------------------------- discovery
+def test_a_malformed_discovery_answer_is_refused_and_the_run_goes_on(workspace, tmp_path, capsys):
+    _serve(
+        workspace, tmp_path, _hostile_grid("malformed-answer"), "--discovery_timeout", "1",
+        "--num_communication_rounds", "1",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        "node 101 refused: malformed discovery answer: partition-id 'one' is not an integer" in err
+    )
+    assert "starting with 2 of 3 clients; no node for client(s) [1]" in err
+    (record,) = [r for r in metrics(tmp_path / "3") if r["type"] == "round"]
+    assert record["missing"] == {"1": "no node has answered for this client"}
+
+
+def test_a_partition_claimed_twice_is_refused_for_both_nodes(workspace, tmp_path):
+    nodes = {1: {"partition-id": 0}, 2: {"partition-id": 0}, 3: {"partition-id": 1},
+             4: {"partition-id": 2}}  # fmt: skip
+    claimed = r"partition 0 is claimed by nodes \[1, 2\]"
+    refused = rf"no node for client\(s\) \[0\] \(refused: node 1: {claimed}; node 2: {claimed}"
+    with pytest.raises(RunError, match=refused):
+        _serve(workspace, tmp_path, TestGrid(nodes), "--discovery_timeout", "1",
+               "--min_replies", "3")  # fmt: skip
+
+
+def test_a_node_holding_other_data_is_refused(workspace, tmp_path):
+    other = tmp_path / "other" / "3"
+    other.mkdir(parents=True)
+    records = json.loads((workspace / "data" / "3" / "local_training_1.json").read_text())
+    (other / "local_training_1.json").write_text(json.dumps(records[:-1]))
+    nodes = {100: {"partition-id": 0}, 101: {"partition-id": 1, "data-path": str(other.parent)},
+             102: {"partition-id": 2}}  # fmt: skip
+    with pytest.raises(RunError, match=r"node 101: partition 1: the node holds 11 training "
+                       r"examples, the server's partition.json says 12"):  # fmt: skip
+        _serve(workspace, tmp_path / "out", TestGrid(nodes), "--discovery_timeout", "1",
+               "--min_replies", "3")  # fmt: skip
+
+
+def test_discovery_waits_then_names_the_missing_clients(workspace, tmp_path):
+    grid = TestGrid({100: {"partition-id": 0}})
+    started = time.perf_counter()
+    with pytest.raises(RunError, match=r"nodes for 1 of 3 clients answered, 2 needed "
+                       r"\(--min_replies\); no node for client\(s\) \[1, 2\]"):  # fmt: skip
+        _serve(workspace, tmp_path, grid, "--discovery_timeout", "2", "--min_replies", "2")
+    assert time.perf_counter() - started >= 2
+
+
+def test_a_node_that_starts_late_joins_at_the_next_round(workspace, tmp_path):
+    grid = TestGrid(
+        {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))},
+        hidden={102},
+    )
+    _serve(workspace, tmp_path, grid, "--discovery_timeout", "1")
+    rounds = [r for r in metrics(tmp_path / "3") if r["type"] == "round"]
+    assert rounds[0]["missing"] == {"2": "no node has answered for this client"}
+    assert "missing" not in rounds[1]
+    clients = [(r["round"], r["client"]) for r in metrics(tmp_path / "3") if r["type"] == "client"]
+    assert clients == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+
+
+def test_a_node_trains_on_its_own_device_whatever_the_servers(workspace):
+    options = json.loads(json.dumps(parse_args(lm_argv(workspace, workspace / "o"))[0].to_dict()))
+    options["device"] = "cuda"  # the server's GPU; this node has none
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(),
+                      run_config={})  # fmt: skip
+    assert client_app.client_args(options, context).device == "auto"
+    context.node_config["device"] = "cpu"
+    assert client_app.client_args(options, context).device == "cpu"
+    query = RecordDict({"config": ConfigRecord({"train-args": json.dumps(options)})})
+    reply = client_app.app(Message(query, dst_node_id=7, message_type="query"), context)
+    assert not reply.has_error(), reply.error
+    assert dict(reply.content.config_records["config"])["num-examples"] == 12
 
 
 def test_a_flower_run_resumes_after_its_checkpoint(workspace, tmp_path):

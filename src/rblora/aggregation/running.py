@@ -4,10 +4,18 @@ Under the merge protocol (FLoRA) round t's global update ``dW_t`` goes into the 
 the model after round t is ``W0 + D_t`` with ``D_t = dW_1 + ... + dW_t``. :class:`UpdateSum`
 holds ``D_t`` per module in whichever exact form is smaller:
 
-- factored, ``(A: (k, d_in), B: (d_out, k))`` with ``D = B @ A``: adding ``dW = B' @ A'`` stacks
-  the factors (``k`` grows by the width of ``dW``);
+- factored, ``(A: (k, d_in), B: (d_out, k))`` with ``D = B @ A`` in SVD form: ``A = V^T`` has
+  orthonormal rows, ``B = U diag(sigma)`` orthogonal columns, ``k`` the numerical rank of ``D``.
+  Adding ``dW = B' @ A'`` stacks the factors and re-factors the stack (a factored SVD: QR of
+  each side, SVD of the small core; :class:`rblora.aggregation.linalg.FactoredSVD`);
 - dense, ``(d_out, d_in)``: once ``k * (d_in + d_out) >= d_in * d_out`` the product is formed once
   and later updates are added to it.
+
+Why the SVD form and not the stack: under FLoRA's merge protocol every client receives the total,
+and a stack ``[p_1 A_1; ...]``, ``[s_1 B_1 ...]`` would hand every client every other client's
+own update block by block. The SVD form carries the same sum (to float32 rounding) and only the
+sum: its directions mix every client's. It is also the smallest exact factored form (directions
+that cancel out are dropped).
 
 So its size never exceeds one dense matrix per module, however many rounds run (keeping every
 round's stack would grow by ``sum r_k * (d_in + d_out)`` numbers per module per round: about
@@ -19,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .linalg import FactoredSVD
 from .types import FactorPair, ModuleDelta
 
 
@@ -80,11 +89,24 @@ class UpdateSum:
 
 
 def _compact(delta: ModuleDelta) -> ModuleDelta:
-    """The smaller exact form: factors while ``k * (d_in + d_out) < d_in * d_out``, else dense."""
+    """The smaller exact form: SVD factors while ``k * (d_in + d_out) < d_in * d_out``, else
+    dense."""
     if is_dense(delta):
         return delta
     a, b = delta
     d_out, d_in = delta_shape(delta)
     if a.shape[0] * (d_in + d_out) >= d_in * d_out:
         return b @ a
-    return delta
+    return svd_factors(a, b)
+
+
+def svd_factors(a: Tensor, b: Tensor) -> FactorPair:
+    """``B @ A`` re-factored as ``(V^T, U diag(sigma))`` at its numerical rank (at least 1):
+    singular values below ``max(d_out, d_in, k) * eps(float32) * |A|_F |B|_F`` are rounding of
+    the stacked inputs (the bound of their product), not directions, e.g. where updates cancel.
+    ``A: (k, d_in)``, ``B: (d_out, k)`` float32; returns float32, signs fixed."""
+    svd = FactoredSVD(a, b)
+    scale = float(torch.linalg.matrix_norm(a.double()) * torch.linalg.matrix_norm(b.double()))
+    tol = max(b.shape[0], a.shape[1], a.shape[0]) * torch.finfo(a.dtype).eps * scale
+    rank = max(1, int((svd.sigma > tol).sum()))
+    return svd.truncated(min(rank, svd.width))

@@ -65,12 +65,20 @@ class RunOptions:
     )
     min_replies: float = option(
         1,
-        "flower engine: a round fails unless at least this many selected clients reply (a "
-        "count, or a fraction of the selected clients when below 1)",
+        "flower engine: a round fails unless at least this many selected clients reply, and the "
+        "run starts only when this many nodes answered discovery (a count, or a fraction of the "
+        "selected clients, or of all clients at discovery, when below 1)",
         resumable=True,
     )
     round_timeout: float = option(
         3600, "flower engine: seconds a round waits for replies", resumable=True
+    )
+    discovery_timeout: float = option(
+        300,
+        "flower engine: seconds the server waits at the start for a node of every client; then "
+        "it starts with those that answered if they are at least --min_replies (later nodes "
+        "join at the next round)",
+        resumable=True,
     )
     device: str = option(
         "auto", "where the model runs: auto (CUDA if available, else CPU) | cpu | cuda[:N] | mps"
@@ -92,7 +100,11 @@ class RunOptions:
     num_clients: int = option(10, "number of clients (must match the data folder)")
     num_communication_rounds: int = option(50, "federated rounds", resumable=True)
     client_selection_strategy: str = option("random", "random | all (which clients train a round)")
-    client_selection_frac: float = option(1.0, "fraction of clients selected each round (0, 1]")
+    client_selection_frac: float = option(
+        1.0,
+        "fraction of clients selected each round (0, 1]: round(frac * num_clients) of them, at "
+        "least one (0.57 of 100 selects 57)",
+    )
     client_lora_rank_dict: dict[str, int] | None = option(
         None, "client ranks as {client_0: 4, ...} (YAML mapping or JSON string)"
     )
@@ -110,9 +122,6 @@ class RunOptions:
     local_batch_size: int = option(64, "examples per optimizer step (gradient accumulation)")
     local_micro_batch_size: int = option(8, "examples per forward/backward pass")
     local_learning_rate: float = option(3e-5, "AdamW learning rate of local training")
-    local_val_set_size: int = option(
-        0, "examples held out of each client's data to report a local validation loss"
-    )
     # LoRA
     lora_alpha: float = option(16.0, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with rsLoRA)")
     lora_dropout: float = option(0.05, "LoRA dropout")
@@ -148,6 +157,11 @@ class LMOptions:
         "alpaca", "prompt template: alpaca | alpaca_legacy | alpaca_short"
     )
     cutoff_len: int = option(512, "maximum tokens per example")
+    local_val_set_size: int = option(
+        0,
+        "examples held out of each client's data to report a local validation loss (they do "
+        "not train and do not count in the client's weight)",
+    )
     train_on_inputs: bool = option(True, "also train on the prompt tokens (else response only)")
     group_by_length: bool = option(False, "batch examples of similar length together")
     dev_data_path: str | None = option(
@@ -251,10 +265,12 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             "cutoff_len",
             "eval_batch_size",
         )
-        if not self.min_replies > 0:
-            raise ValueError(f"min_replies {self.min_replies} must be > 0")
-        if not self.round_timeout > 0:
-            raise ValueError(f"round_timeout {self.round_timeout} must be > 0")
+        if not self.round_timeout > 0 or not math.isfinite(self.round_timeout):
+            raise ValueError(f"round_timeout {self.round_timeout} must be a number of seconds > 0")
+        if not self.discovery_timeout > 0 or not math.isfinite(self.discovery_timeout):
+            raise ValueError(
+                f"discovery_timeout {self.discovery_timeout} must be a number of seconds > 0"
+            )
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size {self.image_size} must be >= 1")
         if self.local_batch_size % self.local_micro_batch_size:
@@ -287,8 +303,38 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+        self._check_min_replies()
         check_ranks_fit(self.method, self.ranks())
         self.expected_sizes()
+
+    def training_examples(self, prepared_size: int) -> int:
+        """A client's training examples (its weight) from its prepared size: minus the local
+        validation split (what the task holds out of each client's records)."""
+        return prepared_size - self.local_val_set_size
+
+    def selected_per_round(self) -> int:
+        """Clients selected each round (``FederatedServer.select`` draws this many)."""
+        return selection_count(
+            self.num_clients, self.client_selection_frac, self.client_selection_strategy
+        )
+
+    def _check_min_replies(self) -> None:
+        """``min_replies`` must be reachable in every round: a fraction in (0, 1), or a whole
+        count no larger than the clients selected per round."""
+        m, selected = self.min_replies, self.selected_per_round()
+        if not (m > 0 and math.isfinite(m)):
+            raise ValueError(
+                f"min_replies {m} must be a count >= 1 or a fraction in (0, 1) of the selected "
+                "clients"
+            )
+        if m >= 1 and not float(m).is_integer():
+            raise ValueError(f"min_replies {m}: a count must be a whole number (or a fraction < 1)")
+        if m > selected:
+            raise ValueError(
+                f"min_replies {m:g} can never be met: {selected} client(s) are selected per round "
+                f"(num_clients {self.num_clients}, client_selection_frac "
+                f"{self.client_selection_frac:g}); give at most {selected}, or a fraction below 1"
+            )
 
     def check_task_options(self, task: str, given: set[str]) -> None:
         """Refuse options of another task than ``task`` that were given explicitly."""
@@ -376,6 +422,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, set[str]]:
     args = TrainArgs(**values)
     args.validate()
     return args, set(values)
+
+
+def selection_count(num_clients: int, frac: float, strategy: str = "random") -> int:
+    """How many of ``num_clients`` a round selects: all, or ``frac`` of them rounded to the
+    nearest count (halves up; float noise such as 0.57 * 100 = 56.99... is not truncated), at
+    least one."""
+    if strategy == "all":
+        return num_clients
+    return min(num_clients, max(1, math.floor(frac * num_clients + 0.5 + 1e-9)))
 
 
 def required_replies(min_replies: float, selected: int) -> int:

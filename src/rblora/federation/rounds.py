@@ -30,7 +30,13 @@ from rblora.aggregation.running import ModuleDelta, delta_shape, is_dense
 from rblora.aggregation.types import Factors
 from rblora.federation.rundir import RunFolder
 from rblora.federation.server import FederatedServer, GlobalModel
-from rblora.protocol.types import ClientResult, ClientSpec, ClientStart, tensor_bytes
+from rblora.protocol.types import (
+    ClientResult,
+    ClientSpec,
+    ClientStart,
+    clean_metrics,
+    tensor_bytes,
+)
 from rblora.tasks.base import Task
 from rblora.training import TrainingDiverged
 
@@ -61,7 +67,13 @@ def train_client(
 
 
 def client_update(spec: ClientSpec, result: ClientResult) -> ClientUpdate:
-    """What a client sends to the server: its factors, dense extras, example count and scaling."""
+    """What a client sends to the server: its factors, dense extras, example count and scaling
+    (the example count is the spec's when the spec knows it: the server's word, not the task's)."""
+    if spec.num_examples is not None and result.num_examples != spec.num_examples:
+        raise RunError(
+            f"client {spec.client_id} trained on {result.num_examples} examples but the run "
+            f"expects {spec.num_examples} (its data changed since the run started)"
+        )
     return ClientUpdate(
         num_examples=result.num_examples,
         lora_alpha=spec.lora_alpha,
@@ -81,17 +93,21 @@ def upload_bytes(update: ClientUpdate) -> int:
 def client_record(
     round_: int, spec: ClientSpec, result: ClientResult, start: ClientStart, bytes_up: int
 ) -> dict[str, Any]:
-    """The client's line in metrics.jsonl."""
-    return {
+    """The client's line in metrics.jsonl: its identity and weight from the server's own
+    knowledge (``spec``, the round), written over anything the client's metrics say; of the
+    metrics only finite numbers under known names are kept (``clean_metrics``)."""
+    metrics, dropped = clean_metrics(result.metrics)
+    if dropped:
+        log(f"round {round_} client {spec.client_id}: metrics dropped: {', '.join(dropped)}")
+    identity = {
         "type": "client",
         "round": round_,
         "client": spec.client_id,
         "rank": spec.rank,
-        "num_examples": result.num_examples,
-        **result.metrics,
-        "bytes_down": start.download_bytes,
-        "bytes_up": bytes_up,
+        "num_examples": spec.num_examples if spec.num_examples is not None else result.num_examples,
     }
+    counts = {"bytes_down": start.download_bytes, "bytes_up": bytes_up}
+    return {**identity, **metrics, **counts, **identity}
 
 
 def save_client_adapter(

@@ -26,6 +26,7 @@ import torch
 from rblora.aggregation import ClientUpdate, GlobalUpdate, aggregate
 from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
 from rblora.aggregation.types import Factors
+from rblora.federation.options import selection_count
 from rblora.protocol.codec import decode_deltas, decode_dense, decode_factors, encode
 from rblora.protocol.types import ClientSpec, ClientStart, tensor_bytes
 
@@ -94,7 +95,7 @@ class FederatedServer:
         k = len(self.clients)
         if self.selection == "all":
             return list(range(k))
-        n = max(int(self.frac * k), 1)
+        n = selection_count(k, self.frac)
         rng = np.random.default_rng(derive_seed(self.seed, round_))
         return sorted(int(i) for i in rng.choice(k, size=n, replace=False))
 

@@ -7,8 +7,11 @@ A node says which client it is in its node config::
 
 ``partition-id`` (required): the client's index in the prepared data folder; ``lora-rank``
 (optional): its LoRA rank (else the run's ``client_ranks``); ``data-path`` (optional): the
-prepared folder on this machine (else the run's ``data_path``). Only the client's own file
-``<data-path>/<K>/local_training_<partition-id>.json`` (or its image indices) is read.
+prepared folder on this machine (else the run's ``data_path``); ``device`` (optional): where this
+node trains (``auto``, ``cpu``, ``cuda``, ...; default ``auto``: this machine's GPU if it has one,
+whatever device the server uses). Only the client's own file
+``<data-path>/<K>/local_training_<partition-id>.json`` is read (for images, its index file and the
+embedded image set it names); the node needs no other client's file and no test set.
 
 Messages: ``query`` (who are you: partition, rank, examples) and ``train`` (start adapter in,
 update out). The run's options travel in every message, so the node needs nothing but its node
@@ -28,7 +31,7 @@ from rblora.federation.options import TrainArgs
 from rblora.federation.rounds import client_update, train_client
 from rblora.flower.records import CONFIG, from_content, to_content
 from rblora.protocol.codec import decode_start, encode_update
-from rblora.protocol.types import ClientSpec
+from rblora.protocol.types import ClientSpec, clean_metrics
 
 app = ClientApp()
 
@@ -52,14 +55,18 @@ def node_identity(context: Context) -> tuple[int, int | None, str | None]:
 
 
 def client_args(options: dict, context: Context) -> TrainArgs:
-    """The run's options as this node uses them (its own data folder if it has one)."""
+    """The run's options as this node uses them: its own data folder and its own device (the
+    server's ``--device`` is where the server evaluates); precision as the run recorded it."""
     _, _, path = node_identity(context)
-    args = TrainArgs(**{**options, **({"data_path": str(path)} if path else {})})
-    return args
+    local = {"device": str(context.node_config.get("device", "auto"))}
+    if path:
+        local["data_path"] = str(path)
+    return TrainArgs(**{**options, **local})
 
 
 def client_task(args: TrainArgs, client: int):
-    """The task of ``client`` under ``args``, built once per process."""
+    """The task of ``client`` under ``args`` (its own data, no evaluation sets), built once per
+    process."""
     from transformers.utils import logging as hf_logging
 
     from rblora.tasks import build_task
@@ -67,7 +74,9 @@ def client_task(args: TrainArgs, client: int):
     key = json.dumps([args.to_dict(), client], sort_keys=True)
     if key not in _TASKS:
         hf_logging.disable_progress_bar()  # this process is a ClientApp: no bars in its log
-        _TASKS[key] = build_task(args, log=lambda _: None, client=client, models=_MODELS)
+        _TASKS[key] = build_task(
+            args, log=lambda _: None, clients=[client], evaluation=False, models=_MODELS
+        )
     return _TASKS[key]
 
 
@@ -100,5 +109,5 @@ def train(msg: Message, context: Context) -> Message:
     spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)
     result = train_client(task, spec, start, seed=int(meta["seed"]), round_=int(meta["round"]))
     update_tensors, update_meta = encode_update(client_update(spec, result))
-    reply = {**update_meta, "metrics": result.metrics}
+    reply = {**update_meta, "metrics": clean_metrics(result.metrics)[0]}
     return Message(to_content(update_tensors, reply), reply_to=msg)

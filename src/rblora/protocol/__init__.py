@@ -5,6 +5,20 @@
 below the tasks, the round core and the engines, which all import them.
 """
 
-from rblora.protocol.types import ClientResult, ClientSpec, ClientStart, tensor_bytes
+from rblora.protocol.types import (
+    ClientResult,
+    ClientSpec,
+    ClientStart,
+    UpdateLayout,
+    clean_metrics,
+    tensor_bytes,
+)
 
-__all__ = ["ClientResult", "ClientSpec", "ClientStart", "tensor_bytes"]
+__all__ = [
+    "ClientResult",
+    "ClientSpec",
+    "ClientStart",
+    "UpdateLayout",
+    "clean_metrics",
+    "tensor_bytes",
+]

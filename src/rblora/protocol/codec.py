@@ -12,6 +12,8 @@ Tensors are float32 and contiguous on the CPU (bfloat16 cannot travel in an Arra
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ import torch
 from rblora.aggregation import ClientUpdate
 from rblora.aggregation.running import ModuleDelta, is_dense
 from rblora.aggregation.types import Factors
-from rblora.protocol.types import ClientStart
+from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout
 
 
 def _t(x: torch.Tensor) -> torch.Tensor:
@@ -103,21 +105,99 @@ def encode_update(update: ClientUpdate) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
+_UPDATE_META = {"num-examples", "lora-alpha", "use-rslora", "metrics"}
+
+
 def decode_update(
-    tensors: dict[str, torch.Tensor], meta: dict[str, Any], client_id: int
-) -> ClientUpdate:
-    """Inverse of :func:`encode_update`; ValueError for missing metadata or broken factors."""
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], spec: ClientSpec, layout: UpdateLayout
+) -> tuple[ClientUpdate, dict[str, Any]]:
+    """A client's reply checked against what the server knows (DESIGN.md section 6): returns its
+    :class:`ClientUpdate`, built from the server's own ``spec`` (rank, scaling, examples), and
+    the metrics it claims (raw: see :func:`rblora.protocol.types.clean_metrics`).
+
+    ValueError naming what is wrong: metadata that is missing, unknown, of the wrong type or
+    that disagrees with ``spec`` (a node cannot claim another scale or weight); arrays that are
+    missing or unexpected (a LoRA reply without factors, a head-only reply with them); factors
+    whose shape is not ``spec.rank`` on the module's ``(d_out, d_in)`` (a reply shaped for
+    another client); dense parameters of another shape; any dtype but float32; NaN or inf.
+    """
+    unknown = sorted(set(meta) - _UPDATE_META)
+    if unknown:
+        raise ValueError(f"unexpected metadata {unknown}")
+    claims = {
+        "num-examples": (spec.num_examples, _int),
+        "lora-alpha": (spec.lora_alpha, _float),
+        "use-rslora": (spec.use_rslora, _bool),
+    }
+    for key, (known, read) in claims.items():
+        if key not in meta:
+            raise ValueError(f"the metadata lacks {key!r}")
+        value = read(key, meta[key])
+        if known is not None and value != known:
+            raise ValueError(f"{key} {meta[key]!r} differs from the server's {known!r}")
+    if spec.num_examples is None:
+        raise ValueError("the server does not know this client's example count")
+    expected = {f"update/lora/{m}/{w}" for m in layout.modules for w in "AB"}
+    expected |= {f"update/dense/{n}" for n in layout.dense}
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        wrong = [f"{what} arrays {_few(keys)}" for what, keys in (("missing", missing),
+                 ("unexpected", extra)) if keys]  # fmt: skip
+        raise ValueError(", ".join(wrong))
+    for key, value in sorted(tensors.items()):
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+            raise ValueError(f"{key}: dtype {getattr(value, 'dtype', type(value))}, not float32")
+    factors = decode_factors(tensors, "update")
+    for module, (d_out, d_in) in layout.modules.items():
+        a, b = factors[module]
+        if tuple(a.shape) != (spec.rank, d_in) or tuple(b.shape) != (d_out, spec.rank):
+            raise ValueError(
+                f"{module}: A {tuple(a.shape)}, B {tuple(b.shape)}; rank {spec.rank} on "
+                f"({d_out}, {d_in}) needs A {(spec.rank, d_in)}, B {(d_out, spec.rank)}"
+            )
+    dense = decode_dense(tensors, "update")
+    for name, want in layout.dense.items():
+        if tuple(dense[name].shape) != tuple(want):
+            raise ValueError(f"{name}: shape {tuple(dense[name].shape)}, expected {tuple(want)}")
+    for key, value in sorted(tensors.items()):
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{key} holds NaN or inf")
     try:
-        return ClientUpdate(
-            num_examples=int(meta["num-examples"]),
-            lora_alpha=float(meta["lora-alpha"]),
-            factors=decode_factors(tensors, "update"),
-            use_rslora=bool(meta["use-rslora"]),
-            client_id=client_id,
-            dense=decode_dense(tensors, "update"),
-        )
-    except KeyError as err:
-        raise ValueError(f"the update's metadata lacks {err}") from None
+        metrics = json.loads(meta.get("metrics", "{}"))
+    except (TypeError, ValueError):
+        raise ValueError("metrics are not JSON") from None
+    update = ClientUpdate(
+        num_examples=spec.num_examples,
+        lora_alpha=spec.lora_alpha,
+        factors=factors,
+        use_rslora=spec.use_rslora,
+        client_id=spec.client_id,
+        dense=dense,
+    )
+    return update, metrics
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} {value!r} is not an integer")
+    return value
+
+
+def _float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} {value!r} is not a finite number")
+    return float(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} {value!r} is not a boolean")
+    return value
+
+
+def _few(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+    return f"[{shown}]"
 
 
 def encode_start(start: ClientStart) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -3,6 +3,7 @@
     ClientSpec    what the server knows of a client (rank, scaling, examples), before any reply
     ClientStart   what the server sends a client: the adapter it starts its round from
     ClientResult  what a client's local training produced (factors, dense extras, metrics)
+    UpdateLayout  what every client's update holds (modules and their shapes, dense extras)
 
 The round core (:mod:`rblora.federation`), the tasks (:mod:`rblora.tasks`) and every engine
 import these; this module imports nothing of theirs.
@@ -10,6 +11,7 @@ import these; this module imports nothing of theirs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +61,53 @@ class ClientResult:
     num_examples: int
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # loss, steps, tokens, seconds, ...
+
+
+@dataclass(frozen=True)
+class UpdateLayout:
+    """What every client's update holds, known to the server before any reply (the task says):
+    ``modules``: adapted module -> ``(d_out, d_in)`` of its LoRA factors (empty exactly when no
+    LoRA is trained, the head-only baseline); ``dense``: dense extra parameter -> shape."""
+
+    modules: dict[str, tuple[int, int]]
+    dense: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+CLIENT_METRICS: dict[str, type] = {
+    "loss": float,
+    "val_loss": float,
+    "steps": int,
+    "tokens": int,
+    "images": int,
+    "seconds": float,
+}
+"""The metrics a client's record may carry (name -> kind): what the tasks report of local
+training. Anything else a client sends is dropped (see :func:`clean_metrics`)."""
+
+
+def clean_metrics(metrics: Any) -> tuple[dict[str, float | int], list[str]]:
+    """``(kept, dropped)``: the finite numbers of ``metrics`` under the names of
+    :data:`CLIENT_METRICS` (counts as non-negative integers), and the names of what was dropped.
+    A client's metrics are its word only: they never set a record's identity fields and never
+    weigh anything."""
+    if not isinstance(metrics, dict):
+        return {}, ["metrics (not a mapping)"]
+    kept: dict[str, float | int] = {}
+    dropped = []
+    for name, value in metrics.items():
+        kind = CLIENT_METRICS.get(name)
+        if value is None and kind is not None:
+            continue  # "not measured" (e.g. no step carried a target)
+        number = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+        if kind is float and number:
+            kept[name] = float(value)
+        elif kind is int and number and float(value).is_integer() and value >= 0:
+            kept[name] = int(value)
+        else:
+            dropped.append(str(name))
+    return kept, dropped
 
 
 def tensor_bytes(tensors) -> int:

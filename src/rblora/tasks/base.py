@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from rblora.aggregation.running import ModuleDelta
 from rblora.aggregation.types import Factors
-from rblora.protocol.types import ClientResult, ClientSpec, ClientStart
+from rblora.protocol.types import ClientResult, ClientSpec, ClientStart, UpdateLayout
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,9 @@ class Task(Protocol):
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """Adapted module name -> (d_out, d_in)."""
+
+    def update_layout(self) -> UpdateLayout:
+        """What every client's update holds (the server checks each reply against it)."""
 
     def train_client(
         self, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int

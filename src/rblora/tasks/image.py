@@ -24,6 +24,7 @@ from rblora.adapters import (
     applied_delta,
     attach_lora,
     dense_only,
+    dense_parameters,
     detach_lora,
     read_dense,
     read_factors,
@@ -33,7 +34,7 @@ from rblora.adapters import (
 )
 from rblora.aggregation.running import ModuleDelta
 from rblora.aggregation.types import Factors
-from rblora.protocol.types import ClientResult, ClientSpec, ClientStart
+from rblora.protocol.types import ClientResult, ClientSpec, ClientStart, UpdateLayout
 from rblora.tasks.base import (
     cached,
     check_client_sizes,
@@ -235,6 +236,13 @@ class ImageTask:
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)
+
+    def update_layout(self) -> UpdateLayout:
+        head = dense_parameters(self.model, self.modules_to_save)
+        return UpdateLayout(
+            modules={} if self.head_only else self.module_shapes(),
+            dense={name: tuple(t.shape) for name, t in head.items()},
+        )
 
     def train_client(
         self, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int

@@ -27,7 +27,7 @@ from rblora.adapters import (
 from rblora.aggregation.running import ModuleDelta
 from rblora.aggregation.types import Factors
 from rblora.data.templates import Prompter
-from rblora.protocol.types import ClientResult, ClientSpec, ClientStart
+from rblora.protocol.types import ClientResult, ClientSpec, ClientStart, UpdateLayout
 from rblora.tasks.base import (
     cached,
     check_client_sizes,
@@ -214,6 +214,9 @@ class CausalLMTask:
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)
+
+    def update_layout(self) -> UpdateLayout:
+        return UpdateLayout(modules=self.module_shapes())
 
     def lora_spec(self, spec: ClientSpec) -> LoraSpec:
         return LoraSpec(
