@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 from run_helpers import lm_argv, metrics
 
 from rblora.cli import main as rblora
@@ -72,11 +74,18 @@ def test_compare_refuses_bad_cells_before_running(workspace, tmp_path, capsys):
     }
 
 
-def test_evaluate_scores_saved_adapters(workspace, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def flora_run(workspace, tmp_path_factory):
+    """A finished two-round FLoRA run folder (3 clients)."""
     from rblora.federation.cli import main as train
 
-    assert train(lm_argv(workspace, tmp_path, "--method", "FLoRA")) == 0
-    run = tmp_path / "3"
+    out = tmp_path_factory.mktemp("flora")
+    assert train(lm_argv(workspace, out, "--method", "FLoRA")) == 0
+    return out / "3"
+
+
+def test_evaluate_scores_saved_adapters(flora_run, tmp_path, capsys):
+    run = flora_run
     last = [r for r in metrics(run) if r["type"] == "round"][-1]
     out = tmp_path / "scores.json"
     argv = ["evaluate", "--adapter", str(run / "round_2" / "global"), "--out", str(out)]
@@ -98,3 +107,40 @@ def test_evaluate_scores_saved_adapters(workspace, tmp_path, capsys):
     assert rblora(["evaluate", "--adapter", str(tmp_path / "nowhere")]) == 2
     (run / "results.json").unlink()
     assert rblora(["report", str(run)]) == 0 and (run / "results.json").is_file()
+
+
+def _cut(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, file",
+    [
+        (lambda f: _cut(f / "adapter_model.safetensors"), "adapter_model.safetensors"),
+        (lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors"),
+        (lambda f: _cut(f / "adapter_config.json"), "adapter_config.json"),
+        (
+            lambda f: (f / "adapter_config.json").write_text('{"lora_alpha": 8}'),
+            "adapter_config.json",
+        ),
+        (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json"),
+        (lambda f: (f / "dense.safetensors").write_bytes(b"\x08\0\0"), "dense.safetensors"),
+    ],
+    ids=["cut-weights", "no-weights", "cut-config", "config-without-r", "no-config", "cut-dense"],
+)
+def test_evaluate_names_a_damaged_adapter_file(flora_run, tmp_path, capsys, damage, file):
+    adapter = tmp_path / "global"
+    shutil.copytree(flora_run / "round_2" / "global", adapter)
+    damage(adapter)
+    capsys.readouterr()
+    assert rblora(["evaluate", "--adapter", str(adapter), "--run", str(flora_run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(adapter / file) in err[0], err
+
+
+def test_evaluate_names_an_empty_adapter_folder(flora_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert rblora(["evaluate", "--adapter", str(tmp_path / "empty"), "--run", str(flora_run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapter_model.safetensors" in err[0] and "dense.safetensors" in err[0]
