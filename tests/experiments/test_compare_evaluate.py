@@ -84,6 +84,35 @@ def flora_run(workspace, tmp_path_factory):
     return out / "3"
 
 
+@pytest.mark.parametrize(
+    "name", ["ABS", "../escaped", "a/b", "a\\b", ".", "..", "", "a b", "wide:"]
+)
+def test_compare_refuses_setting_names_that_are_not_plain(workspace, tmp_path, capsys, name):
+    # a setting name is a folder under --output_dir: nothing else may be built from it
+    name = str(tmp_path / "abs") if name == "ABS" else name
+    with pytest.raises(ValueError, match="rank setting name"):
+        compare.rank_settings([f"{name}=2,2,2"], [2, 4, 8])
+    argv = [
+        "compare",
+        "--methods",
+        "RB-LoRA",
+        "--seeds",
+        "1",
+        "--output_dir",
+        str(tmp_path / "cmp"),
+    ]
+    argv += ["--rank_settings", f"{name}=2,2,2", "--", *_base(workspace, tmp_path)]
+    assert rblora(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rank setting name" in err[0] and "A-Za-z0-9_.-" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing is written"
+
+
+def test_compare_refuses_a_setting_given_twice():
+    with pytest.raises(ValueError, match="'wide' given twice"):
+        compare.rank_settings(["wide=2,2,2", "wide=4,4,4"], [2, 4, 8])
+
+
 def test_evaluate_scores_saved_adapters(flora_run, tmp_path, capsys):
     run = flora_run
     last = [r for r in metrics(run) if r["type"] == "round"][-1]

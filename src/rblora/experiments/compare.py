@@ -39,11 +39,27 @@ def _slug(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "-", name.lower()).strip("-")
 
 
+#: A setting name is a folder under --output_dir: plain characters only, never a path.
+_SETTING_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_setting_name(name: str) -> None:
+    """Refuse a setting name that is not a plain folder name (``/srv/x``, ``../x``, ``..``)."""
+    if not _SETTING_NAME.fullmatch(name) or not name.strip("."):
+        raise ValueError(
+            f"rank setting name {name!r} is not allowed: it names a folder under --output_dir, "
+            "so use only the characters A-Za-z0-9_.- (not only dots), e.g. wide=8,8,64"
+        )
+
+
 def rank_settings(names: list[str], ranks: list[int]) -> dict[str, list[int]]:
     """Setting name -> client ranks (see the module doc)."""
     out: dict[str, list[int]] = {}
     for item in names:
         name, _, custom = item.partition("=")
+        check_setting_name(name)
+        if name in out:
+            raise ValueError(f"rank setting {name!r} given twice; give each setting once")
         if custom:
             values = [int(x) for x in custom.split(",") if x.strip()]
             if len(values) != len(ranks):
@@ -331,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rank_settings",
         default="heterogeneous",
         help="semicolon-separated: heterogeneous; smallest; uniform; name=r0,r1,... "
-        "(default: heterogeneous)",
+        "(name: a folder name of A-Za-z0-9_.-; default: heterogeneous)",
     )
     parser.add_argument("--output_dir", required=True, help="root of the cells and the table")
     try:
