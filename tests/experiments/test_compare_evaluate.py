@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 from run_helpers import lm_argv, metrics
@@ -82,6 +84,41 @@ def flora_run(workspace, tmp_path_factory):
     out = tmp_path_factory.mktemp("flora")
     assert train(lm_argv(workspace, out, "--method", "FLoRA")) == 0
     return out / "3"
+
+
+def test_compare_writes_its_index_and_plots_atomically(workspace, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    root = tmp_path / "cmp"
+    argv = ["compare", "--methods", "FedIT", "--seeds", "1", "--rank_settings", "smallest"]
+    argv += ["--output_dir", str(root), "--", *_base(workspace, tmp_path)]
+    assert rblora(argv) == 0
+    plots = {p.name: p.read_bytes() for p in (root / "plots").iterdir()}
+    index = (root / "compare.json").read_bytes()
+
+    def half_written(fig, fname, **kwargs):  # the disk fills up halfway through a plot
+        if hasattr(fname, "write"):
+            fname.write(b"\x89PNG half")
+        else:
+            Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        compare.write_comparison(root)
+    assert {p.name: p.read_bytes() for p in (root / "plots").iterdir()} == plots  # no leftovers
+
+    monkeypatch.undo()
+    real_fsync = os.fsync
+
+    def fsync(fd):  # ... and halfway through compare.json of a comparison with more seeds
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert rblora([*argv[:4], "1,2", *argv[5:]]) == 2
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (root / "compare.json").read_bytes() == index
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.parametrize(

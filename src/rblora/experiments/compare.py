@@ -136,6 +136,7 @@ def run_compare(
     from rblora.federation.options import parse_args
     from rblora.federation.rounds import RunError, log
     from rblora.tasks import infer_task
+    from rblora.utils.atomic import write_json
 
     args, _ = parse_args(base_argv)
     settings = rank_settings(setting_names, args.ranks())
@@ -151,7 +152,7 @@ def run_compare(
     root.mkdir(parents=True, exist_ok=True)
     index = {"base_argv": base_argv, "cells": cells, "num_clients": args.num_clients,
              "rounds": args.num_communication_rounds}  # fmt: skip
-    (root / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    write_json(root / INDEX, index, indent=1)
     for i, cell in enumerate(cells, start=1):
         run_dir = root / cell["path"] / str(args.num_clients)
         state = _state(run_dir, args.num_communication_rounds)
@@ -263,6 +264,8 @@ def write_plots(root: Path, data: dict) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from rblora.utils.atomic import atomic_file
+
     groups = data["groups"]
     metrics = sorted(
         {
@@ -304,7 +307,8 @@ def write_plots(root: Path, data: dict) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{metric.replace('/', '_')}.png"
-        fig.savefig(path, dpi=110)
+        with atomic_file(path) as fh:
+            fig.savefig(fh, dpi=110, format="png")
         plt.close(fig)
         written.append(path)
     return written
