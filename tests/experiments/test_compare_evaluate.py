@@ -86,6 +86,57 @@ def flora_run(workspace, tmp_path_factory):
     return out / "3"
 
 
+def _row(table, method):
+    return next(line for line in table.splitlines() if f"| {method} |" in line)
+
+
+def test_a_failed_cell_is_kept_until_retried_and_cleared_when_it_finishes(
+    workspace, tmp_path, capsys, monkeypatch
+):
+    import rblora.federation.cli as train_cli
+    from rblora.federation.rounds import RunError
+
+    real_run, ran, failing = train_cli.run, [], {"seed2"}
+
+    def run(args, given):  # seed 2 stops like a diverged run while "seed2" is in failing
+        seed = Path(args.output_dir).name
+        ran.append(seed)
+        if seed in failing:
+            raise RunError("client 1 (rank 4) in round 1: training diverged")
+        return real_run(args, given)
+
+    monkeypatch.setattr(train_cli, "run", run)
+    root = tmp_path / "cmp"
+    argv = ["compare", "--methods", "RB-LoRA", "--seeds", "1,2", "--output_dir", str(root)]
+    argv += ["--", *_base(workspace, tmp_path)]
+    failed = root / "heterogeneous" / "rb-lora" / "seed2" / "failed.txt"
+    assert rblora(argv) == 0 and ran == ["seed1", "seed2"]
+    assert "training diverged" in failed.read_text()
+    row = _row((root / "comparison.md").read_text(), "RB-LoRA")
+    assert "| 1 (seed 2 failed: see failed.txt) |" in row
+
+    # the next invocation keeps the failed cell as it is (a result, not re-run every time)
+    failing.clear()
+    ran.clear()
+    assert rblora(argv) == 0 and ran == []
+    assert "seed 2: failed earlier" in capsys.readouterr().err and failed.is_file()
+    assert "| 1 (seed 2 failed: see failed.txt) |" in _row(
+        (root / "comparison.md").read_text(), "RB-LoRA"
+    )
+
+    # --retry_failed runs it again; once it finishes the table shows it finished
+    assert rblora([*argv[:1], "--retry_failed", *argv[1:]]) == 0 and ran == ["seed2"]
+    assert not failed.exists()
+    row = _row((root / "comparison.md").read_text(), "RB-LoRA")
+    assert "| RB-LoRA | 2 |" in row and "failed" not in row
+
+    # a failed.txt left beside a finished cell (finished by hand) is stale: cleared, not shown
+    failed.write_text("old failure\n")
+    ran.clear()
+    assert rblora(argv) == 0 and ran == [] and not failed.exists()
+    assert "failed" not in _row((root / "comparison.md").read_text(), "RB-LoRA")
+
+
 def test_compare_writes_its_index_and_plots_atomically(workspace, tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
