@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from rblora.adapters import (
     LoraSpec,
     attach_lora,
     load_peft_adapter,
+    load_peft_dense,
     resolve_targets,
     save_peft_adapter,
 )
@@ -109,3 +111,31 @@ def test_load_reports_bad_folders(tmp_path, tiny_llama):
     save_file(state, str(out / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="only one factor.*layers.1.self_attn.v_proj"):
         load_peft_adapter(out)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, file",
+    [
+        (lambda f: _truncate(f / "adapter_model.safetensors"), "adapter_model.safetensors"),
+        (lambda f: (f / "adapter_model.safetensors").write_bytes(b""), "adapter_model.safetensors"),
+        (lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors"),
+        (lambda f: _truncate(f / "adapter_config.json"), "adapter_config.json"),
+        (lambda f: (f / "adapter_config.json").write_bytes(b"\xff\xfe"), "adapter_config.json"),
+        (lambda f: (f / "adapter_config.json").write_text("[1, 2]"), "adapter_config.json"),
+        (lambda f: (f / "adapter_config.json").write_text('{"r": "x"}'), "adapter_config.json"),
+        (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json"),
+    ],
+    ids=["cut", "empty", "no-weights", "cut-json", "not-utf8", "not-object", "bad-r", "no-json"],
+)
+def test_load_names_the_damaged_file(tmp_path, tiny_llama, damage, file):
+    spec = LoraSpec(rank=2)
+    out = save(tmp_path / "a", random_factors(tiny_llama, spec), spec)
+    damage(out)
+    for load in (load_peft_adapter, load_peft_dense):
+        with pytest.raises(ValueError, match=re.escape(str(out / file))):
+            load(out)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
+import pytest
 from run_helpers import lm_argv, metrics
 
 from rblora.cli import main as rblora
@@ -72,11 +76,133 @@ def test_compare_refuses_bad_cells_before_running(workspace, tmp_path, capsys):
     }
 
 
-def test_evaluate_scores_saved_adapters(workspace, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def flora_run(workspace, tmp_path_factory):
+    """A finished two-round FLoRA run folder (3 clients)."""
     from rblora.federation.cli import main as train
 
-    assert train(lm_argv(workspace, tmp_path, "--method", "FLoRA")) == 0
-    run = tmp_path / "3"
+    out = tmp_path_factory.mktemp("flora")
+    assert train(lm_argv(workspace, out, "--method", "FLoRA")) == 0
+    return out / "3"
+
+
+def _row(table, method):
+    return next(line for line in table.splitlines() if f"| {method} |" in line)
+
+
+def test_a_failed_cell_is_kept_until_retried_and_cleared_when_it_finishes(
+    workspace, tmp_path, capsys, monkeypatch
+):
+    import rblora.federation.cli as train_cli
+    from rblora.federation.rounds import RunError
+
+    real_run, ran, failing = train_cli.run, [], {"seed2"}
+
+    def run(args, given):  # seed 2 stops like a diverged run while "seed2" is in failing
+        seed = Path(args.output_dir).name
+        ran.append(seed)
+        if seed in failing:
+            raise RunError("client 1 (rank 4) in round 1: training diverged")
+        return real_run(args, given)
+
+    monkeypatch.setattr(train_cli, "run", run)
+    root = tmp_path / "cmp"
+    argv = ["compare", "--methods", "RB-LoRA", "--seeds", "1,2", "--output_dir", str(root)]
+    argv += ["--", *_base(workspace, tmp_path)]
+    failed = root / "heterogeneous" / "rb-lora" / "seed2" / "failed.txt"
+    assert rblora(argv) == 0 and ran == ["seed1", "seed2"]
+    assert "training diverged" in failed.read_text()
+    row = _row((root / "comparison.md").read_text(), "RB-LoRA")
+    assert "| 1 (seed 2 failed: see failed.txt) |" in row
+
+    # the next invocation keeps the failed cell as it is (a result, not re-run every time)
+    failing.clear()
+    ran.clear()
+    assert rblora(argv) == 0 and ran == []
+    assert "seed 2: failed earlier" in capsys.readouterr().err and failed.is_file()
+    assert "| 1 (seed 2 failed: see failed.txt) |" in _row(
+        (root / "comparison.md").read_text(), "RB-LoRA"
+    )
+
+    # --retry_failed runs it again; once it finishes the table shows it finished
+    assert rblora([*argv[:1], "--retry_failed", *argv[1:]]) == 0 and ran == ["seed2"]
+    assert not failed.exists()
+    row = _row((root / "comparison.md").read_text(), "RB-LoRA")
+    assert "| RB-LoRA | 2 |" in row and "failed" not in row
+
+    # a failed.txt left beside a finished cell (finished by hand) is stale: cleared, not shown
+    failed.write_text("old failure\n")
+    ran.clear()
+    assert rblora(argv) == 0 and ran == [] and not failed.exists()
+    assert "failed" not in _row((root / "comparison.md").read_text(), "RB-LoRA")
+
+
+def test_compare_writes_its_index_and_plots_atomically(workspace, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    root = tmp_path / "cmp"
+    argv = ["compare", "--methods", "FedIT", "--seeds", "1", "--rank_settings", "smallest"]
+    argv += ["--output_dir", str(root), "--", *_base(workspace, tmp_path)]
+    assert rblora(argv) == 0
+    plots = {p.name: p.read_bytes() for p in (root / "plots").iterdir()}
+    index = (root / "compare.json").read_bytes()
+
+    def half_written(fig, fname, **kwargs):  # the disk fills up halfway through a plot
+        if hasattr(fname, "write"):
+            fname.write(b"\x89PNG half")
+        else:
+            Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        compare.write_comparison(root)
+    assert {p.name: p.read_bytes() for p in (root / "plots").iterdir()} == plots  # no leftovers
+
+    monkeypatch.undo()
+    real_fsync = os.fsync
+
+    def fsync(fd):  # ... and halfway through compare.json of a comparison with more seeds
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert rblora([*argv[:4], "1,2", *argv[5:]]) == 2
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (root / "compare.json").read_bytes() == index
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["ABS", "../escaped", "a/b", "a\\b", ".", "..", "", "a b", "wide:"]
+)
+def test_compare_refuses_setting_names_that_are_not_plain(workspace, tmp_path, capsys, name):
+    # a setting name is a folder under --output_dir: nothing else may be built from it
+    name = str(tmp_path / "abs") if name == "ABS" else name
+    with pytest.raises(ValueError, match="rank setting name"):
+        compare.rank_settings([f"{name}=2,2,2"], [2, 4, 8])
+    argv = [
+        "compare",
+        "--methods",
+        "RB-LoRA",
+        "--seeds",
+        "1",
+        "--output_dir",
+        str(tmp_path / "cmp"),
+    ]
+    argv += ["--rank_settings", f"{name}=2,2,2", "--", *_base(workspace, tmp_path)]
+    assert rblora(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rank setting name" in err[0] and "A-Za-z0-9_.-" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing is written"
+
+
+def test_compare_refuses_a_setting_given_twice():
+    with pytest.raises(ValueError, match="'wide' given twice"):
+        compare.rank_settings(["wide=2,2,2", "wide=4,4,4"], [2, 4, 8])
+
+
+def test_evaluate_scores_saved_adapters(flora_run, tmp_path, capsys):
+    run = flora_run
     last = [r for r in metrics(run) if r["type"] == "round"][-1]
     out = tmp_path / "scores.json"
     argv = ["evaluate", "--adapter", str(run / "round_2" / "global"), "--out", str(out)]
@@ -98,3 +224,40 @@ def test_evaluate_scores_saved_adapters(workspace, tmp_path, capsys):
     assert rblora(["evaluate", "--adapter", str(tmp_path / "nowhere")]) == 2
     (run / "results.json").unlink()
     assert rblora(["report", str(run)]) == 0 and (run / "results.json").is_file()
+
+
+def _cut(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, file",
+    [
+        (lambda f: _cut(f / "adapter_model.safetensors"), "adapter_model.safetensors"),
+        (lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors"),
+        (lambda f: _cut(f / "adapter_config.json"), "adapter_config.json"),
+        (
+            lambda f: (f / "adapter_config.json").write_text('{"lora_alpha": 8}'),
+            "adapter_config.json",
+        ),
+        (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json"),
+        (lambda f: (f / "dense.safetensors").write_bytes(b"\x08\0\0"), "dense.safetensors"),
+    ],
+    ids=["cut-weights", "no-weights", "cut-config", "config-without-r", "no-config", "cut-dense"],
+)
+def test_evaluate_names_a_damaged_adapter_file(flora_run, tmp_path, capsys, damage, file):
+    adapter = tmp_path / "global"
+    shutil.copytree(flora_run / "round_2" / "global", adapter)
+    damage(adapter)
+    capsys.readouterr()
+    assert rblora(["evaluate", "--adapter", str(adapter), "--run", str(flora_run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(adapter / file) in err[0], err
+
+
+def test_evaluate_names_an_empty_adapter_folder(flora_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert rblora(["evaluate", "--adapter", str(tmp_path / "empty"), "--run", str(flora_run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapter_model.safetensors" in err[0] and "dense.safetensors" in err[0]

@@ -197,3 +197,17 @@ def test_exclusive_dir_makes_a_second_holder_wait_and_cleans_every_leftover(tmp_
     assert waited == [lock] and order == [("first", lock), ("second", lock)]
     assert names(tmp_path) == [".out.lock", "out"]  # the old folder came back, the rest went
     assert names(target) == ["old.txt"]
+
+
+def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path):
+    target = tmp_path / "plot.png"
+    with atomic.atomic_file(target) as fh:
+        fh.write(b"\x89PNG old")
+    assert target.read_bytes() == b"\x89PNG old"
+    with pytest.raises(OSError, match="disk full"), atomic.atomic_file(target) as fh:
+        fh.write(b"\x89PNG half")
+        raise OSError("disk full")
+    assert target.read_bytes() == b"\x89PNG old" and names(tmp_path) == ["plot.png"]
+    with atomic.atomic_file(target, text=True) as fh:
+        fh.write("text é")
+    assert target.read_text(encoding="utf-8") == "text é" and names(tmp_path) == ["plot.png"]

@@ -6,16 +6,17 @@ name), so ``PeftModel.from_pretrained(base, path)`` loads them with nothing miss
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from rblora.adapters.spec import Factors, in_modules, matches
 from rblora.utils.atomic import atomic_dir
+from rblora.utils.files import read_safetensors
+from rblora.utils.records import read_json
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -92,19 +93,40 @@ def save_peft_adapter(
     return dest
 
 
+def _read_config(folder: str | os.PathLike) -> dict:
+    """``folder/adapter_config.json`` as a dict; ValueError naming the file when it is missing,
+    not JSON, not an object, or lacks what scaling a delta needs (``r``, ``lora_alpha``)."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"{path} does not exist (a PEFT folder holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    try:
+        config = read_json(path)
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"{path}: 'r' must be a positive integer, got {rank!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise ValueError(f"{path}: 'lora_alpha' must be a number, got {alpha!r}")
+    return config
+
+
 def load_peft_adapter(path: str | os.PathLike) -> tuple[Factors, dict]:
     """Read a PEFT LoRA folder: ``({name: (A, B)} as float32, adapter_config as a dict)``.
 
     The weights of ``modules_to_save`` (dense extras) are in :func:`load_peft_dense`. Raises
-    ValueError on a missing file, a key that is neither a LoRA A/B weight nor a weight of a module
-    to save, a module with only one factor, or ranks that disagree with the config's ``r``.
+    ValueError naming the file on a missing, unreadable or truncated file or a config without a
+    positive ``r`` and a numeric ``lora_alpha``, and naming the folder on a key that is neither a
+    LoRA A/B weight nor a weight of a module to save, a module with only one factor, or ranks
+    that disagree with the config's ``r``.
     """
     folder = Path(path)
-    for fname in (WEIGHTS_NAME, CONFIG_NAME):
-        if not (folder / fname).is_file():
-            raise ValueError(f"load_peft_adapter: {folder / fname} does not exist")
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    state = load_file(str(folder / WEIGHTS_NAME))
+    config = _read_config(folder)
+    state = read_safetensors(folder / WEIGHTS_NAME)
     pairs: dict[str, list] = {}
     unexpected = []
     saved_modules = list(config.get("modules_to_save") or [])
@@ -122,12 +144,12 @@ def load_peft_adapter(path: str | os.PathLike) -> tuple[Factors, dict]:
     half = sorted(n for n, p in pairs.items() if p[0] is None or p[1] is None)
     if half:
         raise ValueError(f"load_peft_adapter: {folder}: modules with only one factor: {half}")
-    rank = config.get("r")
+    rank = config["r"]
     pattern = config.get("rank_pattern") or {}
     bad = [
         n
         for n, (a, b) in pairs.items()
-        if a.shape[0] != b.shape[1] or (not pattern and rank is not None and a.shape[0] != rank)
+        if a.shape[0] != b.shape[1] or (not pattern and a.shape[0] != rank)
     ]
     if bad:
         raise ValueError(f"load_peft_adapter: {folder}: ranks disagree with r={rank} for {bad}")
@@ -143,9 +165,9 @@ def _is_dense_key(key: str, modules_to_save: list[str]) -> bool:
 def load_peft_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The ``modules_to_save`` weights of a PEFT folder: parameter name -> float32 tensor."""
     folder = Path(path)
-    config = json.loads((folder / CONFIG_NAME).read_text())
+    config = _read_config(folder)
     saved_modules = list(config.get("modules_to_save") or [])
-    state = load_file(str(folder / WEIGHTS_NAME))
+    state = read_safetensors(folder / WEIGHTS_NAME)
     return {
         key[len(_PREFIX) :]: t.to(torch.float32)
         for key, t in sorted(state.items())

@@ -254,13 +254,10 @@ def _resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _load_file(path: Path, size: int) -> torch.Tensor:
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+    from rblora.data.imagefiles import decode_image
+
+    rgb = decode_image(path)  # ValueError naming a file damaged since preparation
     return _resize_crop(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], size)[0]
 
 

@@ -65,6 +65,11 @@ class PrepareConfig:
     image_dir: str | None = option(
         None, "imagefolder: a folder of class folders, root/<class>/<image> (png, jpg, ...)"
     )
+    skip_bad_images: bool = option(
+        False,
+        "imagefolder: leave out images that do not decode (truncated, not an image), each named "
+        "in a note, instead of refusing the folder",
+    )
     tasks: list[str] | None = option(
         None, "mixture: comma-separated tasks (default: every embedded task but mmlu)"
     )
@@ -210,6 +215,10 @@ def _validate(cfg: PrepareConfig) -> None:
         )
     if (cfg.source == "imagefolder") != (cfg.image_dir is not None):
         raise ValueError("--source imagefolder and --image_dir ROOT go together")
+    if cfg.skip_bad_images and cfg.source != "imagefolder":
+        raise ValueError(
+            f"--skip_bad_images applies to --source imagefolder only, not --source {cfg.source}"
+        )
 
 
 def _split(cfg: PrepareConfig, labels: np.ndarray, rng: np.random.Generator, notes: list[str]):
@@ -307,7 +316,7 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
         )
         src = S.load_mixture(cfg.tasks, cfg.per_task, reserve, r_source, cfg.mc_style)
     elif source_name == "imagefolder":
-        src = S.load_image_folder(Path(cfg.image_dir))
+        src = S.load_image_folder(Path(cfg.image_dir), cfg.skip_bad_images)
     else:
         src = S.load_image_source(source_name)
     notes, cats = list(src.notes), src.categories

@@ -395,31 +395,45 @@ def load_image_source(name: str) -> Source:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def load_image_folder(root: Path) -> Source:
+def load_image_folder(root: Path, skip_bad: bool = False) -> Source:
     """A user's image folder ``root/<class>/<image>``: one category per class folder (sorted),
-    images found recursively inside it (sorted). Nothing is decoded here; the pool indexes the
-    file list, which is written to ``image_files.json`` (paths relative to ``root``), and the
-    test set is carved out of the pool."""
+    images found recursively inside it (sorted). Every image is decoded in full once here, so a
+    truncated or mislabelled file is refused now, naming it, not when training reaches it; with
+    ``skip_bad`` it is left out with a note instead. The pool indexes the file list, which is
+    written to ``image_files.json`` (paths relative to ``root``), and the test set is carved out
+    of the pool."""
+    from rblora.data.imagefiles import bad_images
+
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"--image_dir {root} is not a folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files, labels, empty = [], [], []
-    for c, name in enumerate(classes):
-        found = sorted(
+    found = [
+        (rel, c)
+        for c, name in enumerate(classes)
+        for rel in sorted(
             p.relative_to(root).as_posix()
             for p in (root / name).rglob("*")
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
-        if not found:
-            empty.append(name)
-        files += found
-        labels += [c] * len(found)
+    ]
+    bad = bad_images(root, [rel for rel, _ in found])
+    if bad and not skip_bad:
+        rel, reason = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{root / rel}: {reason}{more}; replace or remove it, or pass --skip_bad_images to "
+            "leave such files out"
+        )
+    notes = [f"skipped {rel}: {reason}" for rel, reason in bad.items()]
+    files = [rel for rel, _ in found if rel not in bad]
+    labels = [c for rel, c in found if rel not in bad]
+    empty = [name for c, name in enumerate(classes) if c not in set(labels)]
     if len(classes) < 2 or empty:
         raise ValueError(
             f"--image_dir {root} must hold at least two class folders with images "
             f"({', '.join(IMAGE_SUFFIXES)}); found classes {classes}"
-            + (f", without images: {empty}" if empty else "")
+            + (f", without (readable) images: {empty}" if empty else "")
         )
     digest = hashlib.sha256()
     for rel in files:
@@ -438,5 +452,6 @@ def load_image_folder(root: Path) -> Source:
                 "images": len(files),
             }
         },
+        notes=notes,
         files={"root": str(root.resolve()), "classes": classes, "files": files, "labels": labels},
     )

@@ -4,15 +4,21 @@
         -- --config configs/embedded.yaml
     rblora compare --rank_settings "heterogeneous;smallest;wide=8,8,64,64" -- --config ...
 
-Everything after ``--`` is train.py's options, the same for every cell (each cell changes only
-the method, the client ranks and the seed). Each cell is a normal run folder
-``<output_dir>/<setting>/<method>/seed<s>/<num_clients>/``: a finished cell is kept, an
-unfinished one is resumed, so a killed comparison goes on where it stopped. The base model is
-evaluated once (round 0 of the first cell). At the end ``<output_dir>/comparison.md`` holds the
-table (mean and standard deviation over seeds of each metric after round 1 and after the last
-round, communication per round and aggregation time) and ``<output_dir>/plots/`` one PNG per
-metric (mean per round, a band of one standard deviation). ``rblora report <output_dir>``
-rebuilds them from the cells' metrics.
+Everything after ``--`` is train.py's options, the same for every cell (each cell changes only the
+method, the client ranks and the seed). Each cell is a normal run folder
+``<output_dir>/<setting>/<method>/seed<s>/<num_clients>/``: a finished cell is kept, an unfinished
+one is resumed, so a killed comparison goes on where it stopped. A cell whose run stopped
+(``RunError``: a client's training diverged) records why in
+``<output_dir>/<setting>/<method>/seed<s>/failed.txt`` and later invocations keep it as failed: it
+is a result, and resumed with the same seed it would most likely stop again. ``--retry_failed``
+runs failed cells again (after a stop that was not the method's doing, e.g. a Flower node that did
+not reply); a cell that finishes loses its ``failed.txt``. The table and plots use the finished
+cells; failed and unfinished seeds are named beside the count. The base model is evaluated once
+(round 0 of the first cell). At the end ``<output_dir>/comparison.md`` holds the table (mean and
+standard deviation over seeds of each metric after round 1 and after the last round, communication
+per round and aggregation time) and ``<output_dir>/plots/`` one PNG per metric (mean per round, a
+band of one standard deviation). ``rblora report <output_dir>`` rebuilds them from the cells'
+metrics.
 
 Rank settings: ``heterogeneous`` (the options' client ranks), ``smallest`` (every client at the
 smallest of them), ``uniform`` (every client at their rounded mean), or ``name=r0,r1,...``.
@@ -33,10 +39,25 @@ from pathlib import Path
 
 HEAD_ONLY = "head-only"
 INDEX = "compare.json"
+#: A cell's record of why its run stopped, in ``<output_dir>/<cell path>/``.
+FAILED = "failed.txt"
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "-", name.lower()).strip("-")
+
+
+#: A setting name is a folder under --output_dir: plain characters only, never a path.
+_SETTING_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_setting_name(name: str) -> None:
+    """Refuse a setting name that is not a plain folder name (``/srv/x``, ``../x``, ``..``)."""
+    if not _SETTING_NAME.fullmatch(name) or not name.strip("."):
+        raise ValueError(
+            f"rank setting name {name!r} is not allowed: it names a folder under --output_dir, "
+            "so use only the characters A-Za-z0-9_.- (not only dots), e.g. wide=8,8,64"
+        )
 
 
 def rank_settings(names: list[str], ranks: list[int]) -> dict[str, list[int]]:
@@ -44,6 +65,9 @@ def rank_settings(names: list[str], ranks: list[int]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for item in names:
         name, _, custom = item.partition("=")
+        check_setting_name(name)
+        if name in out:
+            raise ValueError(f"rank setting {name!r} given twice; give each setting once")
         if custom:
             values = [int(x) for x in custom.split(",") if x.strip()]
             if len(values) != len(ranks):
@@ -113,13 +137,15 @@ def _state(run_dir: Path, rounds: int) -> str:
 
 def run_compare(
     base_argv: list[str], methods: list[str], seeds: list[int], setting_names: list[str],
-    root: Path,
+    root: Path, retry_failed: bool = False,
 ) -> dict:  # fmt: skip
-    """Run every cell (skipping finished ones), then write the table and plots."""
+    """Run every cell (skipping finished ones, and failed ones unless ``retry_failed``), then
+    write the table and plots."""
     from rblora.federation.cli import run
     from rblora.federation.options import parse_args
     from rblora.federation.rounds import RunError, log
     from rblora.tasks import infer_task
+    from rblora.utils.atomic import write_json, write_text
 
     args, _ = parse_args(base_argv)
     settings = rank_settings(setting_names, args.ranks())
@@ -135,13 +161,18 @@ def run_compare(
     root.mkdir(parents=True, exist_ok=True)
     index = {"base_argv": base_argv, "cells": cells, "num_clients": args.num_clients,
              "rounds": args.num_communication_rounds}  # fmt: skip
-    (root / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    write_json(root / INDEX, index, indent=1)
     for i, cell in enumerate(cells, start=1):
         run_dir = root / cell["path"] / str(args.num_clients)
+        failed = root / cell["path"] / FAILED
         state = _state(run_dir, args.num_communication_rounds)
         label = f"cell {i}/{len(cells)}: {cell['setting']} / {cell['method']} / seed {cell['seed']}"
         if state == "done":
+            failed.unlink(missing_ok=True)  # stale: the cell was finished since it failed
             log(f"{label}: finished earlier, kept")
+            continue
+        if failed.is_file() and not retry_failed:
+            log(f"{label}: failed earlier, kept as failed (see {failed}; --retry_failed runs it)")
             continue
         log(f"{label}{' (resuming)' if state == 'resume' else ''}")
         argv = _cell_argv(base_argv, cell, root, first=i == 1)
@@ -152,8 +183,9 @@ def run_compare(
             run(cell_args, given)
         except RunError as err:  # a method that diverges is a result, not a crash
             log(f"{label}: stopped: {err}")
-            (root / cell["path"]).mkdir(parents=True, exist_ok=True)
-            (root / cell["path"] / "failed.txt").write_text(str(err) + "\n")
+            write_text(failed, str(err) + "\n")
+        else:
+            failed.unlink(missing_ok=True)  # retried and finished: no longer failed
         log(f"{label}: {time.perf_counter() - start:.0f} s")
     return write_comparison(root)
 
@@ -179,21 +211,30 @@ def _fmt(values: list[float], digits: int = 3) -> str:
 
 
 def collect(root: Path) -> dict:
-    """Per (setting, method): per round, per metric, the values over seeds."""
-    index = json.loads((root / INDEX).read_text())
+    """Per (setting, method): per round, per metric, the values over the seeds whose cell
+    finished every round; the seeds of failed and of unfinished cells are listed apart (their
+    partial rounds would mix seeds that stopped early into the means)."""
+    from rblora.utils.records import read_json
+
+    index = read_json(root / INDEX)
     groups: dict[tuple[str, str], dict] = {}
     base: dict[str, float] = {}
     for cell in index["cells"]:
-        rounds = _cell_rounds(root, cell, index["num_clients"])
-        group = groups.setdefault((cell["setting"], cell["method"]), {"seeds": 0, "rounds": {}})
-        if (root / cell["path"] / "failed.txt").is_file():
-            group["failed"] = (root / cell["path"] / "failed.txt").read_text().strip()
-        if not rounds:
+        rounds = _cell_rounds(root, cell, index["num_clients"]) or []
+        group = groups.setdefault(
+            (cell["setting"], cell["method"]),
+            {"seeds": 0, "rounds": {}, "failed": [], "unfinished": []},
+        )
+        for r in rounds:  # the base model (round 0) is the same whatever became of the cell
+            if r["round"] == 0:
+                base = {k: v for k, v in r.items() if "/" in k and v is not None}
+        if sum(1 for r in rounds if r["round"] >= 1) < index["rounds"]:
+            failed = (root / cell["path"] / FAILED).is_file()
+            group["failed" if failed else "unfinished"].append(cell["seed"])
             continue
         group["seeds"] += 1
         for r in rounds:
             if r["round"] == 0:
-                base = {k: v for k, v in r.items() if "/" in k and v is not None}
                 continue
             slot = group["rounds"].setdefault(r["round"], {})
             for key, value in r.items():
@@ -234,10 +275,19 @@ def comparison_table(data: dict) -> str:
         ):  # fmt: skip
             values = [v / scale for slot in every for v in slot.get(key, [])]
             cells.append(f"{statistics.fmean(values):.{digits}f}" if values else "-")
-        if g.get("failed"):
-            cells[2] += " (failed: see failed.txt)"
+        cells[2] += _seed_note(g)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_note(group: dict) -> str:
+    """`` (seed 2 failed: see failed.txt; seed 3 unfinished)`` or ``""``."""
+    notes = []
+    for key, what in (("failed", f"failed: see {FAILED}"), ("unfinished", "unfinished")):
+        seeds = group[key]
+        if seeds:
+            notes.append(f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} {what}")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def write_plots(root: Path, data: dict) -> list[Path]:
@@ -246,6 +296,8 @@ def write_plots(root: Path, data: dict) -> list[Path]:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from rblora.utils.atomic import atomic_file
 
     groups = data["groups"]
     metrics = sorted(
@@ -288,7 +340,8 @@ def write_plots(root: Path, data: dict) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{metric.replace('/', '_')}.png"
-        fig.savefig(path, dpi=110)
+        with atomic_file(path) as fh:
+            fig.savefig(fh, dpi=110, format="png")
         plt.close(fig)
         written.append(path)
     return written
@@ -331,15 +384,21 @@ def main(argv: list[str] | None = None) -> int:
         "--rank_settings",
         default="heterogeneous",
         help="semicolon-separated: heterogeneous; smallest; uniform; name=r0,r1,... "
-        "(default: heterogeneous)",
+        "(name: a folder name of A-Za-z0-9_.-; default: heterogeneous)",
     )
     parser.add_argument("--output_dir", required=True, help="root of the cells and the table")
+    parser.add_argument(
+        "--retry_failed",
+        action="store_true",
+        help=f"run again the cells whose run stopped earlier (they hold {FAILED}); by default "
+        "they are kept as failed",
+    )
     try:
         ns = parser.parse_args(own)
         methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
         seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
         settings = [s.strip() for s in ns.rank_settings.split(";") if s.strip()]
-        data = run_compare(train, methods, seeds, settings, Path(ns.output_dir))
+        data = run_compare(train, methods, seeds, settings, Path(ns.output_dir), ns.retry_failed)
     except (ValueError, OSError) as err:
         print(f"rblora compare: error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,6 @@ original base here.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,15 +31,21 @@ def find_run(adapter: Path) -> Path:
 
 
 def adapter_delta(path: Path) -> tuple[dict, dict]:
-    """(module -> (A, s * B), dense extras) of a saved adapter folder."""
-    from safetensors.torch import load_file
-
+    """(module -> (A, s * B), dense extras) of a saved adapter folder; ValueError naming the
+    file that is missing, truncated or unreadable."""
     from rblora.adapters import load_peft_adapter, load_peft_dense
+    from rblora.adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
     from rblora.aggregation import lora_scale
     from rblora.tasks.image import DENSE_FILE
+    from rblora.utils.files import read_safetensors
 
-    if (path / DENSE_FILE).is_file():
-        return {}, dict(load_file(str(path / DENSE_FILE)))
+    if (path / DENSE_FILE).exists():
+        return {}, read_safetensors(path / DENSE_FILE)
+    if not any((path / name).exists() for name in (WEIGHTS_NAME, CONFIG_NAME)):
+        raise ValueError(
+            f"--adapter {path} holds no adapter: expected {WEIGHTS_NAME} and {CONFIG_NAME} "
+            f"(LoRA) or {DENSE_FILE} (head only)"
+        )
     factors, config = load_peft_adapter(path)
     rank = int(config["r"])
     scale = lora_scale(float(config["lora_alpha"]), rank, bool(config.get("use_rslora")))
@@ -79,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     from rblora.federation.setup import precision_args
     from rblora.tasks import build_task
     from rblora.utils.atomic import write_json
+    from rblora.utils.records import read_json
 
     try:
         adapter = Path(ns.adapter)
         if not adapter.is_dir():
             raise ValueError(f"--adapter {adapter} is not a folder")
         run = Path(ns.run) if ns.run else find_run(adapter)
-        config = json.loads((run / "config.json").read_text())
+        config = read_json(run / "config.json")
+        if not isinstance(config, dict):
+            raise ValueError(f"{run / 'config.json'}: expected a JSON object of train.py options")
         args, given = run_args(config, extra)
         delta, dense = adapter_delta(adapter)
         # the test set and the model only (no client's data), in the run's recorded precision

@@ -28,7 +28,7 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from filelock import FileLock, Timeout
 
@@ -58,15 +58,20 @@ def lock_path(path: str | Path) -> Path:
     return path.parent / f".{path.name}.lock"
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (fsync, then rename over any old file)."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, *, text: bool = False) -> Iterator[IO]:
+    """Yield a file open for writing (binary, or UTF-8 text with ``text``) on a temporary
+    sibling of ``path``; on success it is flushed, fsynced and renamed over any old ``path``.
+    On an exception the temporary is deleted and ``path`` is left as it was. For writers that
+    want a file object, e.g. ``fig.savefig(fh, format="png")`` (the temporary's name has no
+    suffix to infer a format from)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fresh_name(path.parent, sibling_prefix(path, TMP))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "w" if text else "wb", encoding="utf-8" if text else None) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -74,6 +79,12 @@ def write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (fsync, then rename over any old file)."""
+    with atomic_file(path, text=True) as fh:
+        fh.write(text)
 
 
 def write_json(path: str | Path, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
