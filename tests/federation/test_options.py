@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rblora.federation.options import SEED_RANKS, TrainArgs
+from rblora.federation.options import SEED_RANKS, TrainArgs, selection_count
 from rblora.federation.options import parse_args as parse_with_given
 
 
@@ -99,8 +99,18 @@ def test_flags_override_yaml(tmp_path):
         (["--num_clients", "2", "--client_lora_rank_dict", '{"client_0": 4}'], "client_1"),
         (["--client_ranks", "4,4,4,4,4,4,4,4,4,0"], "rank 0"),
         (["--resume", "--overwrite"], "exclude"),
+        (["--num_clients", "3", "--client_ranks", "4,4,4", "--min_replies", "5"],
+         r"min_replies 5 can never be met: 3 client\(s\) are selected per round"),
+        (["--client_selection_frac", "0.2", "--min_replies", "3"],
+         r"min_replies 3 can never be met: 2 client\(s\) are selected per round \(num_clients "
+         r"10, client_selection_frac 0.2\); give at most 2, or a fraction below 1"),
+        (["--min_replies", "2.5"], "min_replies 2.5: a count must be a whole number"),
+        (["--min_replies", "0"], "min_replies 0.0 must be a count >= 1 or a fraction"),
+        (["--discovery_timeout", "0"], "discovery_timeout 0.0 must be a number of seconds > 0"),
+        (["--num_clients", "3", "--client_ranks", "4,4,4", "--local_val_set_size", "-1"],
+         "local_val_set_size -1 must be >= 0"),
     ],
-)
+)  # fmt: skip
 def test_bad_values_name_the_value(argv, fragment):
     with pytest.raises(ValueError, match=fragment):
         parse_args(argv)
@@ -121,3 +131,22 @@ def test_bad_yaml(tmp_path):
 def test_rule_for_other_client_counts():
     assert TrainArgs(num_clients=3).ranks() == SEED_RANKS[:3]
     assert TrainArgs(num_clients=12).ranks() == SEED_RANKS + SEED_RANKS[:2]
+
+
+@pytest.mark.parametrize(
+    "clients, frac, count",
+    [(100, 0.57, 57), (100, 0.1, 10), (10, 0.25, 3), (10, 0.24, 2), (3, 0.1, 1), (3, 0.5, 2),
+     (7, 1.0, 7)],
+)  # fmt: skip
+def test_selection_takes_the_rounded_count(clients, frac, count):
+    from rblora.federation.server import FederatedServer
+    from rblora.protocol.types import ClientSpec
+
+    assert selection_count(clients, frac) == count
+    server = FederatedServer("RB-LoRA", [ClientSpec(k, 4, 16.0) for k in range(clients)], frac=frac)
+    assert len(server.select(1)) == count
+
+
+def test_a_fraction_of_replies_is_always_reachable():
+    args = parse_args(["--client_selection_frac", "0.2", "--min_replies", "0.9"])
+    assert args.selected_per_round() == 2

@@ -215,3 +215,32 @@ def test_one_round_on_cuda(workspace, tmp_path):
     assert cli.main(argv) == 0
     rounds = [r for r in metrics(tmp_path / "3") if r["type"] == "round"]
     assert rounds[0]["eval"]["loss"] > 0
+
+
+def test_resume_computes_in_the_precision_the_run_recorded(workspace, tmp_path, monkeypatch, capsys):
+    """bf16=auto is decided once, at the start, and recorded with the thread count; a resumed
+    run uses the recorded decision whatever a timing says now, and warns about other threads."""
+    from rblora.utils import device
+    from rblora.utils.device import PrecisionChoice
+
+    def timing(use_bf16):
+        return lambda dev, width: PrecisionChoice(use_bf16, dev, width, 100.0, 300.0)
+
+    argv = lm_argv(workspace, tmp_path, num_communication_rounds=1, bf16="auto")
+    monkeypatch.setattr(device, "_measure", timing(False))
+    assert cli.main(argv) == 0
+    config = json.loads((tmp_path / "3" / "config.json").read_text())
+    assert config["bf16"] == "auto"
+    assert config["precision"] == {"bf16": False, "threads": torch.get_num_threads()}
+    monkeypatch.setattr(device, "_measure", timing(True))  # this machine would now pick bf16
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    capsys.readouterr()
+    try:
+        resumed = lm_argv(workspace, tmp_path, num_communication_rounds=2, bf16="auto")
+        assert cli.main([*resumed, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "precision: bf16 autocast" not in err  # nothing measured: the recorded fp32 is used
+    assert f"the run started with {threads} torch threads" in err

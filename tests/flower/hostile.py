@@ -48,13 +48,16 @@ def _extra_array(arrays, config):
     return {**arrays, "update/lora/not.a.module/A": arrays[first].clone()}, config
 
 
-def _other_rank(arrays, config):  # shaped like another client's (rank 8) update
+_OTHER_RANK = {2: 4, 4: 8, 8: 2}  # the tests' clients have ranks 2, 4 and 8
+
+
+def _other_rank(arrays, config):  # shaped like another client's update (zeros: harmless)
     out = {}
     for key, value in arrays.items():
         if key.endswith("/A"):
-            out[key] = torch.zeros(8, value.shape[1])
+            out[key] = torch.zeros(_OTHER_RANK[value.shape[0]], value.shape[1])
         elif key.endswith("/B"):
-            out[key] = torch.zeros(value.shape[0], 8)
+            out[key] = torch.zeros(value.shape[0], _OTHER_RANK[value.shape[1]])
         else:
             out[key] = value
     return out, config

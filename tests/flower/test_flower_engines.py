@@ -7,8 +7,11 @@ Every process a test starts is stopped by its process group, also when the test 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
+import hostile
 import pytest
 import torch
 from run_helpers import adapter_tensors, lm_argv, metrics
@@ -16,7 +19,7 @@ from tiny_models import build_tiny_vit
 
 from rblora.federation import cli
 from rblora.federation.options import parse_args
-from rblora.flower.local import LocalDeployment, node_configs
+from rblora.flower.local import APP_DIR, LocalDeployment, node_configs
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +71,101 @@ def _deployment_args(workspace, out, *extra):
     return argv, node_configs(args, str(workspace / "data"))
 
 
-def test_local_deployment_matches_the_in_process_engine(workspace, tmp_path, inprocess):
-    argv, nodes = _deployment_args(workspace, tmp_path / "out")
-    with LocalDeployment(tmp_path / "flower", nodes) as deployment:
-        run_id = deployment.submit(argv)
-        entry = deployment.wait(run_id, timeout=600)
+def split_folders(prepared: Path, root: Path, count: int) -> Path:
+    """``prepared`` (a ``<K>`` folder) cut as a federation holds it: ``root/node<k>/<K>/`` has
+    only client k's file, ``root/server/<K>/`` only global_test.json and partition.json."""
+    for k in range(count):
+        (root / f"node{k}" / prepared.name).mkdir(parents=True)
+        shutil.copy(prepared / f"local_training_{k}.json", root / f"node{k}" / prepared.name)
+    (root / "server" / prepared.name).mkdir(parents=True)
+    for name in ("global_test.json", "partition.json"):
+        shutil.copy(prepared / name, root / "server" / prepared.name)
+    return root
+
+
+def _split_nodes(root: Path, ranks) -> list[dict]:
+    return [
+        {"partition-id": k, "lora-rank": r, "data-path": str(root / f"node{k}")}
+        for k, r in enumerate(ranks)
+    ]
+
+
+def _deploy(workdir: Path, nodes: list[dict], argv: list[str], app_dir=None, timeout=600):
+    with LocalDeployment(workdir, nodes) as deployment:
+        run_id = deployment.submit(argv, **({"app_dir": app_dir} if app_dir else {}))
+        entry = deployment.wait(run_id, timeout=timeout)
         assert entry["status"] == "finished:completed", deployment.server_log(run_id)
         assert entry["network-traffic"]["total-bytes"] > 0
-    _same_adapters(tmp_path / "out" / "3", inprocess)
+    assert all(p.poll() is not None for p in deployment.processes.values())
+    return deployment
+
+
+def _bitwise_same_adapters(run_a, run_b, rounds=(1, 2)):
+    for t in rounds:
+        a = adapter_tensors(run_a / f"round_{t}" / "global")
+        b = adapter_tensors(run_b / f"round_{t}" / "global")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[key], b[key]) for key in a), f"round {t}"
+
+
+def test_local_deployment_matches_the_in_process_engine(workspace, tmp_path, inprocess):
+    """Each SuperNode's data-path holds only its own client's file, the server's only the test
+    set and the partition metadata: the in-process engine's global adapters, bitwise."""
+    folders = split_folders(workspace / "data" / "3", tmp_path / "data", 3)
+    argv = lm_argv(workspace, tmp_path / "out", data_path=folders / "server")
+    _deploy(tmp_path / "flower", _split_nodes(folders, (2, 4, 8)), argv)
+    _bitwise_same_adapters(tmp_path / "out" / "3", inprocess)
     clients = [r for r in metrics(tmp_path / "out" / "3") if r["type"] == "client"]
     assert [c["rank"] for c in clients if c["round"] == 1] == [2, 4, 8]
-    assert all(p.poll() is not None for p in deployment.processes.values())
+
+
+def test_local_deployment_of_the_image_task_on_split_folders(tmp_path):
+    from rblora.data.prepare import main as prepare_main
+
+    build_tiny_vit(tmp_path / "vit")
+    prepare = ["3", "--source", "digits", "--partition", "iid", "--pool_size", "90"]
+    assert prepare_main([*prepare, "--test_per_category", "3", "--output_dir", str(tmp_path)]) == 0
+    folders = split_folders(tmp_path / "3", tmp_path / "split", 3)
+
+    def argv(data, out):
+        return [
+            "--global_model", str(tmp_path / "vit"), "--data_path", str(data),
+            "--output_dir", str(out), "--num_clients", "3", "--client_ranks", "2,4,8",
+            "--num_communication_rounds", "2", "--local_num_epochs", "1",
+            "--local_batch_size", "8", "--local_micro_batch_size", "8", "--bf16", "false",
+            "--no_progress",
+        ]  # fmt: skip
+
+    assert cli.main(argv(tmp_path, tmp_path / "inprocess")) == 0
+    _deploy(tmp_path / "flower", _split_nodes(folders, (2, 4, 8)),
+            argv(folders / "server", tmp_path / "out"))  # fmt: skip
+    _bitwise_same_adapters(tmp_path / "out" / "3", tmp_path / "inprocess" / "3")
+    dense = [k for k in adapter_tensors(tmp_path / "out" / "3" / "round_2" / "global")
+             if "classifier" in k]  # fmt: skip
+    assert dense  # the head travelled and was averaged
+
+
+def test_a_hostile_supernode_on_loopback_is_dropped_and_named(workspace, tmp_path):
+    """A real SuperNode running a hostile ClientApp (tests/flower/hostile.py, shipped in a
+    Flower App of its own): a node claiming a huge scale and one replying with another
+    client's shapes are dropped, named; the round aggregates the honest one."""
+    app = tmp_path / "hostile-app"
+    app.mkdir()
+    shutil.copy(Path(hostile.__file__), app / "hostile.py")
+    text = (APP_DIR / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(
+        text.replace('clientapp = "rblora.flower.client_app:app"', 'clientapp = "hostile:app"')
+    )
+    argv = lm_argv(workspace, tmp_path / "out", num_communication_rounds=1)
+    nodes = node_configs(parse_args(argv)[0], str(workspace / "data"))
+    nodes[1]["hostile"], nodes[2]["hostile"] = "scale", "other-rank"
+    _deploy(tmp_path / "flower", nodes, argv, app_dir=app)
+    (record,) = [r for r in metrics(tmp_path / "out" / "3") if r["type"] == "round"]
+    assert sorted(record["missing"]) == ["1", "2"]
+    assert "lora-alpha 16000000.0 differs from the server's 16.0" in record["missing"]["1"]
+    assert "rank 8 on" in record["missing"]["2"]
+    clients = [r for r in metrics(tmp_path / "out" / "3") if r["type"] == "client"]
+    assert [c["client"] for c in clients] == [0]
 
 
 def test_a_node_killed_in_round_2_is_left_out(workspace, tmp_path):

@@ -171,11 +171,12 @@ class LocalDeployment:
             [flwr, *argv], env=self._env("cli"), capture_output=True, text=True, timeout=timeout
         )
 
-    def submit(self, train_args: list[str]) -> int:
-        """``flwr run`` of rblora's Flower App with ``train_args``; returns the run id."""
+    def submit(self, train_args: list[str], app_dir: Path = APP_DIR) -> int:
+        """``flwr run`` of a Flower App (rblora's unless ``app_dir`` names another) with
+        ``train_args``; returns the run id."""
         text = shlex.join(train_args).replace("\\", "\\\\").replace('"', '\\"')
         done = self._flwr(
-            "run", str(APP_DIR), CONNECTION, "--run-config", f'train-args="{text}"',
+            "run", str(app_dir), CONNECTION, "--run-config", f'train-args="{text}"',
             "--format", "json",
         )  # fmt: skip
         try:
