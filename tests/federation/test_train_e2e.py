@@ -217,7 +217,7 @@ def test_one_round_on_cuda(workspace, tmp_path):
     assert rounds[0]["eval"]["loss"] > 0
 
 
-def test_resume_computes_in_the_precision_the_run_recorded(workspace, tmp_path, monkeypatch, capsys):
+def test_resume_computes_in_the_recorded_precision(workspace, tmp_path, monkeypatch, capsys):
     """bf16=auto is decided once, at the start, and recorded with the thread count; a resumed
     run uses the recorded decision whatever a timing says now, and warns about other threads."""
     from rblora.utils import device
