@@ -11,9 +11,10 @@
         manifest.json        sha256 of the two files above, written last
       results.json summary.md plots/   written at the end (rblora.federation.results)
 
-Writes are atomic (a file or folder appears complete or not at all). A kill between the round's
-metrics line and its checkpoint leaves the checkpoint of the round before: resuming drops the
-later lines and redoes the round.
+Writes are atomic (a file or folder appears complete or not at all) and durable in the order
+they are made (``rblora.utils.atomic``: fsync before each rename, the folder after it, each
+metrics line fsynced). A kill between the round's metrics line and its checkpoint leaves the
+checkpoint of the round before: resuming drops the later lines and redoes the round.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rblora.utils.atomic import atomic_dir, recover, write_json, write_text
+from rblora.utils.atomic import append_line, atomic_dir, fsync_file, recover, write_json, write_text
 from rblora.utils.files import sha256_file
 from rblora.utils.records import read_records
 
@@ -87,9 +88,9 @@ class RunFolder:
 
     # ------------------------------------------------------------------ metrics
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        """Append one line, fsynced: the checkpoint written after it can never be on disk
+        without it (a crash can cut only this last line, which reading then drops)."""
+        append_line(self.metrics_path, json.dumps(record))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
@@ -107,9 +108,11 @@ class RunFolder:
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, tensors: dict, meta: dict[str, Any]) -> None:
-        """Write the checkpoint atomically; the manifest of sha256s is written last."""
+        """Write the checkpoint atomically; the manifest of sha256s is written last, after the
+        tensors are on disk (``atomic_dir`` fsyncs every file again before the rename)."""
         with atomic_dir(self.path / CHECKPOINT) as tmp:
             save_file(tensors, str(tmp / "server.safetensors"), metadata={"format": "pt"})
+            fsync_file(tmp / "server.safetensors")
             write_text(tmp / "state.json", json.dumps(meta, indent=2) + "\n")
             files = {name: sha256_file(tmp / name) for name in ("server.safetensors", "state.json")}
             write_json(tmp / MANIFEST, {"files": files})
