@@ -1,21 +1,24 @@
 """What every engine does before and after its rounds: check, build, write config, restore.
 
-``prepare_run`` checks everything that can be checked before anything is written (the output
-folder, a resumed run's options, data and checkpoint, then the task: model, data, ranks,
-evaluation sets), writes ``config.json``, creates the server and restores it from the
-checkpoint when resuming. ``finish_run`` writes results.json, summary.md and the plots and
-prints the table. The in-process loop and the Flower server both run between the two.
+``open_run`` prepares the run and tells a stopped run from bad input; inside it, ``prepare_run``
+checks everything that can be checked before anything is written (the output folder, a resumed
+run's options, data and checkpoint, then the task: model, data, ranks, evaluation sets), writes
+``config.json``, creates the server and restores it from the checkpoint when resuming.
+``finish_run`` writes results.json, summary.md and the plots and prints the table. The
+in-process loop and the Flower server both run between the two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from rblora.federation import rundir
 from rblora.federation.options import TrainArgs
-from rblora.federation.rounds import install_global, log
+from rblora.federation.rounds import RunError, install_global, log
 from rblora.federation.server import FederatedServer
 from rblora.protocol.types import ClientSpec
 from rblora.tasks.base import Task
@@ -28,6 +31,26 @@ class PreparedRun:
     server: FederatedServer
     folder: rundir.RunFolder
     config: dict[str, Any]
+
+
+@contextlib.contextmanager
+def open_run(args: TrainArgs, given: set[str] | None = None) -> Iterator[PreparedRun]:
+    """The run from start to end, as every engine drives it (``finish_run`` inside the block).
+
+    Errors of ``prepare_run`` are bad input found before anything was written; a ValueError or
+    OSError raised after it (the folder holds this run's files) becomes a RunError saying so,
+    never "bad input".
+    """
+    run = prepare_run(args, given)
+    try:
+        yield run
+    except (ValueError, OSError) as err:
+        done = run.server.completed_rounds
+        raise RunError(
+            f"{type(err).__name__}: {err} (raised after the run folder {run.folder.path} "
+            f"was written; it keeps its {done} completed round(s): continue with --resume "
+            "once the cause is fixed)"
+        ) from err
 
 
 def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:

@@ -45,7 +45,7 @@ from rblora.federation.options import TrainArgs, parse_args, required_replies
 from rblora.federation.results import scalar_evals
 from rblora.federation.rounds import RunError, log
 from rblora.federation.server import derive_seed
-from rblora.federation.setup import PreparedRun, finish_run, prepare_run
+from rblora.federation.setup import PreparedRun, finish_run, open_run
 from rblora.flower.records import CONFIG, content_bytes, from_content, to_content
 from rblora.protocol.codec import decode_update, encode_start
 from rblora.protocol.types import ClientResult, ClientStart
@@ -293,23 +293,25 @@ def serve(grid: Grid, args: TrainArgs, given: set[str] | None = None) -> dict:
                 "the ranks in one place"
             )
         args.client_ranks, args.client_lora_rank_dict = ranks, None
-    run = prepare_run(args, given)
-    sizes = {k: run.task.num_examples(k) for k in range(args.num_clients)}
-    wrong = {k: (f["examples"], sizes[k]) for k, f in found.items() if f["examples"] != sizes[k]}
-    if wrong:
-        raise RunError(
-            "nodes hold other data than the server's prepared folder (client: node, server "
-            f"examples): {wrong}"
+    with open_run(args, given) as run:
+        sizes = {k: run.task.num_examples(k) for k in range(args.num_clients)}
+        wrong = {
+            k: (f["examples"], sizes[k]) for k, f in found.items() if f["examples"] != sizes[k]
+        }
+        if wrong:
+            raise RunError(
+                "nodes hold other data than the server's prepared folder (client: node, server "
+                f"examples): {wrong}"
+            )
+        strategy = HeteroRankStrategy(
+            run,
+            nodes={k: f["node"] for k, f in found.items()},
+            examples={k: f["examples"] for k, f in found.items()},
         )
-    strategy = HeteroRankStrategy(
-        run,
-        nodes={k: f["node"] for k, f in found.items()},
-        examples={k: f["examples"] for k, f in found.items()},
-    )
-    if args.eval_base and run.server.completed_rounds == 0:
-        rounds.evaluate_base_once(run.task, run.folder)
-    strategy.start(grid, num_rounds=args.num_communication_rounds, timeout=args.round_timeout)
-    return finish_run(run)
+        if args.eval_base and run.server.completed_rounds == 0:
+            rounds.evaluate_base_once(run.task, run.folder)
+        strategy.start(grid, num_rounds=args.num_communication_rounds, timeout=args.round_timeout)
+        return finish_run(run)
 
 
 @app.main()
