@@ -6,10 +6,10 @@
     python train.py --config configs/vit_embedded.yaml          # an image task
 
 Everything that can be checked before training is checked first (options, the data folder, the
-model, ranks against the model's dimensions, the evaluation sets, a resumed run's checkpoint);
-a problem there is one message on stderr and exit code 2, with nothing written. A run that
-cannot go on later (a client's training diverged, or any error once the run folder holds this
-run's files) stops with one message and exit code 1.
+model, ranks against the model's dimensions, the evaluation sets, a resumed run's checkpoint, the
+output folder not in use by another run); a problem there is one message on stderr and exit code
+2, with nothing written. A run that cannot go on later (a client's training diverged, or any
+error once the run folder holds this run's files) stops with one message and exit code 1.
 """
 
 from __future__ import annotations

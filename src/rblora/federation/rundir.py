@@ -15,12 +15,19 @@ Writes are atomic (a file or folder appears complete or not at all) and durable 
 they are made (``rblora.utils.atomic``: fsync before each rename, the folder after it, each
 metrics line fsynced). A kill between the round's metrics line and its checkpoint leaves the
 checkpoint of the round before: resuming drops the later lines and redoes the round.
+
+Beside the run folder ``<num_clients>``:
+
+    .<num_clients>.run.lock   held by the running process for the whole run (``locked``): a
+                              second run on the folder is refused, naming the holder
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from rblora.utils.atomic import append_line, atomic_dir, fsync_file, recover, write_json, write_text
 from rblora.utils.files import sha256_file
+from rblora.utils.lockfile import hold
 from rblora.utils.records import read_records
 
 CHECKPOINT = "checkpoint"
@@ -174,6 +182,24 @@ class RunFolder:
                 f"--resume: {self.metrics_path} has round {beyond[0]['round']} but the "
                 f"checkpoint is from round {completed_rounds}; start again with --overwrite"
             )
+
+
+# ---------------------------------------------------------------------- lock
+def lock_path(path: Path | str) -> Path:
+    """The run lock of the run folder ``path``: ``.<name>.run.lock`` beside it (not inside, so
+    moving the folder aside does not move the lock)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.run.lock"
+
+
+@contextlib.contextmanager
+def locked(path: Path | str) -> Iterator[RunFolder]:
+    """Hold the run lock of the run folder ``path`` until the block ends. Raises ``LockHeld``
+    (a ValueError naming the folder and the process running in it) if another run holds it.
+    The OS releases the lock when the process exits or is killed."""
+    path = Path(path)
+    with hold(lock_path(path), f"output folder {path}"):
+        yield RunFolder(path)
 
 
 # ---------------------------------------------------------------------- resume

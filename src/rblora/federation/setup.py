@@ -1,11 +1,11 @@
-"""What every engine does before and after its rounds: check, build, write config, restore.
+"""What every engine does before and after its rounds: lock, check, build, write config, restore.
 
-``open_run`` prepares the run and tells a stopped run from bad input; inside it, ``prepare_run``
-checks everything that can be checked before anything is written (the output folder, a resumed
-run's options, data and checkpoint, then the task: model, data, ranks, evaluation sets), writes
-``config.json``, creates the server and restores it from the checkpoint when resuming.
-``finish_run`` writes results.json, summary.md and the plots and prints the table. The
-in-process loop and the Flower server both run between the two.
+``open_run`` holds the run folder's lock for the whole run, prepares it and tells a stopped run
+from bad input; inside it, ``prepare_run`` checks everything that can be checked before anything
+is written (the output folder, a resumed run's options, data and checkpoint, then the task:
+model, data, ranks, evaluation sets), writes ``config.json``, creates the server and restores
+it from the checkpoint when resuming. ``finish_run`` writes results.json, summary.md and the
+plots and prints the table. The in-process loop and the Flower server both run between the two.
 """
 
 from __future__ import annotations
@@ -37,20 +37,23 @@ class PreparedRun:
 def open_run(args: TrainArgs, given: set[str] | None = None) -> Iterator[PreparedRun]:
     """The run from start to end, as every engine drives it (``finish_run`` inside the block).
 
-    Errors of ``prepare_run`` are bad input found before anything was written; a ValueError or
-    OSError raised after it (the folder holds this run's files) becomes a RunError saying so,
-    never "bad input".
+    The run folder's lock is held throughout: a second run on the same folder is refused at
+    once (``LockHeld``, a ValueError naming the folder and the process holding it). Errors of
+    ``prepare_run`` are bad input found before anything was written; a ValueError or OSError
+    raised after it (the folder holds this run's files) becomes a RunError saying so, never
+    "bad input".
     """
-    run = prepare_run(args, given)
-    try:
-        yield run
-    except (ValueError, OSError) as err:
-        done = run.server.completed_rounds
-        raise RunError(
-            f"{type(err).__name__}: {err} (raised after the run folder {run.folder.path} "
-            f"was written; it keeps its {done} completed round(s): continue with --resume "
-            "once the cause is fixed)"
-        ) from err
+    with rundir.locked(args.run_dir()):
+        run = prepare_run(args, given)
+        try:
+            yield run
+        except (ValueError, OSError) as err:
+            done = run.server.completed_rounds
+            raise RunError(
+                f"{type(err).__name__}: {err} (raised after the run folder {run.folder.path} "
+                f"was written; it keeps its {done} completed round(s): continue with --resume "
+                "once the cause is fixed)"
+            ) from err
 
 
 def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
