@@ -5,13 +5,13 @@ from bad input; inside it, ``prepare_run`` checks everything that can be checked
 is written (the output folder, a resumed run's options, data and checkpoint, then the task:
 model, data, ranks, evaluation sets), writes ``config.json``, creates the server and restores
 it from the checkpoint when resuming. ``finish_run`` writes results.json, summary.md and the
-plots and prints the table. The in-process loop and the Flower server both run between the two.
+plots, prints the table and deletes the run an ``--overwrite`` replaced. The in-process loop and
+the Flower server both run between the two.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +74,6 @@ def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
     task = build_task(args, given, log=log)
 
     # -- from here on the run folder is written
-    if args.overwrite and folder.path.exists():
-        shutil.rmtree(folder.path)
     config = {
         **args.to_dict(),
         "task_resolved": infer_task(args),
@@ -85,7 +83,7 @@ def prepare_run(args: TrainArgs, given: set[str] | None = None) -> PreparedRun:
         "base_model": task.base_reference,
     }
     if not args.resume:
-        folder.write_config(config)
+        folder.start(config, log)  # an old run is set aside until this one completes
     server = FederatedServer(
         args.method,
         [ClientSpec(k, r, args.lora_alpha, args.use_rslora) for k, r in enumerate(ranks)],
@@ -131,6 +129,7 @@ def finish_run(run: PreparedRun) -> dict[str, Any]:
     from rblora.federation.results import markdown_table, write_report
 
     results = write_report(run.folder.path, run.folder.read_metrics(), run.folder.read_config())
+    rundir.drop_replaced(run.folder.path)  # the run completed: the one it replaced can go
     print(markdown_table(results), end="")
     print(f"results: {run.folder.path / 'results.json'}")
     return results

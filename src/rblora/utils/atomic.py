@@ -215,9 +215,10 @@ def leftovers(path: str | Path) -> list[Path]:
     return _leftovers(path, OLD, locked=True) + _leftovers(path, TMP, locked=True)
 
 
-def _delete(path: Path, target: Path) -> None:
-    """Delete a leftover folder or file. A folder is first renamed to a temporary name, so a kill
-    during the deletion leaves a ``.tmp-`` leftover, never a partial ``.old-`` one."""
+def discard(path: Path, target: Path) -> None:
+    """Delete the folder or file ``path``, a sibling of ``target``. A folder is first renamed to a
+    temporary name of ``target`` (``.target.tmp-*``), so a kill during the deletion leaves a
+    leftover that ``recover(target)`` deletes, never a partial folder under its old name."""
     if path.is_dir() and not path.is_symlink():
         trash = _fresh_name(path.parent, sibling_prefix(target, TMP))
         try:
@@ -263,7 +264,7 @@ def recover(path: str | Path, *, locked: bool = False) -> bool:
                 raise
             olds.append(newest)  # another process put a folder there meanwhile
     for leftover in olds + _leftovers(path, TMP, locked):
-        _delete(leftover, path)
+        discard(leftover, path)
     return restored
 
 
@@ -290,7 +291,7 @@ def replace_dir(built: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     fsync_dir(target.parent)
-    _delete(old, target)
+    discard(old, target)
 
 
 @contextlib.contextmanager
