@@ -94,6 +94,35 @@ def test_diverging_client_stops_the_run(workspace, tmp_path, lr, capsys):
     assert not (run / "checkpoint").exists()
 
 
+def test_an_error_after_the_folder_was_written_is_not_reported_as_bad_input(
+    workspace, tmp_path, monkeypatch, capsys
+):
+    """A ValueError raised in round 2 (here injected) used to print "error:" with exit code 2,
+    the answer for bad input with nothing written, though round 1 was on disk."""
+    from rblora.tasks.lm import CausalLMTask
+
+    original = CausalLMTask.train_client
+
+    def fails_in_round_2(self, spec, start, *, seed, round_):
+        if round_ == 2:
+            raise ValueError("injected")
+        return original(self, spec, start, seed=seed, round_=round_)
+
+    monkeypatch.setattr(CausalLMTask, "train_client", fails_in_round_2)
+    assert cli.main(lm_argv(workspace, tmp_path)) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train.py:")]
+    assert lines == [
+        f"train.py: stopped: ValueError: injected (raised after the run folder {tmp_path / '3'} "
+        "was written; it keeps its 1 completed round(s): continue with --resume once the cause "
+        "is fixed)"
+    ]
+    assert (tmp_path / "3" / "round_1" / "global").is_dir()
+    monkeypatch.setattr(CausalLMTask, "train_client", original)
+    assert cli.main(lm_argv(workspace, tmp_path, "--resume")) == 0
+    assert [r["round"] for r in metrics(tmp_path / "3") if r["type"] == "round"] == [1, 2]
+
+
 # ---------------------------------------------------------------------- resume
 @pytest.fixture(scope="module")
 def finished_run(workspace, tmp_path_factory):

@@ -151,3 +151,32 @@ def test_image_run_resumes_to_the_same_adapters(vision, tmp_path):
         a = load_file(str(cut / "3" / sub / "adapter_model.safetensors"))
         b = load_file(str(full / "3" / sub / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "extra", [["--method", "FLoRA"], ["--method", "Uniform HETLoRA", "--reduction_method", "merge"]]
+)
+def test_head_only_with_the_merge_redistribution_is_refused_up_front(
+    vision, tmp_path, extra, capsys
+):
+    """It trained round 1, then crashed (nothing to merge) and was reported as bad input."""
+    assert cli.main(_argv(vision, tmp_path / "out", "--head_only", *extra)) == 2
+    err = capsys.readouterr().err
+    assert "--head_only trains no LoRA" in err and "--reduction_method svd or truncate" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_head_only_cell_over_flora_options_is_refused_before_any_cell(
+    vision, tmp_path, capsys
+):
+    from rblora.cli import main as rblora
+
+    base = _argv(vision, tmp_path / "unused", "--method", "FLoRA")
+    i = base.index("--output_dir")
+    del base[i : i + 2]
+    argv = ["compare", "--methods", "FLoRA,head-only", "--seeds", "1"]
+    assert rblora([*argv, "--output_dir", str(tmp_path / "cmp"), "--", *base]) == 2
+    err = capsys.readouterr().err
+    assert "head-only: --head_only trains no LoRA" in err and "Traceback" not in err
+    assert not (tmp_path / "cmp").exists()

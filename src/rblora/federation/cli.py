@@ -6,9 +6,10 @@
     python train.py --config configs/vit_embedded.yaml          # an image task
 
 Everything that can be checked before training is checked first (options, the data folder, the
-model, ranks against the model's dimensions, the evaluation sets, a resumed run's checkpoint);
-a problem there is one message on stderr and exit code 2, with nothing written. A run that
-cannot go on later (a client's training diverged) stops with one message and exit code 1.
+model, ranks against the model's dimensions, the evaluation sets, a resumed run's checkpoint, the
+output folder not in use by another run); a problem there is one message on stderr and exit code
+2, with nothing written. A run that cannot go on later (a client's training diverged, or any
+error once the run folder holds this run's files) stops with one message and exit code 1.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: stopped: {err}", file=sys.stderr)
         return 1
     except (ValueError, AssetError, OSError) as err:
-        # bad input found before anything is written, or a file system error (writes are
-        # atomic, so nothing half-written is left either way)
+        # bad input found before anything is written (``setup.open_run`` turns these errors
+        # into a RunError once the run folder holds the run's files)
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -95,15 +95,15 @@ def run_rounds(
 def run_inprocess(args, given: set[str] | None = None) -> dict[str, Any]:
     """The ``inprocess`` engine (see :mod:`rblora.federation.engines`): prepare the run, its
     rounds in this process, the results."""
-    from rblora.federation.setup import finish_run, prepare_run
+    from rblora.federation.setup import finish_run, open_run
 
-    run = prepare_run(args, given)
-    options = LoopOptions(
-        num_rounds=args.num_communication_rounds,
-        seed=args.seed,
-        save_client_adapters=args.save_client_adapters,
-        progress=args.progress,
-        eval_base=args.eval_base,
-    )
-    run_rounds(run.task, run.server, run.folder, options)
-    return finish_run(run)
+    with open_run(args, given) as run:
+        options = LoopOptions(
+            num_rounds=args.num_communication_rounds,
+            seed=args.seed,
+            save_client_adapters=args.save_client_adapters,
+            progress=args.progress,
+            eval_base=args.eval_base,
+        )
+        run_rounds(run.task, run.server, run.folder, options)
+        return finish_run(run)

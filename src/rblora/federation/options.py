@@ -250,7 +250,15 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
     def validate(self) -> None:
         """Check values that need no model or data; ValueError names the bad value."""
         # the registry is the judge of names (it accepts aliases) and of method/reduction pairs
-        resolve_reduction(get_method(self.method), self.reduction_method)
+        method = get_method(self.method)
+        reduction = resolve_reduction(method, self.reduction_method)
+        if self.head_only and reduction == "merge":
+            # no LoRA is trained, so there is nothing to merge into the base (it crashed after
+            # round 1); the head is averaged the same way under every redistribution
+            raise ValueError(
+                f"--head_only trains no LoRA, so {method.name}'s merge redistribution has "
+                "nothing to merge; give --reduction_method svd or truncate, or another --method"
+            )
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"task {self.task!r}: valid are {', '.join(TASKS)}")
         if self.engine not in available_engines():

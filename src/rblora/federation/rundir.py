@@ -11,23 +11,49 @@
         manifest.json        sha256 of the two files above, written last
       results.json summary.md plots/   written at the end (rblora.federation.results)
 
-Writes are atomic (a file or folder appears complete or not at all). A kill between the round's
-metrics line and its checkpoint leaves the checkpoint of the round before: resuming drops the
-later lines and redoes the round.
+Writes are atomic (a file or folder appears complete or not at all) and durable in the order
+they are made (``rblora.utils.atomic``: fsync before each rename, the folder after it, each
+metrics line fsynced). A kill between the round's metrics line and its checkpoint leaves the
+checkpoint of the round before: resuming drops the later lines and redoes the round.
+
+Beside the run folder ``<num_clients>`` live two hidden siblings:
+
+    .<num_clients>.run.lock   held by the running process for the whole run (``locked``): a
+                              second run on the folder is refused, naming the holder
+    .<num_clients>.replaced/  the run an ``--overwrite`` replaces, kept until the new run
+                              completes (``RunFolder.start``, ``drop_replaced``); put back by
+                              ``settle`` if the folder holds no run
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rblora.utils.atomic import atomic_dir, recover, write_json, write_text
+from rblora.utils.atomic import (
+    TMP,
+    append_line,
+    atomic_dir,
+    discard,
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    make_temp_dir,
+    recover,
+    sibling_prefix,
+    write_json,
+    write_text,
+)
 from rblora.utils.files import sha256_file
+from rblora.utils.lockfile import hold
 from rblora.utils.records import read_records
 
 CHECKPOINT = "checkpoint"
@@ -66,11 +92,53 @@ class RunFolder:
     def holds_run(self) -> bool:
         return self.path.is_dir() and any(self.path.iterdir())
 
-    # ------------------------------------------------------------------ config
-    def write_config(self, config: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.config_path, config)
+    @property
+    def replaced_path(self) -> Path:
+        """Where the run an ``--overwrite`` replaces waits until the new run completes."""
+        return replaced_path(self.path)
 
+    # ------------------------------------------------------------------ a new run
+    def start(self, config: dict[str, Any], log: Callable[[str], None]) -> None:
+        """Begin a new run here: ``config.json`` is written into a fresh folder that one rename
+        puts in place, so the folder never holds a run without its config.
+
+        A run already here (the caller checked that ``--overwrite`` allows it) is moved to
+        :attr:`replaced_path` and stays there until :func:`drop_replaced`. If a replaced run is
+        there already (an earlier ``--overwrite`` was stopped before completing), that one is
+        kept and the unfinished run here is deleted. Call under :func:`locked`.
+        """
+        kept = self.replaced_path
+        new = make_temp_dir(self.path.parent, sibling_prefix(self.path, TMP))
+        trash = moved = None  # where the folder's old content went
+        try:
+            write_json(new / self.config_path.name, config)
+            fsync_tree(new)
+            if self.holds_run() and not kept.exists():
+                moved = kept
+                log(f"--overwrite: the previous run is kept in {kept} until this one completes")
+            elif os.path.lexists(self.path):
+                if self.holds_run():
+                    log(
+                        f"--overwrite: deleting the unfinished run in {self.path}; the run it "
+                        f"replaced stays in {kept} until this one completes"
+                    )
+                trash = make_temp_dir(self.path.parent, sibling_prefix(self.path, TMP))
+                moved = trash / self.path.name
+            if moved is not None:
+                os.replace(self.path, moved)
+            # a kill between the two renames leaves no run here: ``settle`` puts the kept one back
+            os.replace(new, self.path)
+            fsync_dir(self.path.parent)
+        except BaseException:
+            if moved is not None and os.path.lexists(moved) and not os.path.lexists(self.path):
+                os.replace(moved, self.path)
+            discard(new, self.path)
+            raise
+        finally:
+            if trash is not None:
+                discard(trash, self.path)
+
+    # ------------------------------------------------------------------ config
     def read_config(self) -> dict[str, Any]:
         try:
             config = json.loads(self.config_path.read_text())
@@ -87,9 +155,9 @@ class RunFolder:
 
     # ------------------------------------------------------------------ metrics
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        """Append one line, fsynced: the checkpoint written after it can never be on disk
+        without it (a crash can cut only this last line, which reading then drops)."""
+        append_line(self.metrics_path, json.dumps(record))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
@@ -107,9 +175,11 @@ class RunFolder:
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, tensors: dict, meta: dict[str, Any]) -> None:
-        """Write the checkpoint atomically; the manifest of sha256s is written last."""
+        """Write the checkpoint atomically; the manifest of sha256s is written last, after the
+        tensors are on disk (``atomic_dir`` fsyncs every file again before the rename)."""
         with atomic_dir(self.path / CHECKPOINT) as tmp:
             save_file(tensors, str(tmp / "server.safetensors"), metadata={"format": "pt"})
+            fsync_file(tmp / "server.safetensors")
             write_text(tmp / "state.json", json.dumps(meta, indent=2) + "\n")
             files = {name: sha256_file(tmp / name) for name in ("server.safetensors", "state.json")}
             write_json(tmp / MANIFEST, {"files": files})
@@ -171,6 +241,53 @@ class RunFolder:
                 f"--resume: {self.metrics_path} has round {beyond[0]['round']} but the "
                 f"checkpoint is from round {completed_rounds}; start again with --overwrite"
             )
+
+
+# ---------------------------------------------------------------------- lock, replaced run
+def lock_path(path: Path | str) -> Path:
+    """The run lock of the run folder ``path``: ``.<name>.run.lock`` beside it (not inside, so
+    moving the folder aside does not move the lock)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.run.lock"
+
+
+def replaced_path(path: Path | str) -> Path:
+    path = Path(path)
+    return path.parent / f".{path.name}.replaced"
+
+
+@contextlib.contextmanager
+def locked(path: Path | str) -> Iterator[RunFolder]:
+    """Hold the run lock of the run folder ``path`` until the block ends, then :func:`settle`
+    it. Raises ``LockHeld`` (a ValueError naming the folder and the process running in it)
+    if another run holds it. The OS releases the lock when the process exits or is killed."""
+    path = Path(path)
+    with hold(lock_path(path), f"output folder {path}"):
+        settle(path)
+        yield RunFolder(path)
+
+
+def settle(path: Path | str) -> None:
+    """Clean up after a run killed while replacing the folder (call under :func:`locked`):
+    temporaries of dead writers are deleted, and a replaced run is put back if the folder
+    holds no run (the kill came before the new run's config was in place)."""
+    folder = RunFolder(path)
+    recover(folder.path)
+    kept = folder.replaced_path
+    if kept.is_dir() and not folder.holds_run():
+        if folder.path.is_dir():
+            folder.path.rmdir()  # empty
+        os.replace(kept, folder.path)
+        fsync_dir(folder.path.parent)
+
+
+def drop_replaced(path: Path | str) -> None:
+    """The run in ``path`` completed: delete the run it replaced, if any."""
+    path = Path(path)
+    kept = replaced_path(path)
+    if kept.exists():
+        discard(kept, path)
+        fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------- resume

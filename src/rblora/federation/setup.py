@@ -1,15 +1,18 @@
-"""What every engine does before and after its rounds: check, build, write config, restore.
+"""What every engine does before and after its rounds: lock, check, build, write config, restore.
 
-``prepare_run`` checks everything that can be checked before anything is written (the output
-folder, a resumed run's options, data and checkpoint, then the task: model, data, ranks,
-evaluation sets), writes ``config.json``, creates the server and restores it from the
-checkpoint when resuming. ``finish_run`` writes results.json, summary.md and the plots and
-prints the table. The in-process loop and the Flower server both run between the two.
+``open_run`` holds the run folder's lock for the whole run, prepares it and tells a stopped run
+from bad input; inside it, ``prepare_run`` checks everything that can be checked before anything
+is written (the output folder, a resumed run's options, data and checkpoint, then the task:
+model, data, ranks, evaluation sets), writes ``config.json``, creates the server and restores
+it from the checkpoint when resuming. ``finish_run`` writes results.json, summary.md and the
+plots, prints the table and deletes the run an ``--overwrite`` replaced. The in-process loop and
+the Flower server both run between the two.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +20,7 @@ import torch
 
 from rblora.federation import rundir
 from rblora.federation.options import TrainArgs
-from rblora.federation.rounds import install_global, log
+from rblora.federation.rounds import RunError, install_global, log
 from rblora.federation.server import FederatedServer
 from rblora.protocol.types import ClientSpec
 from rblora.tasks.base import Task
@@ -30,6 +33,39 @@ class PreparedRun:
     server: FederatedServer
     folder: rundir.RunFolder
     config: dict[str, Any]
+
+
+@contextlib.contextmanager
+def open_run(
+    args: TrainArgs,
+    given: set[str] | None = None,
+    *,
+    discover: Callable[[], dict[str, Any]] | None = None,
+    **prepare_options: Any,
+) -> Iterator[PreparedRun]:
+    """The run from start to end, as every engine drives it (``finish_run`` inside the block).
+
+    The run folder's lock is held throughout: a second run on the same folder is refused at
+    once (``LockHeld``, a ValueError naming the folder and the process holding it). Under the
+    lock, ``discover()`` (optional) learns what the engine needs before the run can be prepared
+    (the Flower server's node discovery) and returns more ``prepare_run`` options. Errors of
+    ``prepare_run`` are bad input found before anything was written; a ValueError or OSError
+    raised after it (the folder holds this run's files) becomes a RunError saying so, never
+    "bad input".
+    """
+    with rundir.locked(args.run_dir()):
+        if discover is not None:
+            prepare_options.update(discover())
+        run = prepare_run(args, given, **prepare_options)
+        try:
+            yield run
+        except (ValueError, OSError) as err:
+            done = run.server.completed_rounds
+            raise RunError(
+                f"{type(err).__name__}: {err} (raised after the run folder {run.folder.path} "
+                f"was written; it keeps its {done} completed round(s): continue with --resume "
+                "once the cause is fixed)"
+            ) from err
 
 
 def prepare_run(
@@ -75,8 +111,6 @@ def prepare_run(
         )
 
     # -- from here on the run folder is written
-    if args.overwrite and folder.path.exists():
-        shutil.rmtree(folder.path)
     config = {
         **args.to_dict(),
         "task_resolved": infer_task(args),
@@ -87,7 +121,7 @@ def prepare_run(
         "precision": precision,
     }
     if not args.resume:
-        folder.write_config(config)
+        folder.start(config, log)  # an old run is set aside until this one completes
     specs = [
         ClientSpec(k, r, args.lora_alpha, args.use_rslora, num_examples=n)
         for k, (r, n) in enumerate(zip(ranks, client_sizes, strict=True))
@@ -147,6 +181,7 @@ def finish_run(run: PreparedRun) -> dict[str, Any]:
     from rblora.federation.results import markdown_table, write_report
 
     results = write_report(run.folder.path, run.folder.read_metrics(), run.folder.read_config())
+    rundir.drop_replaced(run.folder.path)  # the run completed: the one it replaced can go
     print(markdown_table(results), end="")
     print(f"results: {run.folder.path / 'results.json'}")
     return results

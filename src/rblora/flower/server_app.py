@@ -58,7 +58,7 @@ from rblora.federation.options import TrainArgs, parse_args, required_replies
 from rblora.federation.results import scalar_evals
 from rblora.federation.rounds import RunError, log
 from rblora.federation.server import derive_seed
-from rblora.federation.setup import PreparedRun, finish_run, prepare_run
+from rblora.federation.setup import PreparedRun, finish_run, open_run
 from rblora.flower.records import CONFIG, content_bytes, from_content, to_content
 from rblora.protocol.codec import decode_update, encode_start
 from rblora.protocol.types import ClientResult, ClientStart
@@ -378,9 +378,9 @@ def node_options(args: TrainArgs, config: dict[str, Any]) -> str:
 
 
 def serve(grid: Grid, args: TrainArgs, given: set[str] | None = None) -> dict:
-    """The whole run on ``grid``: discover the nodes, prepare the run (its task holds the test
-    set only), rounds, results. Node ranks from node configs become the run's ranks (and must
-    agree with explicitly given ones)."""
+    """The whole run on ``grid``: under the run folder's lock, discover the nodes, prepare the
+    run (its task holds the test set only), rounds, results. Node ranks from node configs become
+    the run's ranks (and must agree with explicitly given ones)."""
     from rblora.tasks import infer_task
 
     given = set(given or ())
@@ -388,28 +388,32 @@ def serve(grid: Grid, args: TrainArgs, given: set[str] | None = None) -> dict:
     args.task = infer_task(args)  # nodes hold no metadata to infer it from
     sizes = known_sizes(args)
     directory = NodeDirectory(args, sizes, json.dumps(args.to_dict()))
-    needed = required_replies(args.min_replies, args.num_clients)
-    directory.discover(grid, args.discovery_timeout, needed)
-    node_ranks = {k: f["rank"] for k, f in directory.found.items() if f["rank"] is not None}
-    if node_ranks:
-        ranks = [node_ranks.get(k, r) for k, r in enumerate(args.ranks())]
-        explicit = given & {"client_ranks", "client_lora_rank_dict"}
-        if explicit and ranks != args.ranks():
-            raise RunError(
-                f"the nodes' lora-rank {ranks} differ from the run's {args.ranks()}; give "
-                "the ranks in one place"
-            )
-        args.client_ranks, args.client_lora_rank_dict = ranks, None
-    for k, found in directory.found.items():
-        sizes[k] = found["examples"] if sizes[k] is None else sizes[k]
-    run = prepare_run(args, given, clients=[], client_sizes=sizes)
-    options = node_options(args, run.config)
-    directory.options = options
-    strategy = HeteroRankStrategy(run, directory, options)
-    if args.eval_base and run.server.completed_rounds == 0:
-        rounds.evaluate_base_once(run.task, run.folder)
-    strategy.start(grid, num_rounds=args.num_communication_rounds, timeout=args.round_timeout)
-    return finish_run(run)
+
+    def discover() -> dict[str, Any]:
+        needed = required_replies(args.min_replies, args.num_clients)
+        directory.discover(grid, args.discovery_timeout, needed)
+        node_ranks = {k: f["rank"] for k, f in directory.found.items() if f["rank"] is not None}
+        if node_ranks:
+            ranks = [node_ranks.get(k, r) for k, r in enumerate(args.ranks())]
+            explicit = given & {"client_ranks", "client_lora_rank_dict"}
+            if explicit and ranks != args.ranks():
+                raise RunError(
+                    f"the nodes' lora-rank {ranks} differ from the run's {args.ranks()}; give "
+                    "the ranks in one place"
+                )
+            args.client_ranks, args.client_lora_rank_dict = ranks, None
+        for k, found in directory.found.items():
+            sizes[k] = found["examples"] if sizes[k] is None else sizes[k]
+        return {"clients": [], "client_sizes": sizes}
+
+    with open_run(args, given, discover=discover) as run:
+        options = node_options(args, run.config)
+        directory.options = options
+        strategy = HeteroRankStrategy(run, directory, options)
+        if args.eval_base and run.server.completed_rounds == 0:
+            rounds.evaluate_base_once(run.task, run.folder)
+        strategy.start(grid, num_rounds=args.num_communication_rounds, timeout=args.round_timeout)
+        return finish_run(run)
 
 
 @app.main()

@@ -16,11 +16,18 @@ missing (the kill came between the two renames, so it is the only complete copy)
 otherwise; temporaries are deleted. Only leftovers of processes that are no longer running (on
 this machine) are touched, except under ``exclusive_dir``, whose holder is the only writer.
 Files and folders get the usual permissions (``mkstemp``/``mkdtemp`` would make them private).
+
+Durability (a power cut, not only a kill): a rename is only as safe as what it renames. Every
+writer here fsyncs the new file, or every file and folder of the new folder, before renaming it
+into place, and fsyncs the parent folder after the rename, so after a crash the name holds the
+old content or the complete new one, and what a caller writes next cannot reach the disk before
+it. ``append_line`` fsyncs each appended line (a crash can cut only the last one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -58,15 +65,87 @@ def lock_path(path: str | Path) -> Path:
     return path.parent / f".{path.name}.lock"
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of folder ``path`` durable (new names, renames, deletions).
+
+    A no-op where folders cannot be opened (Windows) or the file system does not sync folders.
+    """
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Make the content of the file ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)  # Windows: write access
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file under ``root``, then every folder, deepest first (``root`` last)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                fsync_file(path)
+        fsync_dir(dirpath)
+
+
+def make_dirs(path: str | Path) -> None:
+    """``path.mkdir(parents=True, exist_ok=True)``, with each folder it creates made durable in
+    its parent (so a file renamed into a new folder cannot outlive the folder after a crash)."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    missing = []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue
+        fsync_dir(folder.parent)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` and fsync it (the file is created if missing).
+
+    Not atomic: a crash mid-append can leave the last line cut short, which a reader of such
+    logs must treat as the end (``rblora.utils.records.read_records(stop_at_error=True)``).
+    """
+    path = Path(path)
+    created = not path.exists()
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if created:
+        fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, *, text: bool = False) -> Iterator[IO]:
     """Yield a file open for writing (binary, or UTF-8 text with ``text``) on a temporary
-    sibling of ``path``; on success it is flushed, fsynced and renamed over any old ``path``.
-    On an exception the temporary is deleted and ``path`` is left as it was. For writers that
-    want a file object, e.g. ``fig.savefig(fh, format="png")`` (the temporary's name has no
-    suffix to infer a format from)."""
+    sibling of ``path``; on success it is flushed, fsynced, renamed over any old ``path`` and
+    the folder fsynced. On an exception the temporary is deleted and ``path`` is left as it was.
+    For writers that want a file object, e.g. ``fig.savefig(fh, format="png")`` (the
+    temporary's name has no suffix to infer a format from)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = _fresh_name(path.parent, sibling_prefix(path, TMP))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
@@ -75,6 +154,7 @@ def atomic_file(path: str | Path, *, text: bool = False) -> Iterator[IO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -82,7 +162,8 @@ def atomic_file(path: str | Path, *, text: bool = False) -> Iterator[IO]:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (fsync, then rename over any old file)."""
+    """Write ``text`` to ``path`` atomically (fsync, rename over any old file, fsync the
+    folder)."""
     with atomic_file(path, text=True) as fh:
         fh.write(text)
 
@@ -94,7 +175,7 @@ def write_json(path: str | Path, obj: Any, *, indent: int = 2, sort_keys: bool =
 
 def make_temp_dir(parent: Path, prefix: str) -> Path:
     """A new empty folder ``<prefix><pid>-<hex>`` in ``parent`` with the usual permissions."""
-    parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(parent)
     for _ in range(100):
         path = _fresh_name(parent, prefix)
         try:
@@ -145,9 +226,10 @@ def leftovers(path: str | Path) -> list[Path]:
     return _leftovers(path, OLD, locked=True) + _leftovers(path, TMP, locked=True)
 
 
-def _delete(path: Path, target: Path) -> None:
-    """Delete a leftover folder or file. A folder is first renamed to a temporary name, so a kill
-    during the deletion leaves a ``.tmp-`` leftover, never a partial ``.old-`` one."""
+def discard(path: Path, target: Path) -> None:
+    """Delete the folder or file ``path``, a sibling of ``target``. A folder is first renamed to a
+    temporary name of ``target`` (``.target.tmp-*``), so a kill during the deletion leaves a
+    leftover that ``recover(target)`` deletes, never a partial folder under its old name."""
     if path.is_dir() and not path.is_symlink():
         trash = _fresh_name(path.parent, sibling_prefix(target, TMP))
         try:
@@ -184,6 +266,7 @@ def recover(path: str | Path, *, locked: bool = False) -> bool:
         olds.remove(newest)
         try:
             os.replace(newest, path)
+            fsync_dir(path.parent)
             restored = True
         except FileNotFoundError:
             pass  # another process recovered it first
@@ -192,7 +275,7 @@ def recover(path: str | Path, *, locked: bool = False) -> bool:
                 raise
             olds.append(newest)  # another process put a folder there meanwhile
     for leftover in olds + _leftovers(path, TMP, locked):
-        _delete(leftover, path)
+        discard(leftover, path)
     return restored
 
 
@@ -203,11 +286,13 @@ def replace_dir(built: Path, target: Path) -> None:
     renamed aside (``.target.old-*``) only now that ``built`` is complete, and deleted only after
     the new one is in place; if the final rename fails, the old one is put back, and if the
     process is killed between the two renames, the next ``recover`` puts it back. Both must be on
-    the same file system.
+    the same file system. ``built`` is fsynced before it is renamed, the parent after.
     """
     recover(target)
+    fsync_tree(built)
     if not os.path.lexists(target):
         os.replace(built, target)
+        fsync_dir(target.parent)
         return
     old = _fresh_name(target.parent, sibling_prefix(target, OLD))
     os.replace(target, old)
@@ -216,7 +301,8 @@ def replace_dir(built: Path, target: Path) -> None:
     except BaseException:
         os.replace(old, target)
         raise
-    _delete(old, target)
+    fsync_dir(target.parent)
+    discard(old, target)
 
 
 @contextlib.contextmanager
