@@ -147,6 +147,23 @@ def check_ranks(ranks: list[int], shapes: dict[str, tuple[int, int]]) -> None:
             )
 
 
+def read_held_data(args: TrainArgs, clients: list[int], evaluation: bool, *, whole, one, test):
+    """``(client -> its data, the test set or None)`` for what a task holds: the whole prepared
+    folder read and checked as one (``whole(path, K)``, returning ``.clients`` and
+    ``.global_test``) when it holds every client and the test set (in-process), else each held
+    client's file alone (``one(path, K, k)``, a Flower node) and the test set alone
+    (``test(path, K)``, a Flower server). Checks ``client_dataset_size_dict``."""
+    path, count = Path(args.data_path), args.num_clients
+    if evaluation and clients == list(range(count)):
+        data = whole(path, count)
+        held, held_test = dict(enumerate(data.clients)), data.global_test
+    else:
+        held = {k: one(path, count, k) for k in clients}
+        held_test = test(path, count) if evaluation else None
+    check_client_sizes(args, {k: len(v) for k, v in held.items()})
+    return held, held_test
+
+
 def check_client_sizes(args: TrainArgs, sizes: dict[int, int]) -> None:
     """Each held client's size (client -> examples in its file) matches
     ``client_dataset_size_dict`` when it is given."""

@@ -37,8 +37,8 @@ from rblora.aggregation.types import Factors
 from rblora.protocol.types import ClientResult, ClientSpec, ClientStart, UpdateLayout
 from rblora.tasks.base import (
     cached,
-    check_client_sizes,
     check_ranks,
+    read_held_data,
     seeded_subset,
     train_config,
 )
@@ -142,14 +142,10 @@ class ImageTask:
         from rblora.data import load_client_images, load_federated_images, load_test_images
         from rblora.utils.device import resolve_device
 
-        path, count = Path(args.data_path), args.num_clients
-        if evaluation and clients == list(range(count)):  # the whole folder, checked as one
-            data = load_federated_images(path, count)
-            splits, test = dict(enumerate(data.clients)), data.global_test
-        else:
-            splits = {k: load_client_images(path, count, k) for k in clients}
-            test = load_test_images(path, count) if evaluation else None
-        check_client_sizes(args, {k: len(c) for k, c in splits.items()})
+        splits, test = read_held_data(
+            args, clients, evaluation,
+            whole=load_federated_images, one=load_client_images, test=load_test_images,
+        )  # fmt: skip
         shown = [*splits.values(), *([test] if test is not None else [])]
         if not shown:
             raise ValueError("an image task needs a client's images or the test set")

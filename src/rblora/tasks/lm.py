@@ -30,8 +30,8 @@ from rblora.data.templates import Prompter
 from rblora.protocol.types import ClientResult, ClientSpec, ClientStart, UpdateLayout
 from rblora.tasks.base import (
     cached,
-    check_client_sizes,
     check_ranks,
+    read_held_data,
     seeded_subset,
     train_config,
 )
@@ -122,14 +122,10 @@ class CausalLMTask:
         from rblora.utils.device import resolve_device
 
         prompter = Prompter(args.prompt_template_name)
-        path, count = Path(args.data_path), args.num_clients
-        if evaluation and clients == list(range(count)):  # the whole folder, checked as one
-            data = load_federated_split(path, count)
-            records, test = dict(enumerate(data.clients)), data.global_test
-        else:
-            records = {k: load_client_records(path, count, k) for k in clients}
-            test = load_test_records(path, count) if evaluation else []
-        check_client_sizes(args, {k: len(r) for k, r in records.items()})
+        records, test = read_held_data(
+            args, clients, evaluation,
+            whole=load_federated_split, one=load_client_records, test=load_test_records,
+        )  # fmt: skip
         device = resolve_device(args.device)
         name = args.global_model or DEFAULT_MODEL
         log(f"loading {name} on {device}")
@@ -162,7 +158,7 @@ class CausalLMTask:
         )
         check_ranks(args.ranks(), task.module_shapes())
         if evaluation:
-            task.set_evaluation(*_eval_sets(args, prompter, path, test))
+            task.set_evaluation(*_eval_sets(args, prompter, Path(args.data_path), test))
         return task
 
     def set_evaluation(self, suites: dict[str, list], loss_records: list[dict]) -> None:
