@@ -3,9 +3,8 @@
 The base model stays in memory for the whole run: ``attach_lora`` injects PEFT LoRA layers into it
 in place, ``detach_lora`` removes them without merging (base weights bitwise unchanged). Dense
 extra parameters (``LoraSpec.modules_to_save``, e.g. a classification head) are trained in full
-while attached and put back to their attach-time values on detach. The base weights change only
-through ``merge_into_base``, ``applied_delta`` (temporarily) and :class:`BaseWeights` (FLoRA's
-merge protocol: ``W = W0 + D``), and through ``set_dense``.
+while attached and put back to their attach-time values on detach. Global updates on the base
+(evaluation, FLoRA's merged total) live in :mod:`rblora.adapters.deltas`.
 """
 
 from __future__ import annotations
@@ -26,12 +25,10 @@ from rblora.adapters.spec import (
     dense_parameters,
     resolve_targets,
 )
-from rblora.aggregation.running import ModuleDelta, delta_shape, is_dense
 
 _ADAPTER = "default"
 _FLAGS_ATTR = "_rblora_base_requires_grad"
 _DENSE_ATTR = "_rblora_dense_at_attach"
-_BASE_ATTR = "_rblora_base_weights"
 
 
 def attach_lora(
@@ -204,116 +201,3 @@ def detach_lora(peft_model: PeftModel) -> nn.Module:
             if n in flags:
                 p.requires_grad_(flags[n])
     return base
-
-
-def _linear_weights(model: nn.Module, names, what: str) -> dict[str, torch.Tensor]:
-    """The weight of each named ``nn.Linear`` (the base layer if a LoRA is attached)."""
-    modules = dict(model.named_modules())
-    weights, unknown = {}, []
-    for name in names:
-        mod = modules.get(name)
-        mod = getattr(mod, "base_layer", mod)
-        if isinstance(mod, nn.Linear):
-            weights[name] = mod.weight
-        else:
-            unknown.append(name)
-    if unknown:
-        raise ValueError(f"{what}: {unknown} are not linear modules of the model")
-    return weights
-
-
-def _check_deltas(deltas: dict[str, ModuleDelta], weights: dict[str, torch.Tensor], what: str):
-    bad = [
-        f"{n}: {delta_shape(d)} vs weight {tuple(weights[n].shape)}"
-        for n, d in deltas.items()
-        if delta_shape(d) != tuple(weights[n].shape)
-        or (not is_dense(d) and d[0].shape[0] != d[1].shape[1])
-    ]
-    if bad:
-        raise ValueError(f"{what}: shapes do not fit: {'; '.join(bad)}")
-
-
-def _dense_delta(delta: ModuleDelta, device: torch.device) -> torch.Tensor:
-    """``B @ A`` (or the dense delta) in float32 on ``device``."""
-    if is_dense(delta):
-        return delta.to(device, torch.float32)
-    a, b = delta
-    return b.to(device, torch.float32) @ a.to(device, torch.float32)
-
-
-def merge_into_base(base_model: nn.Module, deltas: dict[str, ModuleDelta]) -> None:
-    """Add each delta to its module's weight, in place.
-
-    ``deltas``: ``{name: (A: (r, d_in), B: (d_out, r))}`` with the scale ALREADY folded into B,
-    or ``{name: dense (d_out, d_in)}``. The delta is computed in float32 on the weight's device
-    and added in float32 (then cast back to the weight's dtype). Every module and shape is
-    checked before any weight changes. If a LoRA is attached, its frozen base layer is updated.
-    """
-    weights = _linear_weights(base_model, deltas, "merge_into_base")
-    _check_deltas(deltas, weights, "merge_into_base")
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            w = weights[name]
-            d = _dense_delta(delta, w.device)
-            if w.dtype == torch.float32:
-                w.add_(d)
-            else:
-                w.copy_((w.to(torch.float32) + d).to(w.dtype))
-
-
-@contextlib.contextmanager
-def applied_delta(model: nn.Module, delta: dict[str, ModuleDelta]) -> Iterator[nn.Module]:
-    """Temporarily add ``delta`` to the base weights (e.g. to evaluate base + global update).
-
-    The touched weights are cloned first and copied back afterwards, so the base is bitwise
-    unchanged when the block ends (subtracting the delta again would not be exact).
-    """
-    weights = _linear_weights(model, delta, "applied_delta")
-    saved = {name: w.detach().clone() for name, w in weights.items()}
-    try:
-        merge_into_base(model, delta)
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, weight in saved.items():
-                weights[name].copy_(weight)
-
-
-class BaseWeights:
-    """The base model's linear weights as ``W0 + D`` for a running total ``D`` (merge protocol).
-
-    The original ``W0`` of a module is kept on the CPU the first time :meth:`set` touches it, and
-    every call recomputes ``W = W0 + D`` from it in float32. The weights after round t therefore
-    depend only on ``D_t``, not on the order of the additions that built it: a run resumed from
-    a checkpoint of ``D_t`` has bitwise the weights of the run that never stopped.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self._original: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def of(cls, model: nn.Module) -> BaseWeights:
-        """The one BaseWeights of ``model`` (kept on the model): every holder of the model sets
-        its weights from the same originals."""
-        found = getattr(model, _BASE_ATTR, None)
-        if found is None:
-            found = cls(model)
-            setattr(model, _BASE_ATTR, found)
-        return found
-
-    def set(self, total: dict[str, ModuleDelta]) -> None:
-        """Make each touched module's weight ``W0 + total[module]`` (``W0`` where absent)."""
-        names = set(total) | set(self._original)
-        weights = _linear_weights(self.model, sorted(names), "BaseWeights.set")
-        _check_deltas(total, weights, "BaseWeights.set")
-        with torch.no_grad():
-            for name in sorted(names):
-                w = weights[name]
-                if name not in self._original:
-                    self._original[name] = w.detach().to("cpu", copy=True)
-                original = self._original[name].to(w.device)
-                if name in total:
-                    w.copy_(original.to(torch.float32) + _dense_delta(total[name], w.device))
-                else:
-                    w.copy_(original)

@@ -159,12 +159,20 @@ def _backbone_classifier(backbone, num_labels: int):
     return _Classifier()
 
 
+def _float_input(module, args):
+    """Forward pre-hook of a float32 head on a lower-precision body: its input in float32."""
+    import torch
+
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 def load_image_classifier(
     name_or_path: str,
     num_labels: int,
     *,
     seed: int,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     token: str | None = None,
 ):
     """``(model, preprocessing)`` for image classification with ``num_labels`` classes.
@@ -174,7 +182,9 @@ def load_image_classifier(
     is loaded with ``AutoModel`` and given a linear head. The head (``model.classifier``) is
     drawn anew from ``seed`` (normal, std 0.02; bias 0), so every client and run starts from the
     same head. ``preprocessing``: ``{"mean", "std", "size"}`` from the model's image processor
-    (ImageNet's mean/std and 224 px when it has none). float32, in eval mode, on ``device``.
+    (ImageNet's mean/std and 224 px when it has none). In eval mode, on ``device``, the body in
+    ``dtype`` (default float32) and the head always in float32: it is trained in full and
+    averaged, so it must not round (its input is cast to float32 by a forward pre-hook).
     """
     import torch
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
@@ -184,6 +194,7 @@ def load_image_classifier(
     path = resolve_model(name_or_path)
     _, offline = _check_local(path, name_or_path, IMAGE_MODEL_ASSETS)
     kwargs = {"token": token, "local_files_only": offline}
+    dtype = dtype or torch.float32
     # the new head is "missing" from the checkpoint by design: keep that report out of the log
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -194,10 +205,10 @@ def load_image_classifier(
 
             config.num_labels = num_labels
             model = AutoModelForImageClassification.from_pretrained(
-                path, config=config, ignore_mismatched_sizes=True, dtype=torch.float32, **kwargs
+                path, config=config, ignore_mismatched_sizes=True, dtype=dtype, **kwargs
             )
         else:
-            backbone = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+            backbone = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
             model = _backbone_classifier(backbone, num_labels)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -209,6 +220,9 @@ def load_image_classifier(
         raise AssetError(
             f"{name_or_path!r}: the classifier ({type(head).__name__}) is not one linear layer"
         )
+    if head.weight.dtype != torch.float32:
+        head.float()
+        head.register_forward_pre_hook(_float_input)
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)

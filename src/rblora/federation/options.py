@@ -23,7 +23,7 @@ from typing import Any
 from rblora.aggregation import default_reduction, get_method
 from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
 from rblora.federation.engines import available_engines
-from rblora.utils.device import check_device_name
+from rblora.utils.device import BASE_DTYPES, check_device_name
 from rblora.utils.options import add_flags, as_int, default_of, load_yaml, option, values_from
 
 SEED_RANKS = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256]
@@ -82,6 +82,12 @@ class RunOptions:
     )
     device: str = option(
         "auto", "where the model runs: auto (CUDA if available, else CPU) | cpu | cuda[:N] | mps"
+    )
+    base_dtype: str = option(
+        "auto",
+        "dtype the base model is stored in: auto (bfloat16 on a GPU that supports it, else "
+        "float32) | float32 | bfloat16 (half the memory); LoRA factors, the head, optimizer "
+        "state and global updates stay float32 beside it",
     )
     bf16: str = option(
         "auto",
@@ -301,6 +307,10 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             raise ValueError(f"lora_alpha {self.lora_alpha} must be > 0")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout {self.lora_dropout} must be in [0, 1)")
+        if self.base_dtype not in ("auto", *BASE_DTYPES):
+            raise ValueError(
+                f"base_dtype {self.base_dtype!r}: valid are auto, {', '.join(BASE_DTYPES)}"
+            )
         if self.bf16 not in ("auto", "true", "false"):
             raise ValueError(f"bf16 {self.bf16!r}: valid are auto, true, false")
         check_device_name(self.device)

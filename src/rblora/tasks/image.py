@@ -26,6 +26,7 @@ from rblora.adapters import (
     dense_only,
     dense_parameters,
     detach_lora,
+    keep_beside,
     read_dense,
     read_factors,
     resolve_targets,
@@ -118,6 +119,8 @@ class ImageTask:
         self._mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1)
         self._base = BaseWeights.of(model)
+        # global updates stay beside the weights unless the model computes in float32
+        self._merged = not keep_beside(model, use_bf16(train_config.bf16, model))
         self._pixels = {k: c.pixels(image_size) for k, c in sorted(clients.items())}
         self._labels = {k: torch.as_tensor(c.labels, dtype=torch.long) for k, c in clients.items()}
         self._test_pixels = None if test is None else test.pixels(image_size)
@@ -140,7 +143,7 @@ class ImageTask:
         device, LoRA targets found, ranks checked. See ``rblora.tasks.build_task``."""
         from rblora.assets.models import load_image_classifier, model_reference
         from rblora.data import load_client_images, load_federated_images, load_test_images
-        from rblora.utils.device import resolve_device
+        from rblora.utils.device import resolve_base_dtype, resolve_device
 
         splits, test = read_held_data(
             args, clients, evaluation,
@@ -151,15 +154,20 @@ class ImageTask:
             raise ValueError("an image task needs a client's images or the test set")
         classes = list(shown[0].classes)
         device = resolve_device(args.device)
+        dtype = resolve_base_dtype(args.base_dtype, device)
         name = args.global_model or DEFAULT_MODEL
-        log(f"loading {name} on {device} with a {len(classes)}-class head")
+        log(
+            f"loading {name} on {device} in {str(dtype).removeprefix('torch.')} with a "
+            f"{len(classes)}-class head"
+        )
         model, preprocessing = cached(
             models,
-            ("image", name, str(device), len(classes), args.seed),
+            ("image", name, str(device), str(dtype), len(classes), args.seed),
             lambda: load_image_classifier(
-                name, len(classes), seed=args.seed, device=device, token=args.hf_token()
+                name, len(classes), seed=args.seed, device=device, dtype=dtype,
+                token=args.hf_token(),
             ),
-        )
+        )  # fmt: skip
         config = train_config(args, model, log=log)
         probe = _take(shown[0], [0])  # one image through the model before round 1
         if test is not None and args.eval_test_size and args.eval_test_size < len(test):
@@ -280,7 +288,7 @@ class ImageTask:
         return ClientResult(factors, len(examples), dense=trained, metrics=metrics)
 
     def set_base(self, delta: dict[str, ModuleDelta], dense: dict[str, torch.Tensor]) -> None:
-        self._base.set(delta)
+        self._base.set(delta, merged=self._merged)
         if dense:
             set_dense(self.model, dense)
 
@@ -290,7 +298,7 @@ class ImageTask:
         if self._test_pixels is None:
             raise ValueError("this task holds no test set (built with evaluation=False)")
 
-        with applied_delta(self.model, delta):
+        with applied_delta(self.model, delta, merged=self._merged):
             return evaluate_classifier(
                 self.model,
                 lambda idx: self.inputs(self._test_pixels[idx]),

@@ -20,6 +20,7 @@ from rblora.adapters import (
     applied_delta,
     attach_lora,
     detach_lora,
+    keep_beside,
     read_factors,
     resolve_targets,
     save_peft_adapter,
@@ -91,6 +92,8 @@ class CausalLMTask:
         self.base_reference = base_reference
         self.progress = progress
         self._base = BaseWeights.of(model)
+        # global updates stay beside the weights unless the model computes in float32
+        self._merged = not keep_beside(model, use_bf16(train_config.bf16, model))
         self._loss_fn = causal_lm_objective(tokenizer.pad_token_id or 0)
         self._train: dict[int, list[dict]] = {}
         self._val: dict[int, list[dict]] = {}
@@ -119,7 +122,7 @@ class CausalLMTask:
         from rblora.assets import load_causal_lm
         from rblora.assets.models import model_reference
         from rblora.data import load_client_records, load_federated_split, load_test_records
-        from rblora.utils.device import resolve_device
+        from rblora.utils.device import resolve_base_dtype, resolve_device
 
         prompter = Prompter(args.prompt_template_name)
         records, test = read_held_data(
@@ -127,12 +130,13 @@ class CausalLMTask:
             whole=load_federated_split, one=load_client_records, test=load_test_records,
         )  # fmt: skip
         device = resolve_device(args.device)
+        dtype = resolve_base_dtype(args.base_dtype, device)
         name = args.global_model or DEFAULT_MODEL
-        log(f"loading {name} on {device}")
+        log(f"loading {name} on {device} in {str(dtype).removeprefix('torch.')}")
         model, tokenizer = cached(
             models,
-            ("lm", name, str(device)),
-            lambda: load_causal_lm(name, token=args.hf_token(), device=device),
+            ("lm", name, str(device), str(dtype)),
+            lambda: load_causal_lm(name, dtype=dtype, token=args.hf_token(), device=device),
         )
         config = train_config(
             args,
@@ -252,7 +256,7 @@ class CausalLMTask:
         return ClientResult(factors=factors, num_examples=len(examples), metrics=metrics)
 
     def set_base(self, delta: dict[str, ModuleDelta], dense: dict[str, torch.Tensor]) -> None:
-        self._base.set(delta)
+        self._base.set(delta, merged=self._merged)
 
     def evaluate(self, delta: dict[str, ModuleDelta], *, round_: int) -> dict[str, Any]:
         from rblora.evaluation import EvalConfig, evaluate_round
@@ -263,7 +267,7 @@ class CausalLMTask:
             cutoff_len=self.train_config.cutoff_len,
             progress=self.progress,
         )
-        with applied_delta(self.model, delta):
+        with applied_delta(self.model, delta, merged=self._merged):
             return evaluate_round(
                 self.model,
                 self.tokenizer,

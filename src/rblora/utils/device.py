@@ -64,6 +64,25 @@ def load_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""``--base_dtype`` choices besides ``auto``."""
+
+
+def resolve_base_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype the base model is stored in: ``auto`` (:func:`load_dtype`), ``float32`` or
+    ``bfloat16``; ValueError for another name or a GPU without bf16."""
+    if setting == "auto":
+        return load_dtype(device)
+    if setting not in BASE_DTYPES:
+        raise ValueError(f"base_dtype {setting!r}: valid are auto, {', '.join(BASE_DTYPES)}")
+    dtype = BASE_DTYPES[setting]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"base_dtype bfloat16: the GPU {device} does not support bf16; use float32 or auto"
+        )
+    return dtype
+
+
 def model_width(model: torch.nn.Module) -> int:
     """The model's hidden size (``config.hidden_size``, else the most common Linear input)."""
     config = getattr(model, "config", None)
