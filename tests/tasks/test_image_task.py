@@ -180,3 +180,39 @@ def test_compare_head_only_cell_over_flora_options_is_refused_before_any_cell(
     err = capsys.readouterr().err
     assert "head-only: --head_only trains no LoRA" in err and "Traceback" not in err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_bf16_body_keeps_a_float32_head_and_reloads_to_the_evaluated_model(
+    vision, tmp_path, monkeypatch
+):
+    """--base_dtype bfloat16: the body in bf16, the head trained and averaged in float32, the
+    global update beside the weights; the folder reloads with PEFT on a bf16 body to the
+    logits the round evaluated."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    import rblora.evaluation.classification as classification
+
+    probe = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    evaluated, original = [], classification.evaluate_classifier
+
+    def spy(model, *args, **kwargs):
+        assert model.classifier.weight.dtype == torch.float32
+        with torch.no_grad():
+            evaluated.append(model(pixel_values=probe).logits.float())
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(classification, "evaluate_classifier", spy)
+    argv = _argv(vision, tmp_path, "--base_dtype", "bfloat16", "--num_communication_rounds", "1")
+    assert cli.main(argv) == 0
+    heads = _dense(tmp_path / "3" / "round_1" / "global")
+    assert all(t.dtype == torch.float32 for t in heads.values())
+    base = AutoModelForImageClassification.from_pretrained(
+        vision / "vit", num_labels=10, dtype=torch.bfloat16
+    )
+    base.classifier.float()
+    base.classifier.register_forward_pre_hook(lambda m, args: (args[0].float(),))
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "3" / "round_1" / "global").eval()
+    with torch.no_grad():
+        logits = reloaded(pixel_values=probe).logits.float()
+    torch.testing.assert_close(logits, evaluated[0], rtol=1e-5, atol=1e-5)
