@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,7 +151,11 @@ def test_merge_download_bytes_under_partial_participation(workspace, tmp_path):
 
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(workspace, tmp_path, monkeypatch):
-    for method in ("RB-LoRA", "FLoRA"):
+    """svd (RB-LoRA), truncate (Weighted HETLoRA) and merge (FLoRA) redistribution; the resume
+    hashes and reads the checkpoint once (rundir.check_resume hands it to setup.restore)."""
+    from rblora.federation import rundir
+
+    for method in ("RB-LoRA", "Weighted HETLoRA", "FLoRA"):
         full, cut = tmp_path / method / "full", tmp_path / method / "cut"
         assert cli.main(lm_argv(workspace, full, "--method", method)) == 0
 
@@ -169,7 +174,23 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(workspace, tmp_pa
         monkeypatch.setattr(CausalLMTask, "train_client", original)
         assert not (cut / "3" / "round_2" / "global").exists()
         assert cli.main(lm_argv(workspace, cut, "--method", method)) == 2  # no overwrite
+        reads = []
+        for name in ("sha256_file", "load_file"):
+            real = getattr(rundir, name)
+
+            def spy(path, *args, real=real, name=name, reads=reads):
+                if Path(path).parent.name == rundir.CHECKPOINT:  # not the one being written
+                    reads.append((name, Path(path).name))
+                return real(path, *args)
+
+            monkeypatch.setattr(rundir, name, spy)
         assert cli.main(lm_argv(workspace, cut, "--method", method, "--resume")) == 0
+        monkeypatch.undo()
+        assert sorted(reads) == [
+            ("load_file", "server.safetensors"),
+            ("sha256_file", "server.safetensors"),
+            ("sha256_file", "state.json"),
+        ]
 
         for sub in ["round_2/global", "round_2/client_0", "round_2/client_2"]:
             a, b = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)

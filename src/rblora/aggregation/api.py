@@ -67,9 +67,11 @@ def average_dense(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
 
 
 def _promoted_dtype(updates: Sequence[ClientUpdate]) -> torch.dtype:
+    """The promoted dtype of every factor; float32 when no client has a LoRA (dense extras
+    only), so the global update always names a real dtype (its start basis records it)."""
     dtype = None
     for u in updates:
         for a, b in u.factors.values():
             for t in (a, b):
                 dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-    return dtype
+    return torch.float32 if dtype is None else dtype

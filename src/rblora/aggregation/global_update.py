@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from .linalg import FactoredSVD, orthonormal_complement_rows
-from .types import FactorPair, lora_scale
+from .starts import StartBasis
+from .types import FactorPair
 
 
 class GlobalUpdate:
@@ -97,14 +98,30 @@ class GlobalUpdate:
 
         When ``rank`` exceeds the components available, the extra rows of A are orthonormal to
         the others and the extra columns of B are zero: the delta is unchanged and the new
-        components are trainable, as in a fresh LoRA.
+        components are trainable, as in a fresh LoRA. Cut from :meth:`start_basis` of width
+        ``rank``; a server serving many ranks builds the basis once for the largest.
         """
         self._check_request(rank, lora_alpha)
-        rank = int(rank)
         if self.merges_into_base:
             return {}
-        scale = lora_scale(lora_alpha, rank, use_rslora)
-        return {m: self._redistribute(m, rank, scale) for m in self.modules}
+        return self.start_basis(int(rank)).for_client(int(rank), lora_alpha, use_rslora)
+
+    @torch.no_grad()
+    def start_basis(self, width: int) -> StartBasis | None:
+        """The factors every client of rank ``<= width`` starts from a prefix of (see
+        :mod:`.starts`): per module ``(A_W: (width, d_in), B_W: (d_out, p))``, ``p <= width``,
+        in the working dtype; None under ``merge``.
+
+        ``svd``: ``A_W = V[:, :width]^T``, ``B_W = U[:, :width] diag(sigma[:width])``;
+        ``truncate``: the first ``width`` components of the factored form; either way completed
+        by orthonormal rows of A (and zero columns of B, not stored) if the update has fewer.
+        """
+        if self.merges_into_base:
+            return None
+        self._check_request(width, 1.0)
+        width = int(width)
+        factors = {m: self._basis_factors(m, width) for m in self.modules}
+        return StartBasis(width, factors, self._dtype)
 
     def _get(self, module: str) -> FactorPair:
         if module not in self._factors:
@@ -124,17 +141,18 @@ class GlobalUpdate:
         if not (ok and lora_alpha > 0):
             raise ValueError(f"for_client: lora_alpha must be finite and > 0, got {lora_alpha!r}")
 
-    def _redistribute(self, module: str, rank: int, scale: float) -> FactorPair:
+    def _basis_factors(self, module: str, width: int) -> FactorPair:
+        """``(A_W: (width, d_in), B_W: (d_out, p))``, new contiguous tensors (not views of the
+        factors or of the SVD cache, so the basis keeps nothing else alive)."""
         if self.reduction == "svd":
             if module not in self._svd:
                 self._svd[module] = FactoredSVD(*self._get(module))
             svd = self._svd[module]
-            a, b = svd.truncated(min(rank, svd.width))
+            a, b = svd.truncated(min(width, svd.width))
         else:
             a_g, b_g = self._get(module)
-            a, b = a_g[:rank], b_g[:, :rank]
-        if a.shape[0] < rank:
-            extra = rank - a.shape[0]
-            a = torch.cat([a, orthonormal_complement_rows(a, extra)], dim=0)
-            b = torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
-        return a.to(self._dtype, copy=True), (b / scale).to(self._dtype)
+            a, b = a_g[:width], b_g[:, :width]
+        if a.shape[0] < width:
+            a = torch.cat([a, orthonormal_complement_rows(a, width - a.shape[0])], dim=0)
+        own = torch.contiguous_format
+        return a.clone(memory_format=own), b.clone(memory_format=own)

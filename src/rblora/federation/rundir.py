@@ -6,7 +6,7 @@
       round_<t>/global/    PEFT folder of the global model after round t (see rounds.export)
       round_<t>/client_<k>/  PEFT folder of client k's trained adapter (its rank and alpha)
       checkpoint/          server state after the last completed round:
-        server.safetensors   tensors (client starts, merged total, dense extras)
+        server.safetensors   tensors (clients' start basis, merged total, dense extras)
         state.json           counters and the last round's record
         manifest.json        sha256 of the two files above, written last
       results.json summary.md plots/   written at the end (rblora.federation.results)

@@ -8,7 +8,9 @@ does no I/O. Its whole state is tensors and integers (:meth:`state_tensors`, res
 
 What the global model is after round t (the delta from the ORIGINAL base weights ``W0``):
 
-- redistribution ``svd`` / ``truncate``: ``W0 + dW_t``; clients start from rank-r projections;
+- redistribution ``svd`` / ``truncate``: ``W0 + dW_t``; clients start from rank-r projections,
+  every one a prefix of one :class:`~rblora.aggregation.starts.StartBasis` as wide as the largest
+  rank, which is all the server keeps of them (:meth:`FederatedServer.deliver` cuts each start);
 - ``merge`` (FLoRA): ``W0 + D_t`` with ``D_t = dW_1 + ... + dW_t`` (:class:`UpdateSum`, whose size
   is bounded by one dense matrix per module); clients start from a fresh LoRA on that base.
 
@@ -25,9 +27,17 @@ import torch
 
 from rblora.aggregation import ClientUpdate, GlobalUpdate, aggregate
 from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
+from rblora.aggregation.starts import StartBasis
 from rblora.aggregation.types import Factors
 from rblora.federation.options import selection_count
-from rblora.protocol.codec import decode_deltas, decode_dense, decode_factors, encode
+from rblora.protocol.codec import (
+    decode_basis,
+    decode_deltas,
+    decode_dense,
+    decode_factors,
+    encode,
+    encode_basis,
+)
 from rblora.protocol.types import ClientSpec, ClientStart, tensor_bytes
 
 BYTES_PER_VALUE = 4  # float32, as the server keeps and sends every tensor
@@ -83,7 +93,8 @@ class FederatedServer:
         self.frac = frac
         self.seed = seed
         self.completed_rounds = 0
-        self._starts: dict[int, Factors] = {}  # client -> adapter it starts its next round from
+        self._basis: StartBasis | None = None  # every client's start is cut from it (svd, truncate)
+        self._old_starts: dict[int, Factors] = {}  # per-client starts of an older checkpoint
         self.base_total = UpdateSum()  # merged global updates (merge protocol)
         self.dense: dict[str, torch.Tensor] = {}  # averaged dense extras of the last round
         self._merge_widths: list[int] = []  # width of each round's merged update (0: none)
@@ -108,7 +119,7 @@ class FederatedServer:
         module at most one dense matrix (a client far behind is sent the dense difference).
         """
         start = ClientStart(
-            factors=self._starts.get(client_id),
+            factors=self._start_of(client_id),
             dense=dict(self.dense),
             base_delta=self.base_total.as_dict(),
         )
@@ -139,48 +150,74 @@ class FederatedServer:
         if global_update.merges_into_base:
             self.base_total.add(update)
             self._merge_widths.append(max(a.shape[0] for a, _ in update.values()))
-            self._starts = {}
             model = GlobalModel(self.base_total.as_dict(), merged=True, dense=dict(self.dense))
         else:
             self._merge_widths.append(0)
-            self._starts = {
-                c.client_id: global_update.for_client(
-                    rank=c.rank, lora_alpha=c.lora_alpha, use_rslora=c.use_rslora
-                )
-                for c in self.clients
-            }
             model = GlobalModel(update, merged=False, dense=dict(self.dense))
+        # None under merge; else as wide as the largest client (also those not selected)
+        self._basis = global_update.start_basis(max(c.rank for c in self.clients))
+        self._old_starts = {}
         self.completed_rounds += 1
         return model
 
+    def _start_of(self, client_id: int) -> Factors | None:
+        """The adapter ``client_id`` starts its next round from (None: a fresh LoRA), cut from
+        the start basis by the same function on every round and after a resume."""
+        if client_id in self._old_starts:
+            return self._old_starts[client_id]
+        if self._basis is None:
+            return None
+        c = self.clients[client_id]
+        return self._basis.for_client(c.rank, c.lora_alpha, c.use_rslora)
+
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, JSON-able metadata) that :meth:`load_state_tensors` restores exactly."""
+        """(tensors, JSON-able metadata) that :meth:`load_state_tensors` restores exactly.
+
+        The clients' starts are stored as their start basis, once (``start_basis``: ``W``
+        components per module, ``W`` the largest rank, instead of ``sum_k r_k``)."""
         tensors = encode("server", dense=self.dense, deltas=self.base_total.as_dict())
-        for cid, factors in self._starts.items():
-            tensors.update(encode(f"start/{cid}", factors=factors))
         meta = {
             "completed_rounds": self.completed_rounds,
             "merge_widths": list(self._merge_widths),
             "synced": {str(k): v for k, v in sorted(self._synced.items())},
-            "starts": sorted(self._starts),
+            "start_basis": None,
         }
+        if self._basis is not None:
+            basis_tensors, meta["start_basis"] = encode_basis("start_basis", self._basis)
+            tensors.update(basis_tensors)
+        if self._old_starts:  # loaded from an older checkpoint, no round since: kept as it was
+            for cid, factors in self._old_starts.items():
+                tensors.update(encode(f"start/{cid}", factors=factors))
+            meta["starts"] = sorted(self._old_starts)
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Restore what :meth:`state_tensors` returned; ValueError if it is inconsistent."""
+        """Restore what :meth:`state_tensors` returned; ValueError if it is inconsistent.
+
+        Also reads a checkpoint written before the start basis (one start adapter per client
+        under ``start/<client>``, listed in ``meta["starts"]``): those starts are kept as they
+        are until the next round, so such a run also resumes bitwise."""
         completed = int(meta["completed_rounds"])
         widths = [int(w) for w in meta.get("merge_widths", [])]
         if len(widths) != completed:
             raise ValueError(
                 f"server state: {len(widths)} merge widths for {completed} completed rounds"
             )
-        starts = {}
+        basis = None
+        if meta.get("start_basis") is not None:
+            basis = decode_basis(tensors, "start_basis", meta["start_basis"])
+            widest = max(c.rank for c in self.clients)
+            if basis.width < widest:
+                raise ValueError(
+                    f"server state: start basis of width {basis.width}, client ranks up to {widest}"
+                )
+        old_starts = {}
         for cid in meta.get("starts", []):
             if not 0 <= int(cid) < len(self.clients):
                 raise ValueError(f"server state: a start for unknown client {cid}")
-            starts[int(cid)] = decode_factors(tensors, f"start/{cid}")
-        self._starts = starts
+            old_starts[int(cid)] = decode_factors(tensors, f"start/{cid}")
+        self._basis, self._old_starts = basis, old_starts
         self.base_total = UpdateSum.from_dict(decode_deltas(tensors, "server"))
         self.dense = decode_dense(tensors, "server")
         self._merge_widths = widths

@@ -7,6 +7,9 @@ Used for the server's checkpoint (``checkpoint/server.safetensors``) and for Flo
     <prefix>/dense/<parameter>                             dense extras (e.g. the head)
     <prefix>/delta/<module>/A|B  or  <prefix>/delta/<module>/dense   an update B @ A or dense
 
+A :class:`~rblora.aggregation.starts.StartBasis` (the factors every client's start is cut from)
+is its factors under ``<prefix>/lora`` plus metadata ``{"width": W, "dtype": "float32"}``.
+
 Tensors are float32 and contiguous on the CPU (bfloat16 cannot travel in an ArrayRecord).
 """
 
@@ -20,6 +23,7 @@ import torch
 
 from rblora.aggregation import ClientUpdate
 from rblora.aggregation.running import ModuleDelta, is_dense
+from rblora.aggregation.starts import StartBasis
 from rblora.aggregation.types import Factors
 from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout
 
@@ -91,6 +95,25 @@ def decode_deltas(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, Mo
                 f"{prefix}: delta {module!r} has {sorted(p)}, expected A and B, or dense"
             )
     return out
+
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16,
+           torch.float32, torch.float64)}  # fmt: skip
+
+
+def encode_basis(prefix: str, basis: StartBasis) -> tuple[dict[str, torch.Tensor], dict]:
+    """A start basis as (tensors, JSON-able metadata): its factors (float32, exact for the usual
+    float32 working dtype) and its width and start dtype."""
+    meta = {"width": basis.width, "dtype": str(basis.dtype).removeprefix("torch.")}
+    return encode(prefix, factors=basis.factors), meta
+
+
+def decode_basis(tensors: dict[str, torch.Tensor], prefix: str, meta: dict) -> StartBasis:
+    """Inverse of :func:`encode_basis`; ValueError if the metadata or a shape is wrong."""
+    if not isinstance(meta, dict) or meta.get("dtype") not in _DTYPES:
+        raise ValueError(f"{prefix}: metadata {meta!r} lacks a known dtype ({sorted(_DTYPES)})")
+    width = meta.get("width")
+    return StartBasis(width, decode_factors(tensors, prefix), _DTYPES[meta["dtype"]])
 
 
 # ---------------------------------------------------------------------- messages
