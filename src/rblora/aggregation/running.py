@@ -102,11 +102,12 @@ def _compact(delta: ModuleDelta) -> ModuleDelta:
 
 def svd_factors(a: Tensor, b: Tensor) -> FactorPair:
     """``B @ A`` re-factored as ``(V^T, U diag(sigma))`` at its numerical rank (at least 1):
-    singular values below ``max(d_out, d_in, k) * eps(float32) * |A|_F |B|_F`` are rounding of
-    the stacked inputs (the bound of their product), not directions, e.g. where updates cancel.
-    ``A: (k, d_in)``, ``B: (d_out, k)`` float32; returns float32, signs fixed."""
+    singular values at or below ``max(d_out, d_in, k) * eps(float32) * sigma_max`` (the usual
+    numerical-rank cut-off, as ``torch.linalg.matrix_rank``'s) are rounding, not directions.
+    A cut-off relative to the factors' norms instead would drop real directions of a stack
+    whose clients' scales differ 64x. ``A: (k, d_in)``, ``B: (d_out, k)`` float32; returns
+    float32, signs fixed."""
     svd = FactoredSVD(a, b)
-    scale = float(torch.linalg.matrix_norm(a.double()) * torch.linalg.matrix_norm(b.double()))
-    tol = max(b.shape[0], a.shape[1], a.shape[0]) * torch.finfo(a.dtype).eps * scale
+    tol = max(b.shape[0], a.shape[1], a.shape[0]) * torch.finfo(a.dtype).eps * float(svd.sigma[0])
     rank = max(1, int((svd.sigma > tol).sum()))
     return svd.truncated(min(rank, svd.width))
