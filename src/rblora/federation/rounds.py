@@ -136,17 +136,20 @@ def close_round(
     started: float,
     selected: list[int],
     missing: dict[int, str] | None = None,
+    export: bool = True,
 ) -> dict[str, Any]:
     """Aggregate, redistribute, export, install and evaluate the global model of ``round_``.
 
     ``missing``: selected clients whose update did not arrive, with the reason (recorded).
+    ``export``: write ``round_<t>/global`` (False in a round ``--save_every`` skips).
     Returns the round's metrics record (the driver writes it, then the checkpoint).
     """
     agg_start = time.perf_counter()
     global_update = server.aggregate(updates)
     model = server.redistribute(global_update)
     agg_seconds = time.perf_counter() - agg_start
-    export_global(task, folder.global_dir(round_), model)
+    if export:
+        export_global(task, folder.global_dir(round_), model)
     eval_start = time.perf_counter()
     evaluation = evaluate_global(task, model, round_)
     eval_seconds = time.perf_counter() - eval_start
