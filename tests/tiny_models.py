@@ -36,24 +36,24 @@ def build_tiny_tokenizer(bos_token: str | None = "<s>", eos_token: str | None = 
 def build_tiny_llama(vocab_size: int = 104, seed: int = 0, **config_overrides):
     """A 2-layer LlamaForCausalLM (hidden 32) with q/k/v/o projections, random weights.
 
-    ``config_overrides`` go to ``LlamaConfig`` (e.g. ``attn_implementation="eager"``).
+    ``config_overrides`` go to ``LlamaConfig`` and win over these defaults (e.g.
+    ``attn_implementation="eager"``, ``num_hidden_layers=12``).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **config_overrides,
-    )
+    defaults = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    config = LlamaConfig(vocab_size=vocab_size, **{**defaults, **config_overrides})
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 

@@ -261,3 +261,29 @@ def test_evaluate_names_an_empty_adapter_folder(flora_run, tmp_path, capsys):
     assert rblora(["evaluate", "--adapter", str(tmp_path / "empty"), "--run", str(flora_run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "adapter_model.safetensors" in err[0] and "dense.safetensors" in err[0]
+
+
+def test_evaluate_scales_each_module_as_peft_does(tmp_path):
+    """A folder whose modules have their own ranks and alphas (rank_pattern / alpha_pattern):
+    the delta evaluate applies is PEFT's, module by module (not one lora_alpha / r for all)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import build_tiny_llama
+
+    from rblora.experiments.evaluate import adapter_delta
+
+    config = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"^model\\.layers\\.1\\.self_attn\\.q_proj": 8},
+        alpha_pattern={"v_proj": 3},
+        init_lora_weights=False,
+    )
+    model = get_peft_model(build_tiny_llama(seed=2), config)
+    model.save_pretrained(tmp_path / "adapter")
+    delta, dense = adapter_delta(tmp_path / "adapter")
+    assert dense == {} and len(delta) == 4
+    for name, (a, b) in delta.items():
+        want = model.base_model.model.get_submodule(name).get_delta_weight("default")
+        torch.testing.assert_close(b @ a, want)

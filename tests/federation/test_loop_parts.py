@@ -22,16 +22,19 @@ def _factors(rank, d_out=6, d_in=5, seed=0):
     }
 
 
-def test_exact_factors_keep_the_update_and_share_one_rank():
+def test_exact_factors_keep_each_module_at_its_own_rank():
     delta = {
-        "q": (torch.randn(9, 5), torch.randn(6, 9)),
-        "v": (torch.randn(2, 5), torch.randn(3, 2)),
+        "q": (torch.randn(9, 5), torch.randn(6, 9)),  # wider than the matrix
+        "v": (torch.randn(2, 5), torch.randn(3, 2)),  # factored: kept as it is
+        "o": torch.randn(4, 7),  # dense, d_out < d_in
     }
     out = exact_factors(delta)
-    ranks = {a.shape[0] for a, _ in out.values()}
-    assert ranks == {5}  # q compressed from 9 to min(6, 5); v padded from 2 to 5
-    for name, (a, b) in delta.items():
-        torch.testing.assert_close(out[name][1] @ out[name][0], b @ a, rtol=1e-5, atol=1e-5)
+    assert {m: a.shape[0] for m, (a, _) in out.items()} == {"q": 5, "v": 2, "o": 4}
+    assert torch.equal(out["q"][0], torch.eye(5)) and torch.equal(out["o"][1], torch.eye(4))
+    assert torch.equal(out["o"][0], delta["o"]) and torch.equal(out["v"][0], delta["v"][0])
+    for name, value in delta.items():
+        want = value if isinstance(value, torch.Tensor) else value[1] @ value[0]
+        torch.testing.assert_close(out[name][1] @ out[name][0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_selection_is_seeded_and_sized():

@@ -72,10 +72,16 @@ def test_run_writes_everything(workspace, tmp_path, method, capsys):
 def test_global_folder_reloads_to_the_evaluated_model(
     workspace, tmp_path, method, reduction, monkeypatch
 ):
-    """Every round's global folder, loaded with PEFT on the ORIGINAL base, gives the logits of
-    the model that round evaluated (for merge: base + every merged round, not only the last)."""
+    """Every round's global folder, loaded with PeftModel on the ORIGINAL base and with
+    AutoPeftModelForCausalLM (its base_model_name_or_path is the tiny model's folder), gives the
+    logits of the model that round evaluated (for merge: base + every merged round, not only the
+    last). Each module is stored at its own rank, without zero padding: a merged total that went
+    dense (v_proj 16x32 in round 1, q_proj 32x32 in round 2 under FLoRA) as an identity factor
+    on its smaller side and the dense total on the other, a factored one at its rank."""
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
+
+    from rblora.adapters import load_peft_adapter
 
     probe = torch.tensor([[5, 17, 33, 40, 8, 61, 12]])
     evaluated = {}
@@ -92,17 +98,32 @@ def test_global_folder_reloads_to_the_evaluated_model(
     argv = lm_argv(workspace, tmp_path, "--method", method, "--reduction_method", reduction)
     assert cli.main([*argv, "--num_communication_rounds", "3"]) == 0
     run = tmp_path / "3"
+    stored = {}
     for t in (1, 2, 3):
+        folder = run / f"round_{t}" / "global"
         base = AutoModelForCausalLM.from_pretrained(workspace / "model")
-        reloaded = PeftModel.from_pretrained(base, run / f"round_{t}" / "global").eval()
-        with torch.no_grad():
-            logits = reloaded(probe).logits
-        torch.testing.assert_close(logits, evaluated[t], rtol=1e-4, atol=1e-4)
+        for reloaded in (
+            PeftModel.from_pretrained(base, folder),
+            AutoPeftModelForCausalLM.from_pretrained(folder),
+        ):
+            with torch.no_grad():
+                logits = reloaded.eval()(probe).logits
+            torch.testing.assert_close(logits, evaluated[t], rtol=1e-4, atol=1e-4)
+        factors, _ = load_peft_adapter(folder)
+        for name, (a, b) in factors.items():
+            assert a.shape[0] <= min(b.shape[0], a.shape[1]), (t, name)
+            assert (a.abs().sum(1) > 0).all() and (b.abs().sum(0) > 0).all(), (t, name)  # no pad
+        stored[t] = {
+            kind: sorted({a.shape[0] for n, (a, _) in factors.items() if n.endswith(kind)})
+            for kind in ("q_proj", "v_proj")
+        }
     assert not torch.allclose(evaluated[1], evaluated[3], atol=1e-3)  # the rounds did something
-    # the folder names a base that loads on this machine (not an embedded name or a hub id)
-    auto = AutoPeftModelForCausalLM.from_pretrained(run / "round_3" / "global").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(auto(probe).logits, evaluated[3], rtol=1e-4, atol=1e-4)
+    if (method, reduction) == ("FLoRA", "merge"):  # 14 components a round (ranks 2 + 4 + 8)
+        assert stored == {
+            1: {"q_proj": [14], "v_proj": [16]},  # v: dense (14 * 48 >= 16 * 32): I on d_out
+            2: {"q_proj": [32], "v_proj": [16]},  # q: dense (28 * 64 >= 32 * 32): I on d_in
+            3: {"q_proj": [32], "v_proj": [16]},
+        }
 
 
 def test_merge_checkpoint_does_not_grow(workspace, tmp_path, monkeypatch):

@@ -55,14 +55,21 @@ def test_simulation_engine_image_task(tmp_path):
     train = [
         "--global_model", str(tmp_path / "vit"), "--data_path", str(tmp_path),
         "--output_dir", str(tmp_path / "out"), "--num_clients", "3", "--client_ranks", "2,4,8",
-        "--num_communication_rounds", "2", "--local_num_epochs", "1", "--local_batch_size", "8",
+        "--num_communication_rounds", "3", "--local_num_epochs", "1", "--local_batch_size", "8",
         "--local_micro_batch_size", "8", "--bf16", "false", "--no_progress", "--engine", "flower",
+        "--save_every", "2", "--keep_last", "1",
     ]  # fmt: skip
     assert cli.main(train) == 0
-    rounds = [r for r in metrics(tmp_path / "out" / "3") if r["type"] == "round"]
-    assert [r["round"] for r in rounds] == [1, 2]
+    run = tmp_path / "out" / "3"
+    rounds = [r for r in metrics(run) if r["type"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["eval"]["suites"]["test"]["count"] == 30
-    assert (tmp_path / "out" / "3" / "round_2" / "global" / "adapter_model.safetensors").is_file()
+    # rounds 2 and 3 (the last) were written, round 2's deleted after round 3 (--keep_last 1)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("round_")) == ["round_3"]
+    assert sorted(p.name for p in (run / "round_3").iterdir()) == [
+        "client_0", "client_1", "client_2", "global"
+    ]  # fmt: skip
+    assert (run / "round_3" / "global" / "adapter_model.safetensors").is_file()
 
 
 def _deployment_args(workspace, out, *extra):

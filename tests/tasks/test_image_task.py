@@ -101,6 +101,45 @@ def test_two_rounds_every_method(vision, tmp_path, method, monkeypatch):
         assert (run / name).is_file(), name
 
 
+def test_merged_total_folders_keep_each_module_at_its_own_rank(vision, tmp_path, monkeypatch):
+    """FLoRA on q_proj, v_proj (32x32) and mlp.fc1 (64x32), ranks 2 + 4 + 12 = 18: in round 1
+    the attention totals are dense (18 * 64 >= 32 * 32), stored as (I, dW) at rank 32, while fc1's
+    is factored at rank 18 (18 * 96 < 64 * 32): one folder of two ranks (rank_pattern), with the
+    head, loads with PeftModel to the logits each round evaluated."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    from rblora.adapters import load_peft_adapter
+
+    probe = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    evaluated = {}
+    original = ImageTask.evaluate
+
+    def spy(self, delta, *, round_):
+        from rblora.adapters import applied_delta
+
+        with applied_delta(self.model, delta), torch.no_grad():
+            evaluated[round_] = self.model(pixel_values=probe).logits
+        return original(self, delta, round_=round_)
+
+    monkeypatch.setattr(ImageTask, "evaluate", spy)
+    argv = _argv(vision, tmp_path, "--method", "FLoRA", "--client_ranks", "2,4,12")
+    assert cli.main([*argv, "--lora_target_modules", "q_proj", "v_proj", "fc1"]) == 0
+    run = tmp_path / "3"
+    ranks = {}
+    for t in (1, 2):
+        folder = run / f"round_{t}" / "global"
+        base = AutoModelForImageClassification.from_pretrained(vision / "vit", num_labels=10)
+        reloaded = PeftModel.from_pretrained(base, folder).eval()
+        with torch.no_grad():
+            logits = reloaded(pixel_values=probe).logits
+        torch.testing.assert_close(logits, evaluated[t], rtol=1e-4, atol=1e-5)
+        assert set(_dense(folder)) == {"classifier.weight", "classifier.bias"}
+        factors, _ = load_peft_adapter(folder)
+        ranks[t] = {n.rsplit(".", 1)[1]: a.shape[0] for n, (a, _) in factors.items()}
+    assert ranks == {1: {"q_proj": 32, "v_proj": 32, "fc1": 18}, 2: dict.fromkeys(ranks[1], 32)}
+
+
 def test_head_only_baseline(vision, tmp_path):
     assert cli.main(_argv(vision, tmp_path, "--head_only")) == 0
     run = tmp_path / "3"

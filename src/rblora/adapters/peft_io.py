@@ -2,11 +2,23 @@
 
 Keys follow PEFT's canonical saved form ``base_model.model.<module>.lora_A.weight`` (no adapter
 name), so ``PeftModel.from_pretrained(base, path)`` loads them with nothing missing or unexpected.
+
+Modules may have different ranks: the config's ``r`` is one of them and every other module is
+listed in PEFT's ``rank_pattern``, with the ``alpha_pattern`` entry that keeps one scale for
+all. PEFT reads a pattern key as a regular expression matched against the end of a module's name
+after any dot, first match wins: ``layers.1.self_attn.q_proj`` also sets
+``vision.layers.1.self_attn.q_proj`` of another tower, ``self_attn.q_proj`` every layer, and the
+dots of a name match any character. (It never matches ``layers.11`` for ``layers.1``: the key
+must reach the end of the name.) The keys written here are whole names, escaped and anchored
+(``^model\\.layers\\.1\\.self_attn\\.q_proj``): each matches its own module and no other.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -14,6 +26,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from rblora.adapters.spec import Factors, in_modules, matches
+from rblora.aggregation.types import lora_scale
 from rblora.utils.atomic import atomic_dir
 from rblora.utils.files import read_safetensors
 from rblora.utils.records import read_json
@@ -38,9 +51,14 @@ def save_peft_adapter(
     dense: dict[str, torch.Tensor] | None = None,
     modules_to_save: list[str] | None = None,
 ) -> Path:
-    """Write ``factors`` (raw PEFT weights ``A: (rank, d_in)``, ``B: (d_out, rank)``) as a PEFT
+    """Write ``factors`` (raw PEFT weights ``A: (r_m, d_in)``, ``B: (d_out, r_m)``) as a PEFT
     folder at ``path``, atomically: written to a temporary sibling folder, then renamed into place
     (an existing folder at ``path`` is replaced). Returns the path.
+
+    Each module keeps the rank ``r_m`` of its factors. ``rank`` is the config's ``r`` and must
+    be the rank of at least one module (a client adapter: all of them); modules of another rank
+    are listed in ``rank_pattern``, and in ``alpha_pattern`` with the alpha that gives them the
+    same scale ``lora_alpha / rank`` (``/ sqrt(rank)`` with rsLoRA) as every other module.
 
     ``dense``: full weights of ``modules_to_save`` (parameter name -> tensor, e.g.
     ``classifier.weight``), stored as PEFT stores modules_to_save (``base_model.model.<name>``),
@@ -62,10 +80,10 @@ def save_peft_adapter(
         f"{_PREFIX}{name}": t.detach().to("cpu").contiguous() for name, t in sorted(dense.items())
     }
     for name, (a, b) in sorted(factors.items()):
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
             raise ValueError(
-                f"save_peft_adapter: {name}: A {tuple(a.shape)} / B {tuple(b.shape)} do not have "
-                f"rank {rank} (expected A (rank, d_in), B (d_out, rank))"
+                f"save_peft_adapter: {name}: A {tuple(a.shape)} / B {tuple(b.shape)} are not "
+                "LoRA factors of one rank (expected A (r, d_in), B (d_out, r), r >= 1)"
             )
         if not matches(name, list(target_modules)):
             raise ValueError(
@@ -74,9 +92,21 @@ def save_peft_adapter(
             )
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().to("cpu").contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().to("cpu").contiguous()
+    ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
+    if rank not in ranks.values():
+        raise ValueError(
+            f"save_peft_adapter: no module has rank {rank} (the config's r must be the rank of "
+            f"at least one module; the factors have ranks {sorted(set(ranks.values()))})"
+        )
+    other = {name: r for name, r in sorted(ranks.items()) if r != rank}
     config = LoraConfig(
         r=rank,
         lora_alpha=lora_alpha,
+        rank_pattern={pattern_key(name): r for name, r in other.items()},
+        alpha_pattern={
+            pattern_key(name): _alpha_for(lora_alpha, rank, r, use_rslora)
+            for name, r in other.items()
+        },
         target_modules=list(target_modules),
         lora_dropout=lora_dropout,
         use_rslora=use_rslora,
@@ -91,6 +121,37 @@ def save_peft_adapter(
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
     return dest
+
+
+def pattern_key(module: str) -> str:
+    """The ``rank_pattern`` / ``alpha_pattern`` key that matches the module ``module`` and no
+    other under PEFT's rule (see the module doc)."""
+    return "^" + re.escape(module)
+
+
+def pattern_value(pattern: dict, module: str, default):
+    """The value PEFT takes for ``module`` from ``pattern`` (``rank_pattern`` or
+    ``alpha_pattern``): that of the first key that, as a regular expression, matches the whole
+    module name or its end after a dot; ``default`` if none does."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _alpha_for(lora_alpha: float, rank: int, module_rank: int, use_rslora: bool) -> float:
+    """The alpha giving a rank-``module_rank`` module the scale of ``lora_alpha`` at ``rank``
+    (exact for integer alphas without rsLoRA, e.g. ``lora_alpha == rank`` -> ``module_rank``)."""
+    if use_rslora:
+        return lora_alpha * math.sqrt(module_rank) / math.sqrt(rank)
+    return lora_alpha * module_rank / rank
+
+
+def common_rank(factors: Factors) -> int:
+    """The rank most modules of ``factors`` have (the smallest of a tie): the ``r`` that leaves
+    the fewest modules to ``rank_pattern``."""
+    counts = Counter(int(a.shape[0]) for a, _ in factors.values())
+    return min(counts, key=lambda r: (-counts[r], r))
 
 
 def _read_config(folder: str | os.PathLike) -> dict:
@@ -145,15 +206,48 @@ def load_peft_adapter(path: str | os.PathLike) -> tuple[Factors, dict]:
     if half:
         raise ValueError(f"load_peft_adapter: {folder}: modules with only one factor: {half}")
     rank = config["r"]
-    pattern = config.get("rank_pattern") or {}
-    bad = [
+    pattern = _pattern(config, "rank_pattern", folder)
+    bad = sorted(
         n
         for n, (a, b) in pairs.items()
-        if a.shape[0] != b.shape[1] or (not pattern and a.shape[0] != rank)
-    ]
+        if a.shape[0] != b.shape[1] or a.shape[0] != pattern_value(pattern, n, rank)
+    )
     if bad:
-        raise ValueError(f"load_peft_adapter: {folder}: ranks disagree with r={rank} for {bad}")
+        raise ValueError(
+            f"load_peft_adapter: {folder}: ranks disagree with r={rank} and rank_pattern "
+            f"{pattern} for {bad} (PEFT would build other shapes)"
+        )
     return {n: (p[0], p[1]) for n, p in sorted(pairs.items())}, config
+
+
+def _pattern(config: dict, name: str, folder: Path) -> dict:
+    """``config[name]`` (a rank or alpha pattern), checked: an object of regular expressions."""
+    pattern = config.get(name) or {}
+    if not isinstance(pattern, dict):
+        raise ValueError(f"{folder / CONFIG_NAME}: {name!r} must be an object, got {pattern!r}")
+    for key in pattern:
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(
+                f"{folder / CONFIG_NAME}: {name} key {key!r} is not a regular expression ({err})"
+            ) from None
+    return pattern
+
+
+def load_peft_delta(path: str | os.PathLike) -> Factors:
+    """The update a PEFT LoRA folder applies: ``{module: (A, s_m * B)}`` float32, each module's
+    scale ``s_m`` from its own rank and alpha (``alpha_pattern``, else ``lora_alpha``), as PEFT
+    computes it. Raises ValueError as :func:`load_peft_adapter` does."""
+    folder = Path(path)
+    factors, config = load_peft_adapter(folder)
+    alphas = _pattern(config, "alpha_pattern", folder)
+    rslora = bool(config.get("use_rslora"))
+    out: Factors = {}
+    for name, (a, b) in factors.items():
+        alpha = float(pattern_value(alphas, name, config["lora_alpha"]))
+        out[name] = (a, b * lora_scale(alpha, int(a.shape[0]), rslora))
+    return out
 
 
 def _is_dense_key(key: str, modules_to_save: list[str]) -> bool:

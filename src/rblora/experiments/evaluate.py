@@ -7,8 +7,9 @@
 ``evaluate`` scores any adapter folder the runs write (a global model, a client's adapter, or a
 head-only ``dense.safetensors``) on the suites of the run it comes from: its options are read
 from the run's ``config.json`` (the first one found above the adapter, or ``--run``); options
-after ``--`` override them. The adapter is applied to the original base model with its own rank
-and scaling (``lora_alpha / r`` from its ``adapter_config.json``). A client adapter of a
+after ``--`` override them. The adapter is applied to the original base model with each
+module's own rank and scaling, as PEFT builds it from ``adapter_config.json`` (``lora_alpha / r``,
+or the module's ``rank_pattern`` / ``alpha_pattern`` entries). A client adapter of a
 merge-protocol run (FLoRA) was trained on the merged base of its round; it is scored on the
 original base here.
 """
@@ -33,9 +34,8 @@ def find_run(adapter: Path) -> Path:
 def adapter_delta(path: Path) -> tuple[dict, dict]:
     """(module -> (A, s * B), dense extras) of a saved adapter folder; ValueError naming the
     file that is missing, truncated or unreadable."""
-    from rblora.adapters import load_peft_adapter, load_peft_dense
-    from rblora.adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
-    from rblora.aggregation import lora_scale
+    from rblora.adapters import load_peft_dense
+    from rblora.adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_peft_delta
     from rblora.tasks.image import DENSE_FILE
     from rblora.utils.files import read_safetensors
 
@@ -46,11 +46,7 @@ def adapter_delta(path: Path) -> tuple[dict, dict]:
             f"--adapter {path} holds no adapter: expected {WEIGHTS_NAME} and {CONFIG_NAME} "
             f"(LoRA) or {DENSE_FILE} (head only)"
         )
-    factors, config = load_peft_adapter(path)
-    rank = int(config["r"])
-    scale = lora_scale(float(config["lora_alpha"]), rank, bool(config.get("use_rslora")))
-    delta = {m: (a, b * scale) for m, (a, b) in factors.items()}
-    return delta, load_peft_dense(path)
+    return load_peft_delta(path), load_peft_dense(path)
 
 
 def run_args(config: dict, extra: list[str]):

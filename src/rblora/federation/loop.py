@@ -16,6 +16,7 @@ from typing import Any
 
 from rblora.federation import rounds
 from rblora.federation.rundir import RunFolder
+from rblora.federation.saving import SavePlan, plan_for
 from rblora.federation.server import FederatedServer, derive_seed
 from rblora.tasks.base import Task
 
@@ -27,6 +28,8 @@ class LoopOptions:
     save_client_adapters: bool = True
     progress: bool = True
     eval_base: bool = False  # evaluate the untouched base model first, recorded as round 0
+    save_every: int = 1  # write round folders every this many rounds and the last (saving.py)
+    keep_last: int = 0  # keep the newest this many round folders; 0: all
 
 
 def run_rounds(
@@ -45,6 +48,7 @@ def run_rounds(
     from tqdm import tqdm
 
     folder.path.mkdir(parents=True, exist_ok=True)
+    saving = SavePlan(options.save_every, options.keep_last, options.num_rounds)
     done: list[dict[str, Any]] = []
     first = server.completed_rounds + 1
     if options.eval_base and first == 1:
@@ -60,6 +64,7 @@ def run_rounds(
     )
     for t in bar:
         started = time.perf_counter()
+        saving.begin_round(folder, t)
         selected = server.select(t)
         updates, client_records = [], []
         for k in tqdm(
@@ -75,7 +80,7 @@ def run_rounds(
             seed = derive_seed(options.seed, t, k)
             result = rounds.train_client(task, spec, start, seed=seed, round_=t)
             update = rounds.client_update(spec, result)
-            if options.save_client_adapters:
+            if options.save_client_adapters and saving.saves(t):
                 rounds.save_client_adapter(task, folder, t, spec, update)
             record = rounds.client_record(t, spec, result, start, rounds.upload_bytes(update))
             folder.append_metrics(record)
@@ -83,9 +88,18 @@ def run_rounds(
             client_records.append(record)
             rounds.log(rounds.client_line(record))
         record = rounds.close_round(
-            task, server, folder, t, updates, client_records, started=started, selected=selected
+            task,
+            server,
+            folder,
+            t,
+            updates,
+            client_records,
+            started=started,
+            selected=selected,
+            export=saving.saves(t),
         )
         rounds.commit_round(server, folder, record)
+        saving.end_round(folder, t)
         done.append(record)
         if on_round is not None:
             on_round(record)
@@ -98,12 +112,16 @@ def run_inprocess(args, given: set[str] | None = None) -> dict[str, Any]:
     from rblora.federation.setup import finish_run, open_run
 
     with open_run(args, given) as run:
+        plan, bound = plan_for(args, run.task.update_layout())
+        rounds.log(plan.describe(bound))
         options = LoopOptions(
             num_rounds=args.num_communication_rounds,
             seed=args.seed,
             save_client_adapters=args.save_client_adapters,
             progress=args.progress,
             eval_base=args.eval_base,
+            save_every=plan.every,
+            keep_last=plan.keep_last,
         )
         run_rounds(run.task, run.server, run.folder, options)
         return finish_run(run)

@@ -144,7 +144,20 @@ class RunOptions:
     )
     overwrite: bool = option(False, "replace an existing run in the output folder", resumable=True)
     save_client_adapters: bool = option(
-        True, "save every client's trained adapter each round", resumable=True
+        True, "save every client's trained adapter in the round folders", resumable=True
+    )
+    save_every: int = option(
+        0,
+        "write the round folders (round_<t>/: global model, client adapters) every N rounds and "
+        "always the last; 0: every round unless the folders kept would pass 20 GB at the most "
+        "a round folder can take, then the smallest N that stays within (see README)",
+        resumable=True,
+    )
+    keep_last: int = option(
+        0,
+        "keep only the newest N round folders, deleting older ones after each round (the last "
+        "round's is always kept); 0: keep all",
+        resumable=True,
     )
     eval_base: bool = option(
         False, "also evaluate the base model before round 1 (recorded as round 0)"
@@ -319,6 +332,14 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         for name in ("local_val_set_size", "eval_mmlu_size", "eval_test_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
+        if self.save_every < 0:
+            raise ValueError(
+                f"save_every {self.save_every} must be >= 0: a number of rounds (0: automatic)"
+            )
+        if self.keep_last < 0:
+            raise ValueError(
+                f"keep_last {self.keep_last} must be >= 0: a number of round folders (0: all)"
+            )
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         self._check_min_replies()

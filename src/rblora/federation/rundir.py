@@ -5,6 +5,7 @@
       metrics.jsonl        one line per client per round, one per round (round 0: the base)
       round_<t>/global/    PEFT folder of the global model after round t (see rounds.export)
       round_<t>/client_<k>/  PEFT folder of client k's trained adapter (its rank and alpha)
+                           (rounds written and kept: ``rblora.federation.saving``)
       checkpoint/          server state after the last completed round:
         server.safetensors   tensors (clients' start basis, merged total, dense extras)
         state.json           counters and the last round's record
@@ -31,6 +32,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ from rblora.utils.records import read_records
 CHECKPOINT = "checkpoint"
 MANIFEST = "manifest.json"
 _ROUND_DIR = re.compile(r"^round_(\d+)$")
+_LEFTOVER = re.compile(r"^\.round_(\d+)\.tmp-")
 
 
 class ResumeError(ValueError):
@@ -88,6 +91,51 @@ class RunFolder:
 
     def client_dir(self, round_: int, client: int) -> Path:
         return self.round_dir(round_) / f"client_{client}"
+
+    def saved_rounds(self) -> list[int]:
+        """Rounds that have a ``round_<t>/`` folder, ascending."""
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            int(m.group(1))
+            for p in self.path.iterdir()
+            if p.is_dir() and (m := _ROUND_DIR.match(p.name))
+        )
+
+    def drop_round(self, round_: int) -> None:
+        """Delete ``round_<t>/`` so that neither a kill nor a power cut leaves part of it under
+        its name: it is first moved into a hidden temporary folder (``.round_<t>.tmp-<pid>-*``,
+        which :meth:`clean_dropped` deletes if the process dies first), the move made durable,
+        then the temporary deleted."""
+        path = self.round_dir(round_)
+        if not path.is_dir():
+            return
+        trash = make_temp_dir(self.path, sibling_prefix(path, TMP))
+        os.replace(path, trash / path.name)
+        fsync_dir(trash)
+        fsync_dir(self.path)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_dropped(self) -> None:
+        """Delete what a process killed in :meth:`drop_round` left: hidden ``.round_<t>.tmp-*``
+        folders of processes no longer running."""
+        if not self.path.is_dir():
+            return
+        for t in sorted(
+            {int(m.group(1)) for p in self.path.iterdir() if (m := _LEFTOVER.match(p.name))}
+        ):
+            recover(self.round_dir(t))
+
+    def prune_rounds(self, keep_last: int, upto: int) -> list[int]:
+        """Delete the round folders of rounds ``<= upto`` except the newest ``keep_last``
+        (>= 1); returns the rounds deleted, oldest first."""
+        if keep_last < 1:
+            raise ValueError(f"prune_rounds: keep_last {keep_last} must be >= 1")
+        done = [t for t in self.saved_rounds() if t <= upto]
+        dropped = done[:-keep_last]
+        for t in dropped:
+            self.drop_round(t)
+        return dropped
 
     def holds_run(self) -> bool:
         return self.path.is_dir() and any(self.path.iterdir())

@@ -57,6 +57,7 @@ from rblora.federation import rounds
 from rblora.federation.options import TrainArgs, parse_args, required_replies
 from rblora.federation.results import scalar_evals
 from rblora.federation.rounds import RunError, log
+from rblora.federation.saving import plan_for
 from rblora.federation.server import derive_seed
 from rblora.federation.setup import PreparedRun, finish_run, open_run
 from rblora.flower.records import CONFIG, content_bytes, from_content, to_content
@@ -197,6 +198,8 @@ class HeteroRankStrategy(Strategy):
         self._sent: list[tuple[Message, int, int]] = []  # (message, client, bytes down)
         self._round: dict[str, Any] = {}
         self._layout = run.task.update_layout()
+        self.saving, bound = plan_for(run.args, self._layout)
+        log(self.saving.describe(bound))
 
     @property
     def nodes(self) -> dict[int, int]:
@@ -211,6 +214,7 @@ class HeteroRankStrategy(Strategy):
         if self.directory.missing():  # nodes that started late join now
             self.directory.poll(grid, min(args.discovery_timeout, 30.0))
             self._adopt_late_nodes()
+        self.saving.begin_round(self.run.folder, server_round)
         selected = server.select(server_round)
         self._round = {"started": time.perf_counter(), "selected": selected, "missing": {}}
         self._sent = []
@@ -273,7 +277,7 @@ class HeteroRankStrategy(Strategy):
             result = ClientResult(
                 dict(update.factors), update.num_examples, dense=dict(update.dense), metrics=metrics
             )
-            if run.args.save_client_adapters:
+            if run.args.save_client_adapters and self.saving.saves(server_round):
                 rounds.save_client_adapter(run.task, run.folder, server_round, spec, update)
             start = ClientStart(None, download_bytes=down)
             record = rounds.client_record(
@@ -307,8 +311,10 @@ class HeteroRankStrategy(Strategy):
             started=self._round["started"],
             selected=self._round["selected"],
             missing=missing,
+            export=self.saving.saves(server_round),
         )
         rounds.commit_round(run.server, run.folder, record)
+        self.saving.end_round(run.folder, server_round)
         scalars = {"round": server_round, **scalar_evals(record.get("eval"))}
         return None, MetricRecord({k: float(v) for k, v in scalars.items()})
 
