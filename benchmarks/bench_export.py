@@ -14,13 +14,6 @@ the full model are 32 times as large, plus a config of a few kB). Each folder is
 compared with the global model it stores (largest relative Frobenius error of ``B @ A`` per
 module). Rows: RB-LoRA after round 1 (every round writes a folder of the same size) and FLoRA's
 running total after rounds 1, 2 and 3 (after that it stays the size of round 3).
-
-``--standard_tolerance``: the running total (``rblora.aggregation.running.svd_factors``) cuts
-singular values below ``max(d) * eps * |A|_F |B|_F``; for a stack of 936 components whose scales
-differ 64x that bound is above most of the stack's singular values (q_proj keeps 70 of 936
-directions, a relative error of 0.59 against the exact sum). This option replaces the cut-off,
-in this process only, by the usual numerical-rank tolerance ``max(d) * eps * sigma_max``, to
-measure the folders of an exact running total.
 """
 
 from __future__ import annotations
@@ -35,8 +28,6 @@ import torch
 from bench_aggregation import QUICK, BenchConfig, make_clients
 
 from rblora.adapters import load_peft_adapter, save_peft_adapter
-from rblora.aggregation import running
-from rblora.aggregation.linalg import FactoredSVD
 from rblora.federation.rounds import export_global
 from rblora.federation.server import FederatedServer
 from rblora.protocol.types import ClientSpec
@@ -60,13 +51,6 @@ class ExportTask:
             use_rslora=use_rslora,
             base_model_name_or_path=self.base_reference,
         )
-
-
-def svd_factors_standard_tolerance(a: torch.Tensor, b: torch.Tensor):
-    """``running.svd_factors`` with the cut-off ``max(d_out, d_in, k) * eps * sigma_max``."""
-    svd = FactoredSVD(a, b)
-    tol = max(b.shape[0], a.shape[1], a.shape[0]) * torch.finfo(a.dtype).eps * float(svd.sigma[0])
-    return svd.truncated(min(max(1, int((svd.sigma > tol).sum())), svd.width))
 
 
 def folder_bytes(path: Path) -> int:
@@ -128,14 +112,7 @@ def run(method: str, rounds: int, cfg: BenchConfig, out: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
-    parser.add_argument(
-        "--standard_tolerance",
-        action="store_true",
-        help="FLoRA's running total keeps every direction above max(d) * eps * sigma_max",
-    )
     ns = parser.parse_args(argv)
-    if ns.standard_tolerance:
-        running.svd_factors = svd_factors_standard_tolerance
     cfg = QUICK if ns.quick else BenchConfig()
     dense = sum(d_out * d_in for d_out, d_in in cfg.shapes.values()) * 4 * cfg.layers
     gb = 1e9
