@@ -8,15 +8,16 @@ its configuration (hidden 4096, 32 heads, 8 key/value heads, MLP 14336, the voca
 full 128,256) with random weights and 1, then 2, of its 32 layers, stored in bf16
 (``--base_dtype bfloat16``). The run is ``configs/rb_lora.yaml`` / ``configs/flora.yaml`` (ranks
 4, 4, 16, 16, 64, 64, 128, 128, 256, 256 on q_proj and v_proj, alpha 16, 10 clients) for one
-round, on a few short records per client (SST-2 sentences of the embedded mixture, tokenised
-with SmolLM2's tokenizer, whose ids all lie in Llama's vocabulary). Each figure is measured in
-its own process:
+two rounds, on a few short records per client (SST-2 sentences of the embedded mixture,
+tokenised with SmolLM2's tokenizer, whose ids all lie in Llama's vocabulary). Each figure is
+measured in its own process:
 
-- the whole round in-process (``train.py``): wall-clock, aggregation seconds, bytes up and down,
-  the checkpoint, the global folder and the largest client's folder on disk;
+- the run in-process (``train.py``, two rounds: round 2 is the first whose clients download a
+  start): wall-clock of the whole command, and of round 2 its aggregation seconds, bytes up and
+  down, the checkpoint, the global folder and the largest client's folder on disk;
 - the server alone: the base model for evaluation (test set only, no client data), the ten
-  clients' trained adapters from that round aggregated, redistributed, exported, checkpointed and
-  the global model evaluated: its peak resident memory;
+  clients' trained adapters of round 1 aggregated, redistributed, exported, checkpointed and the
+  global model evaluated: its peak resident memory;
 - one client alone (rank 256, its own records only), one round of local training: its peak
   resident memory.
 
@@ -92,9 +93,9 @@ def train_options(method: str, model: Path, data: Path, out: Path, ranks: list[i
     rank_dict = json.dumps({f"client_{k}": r for k, r in enumerate(ranks)})
     return [
         "--config", str(ROOT / CONFIGS[method]), "--global_model", str(model),
-        "--data_path", str(data), "--output_dir", str(out), "--num_communication_rounds", "1",
+        "--data_path", str(data), "--output_dir", str(out), "--num_communication_rounds", "2",
         "--local_batch_size", str(RECORDS), "--local_micro_batch_size", str(RECORDS),
-        "--cutoff_len", "64", "--client_dataset_size_dict", sizes,
+        "--cutoff_len", "256", "--client_dataset_size_dict", sizes,
         "--client_lora_rank_dict", rank_dict, "--dev_data_path", "", "--eval_mmlu_size", "0",
         "--base_dtype", "bfloat16", "--bf16", "false", "--no_progress", "--overwrite",
     ]  # fmt: skip
@@ -195,21 +196,24 @@ def measure(method: str, layers: int, work: Path, shapes: dict, ranks: list[int]
         raise SystemExit(f"train.py exited {trained['code']} ({method}, {layers} layers)")
     run = out / "10"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    round_1 = next(r for r in records if r.get("type") == "round" and r["round"] == 1)
+    round_2 = next(r for r in records if r.get("type") == "round" and r["round"] == 2)
     server = run_child("server", argv, str(run))
     largest = max(range(10), key=lambda k: ranks[k])
     client = run_child("client", argv, largest)
     return {
-        "round seconds (in-process, 10 clients)": trained["seconds"],
+        "train.py seconds (2 rounds, 10 clients)": trained["seconds"],
         "peak RSS in-process (GB)": trained["peak_rss"] / 1e9,
         "peak RSS server (GB)": server["peak_rss"] / 1e9,
-        "peak RSS one client, rank 256 (GB)": client["peak_rss"] / 1e9,
-        "aggregation seconds": round_1["aggregate_seconds"],
-        "MB up (all clients)": round_1["bytes_up"] / 2**20,
-        "MB down (all clients)": round_1["bytes_down"] / 2**20,
-        "checkpoint MB": folder_bytes(run / "checkpoint") / 2**20,
-        "global folder MB": folder_bytes(run / "round_1" / "global") / 2**20,
-        "client folder MB (rank 256)": folder_bytes(run / "round_1" / f"client_{largest}") / 2**20,
+        f"peak RSS one client, rank {ranks[largest]} (GB)": client["peak_rss"] / 1e9,
+        "aggregation seconds a round": round_2["aggregate_seconds"],
+        "MB up a round (all clients)": round_2["bytes_up"] / 2**20,
+        "MB down a round (all clients)": round_2["bytes_down"] / 2**20,
+        "checkpoint MB (after round 2)": folder_bytes(run / "checkpoint") / 2**20,
+        "global folder MB (round 2)": folder_bytes(run / "round_2" / "global") / 2**20,
+        f"client folder MB (rank {ranks[largest]})": folder_bytes(
+            run / "round_2" / f"client_{largest}"
+        )
+        / 2**20,
     }
 
 
@@ -257,7 +261,8 @@ def print_table(method: str, figures: dict) -> None:
     print("| quantity | " + " | ".join(columns) + f" | x {PAPER_ROUNDS} rounds |")
     print("|---|" + "---|" * (len(columns) + 1))
     full = figures[columns[-1]]
-    per_round = {"aggregation seconds", "MB up (all clients)", "MB down (all clients)"}
+    per_round = {"aggregation seconds a round", "MB up a round (all clients)",
+                 "MB down a round (all clients)"}  # fmt: skip
     for key in figures[columns[0]]:
         cells = [f"{figures[c][key]:.2f}" for c in columns]
         total = f"{full[key] * PAPER_ROUNDS:.0f}" if key in per_round else "-"
