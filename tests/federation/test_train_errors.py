@@ -178,3 +178,22 @@ def test_resume_refuses_data_prepared_again(workspace, tmp_path, capsys):
     assert cli.main([*argv, "--resume", "--num_communication_rounds", "2"]) == 2
     err = capsys.readouterr().err
     assert "data folder changed" in err and "global_test.json" in err
+
+
+def test_client_without_response_tokens_is_refused(workspace, tmp_path, capsys):
+    # client 1's prompts are longer than cutoff_len: with train_on_inputs false none of its
+    # records keeps a token to train on (it used to train on nothing and log a loss of 0)
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    path = data / "3" / "local_training_1.json"
+    records = json.loads(path.read_text())
+    path.write_text(json.dumps([{**r, "instruction": "Say " + "x" * 200} for r in records]))
+    out = tmp_path / "out"
+    argv = lm_argv(workspace, out, "--train_on_inputs", "false", data_path=data)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "client 1: 12 of its 12 training records keep no token to train on" in errors[0]
+    assert "cutoff_len=160" in errors[0] and "raise --cutoff_len" in errors[0]
+    assert not out.exists()

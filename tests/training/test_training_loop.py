@@ -252,3 +252,38 @@ def test_trains_on_cuda(tiny_tokenizer):
     res = train_local(pm, examples(tiny_tokenizer, 8), TrainConfig(micro_batch_size=4))
     assert res.steps == 1 and 0 < res.loss < 20
     assert all(a.device.type == "cpu" for a, _ in read_factors(pm).values())
+
+
+def _no_targets(example):
+    return {"input_ids": example["input_ids"], "labels": [-100] * len(example["labels"])}
+
+
+def test_a_step_without_targets_reports_no_loss(tiny_tokenizer):
+    """A step whose examples keep no target token (the prompt fills cutoff_len) updates nothing
+    and logs no loss: a 0 would read as perfect training."""
+    ex = examples(tiny_tokenizer, 8)
+    mixed = ex[:4] + [_no_targets(e) for e in ex[4:]]
+    cfg = fp32(micro_batch_size=1, batch_size=1)
+    seen = []
+    model = build_tiny_llama(vocab_size=len(tiny_tokenizer))
+    pm = attach_lora(model, LoraSpec(rank=2, dropout=0.0), seed=0)
+    res = train_local(pm, mixed, cfg, progress=lambda s, t, loss: seen.append(loss))
+    assert res.steps == 4 and len(res.losses) == 4 and all(x > 0 for x in res.losses)
+    assert res.loss == pytest.approx(sum(res.losses) / 4)
+    assert len(seen) == 8 and seen.count(None) == 4
+
+    before = {n: (a.clone(), b.clone()) for n, (a, b) in read_factors(pm).items()}
+    res = train_local(pm, [_no_targets(e) for e in ex], cfg)
+    assert res.loss is None and res.losses == [] and res.steps == 0
+    after = read_factors(pm)
+    assert all(torch.equal(before[n][0], after[n][0]) for n in before)
+
+
+def test_examples_without_any_target_are_refused(tiny_tokenizer):
+    from rblora.training import check_targets
+
+    ex = examples(tiny_tokenizer, 3)
+    check_targets(ex[:1] + [_no_targets(e) for e in ex[1:]], "client 4", 56)
+    check_targets([], "client 4", 56)
+    with pytest.raises(ValueError, match=r"client 4: 3 of its 3 training records keep no token"):
+        check_targets([_no_targets(e) for e in ex], "client 4", 56)
