@@ -82,7 +82,8 @@ def edit(path: Path, value) -> None:
         (
             lambda f: edit(f / "partition.json", {"num_clients": 3, "kind": "images"}),
             3,
-            "read it with load_federated_images",
+            "holds images (partition.json kind 'images'), not the text records this task trains "
+            "on; a run on this folder needs --task image",
         ),
     ],
 )
@@ -91,6 +92,11 @@ def test_broken_folders(prepared, breakage, num_clients, message):
     with pytest.raises(ValueError) as err:
         load_federated_split(prepared, num_clients)
     assert message in str(err.value)
+
+
+def test_text_folder_read_as_images_names_the_task_option(prepared):
+    with pytest.raises(ValueError, match="holds text records .* needs --task lm$"):
+        load_federated_images(prepared, 3)
 
 
 def test_images_round_trip(tmp_path, fake_assets):
@@ -111,7 +117,7 @@ def test_images_round_trip(tmp_path, fake_assets):
     assert load_test_images(out, 2).images.shape[0] == 50
     with pytest.raises(ValueError, match="client index 2 out of range 0..1"):
         load_client_images(out, 2, 2)
-    with pytest.raises(ValueError, match="holds .images. data; read it with load_federated_images"):
+    with pytest.raises(ValueError, match="holds images .* needs --task image"):
         load_federated_split(out, 2)
     edit(
         out / "2" / "local_training_0.json",

@@ -100,8 +100,12 @@ def _read_meta(folder: Path, num_clients: int, kind: str) -> dict | None:
             f"use num_clients={meta['num_clients']} or prepare data for {num_clients} clients"
         )
     if meta.get("kind", "text") != kind:
-        other = "load_federated_images" if kind == "text" else "load_federated_split"
-        raise ValueError(f"{folder} holds {meta.get('kind')!r} data; read it with {other}")
+        found, task = ("images", "image") if kind == "text" else ("text records", "lm")
+        raise ValueError(
+            f"{folder} holds {found} (partition.json kind {meta.get('kind')!r}), not the "
+            f"{'text records' if kind == 'text' else 'images'} this task trains on; a run on "
+            f"this folder needs --task {task}"
+        )
     return meta
 
 

@@ -23,13 +23,14 @@ baseline without LoRA.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from rblora.utils.options import OptionParser, int_list, split_passthrough
 
 HEAD_ONLY = "head-only"
 INDEX = "compare.json"
@@ -45,7 +46,7 @@ def rank_settings(names: list[str], ranks: list[int]) -> dict[str, list[int]]:
     for item in names:
         name, _, custom = item.partition("=")
         if custom:
-            values = [int(x) for x in custom.split(",") if x.strip()]
+            values = int_list(custom, f"rank setting {item!r}")
             if len(values) != len(ranks):
                 raise ValueError(f"rank setting {item!r} has {len(values)} ranks, not {len(ranks)}")
             out[name] = values
@@ -316,11 +317,10 @@ def write_comparison(root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from rblora.aggregation import available_methods
-    from rblora.utils.options import split_passthrough
 
     argv = list(sys.argv[1:] if argv is None else argv)
     own, train = split_passthrough(argv)
-    parser = argparse.ArgumentParser(prog="rblora compare", description=__doc__.split("\n\n")[0])
+    parser = OptionParser(prog="rblora compare", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--methods",
         default=",".join(available_methods()),
@@ -337,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns = parser.parse_args(own)
         methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
-        seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
+        seeds = int_list(ns.seeds, "--seeds")
+        if not seeds or min(seeds) < 0:
+            raise ValueError(
+                f"--seeds {ns.seeds!r}: give seeds >= 0 separated by commas, e.g. 1,2,3"
+            )
         settings = [s.strip() for s in ns.rank_settings.split(";") if s.strip()]
         data = run_compare(train, methods, seeds, settings, Path(ns.output_dir))
     except (ValueError, OSError) as err:
