@@ -99,6 +99,18 @@ def test_diverging_client_stops_the_run(workspace, tmp_path, lr, capsys):
     assert not (run / "checkpoint").exists()
 
 
+def test_a_finite_explosion_stops_the_run(workspace, tmp_path, capsys):
+    # LoRA on the output head at lr 10: the loss leaps from 4.6 to ~100 at step 2 while every
+    # weight stays finite and below max_abs_weight; the run used to finish with it
+    extra = ["--lora_target_modules", "q_proj", "v_proj", "lm_head"]
+    assert cli.main(lm_argv(workspace, tmp_path, *extra, local_learning_rate=10)) == 1
+    err = capsys.readouterr().err
+    stops = [line for line in err.splitlines() if line.startswith("train.py: stopped:")]
+    assert len(stops) == 1 and "Traceback" not in err
+    assert "client 0 (rank 2) in round 1: training diverged at step 2: the loss rose from" in err
+    assert not (tmp_path / "3" / "round_1").exists()
+
+
 # ---------------------------------------------------------------------- resume
 @pytest.fixture(scope="module")
 def finished_run(workspace, tmp_path_factory):

@@ -20,9 +20,13 @@ Learning rate: linear warmup from 0 over ``warmup`` steps, then linear decay to 
 Device and precision: everything runs where the model's parameters are; ``bf16="auto"`` times a
 matmul on that device once per process (``rblora.utils.device.bf16_decision``).
 
-Divergence: a non-finite loss or gradient norm, or a trainable weight that is not finite or
-exceeds ``config.max_abs_weight`` after a step, raises :class:`TrainingDiverged` at once (the
-weights are then garbage and must not be saved or aggregated).
+Divergence: a non-finite loss or gradient norm, a step loss more than ``config.max_loss_rise``
+above the first step's (an explosion that stays finite), or a trainable weight that is not finite
+or exceeds ``config.max_abs_weight`` after a step, raises :class:`TrainingDiverged` at once (the
+weights are then garbage and must not be saved or aggregated). The first step's loss is the loss
+of the model training started from (no update has been made yet), so the rule asks "did training
+make the model much worse than it was"; noise of small batches rises far less (README "Local
+training" has the measured figures).
 
 Randomness: the data order uses a ``torch.Generator`` seeded with ``config.seed``; LoRA dropout
 draws from the global torch RNG, which is forked (saved and restored around the call) and seeded
@@ -166,7 +170,7 @@ def train_local(
     )
     update, close = _progress_callback(progress, total)
     was_training = model.training
-    losses: list[float] = []
+    losses: list[float] = []  # losses[0] is the reference of the explosion check
     tokens = 0
     start = time.perf_counter()
     try:
@@ -191,6 +195,11 @@ def train_local(
                 step_loss = step_sum / step_count
                 if not math.isfinite(step_loss):
                     raise TrainingDiverged(f"diverged at step {i + 1}: the loss is {step_loss}")
+                if losses and step_loss > losses[0] + config.max_loss_rise:
+                    raise TrainingDiverged(
+                        f"diverged at step {i + 1}: the loss rose from {losses[0]:.4g} at the "
+                        f"first step to {step_loss:.4g} (limit: {config.max_loss_rise:g} above it)"
+                    )
                 for p in params:
                     if p.grad is not None:
                         p.grad.div_(step_count)
@@ -210,6 +219,9 @@ def train_local(
                 losses.append(step_loss)
                 update(i + 1, total, step_loss)
     finally:
+        # a step that raised (divergence) leaves its gradients on the parameters; a dense extra
+        # (a classifier head) outlives the LoRA, and the next training would add to them
+        opt.zero_grad(set_to_none=True)
         close()
         model.train(was_training)
     return LocalResult(
