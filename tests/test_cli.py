@@ -48,3 +48,20 @@ def test_usage_errors_are_one_line(argv, fragment, capsys, tmp_path, monkeypatch
     assert len(err.splitlines()) == 1 and fragment in err, err
     assert " error: " in err and "Traceback" not in err and "usage:" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--timeout", "-1e3"], "--timeout '-1e3': give seconds > 0"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--", "--local_learning_rate", "-1e-3"], "local_learning_rate -0.001 must be > 0"),
+    ],
+)
+def test_flower_local_usage_errors_are_one_line(argv, fragment, capsys):
+    from rblora.flower.local import main as flower_local
+
+    assert flower_local(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rblora.flower.local: error: ") and err.count("\n") == 1
+    assert fragment in err
