@@ -111,7 +111,8 @@ def edit(path: Path, value) -> None:
         (
             lambda f: edit(f / "partition.json", {"num_clients": 3, "kind": "images"}),
             3,
-            "holds 'images' data, not 'text' data (--task image reads it)",
+            "holds images (partition.json kind 'images'), not the text records this task trains "
+            "on; a run on this folder needs --task image",
         ),
     ],
 )
@@ -127,6 +128,11 @@ def _only_files(src: Path, dst: Path, *names: str) -> Path:
     for name in names:
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
+
+
+def test_text_folder_read_as_images_names_the_task_option(prepared):
+    with pytest.raises(ValueError, match="holds text records .* needs --task lm$"):
+        load_federated_images(prepared, 3)
 
 
 def test_images_round_trip(tmp_path, fake_assets):
@@ -154,7 +160,7 @@ def test_images_round_trip(tmp_path, fake_assets):
     assert load_test_images(server.parent, 2).labels.equal(data.global_test.labels)
     with pytest.raises(ValueError, match="client 2 is out of range: valid are 0..1"):
         load_client_images(out, 2, 2)
-    with pytest.raises(ValueError, match="holds 'images' data, not 'text' data"):
+    with pytest.raises(ValueError, match="holds images .* needs --task image"):
         load_federated_split(out, 2)
     edit(
         out / "2" / "local_training_0.json",

@@ -315,6 +315,9 @@ BAD_INPUT = [
     (["3", "2", "5", "--seed", "1"], "seed given twice with different values: 5 and 1"),
     (["3", "--seed", "1", "4"], "unknown partition mode '4'"),
     (["3", "--bogus"], "unrecognized arguments: --bogus"),
+    (["3", "0", "--alpha", "-1e-3"], "Dirichlet alpha must be positive, got -0.001"),
+    (["3", "0", "--min_size", "-2"], "min_size must be >= 0, got -2"),
+    (["3", "--seed", "-1"], "seed must be >= 0, got -1"),
 ]
 
 

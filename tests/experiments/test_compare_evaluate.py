@@ -287,3 +287,32 @@ def test_evaluate_scales_each_module_as_peft_does(tmp_path):
     for name, (a, b) in delta.items():
         want = model.base_model.model.get_submodule(name).get_delta_weight("default")
         torch.testing.assert_close(b @ a, want)
+
+
+def test_compare_names_a_rank_setting_that_is_not_integers(workspace, tmp_path, capsys):
+    argv = ["compare", "--rank_settings", "wide=2,x,8", "--output_dir", str(tmp_path / "cmp")]
+    assert rblora([*argv, "--", *_base(workspace, tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rblora compare: error: rank setting 'wide=2,x,8': 'x' in '2,x,8' is")
+    assert "invalid literal" not in err and not (tmp_path / "cmp").exists()
+
+
+def test_evaluate_refuses_an_adapter_of_another_model(workspace, tmp_path, capsys):
+    from tiny_models import build_tiny_llama
+
+    from rblora.federation.cli import main as train
+
+    assert train(lm_argv(workspace, tmp_path, num_communication_rounds=1)) == 0
+    other = tmp_path / "other_model"  # q_proj (64, 32) instead of (32, 32)
+    build_tiny_llama(vocab_size=104, head_dim=16).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (workspace / "model" / name).is_file():
+            (other / name).write_bytes((workspace / "model" / name).read_bytes())
+    capsys.readouterr()
+    adapter = tmp_path / "3" / "round_1" / "global"
+    argv = ["evaluate", "--adapter", str(adapter), "--", "--global_model", str(other)]
+    assert rblora(argv) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"rblora evaluate: error: adapter {adapter} does not fit: module ")
+    assert "self_attn.q_proj is (32, 32) (d_out, d_in) in the adapter but (64, 32)" in err
+    assert "merge_into_base" not in err

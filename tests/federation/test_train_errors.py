@@ -34,6 +34,11 @@ from rblora.federation import cli
         (["--client_lora_rank_dict", '{"client_0": 2, "client_1": 4, "client_2": 2.7}'], "2.7"),
         (["--cutoff_len", "20"], "cutoff_len=20"),
         (["--local_learning_rate", "3e38"], "overflows float32"),
+        (["--local_learning_rate", "-1e-3"], "local_learning_rate -0.001 must be > 0"),
+        (["--lora_alpha", "-inf"], "lora_alpha -inf must be > 0"),
+        (["--client_ranks", "-4,8,8"], "client 0: rank -4 is invalid"),
+        (["--seed", "-1"], "seed -1 must be >= 0"),
+        (["--bogus", "3"], "unrecognized arguments: --bogus 3 (see train.py --help)"),
         (["--device", "tpu"], "device 'tpu'"),
         (["--image_size", "112"], "--image_size: option(s) of the image task"),
         (["--resume"], "holds no run"),
@@ -123,6 +128,18 @@ def test_an_error_after_the_folder_was_written_is_not_reported_as_bad_input(
     assert [r["round"] for r in metrics(tmp_path / "3") if r["type"] == "round"] == [1, 2]
 
 
+def test_a_finite_explosion_stops_the_run(workspace, tmp_path, capsys):
+    # LoRA on the output head at lr 10: the loss leaps from 4.6 to ~100 at step 2 while every
+    # weight stays finite and below max_abs_weight; the run used to finish with it
+    extra = ["--lora_target_modules", "q_proj", "v_proj", "lm_head"]
+    assert cli.main(lm_argv(workspace, tmp_path, *extra, local_learning_rate=10)) == 1
+    err = capsys.readouterr().err
+    stops = [line for line in err.splitlines() if line.startswith("train.py: stopped:")]
+    assert len(stops) == 1 and "Traceback" not in err
+    assert "client 0 (rank 2) in round 1: training diverged at step 2: the loss rose from" in err
+    assert not (tmp_path / "3" / "round_1").exists()
+
+
 # ---------------------------------------------------------------------- resume
 @pytest.fixture(scope="module")
 def finished_run(workspace, tmp_path_factory):
@@ -207,3 +224,22 @@ def test_resume_refuses_data_prepared_again(workspace, tmp_path, capsys):
     assert cli.main([*argv, "--resume", "--num_communication_rounds", "2"]) == 2
     err = capsys.readouterr().err
     assert "data folder changed" in err and "global_test.json" in err
+
+
+def test_client_without_response_tokens_is_refused(workspace, tmp_path, capsys):
+    # client 1's prompts are longer than cutoff_len: with train_on_inputs false none of its
+    # records keeps a token to train on (it used to train on nothing and log a loss of 0)
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    path = data / "3" / "local_training_1.json"
+    records = json.loads(path.read_text())
+    path.write_text(json.dumps([{**r, "instruction": "Say " + "x" * 200} for r in records]))
+    out = tmp_path / "out"
+    argv = lm_argv(workspace, out, "--train_on_inputs", "false", data_path=data)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "client 1: 12 of its 12 training records keep no token to train on" in errors[0]
+    assert "cutoff_len=160" in errors[0] and "raise --cutoff_len" in errors[0]
+    assert not out.exists()

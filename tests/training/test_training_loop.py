@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -252,3 +253,98 @@ def test_trains_on_cuda(tiny_tokenizer):
     res = train_local(pm, examples(tiny_tokenizer, 8), TrainConfig(micro_batch_size=4))
     assert res.steps == 1 and 0 < res.loss < 20
     assert all(a.device.type == "cpu" for a, _ in read_factors(pm).values())
+
+
+def _no_targets(example):
+    return {"input_ids": example["input_ids"], "labels": [-100] * len(example["labels"])}
+
+
+def test_a_step_without_targets_reports_no_loss(tiny_tokenizer):
+    """A step whose examples keep no target token (the prompt fills cutoff_len) updates nothing
+    and logs no loss: a 0 would read as perfect training."""
+    ex = examples(tiny_tokenizer, 8)
+    mixed = ex[:4] + [_no_targets(e) for e in ex[4:]]
+    cfg = fp32(micro_batch_size=1, batch_size=1)
+    seen = []
+    model = build_tiny_llama(vocab_size=len(tiny_tokenizer))
+    pm = attach_lora(model, LoraSpec(rank=2, dropout=0.0), seed=0)
+    res = train_local(pm, mixed, cfg, progress=lambda s, t, loss: seen.append(loss))
+    assert res.steps == 4 and len(res.losses) == 4 and all(x > 0 for x in res.losses)
+    assert res.loss == pytest.approx(sum(res.losses) / 4)
+    assert len(seen) == 8 and seen.count(None) == 4
+
+    before = {n: (a.clone(), b.clone()) for n, (a, b) in read_factors(pm).items()}
+    res = train_local(pm, [_no_targets(e) for e in ex], cfg)
+    assert res.loss is None and res.losses == [] and res.steps == 0
+    after = read_factors(pm)
+    assert all(torch.equal(before[n][0], after[n][0]) for n in before)
+
+
+def test_examples_without_any_target_are_refused(tiny_tokenizer):
+    from rblora.training import check_targets
+
+    ex = examples(tiny_tokenizer, 3)
+    check_targets(ex[:1] + [_no_targets(e) for e in ex[1:]], "client 4", 56)
+    check_targets([], "client 4", 56)
+    with pytest.raises(ValueError, match=r"client 4: 3 of its 3 training records keep no token"):
+        check_targets([_no_targets(e) for e in ex], "client 4", 56)
+
+
+def _scripted(values):
+    """A loss_fn whose step losses are ``values`` in turn (one example per step)."""
+    it = iter(values)
+
+    def loss_fn(m, batch):
+        w = next(p for p in m.parameters() if p.requires_grad)
+        return torch.tensor(next(it)) + 0.0 * w.sum(), 1
+
+    return loss_fn
+
+
+def test_a_loss_that_explodes_but_stays_finite_is_divergence():
+    from rblora.training import TrainingDiverged
+
+    model = torch.nn.Linear(2, 2)
+    cfg = fp32(micro_batch_size=1, batch_size=1)
+    # a recovering spike as measured on SmolLM2 at lr 1e-2 (round 2): not divergence
+    spike = [0.0905, 2.3224, 1.0324, 0.346, 0.0794]
+    assert train_local(model, list(range(5)), cfg, loss_fn=_scripted(spike)).steps == 5
+    exploding = [2.0, 2.5, 1.0, 7.5, 9.0]
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"diverged at step 4: the loss rose from 2 at the first step to 7.5 \(limit: 5 above",
+    ):
+        train_local(model, list(range(5)), cfg, loss_fn=_scripted(exploding))
+    res = train_local(
+        model, list(range(5)), fp32(micro_batch_size=1, batch_size=1, max_loss_rise=math.inf),
+        loss_fn=_scripted(exploding),
+    )  # fmt: skip
+    assert res.losses == pytest.approx(exploding)
+    with pytest.raises(ValueError, match="max_loss_rise must be > 0"):
+        fp32(max_loss_rise=0)
+
+
+def test_tiny_llama_at_an_exploding_rate_stops(tiny_tokenizer):
+    """LoRA on the output head at lr 1: the loss goes 4.6 -> 11 -> 178 with weights far below
+    max_abs_weight; it used to finish as if nothing had happened."""
+    from rblora.training import TrainingDiverged
+
+    spec = LoraSpec(rank=4, dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"])
+    cfg = fp32(micro_batch_size=4, batch_size=4, learning_rate=1.0, num_epochs=2)
+    with pytest.raises(TrainingDiverged, match="diverged at step 2: the loss rose from 4.6"):
+        _train(tiny_tokenizer, cfg, spec, n=32)
+
+
+def test_divergence_leaves_no_gradient_behind():
+    """The image task's head outlives the LoRA (it is put back, not discarded): a NaN gradient
+    left on it by a diverged client made the next training diverge at its first step."""
+    from rblora.training import TrainingDiverged
+
+    model = torch.nn.Linear(2, 2)
+
+    def nan_loss(m, batch):
+        return m.weight.sum() * float("nan"), 1
+
+    with pytest.raises(TrainingDiverged, match="the loss is nan"):
+        train_local(model, [0, 1], fp32(micro_batch_size=1, batch_size=1), loss_fn=nan_loss)
+    assert all(p.grad is None for p in model.parameters())

@@ -12,10 +12,11 @@ import sys
 from rblora.assets.cache import cache_dir
 from rblora.assets.registry import ASSETS, check, fetch
 from rblora.assets.sources import AssetError
+from rblora.utils.options import OptionParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
         prog="rblora assets", description="Embedded default models and data (cached)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,11 +47,18 @@ def _list() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rblora assets``; returns the exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except ValueError as err:
+        print(f"rblora assets: error: {err}", file=sys.stderr)
+        return 2
     if args.command == "list":
         return _list()
     if args.name not in ASSETS:
-        print(f"unknown asset {args.name!r}; valid names: {', '.join(ASSETS)}", file=sys.stderr)
+        print(
+            f"rblora assets: error: unknown asset {args.name!r}; valid names: {', '.join(ASSETS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         folder = fetch(args.name, progress=not args.quiet, verify=args.verify)

@@ -116,9 +116,11 @@ def _read_meta(folder: Path, num_clients: int, kind: str | None) -> dict | None:
             f"use num_clients={meta['num_clients']} or prepare data for {num_clients} clients"
         )
     if kind is not None and meta.get("kind", "text") != kind:
+        found, task = ("images", "image") if kind == "text" else ("text records", "lm")
         raise ValueError(
-            f"{folder} holds {meta.get('kind')!r} data, not {kind!r} data (--task "
-            f"{'image' if meta.get('kind') == 'images' else 'lm'} reads it)"
+            f"{folder} holds {found} (partition.json kind {meta.get('kind')!r}), not the "
+            f"{'text records' if kind == 'text' else 'images'} this task trains on; a run on "
+            f"this folder needs --task {task}"
         )
     sizes = meta.get("client_sizes")
     if sizes is not None and (

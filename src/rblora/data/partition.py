@@ -113,7 +113,9 @@ def partition_dirichlet(
     _check_clients(n, num_clients)
     if not alpha > 0:
         raise ValueError(f"Dirichlet alpha must be positive, got {alpha}")
-    if min_size < 0 or min_size * num_clients > n:
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    if min_size * num_clients > n:
         raise ValueError(
             f"min_size {min_size} x {num_clients} clients exceeds the {n} examples; "
             f"use a min_size between 0 and {n // num_clients}"

@@ -31,7 +31,7 @@ from rblora.data import partition as P
 from rblora.data import sources as S
 from rblora.data.report import save_heatmap, summary_table
 from rblora.utils.atomic import atomic_dir, exclusive_dir, lock_path, recover
-from rblora.utils.options import add_flags, option, values_from
+from rblora.utils.options import OptionParser, add_flags, option, values_from
 
 #: The seed's numeric modes (``diff_quantity``). The seed's usage text calls 1 "IID" but its code
 #: deals category-sorted shards; we follow the code.
@@ -97,13 +97,8 @@ class PrepareConfig:
 DEFAULT_TEST = {"files": 10, "alpaca": 80, "mixture": 20, "images": 100}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and sys.exit(2)
-        raise ValueError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OptionParser(
         prog="rblora prepare-data",
         description="Partition a data source into federated clients (seed form: "
         "<num_clients> [diff_quantity] [seed]; diff_quantity 0 Dirichlet, 1 shards, 2 sizes).",
@@ -198,6 +193,8 @@ def _validate(cfg: PrepareConfig) -> None:
         raise ValueError(f"unknown partition {cfg.partition!r}; valid: {', '.join(PARTITIONS)}")
     if cfg.num_clients < 1:
         raise ValueError(f"num_clients must be at least 1, got {cfg.num_clients}")
+    if cfg.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {cfg.seed}")
     if cfg.client_sizes is not None and cfg.partition != "sizes":
         raise ValueError(f"--client_sizes applies to --partition sizes only, not {cfg.partition}")
     if cfg.client_sizes is not None and len(cfg.client_sizes) != cfg.num_clients:

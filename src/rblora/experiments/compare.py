@@ -29,13 +29,14 @@ baseline without LoRA.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from rblora.utils.options import OptionParser, int_list, split_passthrough
 
 HEAD_ONLY = "head-only"
 INDEX = "compare.json"
@@ -69,7 +70,7 @@ def rank_settings(names: list[str], ranks: list[int]) -> dict[str, list[int]]:
         if name in out:
             raise ValueError(f"rank setting {name!r} given twice; give each setting once")
         if custom:
-            values = [int(x) for x in custom.split(",") if x.strip()]
+            values = int_list(custom, f"rank setting {item!r}")
             if len(values) != len(ranks):
                 raise ValueError(f"rank setting {item!r} has {len(values)} ranks, not {len(ranks)}")
             out[name] = values
@@ -369,11 +370,10 @@ def write_comparison(root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from rblora.aggregation import available_methods
-    from rblora.utils.options import split_passthrough
 
     argv = list(sys.argv[1:] if argv is None else argv)
     own, train = split_passthrough(argv)
-    parser = argparse.ArgumentParser(prog="rblora compare", description=__doc__.split("\n\n")[0])
+    parser = OptionParser(prog="rblora compare", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--methods",
         default=",".join(available_methods()),
@@ -396,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns = parser.parse_args(own)
         methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
-        seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
+        seeds = int_list(ns.seeds, "--seeds")
+        if not seeds or min(seeds) < 0:
+            raise ValueError(
+                f"--seeds {ns.seeds!r}: give seeds >= 0 separated by commas, e.g. 1,2,3"
+            )
         settings = [s.strip() for s in ns.rank_settings.split(";") if s.strip()]
         data = run_compare(train, methods, seeds, settings, Path(ns.output_dir), ns.retry_failed)
     except (ValueError, OSError) as err:

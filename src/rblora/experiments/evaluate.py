@@ -16,7 +16,6 @@ original base here.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -49,6 +48,26 @@ def adapter_delta(path: Path) -> tuple[dict, dict]:
     return load_peft_delta(path), load_peft_dense(path)
 
 
+def check_fits(adapter: Path, delta: dict, shapes: dict[str, tuple[int, int]], model: str) -> None:
+    """Refuse an adapter that does not fit the model it is to be applied to (e.g. one trained on
+    another base model, or ``--run`` of another run): ValueError naming the first module that
+    does not fit, its shape in the adapter and in the model."""
+    from rblora.aggregation.running import delta_shape
+
+    for module, value in delta.items():
+        have, want = delta_shape(value), shapes.get(module)
+        if want is None:
+            where = f"is not a module the model {model} adapts"
+        elif have != want:
+            where = f"is {have} (d_out, d_in) in the adapter but {want} in the model {model}"
+        else:
+            continue
+        raise ValueError(
+            f"adapter {adapter} does not fit: module {module} {where}; evaluate it with the run "
+            "that trained it (--run RUN_DIR) or its model (-- --global_model ...)"
+        )
+
+
 def run_args(config: dict, extra: list[str]):
     """(TrainArgs, given) of a run's saved configuration with ``extra`` train.py options on top."""
     from dataclasses import fields
@@ -65,15 +84,19 @@ def run_args(config: dict, extra: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rblora.utils.options import split_passthrough
+    from rblora.utils.options import OptionParser, split_passthrough
 
     argv = list(sys.argv[1:] if argv is None else argv)
     own, extra = split_passthrough(argv)
-    parser = argparse.ArgumentParser(prog="rblora evaluate", description=__doc__.split("\n\n")[0])
+    parser = OptionParser(prog="rblora evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="an adapter folder a run wrote")
     parser.add_argument("--run", help="the run folder whose options to use (default: found)")
     parser.add_argument("--out", help="also write the evaluation as JSON to this file")
-    ns = parser.parse_args(own)
+    try:
+        ns = parser.parse_args(own)
+    except ValueError as err:
+        print(f"rblora evaluate: error: {err}", file=sys.stderr)
+        return 2
     from rblora.assets import AssetError
     from rblora.federation.results import scalar_evals
     from rblora.federation.rounds import log
@@ -94,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         delta, dense = adapter_delta(adapter)
         # the test set and the model only (no client's data), in the run's recorded precision
         task = build_task(precision_args(args, config.get("precision")), given, log=log, clients=[])
+        check_fits(adapter, delta, task.module_shapes(), args.global_model or "of the run")
         task.set_base({}, dense)
         evaluation = task.evaluate(delta, round_=-1)
     except (ValueError, AssetError, OSError) as err:

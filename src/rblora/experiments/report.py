@@ -9,16 +9,21 @@ plots, from the cells' metrics (:mod:`rblora.experiments.compare`). Nothing is e
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rblora.utils.options import OptionParser
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="rblora report", description=__doc__.split("\n\n")[0])
+    parser = OptionParser(prog="rblora report", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", help="run folders and/or rblora compare folders")
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except ValueError as err:
+        print(f"rblora report: error: {err}", file=sys.stderr)
+        return 2
     from rblora.experiments.compare import INDEX, comparison_table, write_comparison
     from rblora.federation.results import markdown_table, write_report
     from rblora.federation.rundir import RunFolder

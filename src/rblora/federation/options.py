@@ -24,7 +24,15 @@ from rblora.aggregation import default_reduction, get_method
 from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
 from rblora.federation.engines import available_engines
 from rblora.utils.device import BASE_DTYPES, check_device_name
-from rblora.utils.options import add_flags, as_int, default_of, load_yaml, option, values_from
+from rblora.utils.options import (
+    OptionParser,
+    add_flags,
+    as_int,
+    default_of,
+    load_yaml,
+    option,
+    values_from,
+)
 
 SEED_RANKS = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256]
 """The seed's client ranks for 10 clients."""
@@ -329,7 +337,7 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         check_device_name(self.device)
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ValueError("lora_target_modules is empty; e.g. q_proj,v_proj")
-        for name in ("local_val_set_size", "eval_mmlu_size", "eval_test_size"):
+        for name in ("local_val_set_size", "eval_mmlu_size", "eval_test_size", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
         if self.save_every < 0:
@@ -435,7 +443,7 @@ _TITLES = {
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
         prog=prog,
         description="Federated fine-tuning with heterogeneous LoRA ranks (RB-LoRA and baselines).",
     )

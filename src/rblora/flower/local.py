@@ -220,19 +220,23 @@ def node_configs(args, data_path: str | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from rblora.utils.options import OptionParser, is_number
+
+    parser = OptionParser(
         prog="python -m rblora.flower.local",
         description="Run train.py's options on a local Flower deployment (SuperLink + one "
         "SuperNode per client on 127.0.0.1), then stop it. Options after -- go to train.py.",
     )
     parser.add_argument("--workdir", help="logs and FLWR_HOMEs (default: a temporary folder)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run")
+    parser.add_argument("--timeout", default="3600", help="seconds to wait for the run")
     parser.add_argument("train_args", nargs=argparse.REMAINDER)
-    ns = parser.parse_args(argv)
-    train_args = [a for a in ns.train_args if a != "--"]
     from rblora.federation.options import parse_args
 
     try:
+        ns = parser.parse_args(argv)
+        if not is_number(ns.timeout) or not float(ns.timeout) > 0:
+            raise ValueError(f"--timeout {ns.timeout!r}: give seconds > 0, e.g. 3600")
+        train_args = [a for a in ns.train_args if a != "--"]
         args, _ = parse_args(train_args)
     except ValueError as err:
         print(f"rblora.flower.local: error: {err}", file=sys.stderr)
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalDeployment(workdir, node_configs(args)) as deployment:
         run_id = deployment.submit(train_args)
         print(f"run {run_id} submitted; waiting", file=sys.stderr)
-        entry = deployment.wait(run_id, ns.timeout)
+        entry = deployment.wait(run_id, float(ns.timeout))
         print(deployment.server_log(run_id))
     print(f"run {run_id}: {entry['status']} ({entry.get('status-details')})", file=sys.stderr)
     return 0 if entry["status"] == "finished:completed" else 1

@@ -36,7 +36,7 @@ from rblora.tasks.base import (
     seeded_subset,
     train_config,
 )
-from rblora.training import TrainConfig, tokenize_records, train_local
+from rblora.training import TrainConfig, check_targets, tokenize_records, train_local
 from rblora.training.batching import sequence_length
 from rblora.training.loss import causal_lm_objective
 from rblora.utils.device import use_bf16
@@ -100,6 +100,7 @@ class CausalLMTask:
         for k, records in sorted(client_records.items()):  # each client's split: its own seed
             train, val = _split_val(records, val_set_size, np.random.default_rng([seed, k]), k)
             self._train[k] = self._tokenize(train)
+            check_targets(self._train[k], f"client {k}", train_config.cutoff_len)
             self._val[k] = val
         self._shapes = self._find_shapes()
         self.eval_suites: dict[str, list] = {}

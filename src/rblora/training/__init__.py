@@ -1,5 +1,6 @@
 """One client's local training of a causal LM; knows nothing about federation."""
 
+from rblora.training.batching import check_targets
 from rblora.training.config import TrainConfig
 from rblora.training.loop import LocalResult, TrainingDiverged, train_local
 from rblora.training.loss import causal_lm_loss_sum, linear_cross_entropy
@@ -11,6 +12,7 @@ __all__ = [
     "TrainConfig",
     "TrainingDiverged",
     "causal_lm_loss_sum",
+    "check_targets",
     "linear_cross_entropy",
     "tokenize_records",
     "train_local",

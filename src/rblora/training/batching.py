@@ -80,3 +80,20 @@ def sequence_length(example: dict[str, list[int]]) -> int:
 def count_targets(example: dict[str, list[int]]) -> int:
     """Tokens that contribute to the loss: labels after the causal shift that are not -100."""
     return sum(1 for x in example["labels"][1:] if x != IGNORE_INDEX)
+
+
+def check_targets(examples: list[dict[str, list[int]]], who: str, cutoff_len: int) -> None:
+    """Refuse ``who``'s tokenized examples when none keeps a target token.
+
+    Without ``train_on_inputs`` only response tokens are targets, and a ``cutoff_len`` shorter
+    than the prompts cuts every response off: training would then take steps on nothing and
+    report a loss of 0, learning nothing. ValueError naming ``who``, how many examples keep no
+    target and what to raise. An empty list passes (on a Flower node, the other clients' data
+    is left empty).
+    """
+    if examples and not any(count_targets(e) for e in examples):
+        raise ValueError(
+            f"{who}: {len(examples)} of its {len(examples)} training records keep no token to "
+            f"train on within cutoff_len={cutoff_len} (the prompt fills it), so training would "
+            "learn nothing; raise --cutoff_len"
+        )

@@ -9,7 +9,9 @@ sum over its micro-batches divided by their total count of terms, so a step's up
 depend on how the batch is split into micro-batches (a mean of per-micro-batch means would weight
 terms of short micro-batches more). HF's Trainer does the same since it passes
 ``num_items_in_batch``. Each micro-batch's summed loss is back-propagated as it comes and the
-accumulated gradients are divided by the step's count before clipping.
+accumulated gradients are divided by the step's count before clipping. A step with no loss term
+at all (no response token left within ``cutoff_len``) has nothing to learn from: it makes no
+update and reports no loss (a 0 would read as perfect training).
 
 Learning rate: linear warmup from 0 over ``warmup`` steps, then linear decay to 0 at the end
 (HF's "linear" schedule: step i of n uses ``lr * i / w`` for i < w, else
@@ -18,9 +20,13 @@ Learning rate: linear warmup from 0 over ``warmup`` steps, then linear decay to 
 Device and precision: everything runs where the model's parameters are; ``bf16="auto"`` times a
 matmul on that device once per process (``rblora.utils.device.bf16_decision``).
 
-Divergence: a non-finite loss or gradient norm, or a trainable weight that is not finite or
-exceeds ``config.max_abs_weight`` after a step, raises :class:`TrainingDiverged` at once (the
-weights are then garbage and must not be saved or aggregated).
+Divergence: a non-finite loss or gradient norm, a step loss more than ``config.max_loss_rise``
+above the first step's (an explosion that stays finite), or a trainable weight that is not finite
+or exceeds ``config.max_abs_weight`` after a step, raises :class:`TrainingDiverged` at once (the
+weights are then garbage and must not be saved or aggregated). The first step's loss is the loss
+of the model training started from (no update has been made yet), so the rule asks "did training
+make the model much worse than it was"; noise of small batches rises far less (README "Local
+training" has the measured figures).
 
 Randomness: the data order uses a ``torch.Generator`` seeded with ``config.seed``; LoRA dropout
 draws from the global torch RNG, which is forked (saved and restored around the call) and seeded
@@ -43,7 +49,7 @@ from rblora.training.config import TrainConfig
 from rblora.training.loss import causal_lm_objective
 from rblora.utils.device import use_bf16 as resolve_bf16
 
-Progress = bool | str | Callable[[int, int, float], None] | None
+Progress = bool | str | Callable[[int, int, float | None], None] | None
 LossFn = Callable[[nn.Module, Sequence[Any]], tuple[torch.Tensor, int]]
 """``loss_fn(model, examples) -> (summed loss: 0-d tensor with grad, number of loss terms)``."""
 
@@ -56,12 +62,14 @@ class TrainingDiverged(ValueError):
 class LocalResult:
     """What one client's local training produced (the weights stay in the model)."""
 
-    loss: float
-    """Mean over optimizer steps of the step loss (summed loss / count of terms)."""
+    loss: float | None
+    """Mean over optimizer steps of the step loss (summed loss / count of terms); None when no
+    step had a loss term (a 0 there would read as perfect training)."""
     losses: list[float] = field(default_factory=list)
-    """Loss of each optimizer step."""
+    """Loss of each optimizer step that had loss terms."""
     steps: int = 0
-    """Optimizer steps taken."""
+    """Optimizer steps taken. A step whose micro-batches hold no loss term (e.g. no response
+    token within ``cutoff_len``) has no gradient: it is skipped, not taken and not counted."""
     tokens: int = 0
     """Input size processed, summed over epochs: ``length(example)`` (tokens for a causal LM;
     0 when the task gives no length)."""
@@ -103,7 +111,8 @@ def _progress_callback(progress: Progress, total: int):
 
     def update(step, _total, loss):
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.4f}")
 
     return update, bar.close
 
@@ -136,7 +145,8 @@ def train_local(
     causal-LM loss (``pad_token_id`` only fills padded positions). ``length(example)``: its size
     for ``group_by_length`` and the ``tokens`` figure (default: ``len(input_ids)`` with the
     default loss, none otherwise). ``progress``: None/False (silent), True or a description (a
-    tqdm bar of optimizer steps), or a callable ``(step, total_steps, step_loss)``. The model is
+    tqdm bar of optimizer steps), or a callable ``(step, total_steps, step_loss)`` (``step_loss`` is
+    None for a step without loss terms). The model is
     left in its previous train/eval mode. Raises :class:`TrainingDiverged` (see the module doc).
     """
     if not examples:
@@ -160,7 +170,7 @@ def train_local(
     )
     update, close = _progress_callback(progress, total)
     was_training = model.training
-    losses: list[float] = []
+    losses: list[float] = []  # losses[0] is the reference of the explosion check
     tokens = 0
     start = time.perf_counter()
     try:
@@ -179,13 +189,20 @@ def train_local(
                         loss_sum.backward()
                     step_sum += loss_sum.item()
                     step_count += count
-                step_loss = step_sum / max(1, step_count)
+                if not step_count:  # nothing to learn from: no update, no loss to report
+                    update(i + 1, total, None)
+                    continue
+                step_loss = step_sum / step_count
                 if not math.isfinite(step_loss):
                     raise TrainingDiverged(f"diverged at step {i + 1}: the loss is {step_loss}")
-                if step_count:
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad.div_(step_count)
+                if losses and step_loss > losses[0] + config.max_loss_rise:
+                    raise TrainingDiverged(
+                        f"diverged at step {i + 1}: the loss rose from {losses[0]:.4g} at the "
+                        f"first step to {step_loss:.4g} (limit: {config.max_loss_rise:g} above it)"
+                    )
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(step_count)
                 if config.max_grad_norm > 0:
                     norm = torch.nn.utils.clip_grad_norm_(
                         params, config.max_grad_norm, foreach=True
@@ -202,10 +219,13 @@ def train_local(
                 losses.append(step_loss)
                 update(i + 1, total, step_loss)
     finally:
+        # a step that raised (divergence) leaves its gradients on the parameters; a dense extra
+        # (a classifier head) outlives the LoRA, and the next training would add to them
+        opt.zero_grad(set_to_none=True)
         close()
         model.train(was_training)
     return LocalResult(
-        loss=sum(losses) / len(losses),
+        loss=sum(losses) / len(losses) if losses else None,
         losses=losses,
         steps=len(losses),
         tokens=tokens,

@@ -5,19 +5,73 @@ training runs whether a resumed run may change it). :func:`add_flags` adds one f
 ``argparse`` parser, named after the field; :func:`coerce` turns a flag's text or a YAML value into
 the field's type, refusing what would otherwise be silently converted (a YAML ``true`` for a count,
 ``2.7`` for a rank). Supported field types: ``bool``, ``int``, ``float``, ``str``, ``list[str]``,
-``list[int]``, ``dict[str, int]``, each optionally ``| None``.
+``list[int]``, ``dict[str, int]``, each optionally ``| None``. :class:`OptionParser` is the
+``argparse`` parser every command line of the package uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
 from typing import Any
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_NEGATIVE = re.compile(r"-\.?\d")  # -1e-3, -.5, -4,8
+
+
+class UsageError(ValueError):
+    """A command line argparse could not parse (unknown flag, missing value, ...)."""
+
+
+class OptionParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with two changes for the commands of this package.
+
+    A word that starts like a negative number is a value: argparse takes ``-1e-3``, ``-inf`` or
+    ``-4,8`` for an unknown flag (its pattern for negative numbers has no exponent) and stops
+    with "expected one argument" where ``-0.001`` gets the option's own "must be > 0". No flag
+    of ours starts with a digit, so nothing is lost.
+
+    A usage error raises :class:`UsageError` (a ValueError) instead of printing the whole usage
+    and exiting: the entry point prints it as the one ``<prog>: error: ...`` line (exit code 2)
+    it prints for every other bad value. ``--help`` still prints the help and exits 0.
+    """
+
+    def _parse_optional(self, arg_string):
+        if _NEGATIVE.match(arg_string) or is_number(arg_string):
+            return None  # argparse: "not an option", i.e. a value
+        return super()._parse_optional(arg_string)
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def is_number(text: str) -> bool:
+    """Whether ``text`` parses as a float (``-1e-3``, ``-inf``, ``5``)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def int_list(text: str, name: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; ValueError naming ``name``, the text and the bad item."""
+    values = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            values.append(as_int(item))
+        except TypeError:
+            raise ValueError(
+                f"{name}: {item!r} in {text!r} is not an integer; give integers separated by "
+                "commas, e.g. 1,2,3"
+            ) from None
+    return values
 
 
 def option(default: Any, help_: str, *, resumable: bool = False, **metadata: Any) -> Any:
