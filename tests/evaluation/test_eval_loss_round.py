@@ -12,6 +12,8 @@ from rblora.data.templates import Prompter
 from rblora.evaluation import (
     EvalConfig,
     MCItem,
+    encode_evaluation,
+    evaluate_encoded,
     evaluate_round,
     response_loss,
     score_multiple_choice,
@@ -121,6 +123,35 @@ def test_evaluate_round_dict(tiny_llama, tiny_tokenizer):
     assert out["loss"] == pytest.approx(loss["loss"], abs=1e-9)
     no_loss = evaluate_round(tiny_llama, tiny_tokenizer, suites, None, PROMPTER, config)
     assert "loss" not in no_loss
+
+
+def _without_seconds(value):
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if "seconds" not in k}
+    return value
+
+
+def test_encoded_once_evaluates_as_evaluate_round(tiny_llama, tiny_tokenizer):
+    suites = {"mc": [MCItem("Q: 1+1?\nA:", [" 2", " 3"], 0, "math")], "empty": []}
+    config = EvalConfig(batch_tokens=64, cutoff_len=256)
+    encoded = encode_evaluation(tiny_tokenizer, suites, RECORDS, PROMPTER, config, context=256)
+    assert list(encoded.suites) == ["mc"]
+    expected = evaluate_round(tiny_llama, tiny_tokenizer, suites, RECORDS, PROMPTER, config)
+    for _ in range(2):  # the encoded form is not used up
+        got = evaluate_encoded(tiny_llama, encoded, config)
+        assert _without_seconds(got) == _without_seconds(expected)
+    # batching and autocast may change; the options that decide the tokens may not
+    evaluate_encoded(tiny_llama, encoded, EvalConfig(batch_size=1, cutoff_len=256))
+    with pytest.raises(ValueError, match="encoded with .*'cutoff_len': 256.*'cutoff_len': 512"):
+        evaluate_encoded(tiny_llama, encoded, EvalConfig())
+
+
+def test_encode_evaluation_names_what_cannot_be_scored(tiny_tokenizer):
+    long = MCItem("Q:", [" a", " " + "b" * 30], 0, "s")
+    with pytest.raises(ValueError, match=r"evaluation suite 'x': item 0 .*no room"):
+        encode_evaluation(tiny_tokenizer, {"x": [long]}, None, PROMPTER, context=20)
+    with pytest.raises(ValueError, match=r"held-out loss: no record has a response token"):
+        encode_evaluation(tiny_tokenizer, {}, RECORDS[:1], PROMPTER, EvalConfig(cutoff_len=2))
 
 
 def test_eval_config_validation():

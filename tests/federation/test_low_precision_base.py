@@ -23,14 +23,14 @@ def test_global_folders_reload_to_the_evaluated_model_on_a_bf16_base(
     import rblora.evaluation as evaluation
 
     evaluated = []
-    original = evaluation.evaluate_round
+    original = evaluation.evaluate_encoded
 
     def spy(model, *args, **kwargs):
         with torch.no_grad():
             evaluated.append(model(PROBE).logits.float())
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "evaluate_round", spy)
+    monkeypatch.setattr(evaluation, "evaluate_encoded", spy)
     argv = lm_argv(workspace, tmp_path, "--method", method, "--reduction_method", reduction)
     assert cli.main([*argv, "--base_dtype", "bfloat16", "--local_learning_rate", "5e-2"]) == 0
     assert len(evaluated) == 2

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rblora.evaluation.config import DEFAULTS
+from rblora.evaluation.config import DEFAULTS, STRATEGIES
 from rblora.evaluation.encoding import (
     Row,
     Segment,
@@ -148,14 +148,34 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def encode_items(
+@dataclass(frozen=True)
+class EncodedSuite:
+    """A suite tokenized once: everything `score_encoded` needs, so scoring it again (every
+    round) calls no tokenizer.
+
+    rows: the sequences the model reads; slots[k]: the (item, option) whose log-likelihood slot k
+    sums; pad_id: the id padding is filled with (masked out).
+    """
+
+    items: tuple[MCItem, ...]
+    rows: tuple[Row, ...]
+    slots: tuple[tuple[int, int], ...]
+    pad_id: int
+
+
+def encode_suite(
     tokenizer, items: Sequence[MCItem], strategy: str, max_length: int | None
-) -> tuple[list[Row], list[tuple[int, int]]]:
-    """Rows to score and, per slot, its (item, option). packed: a row per item; flat: per option.
+) -> EncodedSuite:
+    """Tokenize ``items`` for scoring. packed: a row per item; flat: a row per option.
 
     Each item is tokenized as ``scored_parts`` splits it: the context, then context + each
-    continuation.
+    continuation. ``max_length``: longest row in tokens (the prompt is cut from the left), None
+    for no limit. Raises ValueError naming the item that cannot be scored.
     """
+    if not items:
+        raise ValueError("no items to score")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     texts = []
     for it in items:
         context, continuations = scored_parts(it)
@@ -178,11 +198,37 @@ def encode_items(
             slots.append((i, j))
         if strategy == "packed":
             rows.append(Row(prefix, tuple(segments)))
-        elif strategy == "flat":
-            rows.extend(Row(prefix, (s,)) for s in segments)
         else:
-            raise ValueError(f"unknown strategy {strategy!r}; valid: packed, flat")
-    return rows, slots
+            rows.extend(Row(prefix, (s,)) for s in segments)
+    return EncodedSuite(tuple(items), tuple(rows), tuple(slots), pad_token_id(tokenizer))
+
+
+def score_encoded(
+    model,
+    suite: EncodedSuite,
+    *,
+    batch_tokens: int = DEFAULTS.batch_tokens,
+    batch_size: int = DEFAULTS.batch_size,
+    autocast_bf16: bool = DEFAULTS.autocast_bf16,
+    progress: bool = DEFAULTS.progress,
+) -> MCResult:
+    """Score an encoded suite with a causal LM, no gradients (see `score_multiple_choice`)."""
+    start = time.perf_counter()
+    totals = sum_logprobs(
+        model,
+        suite.rows,
+        len(suite.slots),
+        pad_id=suite.pad_id,
+        batch_tokens=batch_tokens,
+        batch_size=batch_size,
+        autocast_bf16=autocast_bf16,
+        progress=progress,
+        desc="multiple choice",
+    )
+    lls = [[math.nan] * len(it.choices) for it in suite.items]
+    for (i, j), value in zip(suite.slots, totals.tolist(), strict=True):
+        lls[i][j] = value
+    return summarize(suite.items, lls, time.perf_counter() - start)
 
 
 def score_multiple_choice(
@@ -199,27 +245,22 @@ def score_multiple_choice(
 ) -> MCResult:
     """Score ``items`` with a causal LM (``model(input_ids, ...)`` -> ``.logits``), no gradients.
 
-    The model is put in eval mode for the call and its previous mode restored. ``max_length``
-    defaults to the model's context size (``config.max_position_embeddings``).
+    Tokenizes then scores (`encode_suite`, `score_encoded`): for a suite scored once; a suite
+    scored every round is encoded once and passed to `score_encoded`. The model is put in eval
+    mode for the call and its previous mode restored. ``max_length`` defaults to the model's
+    context size (``config.max_position_embeddings``). ``seconds`` includes the tokenization.
     """
-    if not items:
-        raise ValueError("no items to score")
     start = time.perf_counter()
     if max_length is None:
         max_length = context_size(model)
-    rows, slots = encode_items(tokenizer, items, strategy, max_length)
-    totals = sum_logprobs(
+    suite = encode_suite(tokenizer, items, strategy, max_length)
+    result = score_encoded(
         model,
-        rows,
-        len(slots),
-        pad_id=pad_token_id(tokenizer),
+        suite,
         batch_tokens=batch_tokens,
         batch_size=batch_size,
         autocast_bf16=autocast_bf16,
         progress=progress,
-        desc="multiple choice",
     )
-    lls = [[math.nan] * len(it.choices) for it in items]
-    for (i, j), value in zip(slots, totals.tolist(), strict=True):
-        lls[i][j] = value
-    return summarize(items, lls, time.perf_counter() - start)
+    result.seconds = time.perf_counter() - start
+    return result

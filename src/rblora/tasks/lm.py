@@ -168,24 +168,19 @@ class CausalLMTask:
 
     def set_evaluation(self, suites: dict[str, list], loss_records: list[dict]) -> None:
         """Set the multiple-choice suites and held-out loss records scored each round; they are
-        encoded once here, so a record the model cannot score fails now, not after round 1."""
-        from rblora.evaluation.loss import encode_loss_rows
-        from rblora.evaluation.multiple_choice import context_size, encode_items
+        encoded once here, so a record the model cannot score fails now, not after round 1, and
+        no round tokenizes them again."""
+        from rblora.evaluation import EvalConfig, encode_evaluation
+        from rblora.evaluation.multiple_choice import context_size
 
-        for name, items in suites.items():
-            try:
-                if items:
-                    encode_items(self.tokenizer, items, "packed", context_size(self.model))
-            except ValueError as err:
-                raise ValueError(f"evaluation suite {name!r}: {err}") from None
-        if loss_records:
-            c = self.train_config
-            rows = encode_loss_rows(self.tokenizer, loss_records, self.prompter, c.cutoff_len, True)
-            if not rows:
-                raise ValueError(
-                    f"no held-out record keeps a response token within cutoff_len={c.cutoff_len}; "
-                    "raise --cutoff_len"
-                )
+        self._evaluation = encode_evaluation(
+            self.tokenizer,
+            suites,
+            loss_records,
+            self.prompter,
+            EvalConfig(cutoff_len=self.train_config.cutoff_len),
+            context=context_size(self.model),
+        )
         self.eval_suites, self.loss_records = dict(suites), list(loss_records)
 
     def _tokenize(self, records: list[dict[str, Any]]) -> list[dict]:
@@ -260,7 +255,7 @@ class CausalLMTask:
         self._base.set(delta, merged=self._merged)
 
     def evaluate(self, delta: dict[str, ModuleDelta], *, round_: int) -> dict[str, Any]:
-        from rblora.evaluation import EvalConfig, evaluate_round
+        from rblora.evaluation import EvalConfig, evaluate_encoded
 
         config = EvalConfig(
             batch_size=self.eval_batch_size,
@@ -269,14 +264,7 @@ class CausalLMTask:
             progress=self.progress,
         )
         with applied_delta(self.model, delta, merged=self._merged):
-            return evaluate_round(
-                self.model,
-                self.tokenizer,
-                self.eval_suites,
-                self.loss_records,
-                self.prompter,
-                config,
-            )
+            return evaluate_encoded(self.model, self._evaluation, config)
 
     def save_adapter(
         self,
