@@ -13,7 +13,6 @@ from tiny_models import build_tiny_vit
 from rblora.aggregation import available_methods, default_reduction, get_method
 from rblora.data.prepare import main as prepare_main
 from rblora.federation import cli
-from rblora.tasks.image import ImageTask
 
 RANKS = [2, 4, 8]
 
@@ -39,6 +38,30 @@ def _argv(root, out, *extra):
     return [*argv, "--no_progress", *extra]
 
 
+class _Evaluated(list):
+    """Logits of a probe under each model a run evaluated, in round order."""
+
+    head_dtypes: list
+
+
+def spy_evaluated(monkeypatch, probe) -> _Evaluated:
+    """Record, at every evaluation of a run, the logits of ``probe`` under the very model that
+    is evaluated (as the task installed it: merged or beside the weights)."""
+    import rblora.evaluation.classification as classification
+
+    evaluated, original = _Evaluated(), classification.evaluate_classifier
+    evaluated.head_dtypes = []
+
+    def spy(model, *args, **kwargs):
+        evaluated.head_dtypes.append(model.classifier.weight.dtype)
+        with torch.no_grad():
+            evaluated.append(model(pixel_values=probe).logits.float())
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(classification, "evaluate_classifier", spy)
+    return evaluated
+
+
 def _dense(folder):
     return {
         k.removeprefix("base_model.model."): v
@@ -56,17 +79,7 @@ def test_two_rounds_every_method(vision, tmp_path, method, monkeypatch):
     from transformers import AutoModelForImageClassification
 
     probe = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    evaluated = {}
-    original = ImageTask.evaluate
-
-    def spy(self, delta, *, round_):
-        from rblora.adapters import applied_delta
-
-        with applied_delta(self.model, delta), torch.no_grad():
-            evaluated[round_] = self.model(pixel_values=probe).logits
-        return original(self, delta, round_=round_)
-
-    monkeypatch.setattr(ImageTask, "evaluate", spy)
+    evaluated = spy_evaluated(monkeypatch, probe)
     ranks = [4, 4, 4] if get_method(method).homogeneous_ranks else RANKS  # FedIT: one rank
     argv = _argv(vision, tmp_path, "--method", method, "--client_ranks", ",".join(map(str, ranks)))
     assert cli.main(argv) == 0
@@ -86,7 +99,7 @@ def test_two_rounds_every_method(vision, tmp_path, method, monkeypatch):
         reloaded = PeftModel.from_pretrained(base, run / f"round_{t}" / "global").eval()
         with torch.no_grad():
             logits = reloaded(pixel_values=probe).logits
-        torch.testing.assert_close(logits, evaluated[t], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits, evaluated[t - 1], rtol=1e-4, atol=1e-5)
     records = metrics(run)
     rounds = [r for r in records if r["type"] == "round"]
     assert rounds[-1]["reduction"] == default_reduction(method)
@@ -112,17 +125,7 @@ def test_merged_total_folders_keep_each_module_at_its_own_rank(vision, tmp_path,
     from rblora.adapters import load_peft_adapter
 
     probe = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    evaluated = {}
-    original = ImageTask.evaluate
-
-    def spy(self, delta, *, round_):
-        from rblora.adapters import applied_delta
-
-        with applied_delta(self.model, delta), torch.no_grad():
-            evaluated[round_] = self.model(pixel_values=probe).logits
-        return original(self, delta, round_=round_)
-
-    monkeypatch.setattr(ImageTask, "evaluate", spy)
+    evaluated = spy_evaluated(monkeypatch, probe)
     argv = _argv(vision, tmp_path, "--method", "FLoRA", "--client_ranks", "2,4,12")
     assert cli.main([*argv, "--lora_target_modules", "q_proj", "v_proj", "fc1"]) == 0
     run = tmp_path / "3"
@@ -133,7 +136,7 @@ def test_merged_total_folders_keep_each_module_at_its_own_rank(vision, tmp_path,
         reloaded = PeftModel.from_pretrained(base, folder).eval()
         with torch.no_grad():
             logits = reloaded(pixel_values=probe).logits
-        torch.testing.assert_close(logits, evaluated[t], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits, evaluated[t - 1], rtol=1e-4, atol=1e-5)
         assert set(_dense(folder)) == {"classifier.weight", "classifier.bias"}
         factors, _ = load_peft_adapter(folder)
         ranks[t] = {n.rsplit(".", 1)[1]: a.shape[0] for n, (a, _) in factors.items()}
@@ -230,20 +233,11 @@ def test_a_bf16_body_keeps_a_float32_head_and_reloads_to_the_evaluated_model(
     from peft import PeftModel
     from transformers import AutoModelForImageClassification
 
-    import rblora.evaluation.classification as classification
-
     probe = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    evaluated, original = [], classification.evaluate_classifier
-
-    def spy(model, *args, **kwargs):
-        assert model.classifier.weight.dtype == torch.float32
-        with torch.no_grad():
-            evaluated.append(model(pixel_values=probe).logits.float())
-        return original(model, *args, **kwargs)
-
-    monkeypatch.setattr(classification, "evaluate_classifier", spy)
+    evaluated = spy_evaluated(monkeypatch, probe)
     argv = _argv(vision, tmp_path, "--base_dtype", "bfloat16", "--num_communication_rounds", "1")
     assert cli.main(argv) == 0
+    assert evaluated.head_dtypes == [torch.float32]
     heads = _dense(tmp_path / "3" / "round_1" / "global")
     assert all(t.dtype == torch.float32 for t in heads.values())
     base = AutoModelForImageClassification.from_pretrained(
