@@ -28,7 +28,8 @@ RECORDS = [
 
 
 def naive_loss(model, tokenizer, records, cutoff_len):
-    """Token-weighted NLL of response + EOS tokens, one sequence at a time (right truncation)."""
+    """Token-weighted NLL of response + EOS tokens, one sequence at a time (the prompt cut from
+    the left to fit ``cutoff_len``; the tiny tokenizer adds no special token)."""
     total, count = 0.0, 0
     for rec in records:
         instruction = rec["instruction"]
@@ -36,9 +37,9 @@ def naive_loss(model, tokenizer, records, cutoff_len):
         response = rec.get("response", rec.get("output"))
         prompt = tokenizer(PROMPTER.prompt(instruction, context))["input_ids"]
         full = tokenizer(PROMPTER.full(instruction, context, response))["input_ids"]
-        full = (full + [tokenizer.eos_token_id])[:cutoff_len]
-        if len(full) <= len(prompt):
-            continue
+        full = full + [tokenizer.eos_token_id]
+        cut = max(0, len(full) - cutoff_len)
+        full, prompt = full[cut:], prompt[cut:]
         with torch.no_grad():
             logp = tiny_logp(model, full)
         for k in range(len(prompt), len(full)):
@@ -60,15 +61,14 @@ def test_response_loss_equals_naive(tiny_llama, tiny_tokenizer):
     assert got["records"] == 3
 
 
-def test_response_loss_cutoff_truncates_on_the_right(tiny_llama, tiny_tokenizer):
+def test_response_loss_cutoff_cuts_the_prompt_from_the_left(tiny_llama, tiny_tokenizer):
     prompt_len = len(tiny_tokenizer(PROMPTER.prompt("Say hi", ""))["input_ids"])
-    cutoff = prompt_len + 3  # keeps "hi " of the response, drops "there" and the EOS
-    ref, tokens = naive_loss(tiny_llama, tiny_tokenizer, RECORDS[:1], cutoff_len=cutoff)
-    got = response_loss(tiny_llama, tiny_tokenizer, RECORDS[:1], PROMPTER, cutoff_len=cutoff)
-    assert got["tokens"] == tokens == 3
-    assert got["loss"] == pytest.approx(ref, abs=1e-5)
-    with pytest.raises(ValueError, match="no record has a response token"):
-        response_loss(tiny_llama, tiny_tokenizer, RECORDS[:1], PROMPTER, cutoff_len=prompt_len)
+    response = len("hi there") + 1  # and the EOS
+    for cutoff in (prompt_len + 3, response + 1):  # the response and EOS stay whole
+        ref, tokens = naive_loss(tiny_llama, tiny_tokenizer, RECORDS[:1], cutoff_len=cutoff)
+        got = response_loss(tiny_llama, tiny_tokenizer, RECORDS[:1], PROMPTER, cutoff_len=cutoff)
+        assert got["tokens"] == tokens == response and got["records"] == 1
+        assert got["loss"] == pytest.approx(ref, abs=1e-5)
     with pytest.raises(ValueError, match="loss record 0"):
         response_loss(tiny_llama, tiny_tokenizer, [{"instruction": "x"}], PROMPTER)
 
@@ -150,8 +150,11 @@ def test_encode_evaluation_names_what_cannot_be_scored(tiny_tokenizer):
     long = MCItem("Q:", [" a", " " + "b" * 30], 0, "s")
     with pytest.raises(ValueError, match=r"evaluation suite 'x': item 0 .*no room"):
         encode_evaluation(tiny_tokenizer, {"x": [long]}, None, PROMPTER, context=20)
+    empty = {"instruction": "Say hi", "context": "", "response": ""}
     with pytest.raises(ValueError, match=r"held-out loss: no record has a response token"):
-        encode_evaluation(tiny_tokenizer, {}, RECORDS[:1], PROMPTER, EvalConfig(cutoff_len=2))
+        encode_evaluation(
+            tiny_tokenizer, {}, [empty], PROMPTER, EvalConfig(cutoff_len=20, add_eos=False)
+        )
 
 
 def test_eval_config_validation():

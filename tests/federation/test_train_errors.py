@@ -32,7 +32,7 @@ from rblora.federation import cli
         (["--method", "RB-LoRA", "--reduction_method", "truncate"], "does not support"),
         (["--method", "FLoRA", "--reduction_method", "zip"], "zip"),
         (["--client_lora_rank_dict", '{"client_0": 2, "client_1": 4, "client_2": 2.7}'], "2.7"),
-        (["--cutoff_len", "20"], "cutoff_len=20"),
+        (["--cutoff_len", "1"], "cutoff_len=1"),
         (["--local_learning_rate", "3e38"], "overflows float32"),
         (["--local_learning_rate", "-1e-3"], "local_learning_rate -0.001 must be > 0"),
         (["--lora_alpha", "-inf"], "lora_alpha -inf must be > 0"),
@@ -226,20 +226,18 @@ def test_resume_refuses_data_prepared_again(workspace, tmp_path, capsys):
     assert "data folder changed" in err and "global_test.json" in err
 
 
-def test_client_without_response_tokens_is_refused(workspace, tmp_path, capsys):
-    # client 1's prompts are longer than cutoff_len: with train_on_inputs false none of its
-    # records keeps a token to train on (it used to train on nothing and log a loss of 0)
+def test_long_prompts_give_way_and_their_responses_train(workspace, tmp_path, capsys):
+    # client 1's prompts are longer than cutoff_len: cut from the right (the seed's way) none of
+    # its records kept a token to train on; cut from the left, each keeps its response
     data = tmp_path / "data"
     shutil.copytree(workspace / "data", data)
     path = data / "3" / "local_training_1.json"
     records = json.loads(path.read_text())
     path.write_text(json.dumps([{**r, "instruction": "Say " + "x" * 200} for r in records]))
     out = tmp_path / "out"
-    argv = lm_argv(workspace, out, "--train_on_inputs", "false", data_path=data)
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("train.py: error:")]
-    assert len(errors) == 1 and "Traceback" not in err
-    assert "client 1: 12 of its 12 training records keep no token to train on" in errors[0]
-    assert "cutoff_len=160" in errors[0] and "raise --cutoff_len" in errors[0]
-    assert not out.exists()
+    argv = lm_argv(workspace, out, "--train_on_inputs", "false", "--num_communication_rounds", "1",
+                   data_path=data)  # fmt: skip
+    assert cli.main(argv) == 0
+    (client_1,) = [r for r in metrics(out / "3") if r.get("client") == 1]
+    assert client_1["num_examples"] == len(records) and client_1["loss"] > 0
+    assert client_1["tokens"] == 160 * len(records)  # every record filled to cutoff_len

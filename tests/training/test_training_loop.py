@@ -280,12 +280,14 @@ def test_a_step_without_targets_reports_no_loss(tiny_tokenizer):
     assert all(torch.equal(before[n][0], after[n][0]) for n in before)
 
 
-def test_examples_without_any_target_are_refused(tiny_tokenizer):
+def test_examples_without_a_target_are_refused(tiny_tokenizer):
     from rblora.training import check_targets
 
     ex = examples(tiny_tokenizer, 3)
-    check_targets(ex[:1] + [_no_targets(e) for e in ex[1:]], "client 4", 56)
+    check_targets(ex, "client 4", 56)
     check_targets([], "client 4", 56)
+    with pytest.raises(ValueError, match=r"client 4: 2 of its 3 training records keep no token"):
+        check_targets(ex[:1] + [_no_targets(e) for e in ex[1:]], "client 4", 56)
     with pytest.raises(ValueError, match=r"client 4: 3 of its 3 training records keep no token"):
         check_targets([_no_targets(e) for e in ex], "client 4", 56)
 

@@ -12,12 +12,14 @@ from rblora.evaluation.encoding import (
     Row,
     Segment,
     encode_texts,
+    leading_special_ids,
     split_continuations,
     start_token_id,
 )
 from rblora.evaluation.forward import sum_logprobs
 from rblora.evaluation.items import loss_pair
 from rblora.evaluation.multiple_choice import pad_token_id
+from rblora.utils.sequences import common_prefix, keep_response
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,9 @@ def encode_loss(
 ) -> EncodedLoss:
     """One row per record: prompt prefix, response segment (all of it scored).
 
-    Tokens are ``prompt + response`` (+ EOS if ``add_eos``) truncated on the right to
-    ``cutoff_len``, as in training; a record whose response is cut away entirely is skipped.
+    Tokens are ``prompt + response`` (+ EOS if ``add_eos``) cut to ``cutoff_len`` as in training:
+    prompt tokens give way from the left (``rblora.utils.sequences.keep_response``), so every
+    record keeps its response; a record whose response has no token of its own is skipped.
     Raises ValueError naming a bad record, or if no record keeps a response token.
     """
     prompts, fulls = [], []
@@ -52,12 +55,16 @@ def encode_loss(
     ids = encode_texts(tokenizer, prompts + fulls) if prompts else []
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     start_id = start_token_id(tokenizer)
+    n_lead = len(leading_special_ids(tokenizer))
     rows = []
     pairs = zip(ids[: len(prompts)], ids[len(prompts) :], strict=True)
     for i, (prompt_ids, full_ids) in enumerate(pairs):
-        full_ids = (full_ids + eos)[:cutoff_len]
-        if not full_ids or full_ids == prompt_ids[: len(full_ids)]:
-            continue  # no response token survived the cutoff
+        full_ids = full_ids + eos
+        n_prompt = common_prefix(prompt_ids, full_ids)
+        full_ids, n_prompt = keep_response(full_ids, n_prompt, n_lead, cutoff_len)
+        if n_prompt >= len(full_ids):
+            continue  # the response has no token of its own
+        prompt_ids = full_ids[:n_prompt]
         try:
             prefix, [(tokens, n_scored)] = split_continuations(
                 prompt_ids, [full_ids], None, start_id=start_id

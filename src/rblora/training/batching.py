@@ -83,17 +83,19 @@ def count_targets(example: dict[str, list[int]]) -> int:
 
 
 def check_targets(examples: list[dict[str, list[int]]], who: str, cutoff_len: int) -> None:
-    """Refuse ``who``'s tokenized examples when none keeps a target token.
+    """Refuse ``who``'s tokenized examples when one of them keeps no target token.
 
-    Without ``train_on_inputs`` only response tokens are targets, and a ``cutoff_len`` shorter
-    than the prompts cuts every response off: training would then take steps on nothing and
-    report a loss of 0, learning nothing. ValueError naming ``who``, how many examples keep no
-    target and what to raise. An empty list passes (on a Flower node, the other clients' data
-    is left empty).
+    A client's weight in aggregation is its number of examples, so every example must carry a
+    target: one without (a ``cutoff_len`` too short for even one response token after the
+    causal shift, or a response that tokenizes to nothing of its own) would train on nothing yet
+    count. ValueError naming ``who``, how many examples keep no target and what to raise. An
+    empty list passes (on a Flower node, the other clients' data is left empty).
     """
-    if examples and not any(count_targets(e) for e in examples):
+    empty = sum(1 for e in examples if not count_targets(e))
+    if empty:
         raise ValueError(
-            f"{who}: {len(examples)} of its {len(examples)} training records keep no token to "
-            f"train on within cutoff_len={cutoff_len} (the prompt fills it), so training would "
-            "learn nothing; raise --cutoff_len"
+            f"{who}: {empty} of its {len(examples)} training records keep no token to train on "
+            f"within cutoff_len={cutoff_len} (a record's prompt gives way from the left, so this "
+            "needs a cutoff below 2 tokens or a response with no token of its own); raise "
+            "--cutoff_len or fix the records"
         )

@@ -1,9 +1,15 @@
 """Records -> token ids and labels, with the seed's masking rule.
 
 A record is ``{instruction, context, response}``. The full text is ``prompter.full(...)``,
-tokenized with truncation at ``cutoff_len``; EOS is appended when the text did not already end with
-it and there is room (the seed's rule: a truncated example gets no EOS). Labels equal the ids,
-except that without ``train_on_inputs`` the prompt tokens get -100.
+tokenized, with EOS appended when it does not already end with it. Labels equal the ids, except
+that without ``train_on_inputs`` the prompt tokens get -100.
+
+Cutoff. A text longer than ``cutoff_len`` tokens loses prompt tokens from the left (after the
+tokenizer's leading special tokens, e.g. BOS), so the response and its EOS are kept whole: the
+seed cut from the right, and a long prompt (a BoolQ passage) then lost its whole response, so the
+record trained on nothing while it still counted in its client's weight. A response longer than
+``cutoff_len`` on its own keeps its start. This is the cut the multiple-choice scorer and the
+held-out loss make (``rblora.evaluation``), so training and evaluation see the same tokens.
 
 Prompt/response boundary: as in the seed, the prompt length comes from tokenizing the prompt
 alone. A tokenizer may merge characters across the boundary (e.g. a BPE that joins the prompt's
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from rblora.utils.sequences import common_prefix
+from rblora.utils.sequences import common_prefix, keep_response
 
 IGNORE_INDEX = -100
 
@@ -46,21 +52,19 @@ def tokenize_records(
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; set one before tokenizing")
     full = [prompter.full(r["instruction"], r.get("context") or "", r["response"]) for r in records]
-    enc = tokenizer(full, truncation=True, max_length=cutoff_len, padding=False)["input_ids"]
-    prompt_ids = None
-    if not train_on_inputs:
-        prompts = [prompter.prompt(r["instruction"], r.get("context") or "") for r in records]
-        prompt_ids = tokenizer(prompts, truncation=True, max_length=cutoff_len, padding=False)[
-            "input_ids"
-        ]
+    prompts = [prompter.prompt(r["instruction"], r.get("context") or "") for r in records]
+    enc = tokenizer(full + prompts, padding=False, verbose=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
     out = []
-    for i, ids in enumerate(enc):
+    for ids, prompt_ids in zip(enc[: len(full)], enc[len(full) :], strict=True):
         ids = list(ids)
-        if not ids or (ids[-1] != eos and len(ids) < cutoff_len):
+        if not ids or ids[-1] != eos:
             ids.append(eos)
+        n_prompt = common_prefix(prompt_ids, ids)
+        n_lead = next((i for i, t in enumerate(ids) if t not in special), len(ids))
+        ids, n_prompt = keep_response(ids, n_prompt, n_lead, cutoff_len)
         labels = list(ids)
-        if prompt_ids is not None:
-            n = common_prefix(prompt_ids[i], ids)
-            labels[:n] = [IGNORE_INDEX] * n
+        if not train_on_inputs:
+            labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
         out.append({"input_ids": ids, "labels": labels})
     return out

@@ -13,3 +13,20 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def keep_response(ids: Sequence[int], n_prompt: int, n_lead: int, cutoff_len: int):
+    """``ids`` (``n_prompt`` prompt tokens, the first ``n_lead`` of them the tokenizer's leading
+    special tokens such as BOS, then the response) cut to at most ``cutoff_len`` tokens so that
+    the response survives: prompt tokens give way from the left, just after the leading special
+    tokens (the multiple-choice scorer cuts the same way). A response that alone exceeds the
+    room keeps its start. Returns ``(ids, prompt tokens kept)``."""
+    ids = list(ids)
+    excess = len(ids) - cutoff_len
+    if excess <= 0:
+        return ids, n_prompt
+    n_lead = max(0, min(n_lead, n_prompt, cutoff_len - 1))
+    droppable = n_prompt - n_lead
+    if excess <= droppable:
+        return ids[:n_lead] + ids[n_lead + excess :], n_prompt - excess
+    return ids[:n_lead] + ids[n_prompt : n_prompt + cutoff_len - n_lead], n_lead
