@@ -7,7 +7,7 @@ No GPU and no Llama weights are at hand, so the model is Llama-3.1-8B's architec
 its configuration (hidden 4096, 32 heads, 8 key/value heads, MLP 14336, the vocabulary at its
 full 128,256) with random weights and 1, then 2, of its 32 layers, stored in bf16
 (``--base_dtype bfloat16``). The run is ``configs/rb_lora.yaml`` / ``configs/flora.yaml`` (ranks
-4, 4, 16, 16, 64, 64, 128, 128, 256, 256 on q_proj and v_proj, alpha 16, 10 clients) for one
+4, 4, 16, 16, 64, 64, 128, 128, 256, 256 on q_proj and v_proj, alpha 16, 10 clients) for
 two rounds, on a few short records per client (SST-2 sentences of the embedded mixture,
 tokenised with SmolLM2's tokenizer, whose ids all lie in Llama's vocabulary). Each figure is
 measured in its own process:
@@ -21,9 +21,11 @@ measured in its own process:
 - one client alone (rank 256, its own records only), one round of local training: its peak
   resident memory.
 
-A quantity measured with 1 and 2 layers is ``fixed + layers x per_layer``; both are solved from
-the two runs and extrapolated to 32 layers (sizes, bytes and aggregation are per layer; memory
-has a fixed part: embeddings, the LM head, the framework). Then to the paper's 50 rounds.
+Extrapolation to 32 layers: sizes, bytes and aggregation seconds belong to the LoRA modules
+alone, so they are proportional to the layers (the 2-layer figure times 16; the 1-layer figure
+checks it: sizes and bytes halve exactly). Memory and the whole command's seconds have a fixed
+part (embeddings, the LM head, the framework): ``fixed + layers x per_layer``, both solved from
+the two runs. Then to the paper's 50 rounds.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def child_client(argv: list[str], client: int) -> dict:
 
 
 def run_child(kind: str, *payload) -> dict:
-    """``child_<kind>(*payload)`` in a fresh interpreter (its own peak memory), niced."""
+    """``child_<kind>(*payload)`` in a fresh interpreter (its own peak memory)."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         code = (
             "import json, sys; sys.path.insert(0, sys.argv[1]); import bench_paper_scale as b; "
@@ -217,12 +219,20 @@ def measure(method: str, layers: int, work: Path, shapes: dict, ranks: list[int]
     }
 
 
+PROPORTIONAL = ("aggregation seconds", "MB up", "MB down", "checkpoint MB", "folder MB")
+
+
 def extrapolate(one: dict, two: dict, layers: int) -> dict:
-    """``fixed + layers x per_layer`` from the 1- and 2-layer measurements."""
+    """Each quantity at ``layers`` layers from the 1- and 2-layer measurements: proportional to
+    the layers for what only the LoRA modules make (``PROPORTIONAL``), else ``fixed + layers x
+    per_layer``."""
     out = {}
     for key in one:
-        per_layer = two[key] - one[key]
-        out[key] = (one[key] - per_layer) + layers * per_layer
+        if any(word in key for word in PROPORTIONAL):
+            out[key] = two[key] / 2 * layers
+        else:
+            per_layer = two[key] - one[key]
+            out[key] = (one[key] - per_layer) + layers * per_layer
     return out
 
 

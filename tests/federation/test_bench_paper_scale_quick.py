@@ -26,3 +26,17 @@ def test_quick_rehearsal_prints_measured_figures(tmp_path):
     assert two["peak RSS server (GB)"] > 0.1 and two["peak RSS one client, rank 16 (GB)"] > 0.1
     assert two["MB up a round (all clients)"] > 0 and two["MB down a round (all clients)"] > 0
     assert two["global folder MB (round 2)"] > figures["1 layer"]["global folder MB (round 2)"]
+
+
+def test_extrapolation_separates_per_layer_from_fixed_quantities():
+    sys.path.insert(0, str(BENCH.parent))
+    import bench_paper_scale as bench
+
+    one = {"peak RSS server (GB)": 3.0, "MB up a round (all clients)": 40.0,
+           "aggregation seconds a round": 5.0}  # fmt: skip
+    two = {"peak RSS server (GB)": 3.5, "MB up a round (all clients)": 80.0,
+           "aggregation seconds a round": 4.0}  # fmt: skip
+    got = bench.extrapolate(one, two, 32)
+    assert got["peak RSS server (GB)"] == pytest.approx(2.5 + 32 * 0.5)  # fixed + per layer
+    assert got["MB up a round (all clients)"] == pytest.approx(1280.0)  # proportional
+    assert got["aggregation seconds a round"] == pytest.approx(64.0)  # from the 2-layer run
