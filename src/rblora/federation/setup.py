@@ -95,6 +95,7 @@ def prepare_run(
     fingerprint = data_fingerprint(args.data_path, args.num_clients)
     checkpoint = rundir.check_resume(folder, args, fingerprint) if args.resume else None
     recorded = folder.read_config().get("precision") if args.resume else None
+    privacy = args.privacy()  # solves the noise for --dp_epsilon; refuses a budget out of reach
 
     # -- everything checked before anything is written (the task loads and checks the rest)
     task = build_task(precision_args(args, recorded), given, log=log, clients=clients)
@@ -120,6 +121,9 @@ def prepare_run(
         "base_model": task.base_reference,
         "precision": precision,
     }
+    if privacy is not None:
+        config["dp_noise_multiplier_resolved"] = privacy.noise_multiplier
+        config["dp_sample_rate"] = privacy.sample_rate
     if not args.resume:
         folder.start(config, log)  # an old run is set aside until this one completes
     specs = [
@@ -133,6 +137,7 @@ def prepare_run(
         selection=args.client_selection_strategy,
         frac=args.client_selection_frac,
         seed=args.seed,
+        privacy=privacy,
     )
     if args.resume:
         done = restore(folder, server, task, checkpoint)
@@ -144,6 +149,8 @@ def prepare_run(
         f"clients, ranks {ranks}, sizes {config['client_sizes']}, "
         f"{args.num_communication_rounds} rounds, engine {args.engine}"
     )
+    if privacy is not None:
+        log(privacy.describe())
     return PreparedRun(args, task, server, folder, config)
 
 
