@@ -25,7 +25,6 @@ from rblora.aggregation.privacy import check_private
 from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
 from rblora.federation.engines import available_engines
 from rblora.federation.privacy import PrivacySettings, privacy_settings
-from rblora.federation.privacy import check_options as check_privacy_options
 from rblora.utils.device import BASE_DTYPES, check_device_name
 from rblora.utils.options import (
     OptionParser,
@@ -374,15 +373,9 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         self._check_min_replies()
         check_ranks_fit(self.method, self.ranks())
         self.expected_sizes()
-        check_privacy_options(
-            clip=self.dp_clip,
-            noise_multiplier=self.dp_noise_multiplier,
-            epsilon=self.dp_epsilon,
-            delta=self.dp_delta,
-            accountant=self.dp_accountant,
-        )
         if self.dp_clip is not None:
             check_private(self.method, self.reduction_method)
+        self.privacy()  # bad DP values, opacus missing, a budget out of reach: refused now
 
     def privacy(self) -> PrivacySettings | None:
         """The run's client-level DP settings, the noise multiplier solved for ``dp_epsilon``
