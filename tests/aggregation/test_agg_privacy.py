@@ -243,3 +243,16 @@ def test_randomized_svd_against_the_dense_svd(noise, rank, max_excess, max_dista
     again = randomized_svd(m, rank, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again[0], a) and torch.equal(again[1], b)
     torch.testing.assert_close(a @ a.T, torch.eye(rank), atol=1e-5, rtol=0)
+
+
+def test_term_norm_from_r_by_r_products_equals_the_dense_norm():
+    from rblora.aggregation.privacy import term_norm_sq
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    bh = torch.randn(30, 6, generator=gen, dtype=torch.float64)
+    g = torch.rand(6, generator=gen, dtype=torch.float64)
+    dense = (bh * g) @ a
+    assert term_norm_sq("stack", a, bh, g) == pytest.approx(float(dense.square().sum()), rel=1e-12)
+    padded = float((g[:, None] * a).square().sum() + (bh * g).square().sum())
+    assert term_norm_sq("padded", a, bh, g) == pytest.approx(padded, rel=1e-12)
