@@ -256,3 +256,18 @@ def test_term_norm_from_r_by_r_products_equals_the_dense_norm():
     assert term_norm_sq("stack", a, bh, g) == pytest.approx(float(dense.square().sum()), rel=1e-12)
     padded = float((g[:, None] * a).square().sum() + (bh * g).square().sum())
     assert term_norm_sq("padded", a, bh, g) == pytest.approx(padded, rel=1e-12)
+
+
+def test_quick_privacy_benchmark_runs():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_privacy.py"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--dense"], capture_output=True,
+                          text=True, timeout=600, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"private aggregation .*: [\d.]+ s", proc.stdout)
+    excess = [float(x) for x in re.findall(r"excess error ([\d.e+-]+)", proc.stdout)]
+    assert len(excess) == 2 and all(0 <= x < 1e-2 for x in excess)
