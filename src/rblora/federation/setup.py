@@ -103,6 +103,13 @@ def prepare_run(
         client_sizes = [task.num_examples(k) for k in range(args.num_clients)]
     elif client_sizes is None or len(client_sizes) != args.num_clients:
         raise ValueError(f"client_sizes must give {args.num_clients} counts, got {client_sizes}")
+    if privacy is not None and None in client_sizes:
+        unknown = [k for k, n in enumerate(client_sizes) if n is None]
+        raise ValueError(
+            f"client-level DP fixes every client's weight before the run, but the example counts "
+            f"of clients {unknown} are unknown (give the data folder's partition.json or "
+            "--client_dataset_size_dict)"
+        )
     precision = {"bf16": bool(task.train_config.bf16), "threads": torch.get_num_threads()}
     if recorded is not None and recorded.get("threads") != precision["threads"]:
         log(
