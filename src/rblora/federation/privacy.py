@@ -11,6 +11,7 @@ when DP is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -75,7 +76,22 @@ def epsilon_after(
     acc = classes[accountant]()
     for _ in range(rounds):
         acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-    return float(acc.get_epsilon(delta=delta))
+    with _quiet():
+        return float(acc.get_epsilon(delta=delta))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the accountants' warnings inside the block: RDP's "optimal order is the largest
+    alpha" (its bound is then looser than it could be, i.e. conservative) and numpy's
+    divide-by-zero inside the PRV accountant at sampling rate 1 (a branch ``np.where`` drops)."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def check_options(
@@ -153,13 +169,14 @@ def solve_noise_multiplier(
     target); ValueError when no noise multiplier meets the budget."""
     _, solve = _opacus_accountants()
     try:
-        z = solve(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=rounds,
-            accountant=accountant,
-        )
+        with _quiet():
+            z = solve(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=rounds,
+                accountant=accountant,
+            )
     except ValueError:
         raise ValueError(
             f"dp_epsilon {epsilon:g} at delta {delta:g} cannot be met in {rounds} rounds at "
