@@ -171,3 +171,50 @@ def test_a_head_only_run_checkpoints_and_resumes():
     again.load_state_tensors(tensors, json.loads(json.dumps(meta)))
     assert again.deliver(0).factors == server.deliver(0).factors == {}
     assert torch.equal(again.dense["head"], server.dense["head"])
+
+
+@pytest.mark.parametrize(
+    ("method", "reduction"), [("RB-LoRA", None), ("Weighted HETLoRA", None), ("FLoRA", "merge")]
+)
+def test_a_resumed_dp_server_delivers_bitwise_what_an_uninterrupted_one_does(
+    method, reduction, tmp_path
+):
+    """Client-level DP: the noise of round t is seeded by (seed, t), nothing else, so a server
+    restored from its checkpoint draws the same noise (and the same range-finder sketches)."""
+    from rblora.federation.privacy import PrivacySettings
+
+    dp = PrivacySettings(clip=0.5, noise_multiplier=0.7, sample_rate=0.4, delta=1e-5,
+                         accountant="rdp")  # fmt: skip
+
+    def server():
+        return FederatedServer(method, _specs(), reduction=reduction, frac=0.4, seed=3, privacy=dp)
+
+    full_server = server()
+    full = _play(full_server, range(1, 5))
+    cut = server()
+    first = _play(cut, [1, 2])
+    folder = RunFolder(tmp_path)
+    folder.save_checkpoint(*cut.state_tensors())
+    resumed = server()
+    resumed.load_state_tensors(*folder.load_checkpoint())
+    rest = _play(resumed, [3, 4])
+    for got, want in zip(first + rest, full, strict=True):
+        _assert_same_starts(got, want)
+        for k in want:
+            for m, value in want[k].base_delta.items():
+                other = got[k].base_delta[m]
+                pairs = [(value, other)] if torch.is_tensor(value) else zip(value, other)  # noqa: B905
+                assert all(torch.equal(x, y) for x, y in pairs), (k, m)
+    assert full_server.last_clip is not None and resumed.last_clip == full_server.last_clip
+    plain = FederatedServer(method, _specs(), reduction=reduction, frac=0.4, seed=3)
+    without = _play(plain, [1, 2])[1]  # the noise reached what clients start from
+
+    def tensors(starts):
+        out = []
+        for k in sorted(starts):
+            for value in [*(starts[k].factors or {}).values(), *starts[k].base_delta.values()]:
+                out += [value] if isinstance(value, torch.Tensor) else list(value)
+        return out
+
+    pairs = zip(tensors(without), tensors(first[1]), strict=True)
+    assert not all(torch.equal(x, y) for x, y in pairs)

@@ -365,3 +365,21 @@ def test_a_flower_run_resumes_after_its_checkpoint(workspace, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     rounds = [r["round"] for r in metrics(tmp_path / "cut" / "3") if r["type"] == "round"]
     assert rounds == [1, 2]
+
+
+def test_client_level_dp_gives_the_in_process_numbers(workspace, tmp_path):
+    """The Flower server applies DP in the same round core: same noised globals, same epsilon."""
+    dp = ("--dp_clip", "0.5", "--dp_noise_multiplier", "0.8", "--method", "FlexLoRA")
+    _serve(workspace, tmp_path / "flower", _grid(), *dp)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *dp)) == 0
+    for t in (1, 2):
+        a = adapter_tensors(tmp_path / "flower" / "3" / f"round_{t}" / "global")
+        b = adapter_tensors(tmp_path / "inprocess" / "3" / f"round_{t}" / "global")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    eps = {
+        name: [r["dp_epsilon"] for r in metrics(tmp_path / name / "3") if r["type"] == "round"]
+        for name in ("flower", "inprocess")
+    }
+    assert eps["flower"] == eps["inprocess"] and len(eps["flower"]) == 2

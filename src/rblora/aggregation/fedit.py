@@ -15,30 +15,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from .linalg import padded_component_sum
-from .types import FactorPair, Method
+from .flora import data_weights
+from .types import Method
 
 
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
-    """Data-weighted mean of the factors: ``(Abar: (r, d_in), Bbar: (d_out, r))``."""
-    ranks = sorted({a.shape[0] for a in As})
-    if len(ranks) > 1:
+def same_rank_data_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
+    """``gamma: (K, r)`` float64, ``gamma[k, j] = p_k = n_k / sum n``; ValueError unless every
+    client has the same rank ``r``."""
+    if len(set(ranks)) > 1:
         raise ValueError(
             f"FedIT averages A and B and needs every client at the same rank; got ranks "
-            f"{[a.shape[0] for a in As]} (for heterogeneous ranks use Weighted HETLoRA, its "
-            "zero-padded form)"
+            f"{list(ranks)} (for heterogeneous ranks use Weighted HETLoRA, its zero-padded form)"
         )
-    p = torch.tensor(list(num_examples), dtype=torch.float64)
-    gamma = (p / p.sum())[:, None].expand(len(As), ranks[0])
-    return padded_component_sum(As, Bhs, gamma)
+    return data_weights(ranks, num_examples)
 
 
 METHOD = Method(
     name="FedIT",
-    combine=combine,
+    weights=same_rank_data_weights,
+    form="padded",  # data-weighted mean of the factors (Abar: (r, d_in), Bbar: (d_out, r))
     default_reduction="truncate",
     reductions=("truncate", "svd"),
     exact_mean=False,

@@ -17,11 +17,10 @@ from __future__ import annotations
 from . import flora
 from .types import Method
 
-combine = flora.combine  # the same exact weighted stack; only the redistribution differs
-
 METHOD = Method(
     name="FlexLoRA",
-    combine=combine,
+    weights=flora.data_weights,  # the same exact weighted stack as FLoRA's;
+    form="stack",  # only the redistribution differs
     default_reduction="svd",
     reductions=("svd",),
     exact_mean=True,

@@ -18,21 +18,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import weighted_stack
-from .types import FactorPair, Method
+from .types import Method
 
 
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
-    """Data-weighted stack: ``(A_s: (S, d_in), B_s: (d_out, S))``."""
-    rank = max(a.shape[0] for a in As)
+def data_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
+    """``gamma: (K, R)`` float64, ``gamma[k, j] = p_k = n_k / sum n`` for every component."""
     p = torch.tensor(list(num_examples), dtype=torch.float64)
-    gamma = (p / p.sum())[:, None].expand(len(As), rank)
-    return weighted_stack(As, Bhs, gamma)
+    return (p / p.sum())[:, None].expand(len(p), max(ranks)).clone()
 
 
 METHOD = Method(
     name="FLoRA",
-    combine=combine,
+    weights=data_weights,
+    form="stack",  # the data-weighted stack (A_s: (S, d_in), B_s: (d_out, S))
     default_reduction="merge",
     reductions=("merge", "svd", "truncate"),
     exact_mean=True,

@@ -8,16 +8,19 @@ import numbers
 import torch
 from torch import Tensor
 
-from .linalg import FactoredSVD, orthonormal_complement_rows
+from .linalg import FactoredSVD, orthonormal_complement_rows, randomized_svd
 from .starts import StartBasis
-from .types import FactorPair
+from .types import FactorPair, ModuleDelta
 
 
 class GlobalUpdate:
     """The aggregated update of every module, held in exact factored form.
 
     For each module the update is ``dW = B_g @ A_g`` with ``A_g: (k, d_in)``, ``B_g: (d_out, k)``
-    and all client scales already folded in (``k`` is R for HETLoRA, S = sum r_k for the stacks).
+    and all client scales already folded in (``k`` is R for HETLoRA, S = sum r_k for the stacks),
+    or, where client-level DP added full-rank noise to it (:mod:`.privacy`), a dense
+    ``(d_out, d_in)`` tensor: its ``svd`` redistribution is then a seeded randomized range finder
+    to the width asked (:func:`.linalg.randomized_svd`).
 
     Attributes:
         method: canonical name of the method that produced it.
@@ -31,13 +34,16 @@ class GlobalUpdate:
         self,
         method: str,
         reduction: str,
-        factors: dict[str, FactorPair],
+        factors: dict[str, ModuleDelta],
         dtype: torch.dtype,
         dense: dict[str, Tensor] | None = None,
+        sketch_seed: int = 0,
     ) -> None:
-        """``factors``: module -> ``(A_g: (k, d_in), B_g: (d_out, k))`` in the working dtype;
-        ``dtype``: the dtype of returned tensors; ``dense``: the averaged dense extra parameters.
-        Built by :func:`rblora.aggregation.aggregate`."""
+        """``factors``: module -> ``(A_g: (k, d_in), B_g: (d_out, k))`` (or a dense
+        ``(d_out, d_in)``) in the working dtype; ``dtype``: the dtype of returned tensors;
+        ``dense``: the averaged dense extra parameters; ``sketch_seed``: seeds the random test
+        matrices of the randomized SVD of dense modules. Built by
+        :func:`rblora.aggregation.aggregate` (or :func:`.privacy.private_aggregate`)."""
         self.dense: dict[str, Tensor] = dict(dense or {})
         """Example-weighted mean of the clients' dense extra parameters (every client starts its
         next round from them, whatever the redistribution)."""
@@ -46,7 +52,9 @@ class GlobalUpdate:
         self.modules: list[str] = sorted(factors)
         self._factors = factors
         self._dtype = dtype
+        self._sketch_seed = int(sketch_seed)
         self._svd: dict[str, FactoredSVD] = {}
+        self._sketches: dict[tuple[str, int], FactorPair] = {}  # (dense module, width) -> SVD
 
     def __repr__(self) -> str:
         return (
@@ -61,24 +69,43 @@ class GlobalUpdate:
         :meth:`for_client` returns ``{}``."""
         return self.reduction == "merge"
 
+    def is_dense(self, module: str) -> bool:
+        """True if ``module`` is held as a dense ``(d_out, d_in)`` (noised under DP)."""
+        return isinstance(self._get(module), Tensor)
+
     def shape(self, module: str) -> tuple[int, int]:
         """``(d_out, d_in)`` of ``module``."""
+        if self.is_dense(module):
+            return tuple(int(d) for d in self._get(module).shape)
         a, b = self._get(module)
         return int(b.shape[0]), int(a.shape[1])
 
     def rank(self, module: str) -> int:
-        """Width ``k`` of the factored form of ``module`` (R for HETLoRA, S for stacks); the
-        numerical rank of the update may be lower."""
+        """Width ``k`` of the factored form of ``module`` (R for HETLoRA, S for stacks,
+        ``min(d_out, d_in)`` when dense); the numerical rank of the update may be lower."""
+        if self.is_dense(module):
+            return min(self.shape(module))
         return int(self._get(module)[0].shape[0])
 
     def factors(self, module: str) -> FactorPair:
         """Exact factored form ``(A: (k, d_in), B: (d_out, k))`` with ``delta == B @ A`` (scale
-        folded in: export it as a PEFT adapter with ``lora_alpha == k``, or merge it)."""
+        folded in: export it as a PEFT adapter with ``lora_alpha == k``, or merge it).
+        ValueError for a dense module (see :meth:`module_delta`)."""
+        if self.is_dense(module):
+            raise ValueError(f"module {module!r} is held dense (DP noise); use module_delta()")
         a, b = self._get(module)
         return a.to(self._dtype, copy=True), b.to(self._dtype, copy=True)
 
+    def module_delta(self, module: str) -> ModuleDelta:
+        """The update of ``module`` as held: :meth:`factors`, or a new dense ``(d_out, d_in)``."""
+        if self.is_dense(module):
+            return self._get(module).to(self._dtype, copy=True)
+        return self.factors(module)
+
     def delta(self, module: str) -> Tensor:
         """Dense global update ``(d_out, d_in)`` of ``module``, scaling included."""
+        if self.is_dense(module):
+            return self._get(module).to(self._dtype, copy=True)
         a, b = self._get(module)
         return (b @ a).to(self._dtype)
 
@@ -123,7 +150,24 @@ class GlobalUpdate:
         factors = {m: self._basis_factors(m, width) for m in self.modules}
         return StartBasis(width, factors, self._dtype)
 
-    def _get(self, module: str) -> FactorPair:
+    def _dense_basis(self, module: str, width: int) -> FactorPair:
+        """Top-``width`` SVD factors of a dense module by a randomized range finder seeded from
+        ``sketch_seed`` and the module's index (so the same update gives the same factors)."""
+        if self.reduction != "svd":
+            raise ValueError(
+                f"module {module!r} is dense (DP noise): only the svd redistribution can cut it "
+                f"to a client's rank, not {self.reduction!r}"
+            )
+        if (module, width) not in self._sketches:
+            index = self.modules.index(module)
+            seed = (self._sketch_seed * 1_000_003 + index) % 2**63
+            generator = torch.Generator().manual_seed(seed)
+            self._sketches[module, width] = randomized_svd(
+                self._get(module), width, generator=generator
+            )
+        return self._sketches[module, width]
+
+    def _get(self, module: str) -> ModuleDelta:
         if module not in self._factors:
             raise ValueError(f"unknown module {module!r}; this update has {self.modules}")
         return self._factors[module]
@@ -144,7 +188,9 @@ class GlobalUpdate:
     def _basis_factors(self, module: str, width: int) -> FactorPair:
         """``(A_W: (width, d_in), B_W: (d_out, p))``, new contiguous tensors (not views of the
         factors or of the SVD cache, so the basis keeps nothing else alive)."""
-        if self.reduction == "svd":
+        if self.is_dense(module):
+            a, b = self._dense_basis(module, width)
+        elif self.reduction == "svd":
             if module not in self._svd:
                 self._svd[module] = FactoredSVD(*self._get(module))
             svd = self._svd[module]

@@ -159,3 +159,46 @@ class FactoredSVD:
         u, v, s = self._vectors(r)
         b = u[:, :r] * s[:r].to(u.dtype)
         return v[:, :r].T.to(self.dtype), b.to(self.dtype)
+
+
+def randomized_svd(
+    M: Tensor,
+    rank: int,
+    *,
+    generator: torch.Generator,
+    oversample: int = 10,
+    power_iters: int = 4,
+) -> tuple[Tensor, Tensor]:
+    """Best rank-``rank`` approximation of a dense ``M: (d_out, d_in)`` in factored form, by a
+    randomized range finder with subspace iteration (Halko, Martinsson & Tropp, SIAM Review 2011,
+    Algorithm 4.4), for updates that are dense because noise was added to them.
+
+    A Gaussian test matrix ``(d_in, rank + oversample)`` drawn from ``generator`` (so a seeded
+    generator gives the same factors every time), ``power_iters`` rounds of re-orthonormalised
+    subspace iteration, then an exact SVD of the small projected matrix in float64. Costs
+    ``O(d_out * d_in * (rank + oversample) * (2 * power_iters + 2))`` instead of a dense SVD's
+    ``O(d^3)`` (at 4096 x 4096 and rank 256: about a second instead of about two minutes on
+    2 CPU cores). When ``rank + oversample >= min(d_out, d_in)`` the exact dense SVD (float64)
+    is used instead. Its error against the dense SVD is measured in
+    ``tests/aggregation/test_agg_privacy.py`` (README, "Differential privacy").
+
+    Returns:
+        ``(A_r: (rank, d_in), B_r: (d_out, rank))`` in ``M``'s dtype, ``A_r = V[:, :rank]^T``
+        with orthonormal rows, ``B_r = U[:, :rank] diag(sigma[:rank])``, signs fixed as in
+        :class:`FactoredSVD`.
+    """
+    d_out, d_in = M.shape
+    if not 1 <= rank <= min(d_out, d_in):
+        raise ValueError(f"rank {rank} is outside 1..{min(d_out, d_in)}")
+    width = rank + oversample
+    if width >= min(d_out, d_in):
+        u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
+    else:
+        omega = torch.randn(d_in, width, generator=generator, dtype=M.dtype, device=M.device)
+        q = torch.linalg.qr(M @ omega).Q
+        for _ in range(power_iters):
+            q = torch.linalg.qr(M @ torch.linalg.qr(M.T @ q).Q).Q
+        uc, s, vh = torch.linalg.svd((q.T @ M).double(), full_matrices=False)
+        u = q.double() @ uc
+    u, v = _fix_signs(u[:, :rank], vh[:rank].T)
+    return v.T.to(M.dtype).contiguous(), (u * s[:rank]).to(M.dtype).contiguous()

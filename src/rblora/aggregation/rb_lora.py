@@ -21,8 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import weighted_stack
-from .types import FactorPair, Method
+from .types import Method
 
 
 def rank_balanced_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
@@ -35,15 +34,10 @@ def rank_balanced_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> 
     return n[:, None] * has / holders[None, :]
 
 
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
-    """Rank-balanced weighted stack: ``(A_s: (S, d_in), B_s: (d_out, S))``."""
-    gamma = rank_balanced_weights([a.shape[0] for a in As], num_examples)
-    return weighted_stack(As, Bhs, gamma)
-
-
 METHOD = Method(
     name="RB-LoRA",
-    combine=combine,
+    weights=rank_balanced_weights,
+    form="stack",  # the rank-balanced weighted stack (A_s: (S, d_in), B_s: (d_out, S))
     default_reduction="svd",
     reductions=("svd",),
     exact_mean=True,

@@ -12,24 +12,13 @@ product of the mean factors, not the mean update.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from torch import Tensor
-
-from .linalg import padded_component_sum
 from .rb_lora import rank_balanced_weights
-from .types import FactorPair, Method
-
-
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
-    """Rank-balanced mean of the padded factors: ``(A_g: (R, d_in), B_g: (d_out, R))``."""
-    gamma = rank_balanced_weights([a.shape[0] for a in As], num_examples)
-    return padded_component_sum(As, Bhs, gamma)
-
+from .types import Method
 
 METHOD = Method(
     name="RB-LoRA (factor)",
-    combine=combine,
+    weights=rank_balanced_weights,
+    form="padded",  # rank-balanced mean of the padded factors (A_g: (R, d_in), B_g: (d_out, R))
     default_reduction="svd",
     reductions=("svd",),
     exact_mean=False,

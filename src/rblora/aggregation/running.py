@@ -61,12 +61,27 @@ class UpdateSum:
         return dict(self.items())
 
     @torch.no_grad()
-    def add(self, update: dict[str, FactorPair]) -> None:
-        """Add ``B @ A`` of every module of ``update`` (factors with the scale folded in)."""
-        for module, (a, b) in update.items():
-            a = a.detach().to("cpu", torch.float32)
-            b = b.detach().to("cpu", torch.float32)
+    def add(self, update: dict[str, ModuleDelta]) -> None:
+        """Add every module of ``update``: ``B @ A`` of factors (scale folded in), or a dense
+        ``(d_out, d_in)`` (a DP-noised update; the total is dense from then on)."""
+        for module, value in update.items():
             current = self._modules.get(module)
+            if is_dense(value):
+                value = value.detach().to("cpu", torch.float32)
+                if current is not None and delta_shape(current) != tuple(value.shape):
+                    raise ValueError(
+                        f"UpdateSum.add: {module}: shape {tuple(value.shape)} differs from "
+                        f"the running total's {delta_shape(current)}"
+                    )
+                if current is None:
+                    self._modules[module] = value.clone()
+                elif is_dense(current):
+                    self._modules[module] = current + value
+                else:
+                    self._modules[module] = current[1] @ current[0] + value
+                continue
+            a = value[0].detach().to("cpu", torch.float32)
+            b = value[1].detach().to("cpu", torch.float32)
             if current is None:
                 total: ModuleDelta = (a.clone(), b.clone())
             elif is_dense(current):

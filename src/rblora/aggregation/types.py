@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .linalg import padded_component_sum, weighted_stack
+
 FactorPair = tuple[Tensor, Tensor]
 """One module's LoRA factors ``(A, B)`` with ``A: (r, d_in)`` and ``B: (d_out, r)``."""
 
@@ -77,20 +79,36 @@ class ClientUpdate:
         return f"client {index}{label}"
 
 
-Combine = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[int]], FactorPair]
-"""``combine(As, Bhs, num_examples) -> (A_g: (k, d_in), B_g: (d_out, k))`` for one module, where
-client k gives ``A_k: (r_k, d_in)`` and ``Bh_k = s_k * B_k: (d_out, r_k)``; the global update is
-``B_g @ A_g``. Must not modify its inputs and must return new tensors, not views of them."""
+Weights = Callable[[Sequence[int], Sequence[int]], Tensor]
+"""``weights(ranks, num_examples) -> gamma: (K, R)`` float64, ``R = max r_k``: the weight of
+component j (row j of ``A_k``, column j of ``Bh_k``) of client k; entries with ``j >= r_k`` are
+ignored. Computed from the clients given (normalised over them); client-level DP calls it on the
+whole configured population instead (:mod:`.privacy`)."""
+
+FORMS = ("stack", "padded")
+"""How a method assembles weighted components into the global factors (:meth:`Method.combine`):
+
+- ``stack``: ``dW = sum_k Bh_k diag(gamma_k) A_k``, held as the stack of every client's weighted
+  components (:func:`.linalg.weighted_stack`, width ``S = sum r_k``): a weighted sum of
+  per-client updates (RB-LoRA, FLoRA, FlexLoRA);
+- ``padded``: ``B_g = sum_k pad(Bh_k) diag(gamma_k)``, ``A_g = sum_k diag(gamma_k) pad(A_k)``,
+  ``dW = B_g @ A_g`` (:func:`.linalg.padded_component_sum`, width ``R``): a weighted sum of
+  per-client *factors*, whose product is the update (HETLoRA, FedIT, RB-LoRA (factor))."""
 
 
 @dataclass(frozen=True)
 class Method:
-    """An aggregation method: how client factors combine, and how the result is redistributed."""
+    """An aggregation method: how client factors combine, and how the result is redistributed.
+
+    The aggregation rule for one module is :meth:`combine`: the component weights
+    (:attr:`weights`) assembled in the method's :attr:`form`."""
 
     name: str
     """Canonical name (the seed's CLI name), e.g. ``"RB-LoRA"``."""
-    combine: Combine
-    """The aggregation rule for one module (see :data:`Combine`)."""
+    weights: Weights
+    """The component weights (see :data:`Weights`)."""
+    form: str
+    """``"stack"`` or ``"padded"`` (see :data:`FORMS`)."""
     default_reduction: str
     """Redistribution used when none is asked for."""
     reductions: tuple[str, ...]
@@ -104,3 +122,21 @@ class Method:
     """Extra accepted names (matching ignores case, spaces and punctuation anyway)."""
     homogeneous_ranks: bool = False
     """True if every client must have the same rank (FedIT); checked before any training."""
+
+    def combine(
+        self, As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]
+    ) -> FactorPair:
+        """The global factors ``(A_g: (k, d_in), B_g: (d_out, k))`` of one module, where client
+        k gives ``A_k: (r_k, d_in)`` and ``Bh_k = s_k * B_k: (d_out, r_k)``; the global update is
+        ``B_g @ A_g``. Inputs are never modified; the result holds new tensors."""
+        gamma = self.weights([a.shape[0] for a in As], num_examples)
+        return assemble(self.form, As, Bhs, gamma)
+
+
+def assemble(form: str, As: Sequence[Tensor], Bhs: Sequence[Tensor], gamma: Tensor) -> FactorPair:
+    """Weighted components in ``form`` (see :data:`FORMS`); ``gamma: (K, >= max r_k)``."""
+    if form == "stack":
+        return weighted_stack(As, Bhs, gamma)
+    if form == "padded":
+        return padded_component_sum(As, Bhs, gamma)
+    raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")

@@ -16,20 +16,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import padded_component_sum
-from .types import FactorPair, Method
+from .types import Method
 
 
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
-    """Uniform mean of the padded factors: ``(Abar: (R, d_in), Bbar: (d_out, R))``."""
-    rank = max(a.shape[0] for a in As)
-    gamma = torch.full((len(As), rank), 1.0 / len(As), dtype=torch.float64)
-    return padded_component_sum(As, Bhs, gamma)
+def uniform_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
+    """``gamma: (K, R)`` float64, every entry ``1 / K``."""
+    return torch.full((len(ranks), max(ranks)), 1.0 / len(ranks), dtype=torch.float64)
 
 
 METHOD = Method(
     name="Uniform HETLoRA",
-    combine=combine,
+    weights=uniform_weights,
+    form="padded",  # uniform mean of the padded factors (Abar: (R, d_in), Bbar: (d_out, R))
     default_reduction="truncate",
     reductions=("truncate", "svd", "merge"),
     exact_mean=False,

@@ -10,26 +10,13 @@ Default redistribution: truncate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-from torch import Tensor
-
-from .linalg import padded_component_sum
-from .types import FactorPair, Method
-
-
-def combine(As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]) -> FactorPair:
-    """Data-weighted mean of the padded factors: ``(Abar: (R, d_in), Bbar: (d_out, R))``."""
-    rank = max(a.shape[0] for a in As)
-    p = torch.tensor(list(num_examples), dtype=torch.float64)
-    gamma = (p / p.sum())[:, None].expand(len(As), rank)
-    return padded_component_sum(As, Bhs, gamma)
-
+from .flora import data_weights
+from .types import Method
 
 METHOD = Method(
     name="Weighted HETLoRA",
-    combine=combine,
+    weights=data_weights,
+    form="padded",  # data-weighted mean of the padded factors (Abar: (R, d_in), Bbar: (d_out, R))
     default_reduction="truncate",
     reductions=("truncate", "svd", "merge"),
     exact_mean=False,

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from rblora.aggregation import default_reduction, get_method
+from rblora.aggregation.privacy import check_private
 from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
 from rblora.federation.engines import available_engines
+from rblora.federation.privacy import PrivacySettings, privacy_settings
 from rblora.utils.device import BASE_DTYPES, check_device_name
 from rblora.utils.options import (
     OptionParser,
@@ -145,6 +147,24 @@ class RunOptions:
         "value projections found in the model for image)",
     )
     use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
+    # client-level differential privacy (README, "Differential privacy")
+    dp_clip: float | None = option(
+        None,
+        "client-level DP: clip each client's whole contribution to the global update (all "
+        "modules, dense extras, its weight included) to this Frobenius norm C; off when unset",
+    )
+    dp_noise_multiplier: float | None = option(
+        None, "client-level DP: Gaussian noise of std z*C on every released coordinate (z >= 0)"
+    )
+    dp_epsilon: float | None = option(
+        None,
+        "client-level DP: solve the noise multiplier so that epsilon at dp_delta after "
+        "num_communication_rounds is at most this (instead of --dp_noise_multiplier)",
+    )
+    dp_delta: float = option(1e-5, "client-level DP: delta of the (epsilon, delta) guarantee")
+    dp_accountant: str = option(
+        "rdp", "client-level DP: Opacus accountant of the sampled Gaussian mechanism: rdp | prv"
+    )
     # run control
     seed: int = option(42, "seed of client selection, LoRA initialisation and batching")
     resume: bool = option(
@@ -353,6 +373,23 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         self._check_min_replies()
         check_ranks_fit(self.method, self.ranks())
         self.expected_sizes()
+        if self.dp_clip is not None:
+            check_private(self.method, self.reduction_method)
+        self.privacy()  # bad DP values, opacus missing, a budget out of reach: refused now
+
+    def privacy(self) -> PrivacySettings | None:
+        """The run's client-level DP settings, the noise multiplier solved for ``dp_epsilon``
+        over ``num_communication_rounds`` when asked (needs opacus); None when DP is off.
+        ValueError when the budget cannot be met."""
+        return privacy_settings(
+            clip=self.dp_clip,
+            noise_multiplier=self.dp_noise_multiplier,
+            epsilon=self.dp_epsilon,
+            delta=self.dp_delta,
+            accountant=self.dp_accountant,
+            sample_rate=self.selected_per_round() / self.num_clients,
+            rounds=self.num_communication_rounds,
+        )
 
     def training_examples(self, prepared_size: int) -> int:
         """A client's training examples (its weight) from its prepared size: minus the local
@@ -407,11 +444,19 @@ def resume_differences(saved: dict[str, Any], current: TrainArgs) -> list[str]:
     """Options that differ between a run's saved configuration and ``current``, except those
     marked ``resumable`` (derived from the option definitions, not a hand-kept list)."""
     now = current.to_dict()
-    return [
+    differ = [
         f"{f.name}: run has {saved.get(f.name, default_of(f))!r}, now {now[f.name]!r}"
         for f in fields(TrainArgs)
         if not f.metadata.get("resumable") and saved.get(f.name, default_of(f)) != now[f.name]
     ]
+    rounds = saved.get("num_communication_rounds")
+    if now["dp_epsilon"] is not None and rounds != now["num_communication_rounds"]:
+        # the noise multiplier was solved for the rounds the run started with
+        differ.append(
+            f"num_communication_rounds: run has {rounds!r}, now {now['num_communication_rounds']!r}"
+            " (under --dp_epsilon the noise was solved for the run's rounds)"
+        )
+    return differ
 
 
 def _positive(args: TrainArgs, *names: str) -> None:

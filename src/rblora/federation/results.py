@@ -55,6 +55,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
                 "round_seconds": r.get("round_seconds"),
                 "aggregate_seconds": r.get("aggregate_seconds"),
                 "eval_seconds": r.get("eval_seconds"),
+                **({"dp_epsilon": r.get("dp_epsilon")} if "dp_epsilon" in r else {}),
                 **scalar_evals(r.get("eval")),
             }
         )
@@ -71,6 +72,23 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
         "total_bytes_up": sum(r.get("bytes_up") or 0 for r in rounds),
         "total_bytes_down": sum(r.get("bytes_down") or 0 for r in rounds),
         "total_seconds": sum(r.get("round_seconds") or 0 for r in rounds),
+        "privacy": _privacy(config, rounds),
+    }
+
+
+def _privacy(config: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's client-level DP settings and the epsilon spent by its last round (None: off)."""
+    if config.get("dp_clip") is None:
+        return None
+    spent = [r["dp_epsilon"] for r in rounds if "dp_epsilon" in r]
+    return {
+        "clip": config.get("dp_clip"),
+        "noise_multiplier": config.get("dp_noise_multiplier_resolved"),
+        "target_epsilon": config.get("dp_epsilon"),
+        "delta": config.get("dp_delta"),
+        "accountant": config.get("dp_accountant"),
+        "sample_rate": config.get("dp_sample_rate"),
+        "epsilon": spent[-1] if spent else None,
     }
 
 
@@ -87,13 +105,18 @@ def markdown_table(results: dict[str, Any]) -> str:
     if not rows:
         return "(no completed round)\n"
     metric_keys = sorted({k for r in rows for k in r if "/" in k and not k.endswith(CI_SUFFIX)})
-    head = ["round", "train_loss", *metric_keys, "MB up", "MB down", "seconds"]
+    private = any("dp_epsilon" in r for r in rows)
+    head = ["round", "train_loss", *metric_keys, *(["DP epsilon"] if private else [])]
+    head += ["MB up", "MB down", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["round"]), _fmt(r.get("train_loss"))]
         for k in metric_keys:  # accuracies with their 95% sampling interval
             ci = r.get(k + CI_SUFFIX)
             cells.append(_fmt(r.get(k)) + (f" ± {ci:.3f}" if ci is not None else ""))
+        if private:  # no noise: no guarantee ("inf"); round 0 (the base model): "-"
+            eps = r.get("dp_epsilon")
+            cells.append("-" if "dp_epsilon" not in r else "inf" if eps is None else f"{eps:.3g}")
         cells += [
             f"{(r.get('bytes_up') or 0) / 2**20:.1f}",
             f"{(r.get('bytes_down') or 0) / 2**20:.1f}",
@@ -113,10 +136,24 @@ def write_summary(run_dir: Path, results: dict[str, Any]) -> None:
         f"- total communication: {results['total_bytes_up'] / 2**20:.1f} MB up, "
         f"{results['total_bytes_down'] / 2**20:.1f} MB down",
         f"- wall time of the rounds: {results['total_seconds']:.0f} s",
+        *_privacy_line(results.get("privacy")),
         "",
         markdown_table(results),
     ]
     write_text(run_dir / "summary.md", "\n".join(text))
+
+
+def _privacy_line(dp: dict[str, Any] | None) -> list[str]:
+    if not dp:
+        return []
+    eps = "inf (no noise)" if dp["epsilon"] is None else f"{dp['epsilon']:.4g}"
+    z = dp["noise_multiplier"]
+    return [
+        f"- client-level DP: epsilon {eps} at delta {dp['delta']:g} ({dp['accountant']} "
+        f"accountant), clip {dp['clip']:g}, noise multiplier "
+        f"{'-' if z is None else format(z, '.4g')}, sampling rate "
+        f"{'-' if dp['sample_rate'] is None else format(dp['sample_rate'], '.4g')}"
+    ]
 
 
 def write_plots(run_dir: Path, results: dict[str, Any]) -> list[Path]:

@@ -166,6 +166,7 @@ def close_round(
         "eval_seconds": round(eval_seconds, 3),
         "round_seconds": round(time.perf_counter() - started, 3),
         "eval": evaluation,
+        **server.privacy_record(),
     }
     if missing:
         record["missing"] = {str(k): reason for k, reason in sorted(missing.items())}
@@ -293,6 +294,8 @@ def round_line(r: dict[str, Any]) -> str:
     for name, value in scalar_evals(r.get("eval")).items():
         if name.endswith(("/accuracy", "/loss")):
             parts.append(f"{name} {value:.4f}")
+    if r.get("dp_epsilon") is not None:
+        parts.append(f"DP epsilon {r['dp_epsilon']:.3g}")
     if r.get("missing"):
         parts.append(f"missing clients {', '.join(r['missing'])}")
     return ", ".join(parts)

@@ -84,10 +84,14 @@ def decimal_size(n: int) -> str:
 def plan_for(args: TrainArgs, layout: UpdateLayout) -> tuple[SavePlan, int]:
     """The schedule of a run with options ``args`` whose clients' updates look like ``layout``,
     and the bound of one round folder's bytes it was based on."""
+    from rblora.aggregation import get_method
+
+    # a DP-noised stacked update is dense every round, as a merged running total is
+    noised_dense = args.dp_clip is not None and get_method(args.method).form == "stack"
     bound = round_folder_bytes(
         layout,
         args.ranks(),
-        merge=args.reduction() == "merge",
+        merge=args.reduction() == "merge" or noised_dense,
         clients=args.save_client_adapters,
     )
     rounds = args.num_communication_rounds

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 from rblora.aggregation import ClientUpdate, GlobalUpdate, aggregate
+from rblora.aggregation.privacy import ClientDP, ClipReport, private_aggregate
 from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
 from rblora.aggregation.starts import StartBasis
 from rblora.aggregation.types import Factors
 from rblora.federation.options import selection_count
+from rblora.federation.privacy import PrivacySettings
 from rblora.protocol.codec import (
     decode_basis,
     decode_deltas,
@@ -41,6 +43,7 @@ from rblora.protocol.codec import (
 from rblora.protocol.types import ClientSpec, ClientStart, tensor_bytes
 
 BYTES_PER_VALUE = 4  # float32, as the server keeps and sends every tensor
+DP_NOISE_STREAM = 0xD9  # derive_seed(seed, round, DP_NOISE_STREAM) seeds a round's DP noise
 
 
 @dataclass
@@ -72,6 +75,10 @@ class FederatedServer:
         selection: "random" (``frac`` of the clients, seeded per round) or "all".
         frac: fraction of clients selected per round, in (0, 1].
         seed: run seed; round ``t`` selects with ``derive_seed(seed, t)``.
+        privacy: client-level DP (every round aggregates with
+            :func:`rblora.aggregation.privacy.private_aggregate`, its noise seeded by
+            ``derive_seed(seed, t, DP_NOISE_STREAM)``); None: off. Needs every client's
+            ``num_examples`` (the weights' fixed denominator).
     """
 
     def __init__(
@@ -83,9 +90,28 @@ class FederatedServer:
         selection: str = "random",
         frac: float = 1.0,
         seed: int = 0,
+        privacy: PrivacySettings | None = None,
     ):
         if [c.client_id for c in clients] != list(range(len(clients))):
             raise ValueError("clients must be given in order with ids 0..K-1")
+        self.privacy = privacy
+        self._dp: ClientDP | None = None
+        if privacy is not None:
+            unknown = [c.client_id for c in clients if c.num_examples is None]
+            if unknown:
+                raise ValueError(
+                    f"client-level DP fixes every client's weight before the run, but the "
+                    f"example counts of clients {unknown} are unknown (give their partition.json "
+                    "or --client_dataset_size_dict)"
+                )
+            self._dp = ClientDP(
+                clip=privacy.clip,
+                noise_multiplier=privacy.noise_multiplier,
+                sample_rate=privacy.sample_rate,
+                ranks=tuple(c.rank for c in clients),
+                num_examples=tuple(int(c.num_examples) for c in clients),
+            )
+        self.last_clip: ClipReport | None = None  # what DP clipping did in the last aggregation
         self.method = method
         self.reduction = reduction
         self.clients = clients
@@ -136,8 +162,26 @@ class FederatedServer:
         return start
 
     def aggregate(self, updates: list[ClientUpdate]) -> GlobalUpdate:
-        """Aggregate this round's client updates (order does not matter)."""
-        return aggregate(self.method, updates, reduction=self.reduction)
+        """Aggregate this round's client updates (order does not matter); under client-level DP
+        clipped, with fixed weights and seeded noise (round ``completed_rounds + 1``)."""
+        if self._dp is None:
+            return aggregate(self.method, updates, reduction=self.reduction)
+        seed = derive_seed(self.seed, self.completed_rounds + 1, DP_NOISE_STREAM)
+        global_update, self.last_clip = private_aggregate(
+            self.method, updates, self._dp, seed=seed, reduction=self.reduction
+        )
+        return global_update
+
+    def privacy_record(self) -> dict:
+        """Under DP, the round record's privacy fields after the round just closed: epsilon spent
+        so far at the run's delta (None with no noise: no guarantee), and how many clients were
+        clipped; ``{}`` otherwise."""
+        if self.privacy is None:
+            return {}
+        record = {"dp_epsilon": self.privacy.epsilon(self.completed_rounds)}
+        if self.last_clip is not None:
+            record["dp_clipped"] = self.last_clip.clipped
+        return record
 
     def redistribute(self, global_update: GlobalUpdate) -> GlobalModel:
         """Close the round: compute every client's start for the next one; return the global model.
@@ -146,10 +190,10 @@ class FederatedServer:
         restarts from a fresh LoRA; otherwise each client gets its rank-r projection.
         """
         self.dense = {n: t.to(torch.float32) for n, t in global_update.dense.items()}
-        update = {m: global_update.factors(m) for m in global_update.modules}
+        update = {m: global_update.module_delta(m) for m in global_update.modules}
         if global_update.merges_into_base:
             self.base_total.add(update)
-            self._merge_widths.append(max(a.shape[0] for a, _ in update.values()))
+            self._merge_widths.append(max(global_update.rank(m) for m in update))
             model = GlobalModel(self.base_total.as_dict(), merged=True, dense=dict(self.dense))
         else:
             self._merge_widths.append(0)

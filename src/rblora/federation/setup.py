@@ -95,6 +95,7 @@ def prepare_run(
     fingerprint = data_fingerprint(args.data_path, args.num_clients)
     checkpoint = rundir.check_resume(folder, args, fingerprint) if args.resume else None
     recorded = folder.read_config().get("precision") if args.resume else None
+    privacy = args.privacy()  # solves the noise for --dp_epsilon; refuses a budget out of reach
 
     # -- everything checked before anything is written (the task loads and checks the rest)
     task = build_task(precision_args(args, recorded), given, log=log, clients=clients)
@@ -102,6 +103,13 @@ def prepare_run(
         client_sizes = [task.num_examples(k) for k in range(args.num_clients)]
     elif client_sizes is None or len(client_sizes) != args.num_clients:
         raise ValueError(f"client_sizes must give {args.num_clients} counts, got {client_sizes}")
+    if privacy is not None and None in client_sizes:
+        unknown = [k for k, n in enumerate(client_sizes) if n is None]
+        raise ValueError(
+            f"client-level DP fixes every client's weight before the run, but the example counts "
+            f"of clients {unknown} are unknown (give the data folder's partition.json or "
+            "--client_dataset_size_dict)"
+        )
     precision = {"bf16": bool(task.train_config.bf16), "threads": torch.get_num_threads()}
     if recorded is not None and recorded.get("threads") != precision["threads"]:
         log(
@@ -120,6 +128,9 @@ def prepare_run(
         "base_model": task.base_reference,
         "precision": precision,
     }
+    if privacy is not None:
+        config["dp_noise_multiplier_resolved"] = privacy.noise_multiplier
+        config["dp_sample_rate"] = privacy.sample_rate
     if not args.resume:
         folder.start(config, log)  # an old run is set aside until this one completes
     specs = [
@@ -133,6 +144,7 @@ def prepare_run(
         selection=args.client_selection_strategy,
         frac=args.client_selection_frac,
         seed=args.seed,
+        privacy=privacy,
     )
     if args.resume:
         done = restore(folder, server, task, checkpoint)
@@ -144,6 +156,8 @@ def prepare_run(
         f"clients, ranks {ranks}, sizes {config['client_sizes']}, "
         f"{args.num_communication_rounds} rounds, engine {args.engine}"
     )
+    if privacy is not None:
+        log(privacy.describe())
     return PreparedRun(args, task, server, folder, config)
 
 

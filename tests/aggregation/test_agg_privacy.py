@@ -1,0 +1,273 @@
+"""Client-level DP of the aggregation (rblora.aggregation.privacy): fixed weights, clipping of
+each client's whole term, seeded noise, the randomized SVD of a noised update."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from agg_helpers import client_delta, fit, make_clients
+
+from rblora.aggregation import aggregate, available_methods, get_method
+from rblora.aggregation.linalg import randomized_svd
+from rblora.aggregation.privacy import ClientDP, check_private, private_aggregate
+from rblora.aggregation.types import ClientUpdate
+
+HUGE = 1e12  # a clip no term reaches
+
+
+def population(ranks, sizes, seed=0, shapes=None):
+    """Client updates whose client_id is their population index, as the server sends them."""
+    clients = make_clients(ranks, sizes, seed=seed, shapes=shapes)
+    return [dataclasses.replace(u, client_id=k) for k, u in enumerate(clients)]
+
+
+def dp_of(ranks, sizes, clip=HUGE, z=0.0, q=1.0):
+    return ClientDP(clip, z, q, tuple(ranks), tuple(sizes))
+
+
+def released(g, module):
+    """What the global update of ``module`` is (dense product of the factors, noise included)."""
+    return g.delta(module).double()
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_without_clip_or_noise_and_everyone_selected_it_is_the_method_itself(method):
+    ranks = fit(method, [2, 3, 5])
+    sizes = [10, 30, 60]
+    clients = population(ranks, sizes)
+    reduction = "svd" if get_method(method).form == "stack" else None
+    plain = aggregate(method, clients, reduction=reduction)
+    private, report = private_aggregate(
+        method, clients, dp_of(ranks, sizes), seed=1, reduction=reduction
+    )
+    assert report.clipped == 0
+    for m in plain.modules:
+        torch.testing.assert_close(released(private, m), released(plain, m), rtol=1e-10, atol=1e-12)
+
+
+def test_a_term_of_norm_10c_contributes_exactly_c_and_one_under_c_is_untouched():
+    ranks, sizes = [2, 4], [25, 75]
+    clients = population(ranks, sizes)
+    dp = dp_of(ranks, sizes)
+    # FlexLoRA's term of client 1 is p_1 dW_1 with p_1 = 75 / 100 (fixed denominator, q = 1)
+    term = {m: 0.75 * client_delta(clients[1], m) for m in clients[1].factors}
+    norm = math.sqrt(sum(float(t.square().sum()) for t in term.values()))
+    clip = norm / 10
+    g, report = private_aggregate("FlexLoRA", [clients[1]], dataclasses.replace(dp, clip=clip),
+                                  seed=0)  # fmt: skip
+    assert report.norms[0] == pytest.approx(norm, rel=1e-12)
+    assert report.factors[0] == pytest.approx(0.1, rel=1e-12)
+    got = math.sqrt(sum(float(released(g, m).square().sum()) for m in g.modules))
+    assert got == pytest.approx(clip, rel=1e-10)
+    g, report = private_aggregate("FlexLoRA", [clients[1]], dataclasses.replace(dp, clip=norm * 2),
+                                  seed=0)  # fmt: skip
+    assert report.factors == (1.0,)
+    for m in g.modules:
+        torch.testing.assert_close(released(g, m), term[m], rtol=1e-12, atol=1e-14)
+
+
+def _update(k, a, b, n, alpha):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return ClientUpdate(num_examples=n, lora_alpha=alpha, factors={"m": (a, b)}, client_id=k)
+
+
+def test_hand_computed_rb_lora_term_clipped():
+    # population ranks (1, 2), sizes (1, 3): gamma_0 = (1/4, 3/4), gamma_1 = (-, 1)
+    # client 1: A = I, B = 2 I, alpha = r = 2 (scale 1): term = diag(0.75 * 2, 1 * 2), norm 2.5
+    u = _update(1, [[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 2.0]], 3, 2.0)
+    g, report = private_aggregate("RB-LoRA", [u], dp_of([1, 2], [1, 3], clip=1.0), seed=0)
+    assert report.norms == (pytest.approx(2.5),)
+    expected = torch.tensor([[0.6, 0.0], [0.0, 0.8]], dtype=torch.float64)
+    torch.testing.assert_close(released(g, "m"), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_hand_computed_flexlora_term_with_fixed_denominator():
+    # population sizes (1, 3), q = 1/2: client 0's weight is 1 / (0.5 * 4) = 0.5, whoever else
+    # takes part. dW_0 = [[5], [0]] @ [[0.6, 0.8]] = [[3, 4], [0, 0]] (norm 5), term norm 2.5
+    u = _update(0, [[0.6, 0.8]], [[5.0], [0.0]], 1, 1.0)
+    dp = dp_of([1, 1], [1, 3], clip=1.0, q=0.5)
+    g, report = private_aggregate("FlexLoRA", [u], dp, seed=0)
+    assert report.norms == (pytest.approx(2.5),)
+    expected = torch.tensor([[0.6, 0.8], [0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(released(g, "m"), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_padded_methods_clip_the_weighted_factors_of_a_client():
+    # Weighted HETLoRA, population sizes (1, 3), q = 1: client 1's term is (3/4 A, 3/4 Bh)
+    u = _update(1, [[3.0, 0.0]], [[0.0], [4.0]], 3, 1.0)  # ||A||^2 + ||Bh||^2 = 25
+    g, report = private_aggregate("Weighted HETLoRA", [u], dp_of([1, 1], [1, 3], clip=1.5), seed=0)
+    assert report.norms == (pytest.approx(0.75 * 5),)
+    a, b = g.factors("m")  # clipped to 1.5: each factor scaled by 0.75 * 1.5 / 3.75 = 0.3
+    torch.testing.assert_close(a, torch.tensor([[0.9, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(b, torch.tensor([[0.0], [1.2]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["RB-LoRA", "FlexLoRA", "Uniform HETLoRA", "RB-LoRA (factor)"])
+def test_one_client_moves_the_sum_by_at_most_c_and_never_changes_the_others(method):
+    ranks, sizes = [2, 3, 5, 5], [10, 20, 30, 40]
+    clients = population(ranks, sizes)
+    dp = dp_of(ranks, sizes, clip=0.3, q=0.75)
+    with_, _ = private_aggregate(method, clients[:3], dp, seed=0)
+    without, _ = private_aggregate(method, clients[:2], dp, seed=0)
+    alone, _ = private_aggregate(method, clients[2:3], dp, seed=0)
+    if get_method(method).form == "stack":  # released: the dense sum of the terms
+        diff = [released(with_, m) - released(without, m) for m in with_.modules]
+        for d, m in zip(diff, with_.modules, strict=True):
+            torch.testing.assert_close(d, released(alone, m), rtol=1e-9, atol=1e-12)
+    else:  # released: the two factors, each a sum of the clients' terms
+        diff = []
+        for m in with_.modules:
+            for x, y, z in zip(with_.factors(m), without.factors(m), alone.factors(m), strict=True):
+                # the population's width (5) whoever takes part
+                assert x.shape == y.shape == z.shape
+                torch.testing.assert_close(x - y, z, rtol=1e-9, atol=1e-12)
+                diff.append(x - y)
+    assert math.sqrt(sum(float(d.square().sum()) for d in diff)) <= 0.3 * (1 + 1e-9)
+
+
+def test_noise_has_std_z_times_c_and_is_seeded():
+    ranks, sizes = [2], [10]
+    shapes = {"m": (120, 100)}
+    (u,) = population(ranks, sizes, shapes=shapes)
+    z, clip = 1.7, 0.4
+    clean, _ = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip=clip), seed=0)
+    noise = torch.cat(
+        [
+            (
+                released(
+                    private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), seed=s)[0], "m"
+                )
+                - released(clean, "m")
+            ).flatten()  # fmt: skip
+            for s in range(20)
+        ]
+    )
+    n = noise.numel()  # 240,000 draws: the std's standard error is std / sqrt(2 n)
+    assert float(noise.mean()) == pytest.approx(0.0, abs=4 * z * clip / math.sqrt(n))
+    assert float(noise.std()) == pytest.approx(z * clip, abs=4 * z * clip / math.sqrt(2 * n))
+    again = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), seed=3)[0]
+    first = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), seed=3)[0]
+    assert torch.equal(again.delta("m"), first.delta("m"))
+    other = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), seed=4)[0]
+    assert not torch.equal(other.delta("m"), first.delta("m"))
+
+
+def test_dense_extras_are_clipped_with_the_factors_and_noised():
+    ranks, sizes = [2, 2], [10, 30]
+    clients = [
+        dataclasses.replace(u, dense={"head.weight": torch.full((3, 4), 2.0, dtype=torch.float64)})
+        for u in population(ranks, sizes)
+    ]
+    g, report = private_aggregate("FlexLoRA", clients, dp_of(ranks, sizes), seed=0)
+    plain = aggregate("FlexLoRA", clients)
+    torch.testing.assert_close(g.dense["head.weight"], plain.dense["head.weight"])
+    lora_only = private_aggregate(
+        "FlexLoRA", [dataclasses.replace(u, dense={}) for u in clients], dp_of(ranks, sizes), seed=0
+    )[1]
+    # the head's weighted term (p_k * 2 over 12 entries) is part of each client's norm
+    for k, p in enumerate((0.25, 0.75)):
+        expected = math.sqrt(lora_only.norms[k] ** 2 + 12 * (2 * p) ** 2)
+        assert report.norms[k] == pytest.approx(expected, rel=1e-12)
+    noisy = private_aggregate("FlexLoRA", clients, dp_of(ranks, sizes, 1.0, 1.0), seed=0)[0]
+    assert not torch.equal(noisy.dense["head.weight"], g.dense["head.weight"])
+
+
+def test_redistribution_of_a_noised_update_gives_each_rank():
+    ranks, sizes = [2, 4], [10, 30]
+    clients = population(ranks, sizes)
+    g, _ = private_aggregate("RB-LoRA", clients, dp_of(ranks, sizes, 1.0, 0.5), seed=0)
+    assert all(g.is_dense(m) for m in g.modules)
+    for r in ranks:
+        start = g.for_client(r, 16.0)
+        for m, (a, b) in start.items():
+            assert a.shape == (r, g.shape(m)[1]) and b.shape == (g.shape(m)[0], r)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="truncate cannot be made differentially private"):
+        check_private("FLoRA", "truncate")
+    check_private("FLoRA", "merge")
+    check_private("Uniform HETLoRA", "truncate")
+    ranks, sizes = [2, 2], [10, 30]
+    clients = make_clients(ranks, sizes)  # client ids "c0", "c1": not population indices
+    with pytest.raises(ValueError, match="client_id must be the client's index"):
+        private_aggregate("RB-LoRA", clients, dp_of(ranks, sizes), seed=0)
+    with pytest.raises(ValueError, match="examples, population has"):
+        private_aggregate("RB-LoRA", population(ranks, sizes), dp_of(ranks, [10, 31]), seed=0)
+    with pytest.raises(ValueError, match="dp clip"):
+        dp_of(ranks, sizes, clip=0.0)
+
+
+def _low_rank_plus_noise(d_out, d_in, r, noise, seed):
+    """A rank-``r`` signal of unit norm with singular values decaying as ``0.8^j`` (a LoRA
+    update's spectrum decays), plus i.i.d. noise of std ``noise`` per entry."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(d_out, r, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(d_in, r, generator=gen)).Q
+    signal = (u * 0.8 ** torch.arange(r, dtype=torch.float32)) @ v.T
+    return signal / signal.norm() + noise * torch.randn(d_out, d_in, generator=gen)
+
+
+# (noise std, rank, largest excess error, largest distance to the dense SVD's projection): where
+# the signal's top singular values stand above the noise's (about noise * (sqrt(300) + sqrt(256))
+# = 33 noise), the projection is the dense SVD's to float32 rounding; where noise dominates, its
+# directions are arbitrary among near-equal singular values (the dense SVD's choice is no better):
+# the approximation error stays within 0.4% of the optimum. Measured (power_iters 4, oversample
+# 10): excess 1e-13 .. 3.3e-3, distance 2e-7 (signal-dominated) .. 0.75 (noise-dominated).
+CASES = [
+    (1e-4, 4, 1e-9, 1e-5),
+    (1e-4, 16, 1e-9, 1e-5),
+    (1e-3, 4, 1e-9, 1e-5),
+    (1e-3, 16, 1e-3, None),
+    (1e-2, 4, 1e-3, None),
+    (1e-2, 16, 5e-3, None),
+    (1e-1, 16, 5e-3, None),
+]
+
+
+@pytest.mark.parametrize(("noise", "rank", "max_excess", "max_distance"), CASES)
+def test_randomized_svd_against_the_dense_svd(noise, rank, max_excess, max_distance):
+    """The range finder's best rank-``rank`` approximation against the float64 dense SVD's."""
+    m = _low_rank_plus_noise(300, 256, 32, noise, seed=0)
+    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    a, b = randomized_svd(m, rank, generator=torch.Generator().manual_seed(1))
+    approx = b.double() @ a.double()
+    excess = float((m.double() - approx).norm() / (m.double() - best).norm()) - 1
+    assert excess < max_excess
+    if max_distance is not None:
+        assert float((approx - best).norm() / best.norm()) < max_distance
+    again = randomized_svd(m, rank, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], a) and torch.equal(again[1], b)
+    torch.testing.assert_close(a @ a.T, torch.eye(rank), atol=1e-5, rtol=0)
+
+
+def test_term_norm_from_r_by_r_products_equals_the_dense_norm():
+    from rblora.aggregation.privacy import term_norm_sq
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    bh = torch.randn(30, 6, generator=gen, dtype=torch.float64)
+    g = torch.rand(6, generator=gen, dtype=torch.float64)
+    dense = (bh * g) @ a
+    assert term_norm_sq("stack", a, bh, g) == pytest.approx(float(dense.square().sum()), rel=1e-12)
+    padded = float((g[:, None] * a).square().sum() + (bh * g).square().sum())
+    assert term_norm_sq("padded", a, bh, g) == pytest.approx(padded, rel=1e-12)
+
+
+def test_quick_privacy_benchmark_runs():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_privacy.py"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--dense"], capture_output=True,
+                          text=True, timeout=600, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"private aggregation .*: [\d.]+ s", proc.stdout)
+    excess = [float(x) for x in re.findall(r"excess error ([\d.e+-]+)", proc.stdout)]
+    assert len(excess) == 2 and all(0 <= x < 1e-2 for x in excess)
