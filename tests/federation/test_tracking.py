@@ -7,22 +7,13 @@ import json
 import sys
 
 import pytest
-from run_helpers import lm_argv, metrics
+from run_helpers import lm_argv, metrics, tb_scalars
 
 from rblora.federation import cli, tracking
 from rblora.tasks.lm import CausalLMTask
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
-
-
-def tb_scalars(folder) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] as TensorBoard shows them (purged events left out)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
 
 
 def sqlite(folder) -> str:
