@@ -250,3 +250,17 @@ def test_mlflow_options_name_the_store_experiment_and_tags(workspace, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]  # not the default store
     _, runs = mlflow_runs(tmp_path, "ranks study", store)
     assert runs[0].data.tags["owner"] == "me" and runs[0].info.run_name == "x/RB-LoRA/seed3"
+
+
+def test_a_store_that_cannot_be_used_stops_the_run_and_resume_goes_on(
+    workspace, tmp_path, capsys, store
+):
+    argv = lm_argv(workspace, tmp_path, "--report_to", "mlflow", num_communication_rounds=1)
+    assert cli.main([*argv, "--mlflow_tracking_uri", "bogus://x"]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("train.py: stopped: ValueError: --report_to mlflow: cannot use the ")
+    assert "bogus://x" in err and "continue with --resume once the cause is fixed" in err
+    assert not (tmp_path / "3" / "tracking.json").exists()
+    assert cli.main([*argv, *in_store(store, "fixed"), "--resume"]) == 0
+    client, runs = mlflow_runs(tmp_path, "fixed", store)
+    assert [s for s, _ in history(client, runs[0], "dev/accuracy")] == [1]
