@@ -83,6 +83,10 @@ def test_every_round_goes_to_tensorboard_and_mlflow(workspace, tmp_path):
 
     client, runs = mlflow_runs(out)  # the experiment is named after --output_dir
     assert len(runs) == 1
+    # artifacts (none are logged) would go beside the store, not into the working folder
+    assert client.get_experiment_by_name(out.name).artifact_location == (
+        (out / "mlartifacts").resolve().as_uri()
+    )
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "RB-LoRA/seed3"
     tags = run.data.tags
