@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,flower,dp]'
+	$(PY) -m pip install -q -e '.[test,flower,dp,tracking]'
 	@# fashion-mnist comes from a Debian package fetched with `apt-get download`: make sure the
 	@# package lists know it (a fresh machine may have empty lists; needs root, else skipped)
 	-@command -v apt-cache >/dev/null && { apt-cache show dataset-fashion-mnist >/dev/null 2>&1 \

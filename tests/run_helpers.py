@@ -71,3 +71,13 @@ def adapter_tensors(folder: Path) -> dict:
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def tb_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars under ``folder``: tag -> [(step, value)], as TensorBoard shows them
+    (events purged by a later file left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}

@@ -64,6 +64,35 @@ def test_compare_runs_every_cell_and_resumes(workspace, tmp_path, capsys, monkey
     assert (root / "comparison.md").read_text() == table
 
 
+def test_compare_is_one_mlflow_experiment_with_one_run_per_cell(workspace, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    root = tmp_path / "cmp"
+    argv = ["compare", "--methods", "RB-LoRA,FedIT", "--seeds", "4"]
+    argv += ["--rank_settings", "heterogeneous;smallest", "--output_dir", str(root), "--"]
+    argv += [*_base(workspace, tmp_path), "--num_communication_rounds", "1"]
+    assert rblora([*argv, "--report_to", "mlflow,tensorboard"]) == 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiments = {e.name: e.experiment_id for e in client.search_experiments()}
+    assert experiments.keys() == {"cmp", "Default"}  # named after the folder; MLflow's own
+    assert not client.search_runs([experiments["Default"]])
+    runs = client.search_runs([experiments["cmp"]])
+    cells = {(r.data.tags["setting"], r.data.tags["method"], r.data.tags["seed"]) for r in runs}
+    assert len(runs) == 3 and cells == {
+        ("heterogeneous", "RB-LoRA", "4"), ("smallest", "RB-LoRA", "4"), ("smallest", "FedIT", "4")
+    }  # fmt: skip
+    assert {r.info.run_name for r in runs} >= {"smallest/FedIT/seed4"}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "dev/accuracy")]
+        path = Path(run.data.tags["run_folder"])
+        assert steps == [r["round"] for r in metrics(path) if r["type"] == "round"]
+        assert (path / "tensorboard").is_dir()
+    # the base model (round 0) is in the first cell only
+    first = root / "heterogeneous" / "rb-lora" / "seed4" / "3"
+    assert [r["round"] for r in metrics(first) if r["type"] == "round"] == [0, 1]
+
+
 def test_compare_refuses_bad_cells_before_running(workspace, tmp_path, capsys):
     argv = ["compare", "--methods", "RB-LoRA,head-only", "--seeds", "1"]
     argv += ["--output_dir", str(tmp_path / "cmp"), "--", *_base(workspace, tmp_path)]

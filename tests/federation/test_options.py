@@ -150,3 +150,18 @@ def test_selection_takes_the_rounded_count(clients, frac, count):
 def test_a_fraction_of_replies_is_always_reachable():
     args = parse_args(["--client_selection_frac", "0.2", "--min_replies", "0.9"])
     assert args.selected_per_round() == 2
+
+
+def test_tracking_options_from_flags_and_yaml(tmp_path):
+    args = parse_args(["--report_to", "tensorboard,mlflow", "--mlflow_tags", '{"n": 3}'])
+    assert args.report_to == ["tensorboard", "mlflow"] and args.mlflow_tags == {"n": "3"}
+    assert parse_args([]).report_to == ["none"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("report_to: [mlflow]\nmlflow_tags: {setting: wide, final: true}\n")
+    args = parse_args(["--config", str(cfg)])
+    assert args.report_to == ["mlflow"] and args.mlflow_tags == {"setting": "wide", "final": "true"}
+    cfg.write_text("mlflow_tags: {setting: [1, 2]}\n")
+    with pytest.raises(ValueError, match=r"mlflow_tags=.* has setting=\[1, 2\], which is not a"):
+        parse_args(["--config", str(cfg)])
+    with pytest.raises(ValueError, match=r"report_to 'wandb': valid are tensorboard, mlflow"):
+        parse_args(["--report_to", "wandb"])

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from run_helpers import adapter_tensors, lm_argv, metrics
+from run_helpers import adapter_tensors, lm_argv, metrics, tb_scalars
 
 from rblora.federation import cli
 from rblora.federation.options import parse_args
@@ -383,3 +383,20 @@ def test_client_level_dp_gives_the_in_process_numbers(workspace, tmp_path):
         for name in ("flower", "inprocess")
     }
     assert eps["flower"] == eps["inprocess"] and len(eps["flower"]) == 2
+
+
+def test_the_trackers_get_the_same_figures_from_both_engines(workspace, tmp_path):
+    pytest.importorskip("tensorboard")
+    extra = ("--eval_base", "--report_to", "tensorboard")
+    _serve(workspace, tmp_path / "flower", _grid(), *extra)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *extra)) == 0
+    flower = tb_scalars(tmp_path / "flower" / "3" / "tensorboard")
+    inprocess = tb_scalars(tmp_path / "inprocess" / "3" / "tensorboard")
+    assert flower.keys() == inprocess.keys()
+    assert {"dev/accuracy", "heldout/loss", "round/train_loss", "client_2/loss"} <= flower.keys()
+    for tag, values in flower.items():
+        assert [s for s, _ in values] == [s for s, _ in inprocess[tag]], tag  # each step once
+        if tag.endswith(("loss", "accuracy", "steps", "tokens")):  # bytes: message sizes
+            got, want = [v for _, v in values], [v for _, v in inprocess[tag]]
+            assert got == pytest.approx(want, rel=1e-4), tag
+    assert [s for s, _ in flower["dev/accuracy"]] == [0, 1, 2]

@@ -20,6 +20,12 @@ per round and aggregation time) and ``<output_dir>/plots/`` one PNG per metric (
 band of one standard deviation). ``rblora report <output_dir>`` rebuilds them from the cells'
 metrics.
 
+With ``--report_to mlflow`` among train.py's options the comparison is one MLflow experiment named
+after ``--output_dir``'s folder, in ``<output_dir>/mlflow.db`` (unless ``--mlflow_tracking_uri``
+and ``--mlflow_experiment`` say otherwise), each cell one run tagged with its setting, method and
+seed; with ``--report_to tensorboard`` each cell writes event files in its own run folder
+(``tensorboard --logdir <output_dir>`` shows them side by side).
+
 Rank settings: ``heterogeneous`` (the options' client ranks), ``smallest`` (every client at the
 smallest of them), ``uniform`` (every client at their rounded mean), or ``name=r0,r1,...``.
 Methods that need one rank (FedIT) run only in settings with one rank; ``method@setting`` runs a
@@ -113,8 +119,10 @@ def plan(methods: list[str], seeds: list[int], settings: dict[str, list[int]]) -
     return cells
 
 
-def _cell_argv(base: list[str], cell: dict, root: Path, first: bool) -> list[str]:
+def _cell_argv(base: list[str], cell: dict, root: Path, first: bool, args) -> list[str]:
+    """A cell's train.py options; ``args``: the parsed ``base`` (for its MLflow options)."""
     argv = [*base, "--output_dir", str(root / cell["path"]), "--seed", str(cell["seed"])]
+    argv += _tracking_argv(args, cell, root)
     argv += ["--client_ranks", ",".join(map(str, cell["ranks"]))]
     if cell["method"] == HEAD_ONLY:
         argv += ["--head_only"]
@@ -122,6 +130,23 @@ def _cell_argv(base: list[str], cell: dict, root: Path, first: bool) -> list[str
         argv += ["--method", cell["method"]]
     argv += ["--eval_base" if first else "--no_eval_base"]
     return argv
+
+
+def _tracking_argv(args, cell: dict, root: Path) -> list[str]:
+    """With ``--report_to mlflow``: the comparison is one MLflow experiment, named after its
+    folder, in one store (``<output_dir>/mlflow.db`` unless the options give one), and each
+    cell one run tagged with its setting and method (train.py tags the seed)."""
+    from rblora.federation.tracking import default_tracking_uri, targets
+
+    if "mlflow" not in targets(args.report_to):
+        return []
+    uri = args.mlflow_tracking_uri or default_tracking_uri(root)
+    experiment = args.mlflow_experiment or root.resolve().name
+    tags = {**(args.mlflow_tags or {}), "setting": cell["setting"], "method": cell["method"]}
+    return [
+        "--mlflow_tracking_uri", uri, "--mlflow_experiment", experiment,
+        "--mlflow_tags", json.dumps(tags),
+    ]  # fmt: skip
 
 
 def _state(run_dir: Path, rounds: int) -> str:
@@ -145,6 +170,7 @@ def run_compare(
     from rblora.federation.cli import run
     from rblora.federation.options import parse_args
     from rblora.federation.rounds import RunError, log
+    from rblora.federation.tracking import require_packages
     from rblora.tasks import infer_task
     from rblora.utils.atomic import write_json, write_text
 
@@ -155,8 +181,9 @@ def run_compare(
         raise ValueError("no cell to run: every method needs a rank setting it cannot take")
     for i, cell in enumerate(cells, start=1):  # every cell's options are checked first
         try:
-            cell_args, given = parse_args(_cell_argv(base_argv, cell, root, first=i == 1))
+            cell_args, given = parse_args(_cell_argv(base_argv, cell, root, i == 1, args))
             cell_args.check_task_options(infer_task(cell_args), given)
+            require_packages(cell_args.report_to)
         except ValueError as err:
             raise ValueError(f"{cell['setting']} / {cell['method']}: {err}") from None
     root.mkdir(parents=True, exist_ok=True)
@@ -176,7 +203,7 @@ def run_compare(
             log(f"{label}: failed earlier, kept as failed (see {failed}; --retry_failed runs it)")
             continue
         log(f"{label}{' (resuming)' if state == 'resume' else ''}")
-        argv = _cell_argv(base_argv, cell, root, first=i == 1)
+        argv = _cell_argv(base_argv, cell, root, i == 1, args)
         argv += ["--resume"] if state == "resume" else ["--overwrite"]
         cell_args, given = parse_args(argv)
         start = time.perf_counter()

@@ -18,6 +18,7 @@ from rblora.federation import rounds
 from rblora.federation.rundir import RunFolder
 from rblora.federation.saving import SavePlan, plan_for
 from rblora.federation.server import FederatedServer, derive_seed
+from rblora.federation.tracking import Trackers
 from rblora.tasks.base import Task
 
 
@@ -39,8 +40,10 @@ def run_rounds(
     options: LoopOptions,
     *,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    trackers: Trackers | None = None,
 ) -> list[dict[str, Any]]:
     """Run rounds ``server.completed_rounds + 1 .. options.num_rounds``; returns their records.
+    ``trackers``: where each committed round is also sent (``--report_to``).
 
     To resume, restore ``server`` from the checkpoint and install it in the task first
     (:func:`rblora.federation.setup.restore`).
@@ -52,7 +55,7 @@ def run_rounds(
     done: list[dict[str, Any]] = []
     first = server.completed_rounds + 1
     if options.eval_base and first == 1:
-        done += rounds.evaluate_base_once(task, folder)
+        done += rounds.evaluate_base_once(task, folder, trackers)
     bar = tqdm(
         range(first, options.num_rounds + 1),
         desc="rounds",
@@ -98,7 +101,7 @@ def run_rounds(
             selected=selected,
             export=saving.saves(t),
         )
-        rounds.commit_round(server, folder, record)
+        rounds.commit_round(server, folder, record, trackers)
         saving.end_round(folder, t)
         done.append(record)
         if on_round is not None:
@@ -123,5 +126,5 @@ def run_inprocess(args, given: set[str] | None = None) -> dict[str, Any]:
             save_every=plan.every,
             keep_last=plan.keep_last,
         )
-        run_rounds(run.task, run.server, run.folder, options)
+        run_rounds(run.task, run.server, run.folder, options, trackers=run.trackers)
         return finish_run(run)

@@ -25,6 +25,7 @@ from rblora.aggregation.privacy import check_private
 from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
 from rblora.federation.engines import available_engines
 from rblora.federation.privacy import PrivacySettings, privacy_settings
+from rblora.federation.tracking import targets as tracking_targets
 from rblora.utils.device import BASE_DTYPES, check_device_name
 from rblora.utils.options import (
     OptionParser,
@@ -194,6 +195,28 @@ class RunOptions:
         64, "at most this many sequences per evaluation forward pass", resumable=True
     )
     progress: bool = option(True, "show progress bars", resumable=True)
+    # trackers (rblora.federation.tracking)
+    report_to: list[str] = option(
+        ["none"],
+        "also send every round's figures to: tensorboard (event files in <run folder>/"
+        "tensorboard/) | mlflow (a run in --mlflow_tracking_uri) | all | none; several "
+        "separated by commas (needs pip install 'rblora[tracking]')",
+        resumable=True,
+    )
+    mlflow_tracking_uri: str | None = option(
+        None,
+        "MLflow store or server, e.g. http://host:5000 (default: sqlite:///<output_dir>/mlflow.db)",
+        resumable=True,
+    )
+    mlflow_experiment: str | None = option(
+        None, "MLflow experiment of the run (default: the name of --output_dir)", resumable=True
+    )
+    mlflow_tags: dict[str, str] | None = option(
+        None,
+        'more tags of the MLflow run as {"name": "value", ...} (YAML mapping or JSON string; '
+        "rblora compare gives setting and method)",
+        resumable=True,
+    )
 
 
 @dataclass
@@ -368,6 +391,7 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             raise ValueError(
                 f"keep_last {self.keep_last} must be >= 0: a number of round folders (0: all)"
             )
+        tracking_targets(self.report_to)
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         self._check_min_replies()

@@ -9,7 +9,7 @@ A driver (the in-process loop, the Flower server) does, for round ``t``::
         update = client_update(spec, result)           # what travels to the server
         record = client_record(t, spec, result, start)
     round_record = close_round(task, server, folder, t, updates, records, started=...)
-    commit_round(server, folder, round_record)         # metrics line, then the checkpoint
+    commit_round(server, folder, round_record, trackers)  # metrics line, checkpoint, trackers
 
 ``close_round`` aggregates, redistributes, writes the global model's PEFT folder, installs the
 global model in the task's base weights, evaluates it and returns the round's metrics record. The
@@ -30,6 +30,7 @@ from rblora.aggregation.running import ModuleDelta, delta_shape, is_dense
 from rblora.aggregation.types import Factors
 from rblora.federation.rundir import RunFolder
 from rblora.federation.server import FederatedServer, GlobalModel
+from rblora.federation.tracking import Trackers
 from rblora.protocol.types import (
     ClientResult,
     ClientSpec,
@@ -186,9 +187,12 @@ def evaluate_global(task: Task, model: GlobalModel, round_: int) -> dict[str, An
     return task.evaluate({} if model.merged else model.delta, round_=round_)
 
 
-def evaluate_base_once(task: Task, folder: RunFolder) -> list[dict[str, Any]]:
+def evaluate_base_once(
+    task: Task, folder: RunFolder, trackers: Trackers | None = None
+) -> list[dict[str, Any]]:
     """Round 0: the untouched base model, as a baseline for the per-round figures; written to
-    the metrics unless they already hold it (a resumed run). Returns the new records."""
+    the metrics unless they already hold it (a resumed run), then to the ``trackers``. Returns
+    the new records."""
     if any(r.get("type") == "round" and r.get("round") == 0 for r in folder.read_metrics()):
         return []
     start = time.perf_counter()
@@ -196,17 +200,31 @@ def evaluate_base_once(task: Task, folder: RunFolder) -> list[dict[str, Any]]:
     record["eval_seconds"] = record["round_seconds"] = round(time.perf_counter() - start, 3)
     folder.append_metrics(record)
     log(round_line(record))
+    report(folder, trackers)
     return [record]
 
 
-def commit_round(server: FederatedServer, folder: RunFolder, record: dict[str, Any]) -> None:
-    """Write the round's metrics line, then the checkpoint. In that order: a kill between the
-    two leaves the checkpoint of the round before, and resuming drops the line and redoes the
-    round."""
+def commit_round(
+    server: FederatedServer,
+    folder: RunFolder,
+    record: dict[str, Any],
+    trackers: Trackers | None = None,
+) -> None:
+    """Write the round's metrics line, then the checkpoint, then send the round (its client
+    lines and this one) to the ``trackers``. In that order: a kill between the first two leaves
+    the checkpoint of the round before, and resuming drops the line and redoes the round; a
+    tracker gets only rounds a resumed run keeps."""
     folder.append_metrics(record)
     tensors, meta = server.state_tensors()
     folder.save_checkpoint(tensors, {**meta, "round_record": record})
     log(round_line(record))
+    report(folder, trackers)
+
+
+def report(folder: RunFolder, trackers: Trackers | None) -> None:
+    """Send the trackers (``--report_to``) the committed rounds of the metrics they lack."""
+    if trackers:
+        trackers.sync(folder.read_metrics())
 
 
 # ---------------------------------------------------------------------- export

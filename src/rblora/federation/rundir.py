@@ -11,6 +11,7 @@
         state.json           counters and the last round's record
         manifest.json        sha256 of the two files above, written last
       results.json summary.md plots/   written at the end (rblora.federation.results)
+      tensorboard/ tracking.json       with --report_to (rblora.federation.tracking)
 
 Writes are atomic (a file or folder appears complete or not at all) and durable in the order
 they are made (``rblora.utils.atomic``: fsync before each rename, the folder after it, each

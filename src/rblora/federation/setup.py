@@ -22,6 +22,7 @@ from rblora.federation import rundir
 from rblora.federation.options import TrainArgs
 from rblora.federation.rounds import RunError, install_global, log
 from rblora.federation.server import FederatedServer
+from rblora.federation.tracking import Trackers, open_trackers, require_packages
 from rblora.protocol.types import ClientSpec
 from rblora.tasks.base import Task
 
@@ -33,6 +34,7 @@ class PreparedRun:
     server: FederatedServer
     folder: rundir.RunFolder
     config: dict[str, Any]
+    trackers: Trackers | None = None  # --report_to; set by open_run
 
 
 @contextlib.contextmanager
@@ -51,14 +53,24 @@ def open_run(
     (the Flower server's node discovery) and returns more ``prepare_run`` options. Errors of
     ``prepare_run`` are bad input found before anything was written; a ValueError or OSError
     raised after it (the folder holds this run's files) becomes a RunError saying so, never
-    "bad input".
+    "bad input". The trackers of ``--report_to`` (their packages checked first of all) are
+    opened once the run is prepared, receive the committed rounds they lack, and are closed
+    with the run's outcome.
     """
+    require_packages(args.report_to)
     with rundir.locked(args.run_dir()):
         if discover is not None:
             prepare_options.update(discover())
         run = prepare_run(args, given, **prepare_options)
+        status = "FAILED"
         try:
+            run.trackers = open_trackers(args, run.folder, run.config, log)
+            run.trackers.sync(run.folder.read_metrics())  # a resumed run's earlier rounds
             yield run
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         except (ValueError, OSError) as err:
             done = run.server.completed_rounds
             raise RunError(
@@ -66,6 +78,9 @@ def open_run(
                 f"was written; it keeps its {done} completed round(s): continue with --resume "
                 "once the cause is fixed)"
             ) from err
+        finally:
+            if run.trackers is not None:
+                run.trackers.close(status)
 
 
 def prepare_run(

@@ -313,7 +313,7 @@ class HeteroRankStrategy(Strategy):
             missing=missing,
             export=self.saving.saves(server_round),
         )
-        rounds.commit_round(run.server, run.folder, record)
+        rounds.commit_round(run.server, run.folder, record, run.trackers)
         self.saving.end_round(run.folder, server_round)
         scalars = {"round": server_round, **scalar_evals(record.get("eval"))}
         return None, MetricRecord({k: float(v) for k, v in scalars.items()})
@@ -417,7 +417,7 @@ def serve(grid: Grid, args: TrainArgs, given: set[str] | None = None) -> dict:
         directory.options = options
         strategy = HeteroRankStrategy(run, directory, options)
         if args.eval_base and run.server.completed_rounds == 0:
-            rounds.evaluate_base_once(run.task, run.folder)
+            rounds.evaluate_base_once(run.task, run.folder, run.trackers)
         strategy.start(grid, num_rounds=args.num_communication_rounds, timeout=args.round_timeout)
         return finish_run(run)
 

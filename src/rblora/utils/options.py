@@ -5,8 +5,8 @@ training runs whether a resumed run may change it). :func:`add_flags` adds one f
 ``argparse`` parser, named after the field; :func:`coerce` turns a flag's text or a YAML value into
 the field's type, refusing what would otherwise be silently converted (a YAML ``true`` for a count,
 ``2.7`` for a rank). Supported field types: ``bool``, ``int``, ``float``, ``str``, ``list[str]``,
-``list[int]``, ``dict[str, int]``, each optionally ``| None``. :class:`OptionParser` is the
-``argparse`` parser every command line of the package uses.
+``list[int]``, ``dict[str, int]``, ``dict[str, str]``, each optionally ``| None``.
+:class:`OptionParser` is the ``argparse`` parser every command line of the package uses.
 """
 
 from __future__ import annotations
@@ -144,6 +144,12 @@ def as_float(value: Any) -> float:
         raise TypeError("is not a number") from None
 
 
+def _as_text(value: Any) -> str:
+    if isinstance(value, (dict, list)) or value is None:
+        raise TypeError("is not a text or a number")
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _text_list(text: str) -> list[str]:
     text = text.strip()
     if text.startswith("["):
@@ -204,10 +210,11 @@ def coerce(f: Field, value: Any, source: str) -> Any:
                     raise TypeError(f"is not a JSON object ({err.msg})") from None
             if not isinstance(value, dict):
                 raise TypeError("is not a mapping")
+            convert = as_int if base == "dict[str,int]" else _as_text
             out = {}
             for k, v in value.items():
                 try:
-                    out[str(k)] = as_int(v)
+                    out[str(k)] = convert(v)
                 except TypeError as err:
                     raise TypeError(f"has {k}={v!r}, which {err}") from None
             return out
