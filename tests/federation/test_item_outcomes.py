@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from run_helpers import lm_argv, metrics
 
 from rblora.evaluation.items import load_mc_file
 from rblora.evaluation.outcomes import mc_item_ids
 from rblora.federation import cli
-from rblora.federation.rundir import RunFolder
+from rblora.federation.rundir import ResumeError, RunFolder
 
 
 def _check_outcomes(run, rounds, dev_ids):
@@ -71,3 +72,23 @@ def test_a_round_killed_after_its_outcome_file_is_redone_once(workspace, tmp_pat
     assert cli.main([*argv, "--resume"]) == 0
     assert (run / "evaluation" / "round_2.json").stat().st_mtime_ns != stale
     _check_outcomes(run, [0, 1, 2], _dev_ids(workspace))
+
+
+def test_outcome_files_of_the_run_folder(tmp_path):
+    folder = RunFolder(tmp_path)
+    assert folder.read_items(1) is None  # a run of an older version wrote none
+    suites = {"test": {"ids": ["a", "b"], "accuracy": [1, 0]}}
+    folder.write_items(1, suites)
+    folder.write_items(1, suites)  # a redone round replaces its file
+    assert folder.read_items(1) == suites
+    assert sorted(p.name for p in (tmp_path / "evaluation").iterdir()) == ["round_1.json"]
+    folder.items_path(2).write_text('{"round": 2, "suit')  # cut short
+    with pytest.raises(ValueError, match="round_2.json is damaged"):
+        folder.read_items(2)
+    folder.items_path(3).write_text('{"round": 4, "suites": {}}')
+    with pytest.raises(ValueError, match="does not hold round 3"):
+        folder.read_items(3)
+    # outcome files newer than the checkpoint's next round: the checkpoint is older than them
+    folder.check_consistent(2)
+    with pytest.raises(ResumeError, match=r"evaluation/round_3.json exists but the checkpoint"):
+        folder.check_consistent(1)

@@ -17,8 +17,15 @@ cells; failed and unfinished seeds are named beside the count. The base model is
 (round 0 of the first cell). At the end ``<output_dir>/comparison.md`` holds the table (mean and
 standard deviation over seeds of each metric after round 1 and after the last round, communication
 per round and aggregation time) and ``<output_dir>/plots/`` one PNG per metric (mean per round, a
-band of one standard deviation). ``rblora report <output_dir>`` rebuilds them from the cells'
-metrics.
+band of one standard deviation). Below the table, each method against a reference method
+(``--reference``, default RB-LoRA) on the same items: the paired difference, its 95% bootstrap
+interval and a p-value (:mod:`rblora.experiments.differences`), from the per-item outcomes the
+cells keep (``evaluation/round_<t>.json``); ``comparison.json`` holds them for every round.
+``rblora report <output_dir>`` rebuilds all of it from the cells' metrics and outcomes.
+
+``--data_seeds 1,2`` makes the data partition a seed too: one data folder per partition seed,
+prepared with the options of the given one (:mod:`rblora.experiments.data_seeds`); the replicates
+are then (data seed, seed) pairs, cells ``<setting>/<method>/data<d>/seed<s>/``.
 
 Rank settings: ``heterogeneous`` (the options' client ranks), ``smallest`` (every client at the
 smallest of them), ``uniform`` (every client at their rounded mean), or ``name=r0,r1,...``.
@@ -189,22 +196,22 @@ def run_compare(
 
     args, _ = parse_args(base_argv)
     settings = rank_settings(setting_names, args.ranks())
-    cells = plan(methods, seeds, settings)  # without data seeds, to check the options first
+    cells = plan(methods, seeds, settings)  # on the given data: checked before anything runs
     if not cells:
         raise ValueError("no cell to run: every method needs a rank setting it cannot take")
     reference = choose_reference(cells, reference)
-    if data_seeds:
+    for i, cell in enumerate(cells):  # every cell's options are checked first
+        try:
+            cell_args, given = parse_args(_cell_argv(base_argv, cell, root, i == 0))
+            cell_args.check_task_options(infer_task(cell_args), given)
+        except ValueError as err:
+            raise ValueError(f"{cell['setting']} / {cell['method']}: {err}") from None
+    if data_seeds:  # the same cells on each data seed's folder (prepared with the same options)
         from rblora.experiments.data_seeds import data_folders
 
         paths = data_folders(Path(args.data_path), args.num_clients, data_seeds, root, log)
         cells = plan(methods, seeds, settings, paths)
     base_cells = _evaluates_base(cells)
-    for i, cell in enumerate(cells):  # every cell's options are checked first
-        try:
-            cell_args, given = parse_args(_cell_argv(base_argv, cell, root, i in base_cells))
-            cell_args.check_task_options(infer_task(cell_args), given)
-        except ValueError as err:
-            raise ValueError(f"{cell['setting']} / {cell['method']}: {err}") from None
     root.mkdir(parents=True, exist_ok=True)
     index = {"base_argv": base_argv, "cells": cells, "num_clients": args.num_clients,
              "rounds": args.num_communication_rounds, "reference": reference,

@@ -69,6 +69,7 @@ CHECKPOINT = "checkpoint"
 ITEMS_DIR = "evaluation"
 MANIFEST = "manifest.json"
 _ROUND_DIR = re.compile(r"^round_(\d+)$")
+_ITEMS_FILE = re.compile(r"^round_(\d+)\.json$")
 _LEFTOVER = re.compile(r"^\.round_(\d+)\.tmp-")
 
 
@@ -312,6 +313,17 @@ class RunFolder:
                 f"--resume: {self.round_dir(later[0])} exists but the checkpoint is from round "
                 f"{completed_rounds}: the checkpoint is older than the run's outputs (deleted "
                 "or replaced); resuming would overwrite them. Start again with --overwrite"
+            )
+        evaluated = sorted(
+            int(m.group(1))
+            for p in (self.path / ITEMS_DIR).glob("round_*.json")
+            if (m := _ITEMS_FILE.match(p.name)) and int(m.group(1)) > limit
+        )
+        if evaluated:
+            raise ResumeError(
+                f"--resume: {self.items_path(evaluated[0])} exists but the checkpoint is from "
+                f"round {completed_rounds}: the checkpoint is older than the run's outputs; "
+                "start again with --overwrite"
             )
         beyond = [r for r in self.read_metrics() if r.get("round", 0) > limit]
         if beyond:
