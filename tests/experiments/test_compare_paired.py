@@ -33,11 +33,11 @@ def _pair(root, x_path, y_path, t, measure="accuracy"):
 def test_one_seed_gives_mcnemar_and_report_rebuilds_it(workspace, tmp_path, capsys):
     root = tmp_path / "cmp"
     argv = ["compare", "--methods", "FLoRA,RB-LoRA,Weighted HETLoRA", "--seeds", "1"]
-    argv += ["--output_dir", str(root), "--", *_base(workspace, tmp_path, rounds=2)]
+    argv += ["--output_dir", str(root), "--", *_base(workspace, tmp_path)]
     assert rblora(argv) == 0
     out = capsys.readouterr().out
     table = (root / "comparison.md").read_text()
-    assert "## Paired differences to RB-LoRA (heterogeneous), after round 2" in table
+    assert "## Paired differences to RB-LoRA (heterogeneous), after round 1" in table
     assert "- replicates: seeds 1 (one data partition" in table
     paired = json.loads((root / "comparison.json").read_text())
     assert paired["reference"] == {"setting": "heterogeneous", "method": "RB-LoRA"}
@@ -47,7 +47,7 @@ def test_one_seed_gives_mcnemar_and_report_rebuilds_it(workspace, tmp_path, caps
         (m, f"dev/{k}", t)
         for m in ("FLoRA", "Weighted HETLoRA")
         for k in ("accuracy", "acc_norm")
-        for t in (1, 2)
+        for t in (1,)
     }
     for (method, metric, t), row in rows.items():  # by hand from the cells' outcome files
         x, y = _pair(
@@ -86,11 +86,11 @@ def test_one_seed_gives_mcnemar_and_report_rebuilds_it(workspace, tmp_path, caps
     assert rblora(["report", str(root), "--reference", "FLoRA"]) == 0
     again = json.loads((root / "comparison.json").read_text())
     flipped = {(r["method"], r["metric"], r["round"]): r for r in again["rows"]}
-    row = flipped[("RB-LoRA", "dev/accuracy", 2)]
-    assert row["difference"] == pytest.approx(-rows[("FLoRA", "dev/accuracy", 2)]["difference"])
+    row = flipped[("RB-LoRA", "dev/accuracy", 1)]
+    assert row["difference"] == pytest.approx(-rows[("FLoRA", "dev/accuracy", 1)]["difference"])
     assert (row["b"], row["c"]) == (
-        rows[("FLoRA", "dev/accuracy", 2)]["c"],
-        rows[("FLoRA", "dev/accuracy", 2)]["b"],
+        rows[("FLoRA", "dev/accuracy", 1)]["c"],
+        rows[("FLoRA", "dev/accuracy", 1)]["b"],
     )
     assert "## Paired differences to FLoRA" in (root / "comparison.md").read_text()
 
@@ -102,18 +102,18 @@ def test_one_seed_gives_mcnemar_and_report_rebuilds_it(workspace, tmp_path, caps
     assert "valid: FLoRA, RB-LoRA, Weighted HETLoRA" in err[0]
 
     # two cells scored on different items are refused, naming them
-    path = root / "heterogeneous" / "flora" / "seed1" / "3" / "evaluation" / "round_2.json"
+    path = root / "heterogeneous" / "flora" / "seed1" / "3" / "evaluation" / "round_1.json"
     data = json.loads(path.read_text())
     data["suites"]["dev"]["ids"][0] = "0" * 16
     path.write_text(json.dumps(data))
     assert rblora(["report", str(root)]) == 2
     err = capsys.readouterr().err
-    assert "FLoRA (heterogeneous) and RB-LoRA (heterogeneous), seed 1, round 2, suite dev" in err
+    assert "FLoRA (heterogeneous) and RB-LoRA (heterogeneous), seed 1, round 1, suite dev" in err
     assert "scored on different items" in err
 
     # an outcome file that does not give the round's figure is not this round's
     data = json.loads(path.read_text())
-    data["suites"]["dev"]["ids"][0] = _items(root, "heterogeneous/rb-lora/seed1", 2)["ids"][0]
+    data["suites"]["dev"]["ids"][0] = _items(root, "heterogeneous/rb-lora/seed1", 1)["ids"][0]
     data["suites"]["dev"]["accuracy"][0] = 1 - data["suites"]["dev"]["accuracy"][0]
     path.write_text(json.dumps(data))
     assert rblora(["report", str(root)]) == 2

@@ -141,3 +141,26 @@ def test_items_of_different_questions_are_refused():
         match_items(x, y, "accuracy", "RB-LoRA vs FLoRA seed 1")
     with pytest.raises(ValueError, match="no 'acc_norm'"):
         match_items(x, x, "acc_norm", "cells")
+
+
+def test_paired_rows_match_items_by_id_within_each_replicate():
+    from rblora.experiments.differences import paired_rows
+
+    def suite(ids, acc):
+        return {"dev": {"ids": ids, "accuracy": acc}}
+
+    # replicate A: X right on a, b; Y right on a only -> +1/3
+    # replicate B (other items): X right on nothing; Y right on d -> -1/3; X's file lists the
+    # items in another order than Y's
+    ref = {1: {"A": suite(["a", "b", "c"], [1, 0, 0]), "B": suite(["d", "e", "f"], [1, 0, 0])}}
+    x = {1: {"A": suite(["c", "a", "b"], [0, 1, 1]), "B": suite(["f", "e", "d"], [0, 0, 0])}}
+    data = {"groups": {("s", "Y"): {"items": ref}, ("s", "X"): {"items": x}}}
+    (row,) = paired_rows(data, ("s", "Y"), label=str)
+    assert (row["method"], row["metric"], row["round"]) == ("X", "dev/accuracy", 1)
+    assert row["difference"] == pytest.approx((1 / 3 - 1 / 3) / 2)
+    assert (row["b"], row["c"], row["items"], row["replicates"]) == (1, 1, 6, ["A", "B"])
+    assert row["test"] == "bootstrap" and row["low"] < 0 < row["high"]
+
+    x[1]["B"] = suite(["f", "e", "g"], [0, 0, 0])  # B's cell of X was scored on other items
+    with pytest.raises(ValueError, match=r"X \(s\) and Y \(s\), B, round 1, suite dev: scored"):
+        paired_rows(data, ("s", "Y"), label=str)

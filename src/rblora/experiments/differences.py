@@ -87,11 +87,10 @@ def paired_rows(data: dict, reference: tuple[str, str], label) -> list[dict]:
                     if not pairs:
                         continue
                     result = paired_difference(pairs)
-                    rows.append(
-                        {"setting": key[0], "method": key[1], "metric": f"{suite}/{measure}",
-                         "round": t, "replicates": [label(rep) for rep in used],
-                         **result.to_dict(), "reading": result.reading()}
-                    )  # fmt: skip
+                    row = {"setting": key[0], "method": key[1], "metric": f"{suite}/{measure}",
+                           "round": t, **result.to_dict(), "reading": result.reading()}  # fmt: skip
+                    row["replicates"] = [label(rep) for rep in used]  # which, not how many
+                    rows.append(row)
     return rows
 
 
