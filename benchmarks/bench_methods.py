@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_methods.py lm              # ~80 min a seed on 2 CPU cores
     .venv/bin/python benchmarks/bench_methods.py image           # ~1 hour for the 3 seeds
     .venv/bin/python benchmarks/bench_methods.py lm --quick      # about a minute (what tests run)
+    .venv/bin/python benchmarks/bench_methods.py image --seeds 1,2 --data_seeds 1,2
 
 Prepares the data of the setting under ``<output_dir>/data`` (once), then runs ``rblora
 compare`` (``rblora.experiments.compare``) with the same hyperparameters for every method and
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, 1 round")
     parser.add_argument("--output_dir", type=Path, help="default: ./outputs/bench_<task>[_quick]")
     parser.add_argument("--seeds", help="override the preset's seeds, e.g. 1,2")
+    parser.add_argument(
+        "--data_seeds",
+        help="partition seeds as replicates too, e.g. 1,2 (rblora compare --data_seeds: one data "
+        "folder per seed, prepared with the preset's options)",
+    )
     ns = parser.parse_args(argv)
     from rblora.data.prepare import main as prepare_main
     from rblora.experiments.compare import main as compare_main
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if code:
             return code
     argv = ["--methods", ",".join(preset["methods"]), "--seeds", ns.seeds or preset["seeds"]]
+    if ns.data_seeds:
+        argv += ["--data_seeds", ns.data_seeds]
     argv += ["--rank_settings", preset["settings"], "--output_dir", str(out), "--"]
     argv += [*preset["train"], "--data_path", str(data), "--no_progress"]
     return compare_main(argv)

@@ -44,6 +44,14 @@ def test_simulation_engine_language_model(workspace, tmp_path, inprocess):
     _same_adapters(tmp_path / "3", inprocess)
     config = json.loads((tmp_path / "3" / "config.json").read_text())
     assert config["engine"] == "flower"
+    # the per-item outcomes, written by the same round step as in-process
+    rounds = {r["round"]: r for r in metrics(tmp_path / "3") if r["type"] == "round"}
+    for t in (1, 2):
+        name = Path("evaluation") / f"round_{t}.json"
+        ours = json.loads((tmp_path / "3" / name).read_text())["suites"]["dev"]
+        theirs = json.loads((inprocess / name).read_text())["suites"]["dev"]
+        assert ours["ids"] == theirs["ids"] and len(ours["ids"]) == 6
+        assert sum(ours["accuracy"]) / 6 == rounds[t]["eval"]["suites"]["dev"]["accuracy"]
 
 
 def test_simulation_engine_image_task(tmp_path):

@@ -151,6 +151,13 @@ def test_head_only_baseline(vision, tmp_path):
     clients = [r for r in metrics(run) if r["type"] == "client"]
     # only the head travels: 10 x 32 weights + 10 biases in float32
     assert all(c["bytes_up"] == (10 * 32 + 10) * 4 for c in clients)
+    # each round's top-1 hits per test image, under ids of the images (distinct)
+    rounds = {r["round"]: r for r in metrics(run) if r["type"] == "round"}
+    for t in (1, 2):
+        items = json.loads((run / "evaluation" / f"round_{t}.json").read_text())["suites"]["test"]
+        assert len(items["ids"]) == len(set(items["ids"])) == 60
+        accuracy = rounds[t]["eval"]["suites"]["test"]["accuracy"]
+        assert set(items) == {"ids", "accuracy"} and sum(items["accuracy"]) / 60 == accuracy
 
 
 def test_image_options_and_sizes(vision, tmp_path, capsys):

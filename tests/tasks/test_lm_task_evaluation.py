@@ -6,6 +6,7 @@ import pytest
 
 from rblora.data.templates import Prompter
 from rblora.evaluation import EvalConfig, MCItem, evaluate_round
+from rblora.evaluation.outcomes import mc_item_ids
 from rblora.tasks.lm import CausalLMTask
 from rblora.training import TrainConfig
 
@@ -80,7 +81,12 @@ def test_rounds_reuse_the_encoding_and_give_the_same_numbers(tiny_llama, tiny_to
     expected = evaluate_round(tiny_llama, tiny_tokenizer, SUITES, LOSS_RECORDS, PROMPTER, config)
     assert set(expected["suites"]) == {"mmlu", "test"} and "loss" in expected
     for got in rounds:
+        items = got.pop("items")  # the task asks for each question's outcome too
         assert _without_seconds(got) == _without_seconds(expected)
+        for name, suite in SUITES.items():
+            assert items[name]["ids"] == mc_item_ids(suite)
+            hits = sum(items[name]["accuracy"]) / len(suite)
+            assert hits == expected["suites"][name]["accuracy"]
 
 
 def test_a_suite_the_model_cannot_score_fails_when_set(tiny_llama, tiny_tokenizer):

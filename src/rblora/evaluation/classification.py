@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rblora.evaluation.forward import eval_mode
+from rblora.evaluation.outcomes import suite_outcomes
 
 
 def evaluate_classifier(
@@ -25,6 +26,7 @@ def evaluate_classifier(
     batch_size: int = 64,
     autocast_bf16: bool = False,
     suite: str = "test",
+    ids: list[str] | None = None,
 ) -> dict:
     """Metrics of ``model`` on ``len(labels)`` examples.
 
@@ -36,13 +38,16 @@ def evaluate_classifier(
          "loss": mean cross-entropy, "confusion_matrix": [[true x predicted counts]],
          "classes": [...], "seconds": ...}
 
-    Macro accuracy is the mean over the classes present in ``labels``.
+    Macro accuracy is the mean over the classes present in ``labels``. ``ids``: one per example
+    (`rblora.evaluation.outcomes.image_item_ids`); the dict then also holds ``"items":
+    {suite: {"ids", "accuracy"}}``, whether each example's top-1 prediction was right.
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
     n, c = len(labels), len(classes)
     confusion = torch.zeros((c, c), dtype=torch.int64)
     total_loss = 0.0
+    hits = torch.zeros(n, dtype=torch.bool)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16)
     with eval_mode(model), torch.inference_mode(), autocast:
         for s in range(0, n, batch_size):
@@ -51,6 +56,7 @@ def evaluate_classifier(
             y = labels[idx].to(device)
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             pred = logits.argmax(dim=-1).cpu()
+            hits[idx] = pred == labels[idx]
             confusion.index_put_((labels[idx], pred), torch.ones_like(pred), accumulate=True)
     counts = confusion.sum(dim=1)
     correct = confusion.diag()
@@ -67,10 +73,13 @@ def evaluate_classifier(
         "per_class": per_class,
         "seconds": seconds,
     }
-    return {
+    out = {
         "suites": {suite: result},
         "loss": total_loss / n,
         "confusion_matrix": confusion.tolist(),
         "classes": list(classes),
         "seconds": seconds,
     }
+    if ids is not None:
+        out["items"] = {suite: suite_outcomes(ids, accuracy=hits.tolist())}
+    return out

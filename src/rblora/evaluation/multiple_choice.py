@@ -28,6 +28,7 @@ from rblora.evaluation.encoding import (
 )
 from rblora.evaluation.forward import sum_logprobs
 from rblora.evaluation.items import MCItem
+from rblora.evaluation.outcomes import mc_item_ids, suite_outcomes
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,17 @@ def summarize(items: Sequence[MCItem], lls: list[list[float]], seconds: float = 
         predictions=pred,
         predictions_norm=pred_norm,
         seconds=seconds,
+    )
+
+
+def mc_outcomes(items: Sequence[MCItem], result: MCResult) -> dict:
+    """Each item's id and whether ``accuracy`` and ``acc_norm`` got it right
+    (`rblora.evaluation.outcomes`)."""
+    answers = [it.answer for it in items]
+    return suite_outcomes(
+        mc_item_ids(items),
+        accuracy=[p == a for p, a in zip(result.predictions, answers, strict=True)],
+        acc_norm=[p == a for p, a in zip(result.predictions_norm, answers, strict=True)],
     )
 
 

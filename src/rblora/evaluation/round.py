@@ -19,6 +19,7 @@ from rblora.evaluation.multiple_choice import (
     EncodedSuite,
     context_size,
     encode_suite,
+    mc_outcomes,
     score_encoded,
 )
 
@@ -76,11 +77,15 @@ def encode_evaluation(
     return EncodedEvaluation(encoded, loss, _encoding(config))
 
 
-def evaluate_encoded(model, encoded: EncodedEvaluation, config: EvalConfig = DEFAULTS) -> dict:
+def evaluate_encoded(
+    model, encoded: EncodedEvaluation, config: EvalConfig = DEFAULTS, *, items: bool = False
+) -> dict:
     """Evaluate the (global) model on an encoded evaluation; the dict of `evaluate_round`.
 
     ``config`` must have the encoding fields the evaluation was encoded with (ValueError
-    otherwise); its other fields (batching, autocast, progress) apply here.
+    otherwise); its other fields (batching, autocast, progress) apply here. ``items``: the dict
+    also holds ``"items": {suite: outcomes}``, each question's id and whether ``accuracy`` and
+    ``acc_norm`` got it right (`rblora.evaluation.outcomes`).
     """
     if _encoding(config) != encoded.encoding:
         asked = dict(zip(ENCODING_FIELDS, _encoding(config), strict=True))
@@ -94,8 +99,14 @@ def evaluate_encoded(model, encoded: EncodedEvaluation, config: EvalConfig = DEF
         "progress": config.progress,
     }
     out: dict = {"suites": {}}
+    outcomes = {}
     for name, suite in encoded.suites.items():
-        out["suites"][name] = score_encoded(model, suite, **common).to_dict()
+        result = score_encoded(model, suite, **common)
+        out["suites"][name] = result.to_dict()
+        if items:
+            outcomes[name] = mc_outcomes(suite.items, result)
+    if items:
+        out["items"] = outcomes
     if encoded.loss is not None:
         loss = loss_of_encoded(model, encoded.loss, **common)
         out.update(

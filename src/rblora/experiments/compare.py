@@ -17,8 +17,15 @@ cells; failed and unfinished seeds are named beside the count. The base model is
 (round 0 of the first cell). At the end ``<output_dir>/comparison.md`` holds the table (mean and
 standard deviation over seeds of each metric after round 1 and after the last round, communication
 per round and aggregation time) and ``<output_dir>/plots/`` one PNG per metric (mean per round, a
-band of one standard deviation). ``rblora report <output_dir>`` rebuilds them from the cells'
-metrics.
+band of one standard deviation). Below the table, each method against a reference method
+(``--reference``, default RB-LoRA) on the same items: the paired difference, its 95% bootstrap
+interval and a p-value (:mod:`rblora.experiments.differences`), from the per-item outcomes the
+cells keep (``evaluation/round_<t>.json``); ``comparison.json`` holds them for every round.
+``rblora report <output_dir>`` rebuilds all of it from the cells' metrics and outcomes.
+
+``--data_seeds 1,2`` makes the data partition a seed too: one data folder per partition seed,
+prepared with the options of the given one (:mod:`rblora.experiments.data_seeds`); the replicates
+are then (data seed, seed) pairs, cells ``<setting>/<method>/data<d>/seed<s>/``.
 
 With ``--report_to mlflow`` among train.py's options the comparison is one MLflow experiment named
 after ``--output_dir``'s folder, in ``<output_dir>/mlflow.db`` (unless ``--mlflow_tracking_uri``
@@ -45,7 +52,11 @@ from pathlib import Path
 from rblora.utils.options import OptionParser, int_list, split_passthrough
 
 HEAD_ONLY = "head-only"
+#: The method the others are compared to item by item unless ``--reference`` names another.
+DEFAULT_REFERENCE = "RB-LoRA"
 INDEX = "compare.json"
+#: The paired differences to the reference, every metric and round (comparison.md shows the last).
+PAIRED = "comparison.json"
 #: A cell's record of why its run stopped, in ``<output_dir>/<cell path>/``.
 FAILED = "failed.txt"
 
@@ -94,8 +105,14 @@ def rank_settings(names: list[str], ranks: list[int]) -> dict[str, list[int]]:
     return out
 
 
-def plan(methods: list[str], seeds: list[int], settings: dict[str, list[int]]) -> list[dict]:
-    """The cells: one per (setting, method, seed) that the method can run."""
+def plan(
+    methods: list[str],
+    seeds: list[int],
+    settings: dict[str, list[int]],
+    data_paths: dict[int, Path] | None = None,
+) -> list[dict]:
+    """The cells: one per (setting, method, replicate) that the method can run. A replicate is
+    a seed, or with ``data_paths`` (data seed -> its ``--data_path``) a (data seed, seed) pair."""
     from rblora.aggregation import get_method
 
     for entry in methods:
@@ -110,13 +127,37 @@ def plan(methods: list[str], seeds: list[int], settings: dict[str, list[int]]) -
                 continue  # "FedIT@smallest": that setting only
             if method != HEAD_ONLY and get_method(method).homogeneous_ranks and len(set(ranks)) > 1:
                 continue  # FedIT averages factors of one shape
-            for seed in seeds:
-                path = Path(setting) / _slug(method) / f"seed{seed}"
-                cells.append(
-                    {"setting": setting, "method": method, "seed": seed, "ranks": ranks,
-                     "path": str(path)}
-                )  # fmt: skip
+            for data_seed in data_paths or [None]:
+                for seed in seeds:
+                    path = Path(setting) / _slug(method)
+                    if data_seed is not None:
+                        path = path / f"data{data_seed}"
+                    cell = {"setting": setting, "method": method, "seed": seed, "ranks": ranks,
+                            "path": str(path / f"seed{seed}")}  # fmt: skip
+                    if data_seed is not None:
+                        cell.update(data_seed=data_seed, data_path=str(data_paths[data_seed]))
+                    cells.append(cell)
     return cells
+
+
+def replicate(cell: dict) -> tuple[int | None, int]:
+    """A cell's replicate: (data seed or None, seed)."""
+    return cell.get("data_seed"), cell["seed"]
+
+
+def replicate_label(key: tuple[int | None, int]) -> str:
+    """``seed 2`` or ``data 1 seed 2``."""
+    data_seed, seed = key
+    return f"seed {seed}" if data_seed is None else f"data {data_seed} seed {seed}"
+
+
+def _evaluates_base(cells: list[dict]) -> set[int]:
+    """Indices of the cells that evaluate the base model: the first of each data seed (its
+    test set is the data seed's)."""
+    first: dict = {}
+    for i, cell in enumerate(cells):
+        first.setdefault(cell.get("data_seed"), i)
+    return set(first.values())
 
 
 def _cell_argv(base: list[str], cell: dict, root: Path, first: bool, args) -> list[str]:
@@ -129,6 +170,8 @@ def _cell_argv(base: list[str], cell: dict, root: Path, first: bool, args) -> li
     else:
         argv += ["--method", cell["method"]]
     argv += ["--eval_base" if first else "--no_eval_base"]
+    if "data_path" in cell:
+        argv += ["--data_path", cell["data_path"]]
     return argv
 
 
@@ -143,6 +186,8 @@ def _tracking_argv(args, cell: dict, root: Path) -> list[str]:
     uri = args.mlflow_tracking_uri or default_tracking_uri(root)
     experiment = args.mlflow_experiment or root.resolve().name
     tags = {**(args.mlflow_tags or {}), "setting": cell["setting"], "method": cell["method"]}
+    if cell.get("data_seed") is not None:
+        tags["data_seed"] = str(cell["data_seed"])
     return [
         "--mlflow_tracking_uri", uri, "--mlflow_experiment", experiment,
         "--mlflow_tags", json.dumps(tags),
@@ -163,10 +208,13 @@ def _state(run_dir: Path, rounds: int) -> str:
 
 def run_compare(
     base_argv: list[str], methods: list[str], seeds: list[int], setting_names: list[str],
-    root: Path, retry_failed: bool = False,
+    root: Path, retry_failed: bool = False, *, data_seeds: list[int] | None = None,
+    reference: str | None = None,
 ) -> dict:  # fmt: skip
     """Run every cell (skipping finished ones, and failed ones unless ``retry_failed``), then
-    write the table and plots."""
+    write the table and plots. ``data_seeds``: one prepared folder per partition seed
+    (:mod:`rblora.experiments.data_seeds`), replicates (data seed, seed); ``reference``: the
+    method the others are compared to item by item (default RB-LoRA, else the first)."""
     from rblora.federation.cli import run
     from rblora.federation.options import parse_args
     from rblora.federation.rounds import RunError, log
@@ -176,25 +224,36 @@ def run_compare(
 
     args, _ = parse_args(base_argv)
     settings = rank_settings(setting_names, args.ranks())
-    cells = plan(methods, seeds, settings)
+    cells = plan(methods, seeds, settings)  # on the given data: checked before anything runs
     if not cells:
         raise ValueError("no cell to run: every method needs a rank setting it cannot take")
-    for i, cell in enumerate(cells, start=1):  # every cell's options are checked first
+    reference = choose_reference(cells, reference)
+    for i, cell in enumerate(cells):  # every cell's options are checked first
         try:
-            cell_args, given = parse_args(_cell_argv(base_argv, cell, root, i == 1, args))
+            cell_args, given = parse_args(_cell_argv(base_argv, cell, root, i == 0, args))
             cell_args.check_task_options(infer_task(cell_args), given)
             require_packages(cell_args.report_to)
         except ValueError as err:
             raise ValueError(f"{cell['setting']} / {cell['method']}: {err}") from None
+    if data_seeds:  # the same cells on each data seed's folder (prepared with the same options)
+        from rblora.experiments.data_seeds import data_folders
+
+        paths = data_folders(Path(args.data_path), args.num_clients, data_seeds, root, log)
+        cells = plan(methods, seeds, settings, paths)
+    base_cells = _evaluates_base(cells)
     root.mkdir(parents=True, exist_ok=True)
     index = {"base_argv": base_argv, "cells": cells, "num_clients": args.num_clients,
-             "rounds": args.num_communication_rounds}  # fmt: skip
+             "rounds": args.num_communication_rounds, "reference": reference,
+             "data_seeds": data_seeds or None}  # fmt: skip
     write_json(root / INDEX, index, indent=1)
     for i, cell in enumerate(cells, start=1):
         run_dir = root / cell["path"] / str(args.num_clients)
         failed = root / cell["path"] / FAILED
         state = _state(run_dir, args.num_communication_rounds)
-        label = f"cell {i}/{len(cells)}: {cell['setting']} / {cell['method']} / seed {cell['seed']}"
+        label = (
+            f"cell {i}/{len(cells)}: {cell['setting']} / {cell['method']} / "
+            f"{replicate_label(replicate(cell))}"
+        )
         if state == "done":
             failed.unlink(missing_ok=True)  # stale: the cell was finished since it failed
             log(f"{label}: finished earlier, kept")
@@ -203,7 +262,7 @@ def run_compare(
             log(f"{label}: failed earlier, kept as failed (see {failed}; --retry_failed runs it)")
             continue
         log(f"{label}{' (resuming)' if state == 'resume' else ''}")
-        argv = _cell_argv(base_argv, cell, root, i == 1, args)
+        argv = _cell_argv(base_argv, cell, root, i - 1 in base_cells, args)
         argv += ["--resume"] if state == "resume" else ["--overwrite"]
         cell_args, given = parse_args(argv)
         start = time.perf_counter()
@@ -215,7 +274,32 @@ def run_compare(
         else:
             failed.unlink(missing_ok=True)  # retried and finished: no longer failed
         log(f"{label}: {time.perf_counter() - start:.0f} s")
-    return write_comparison(root)
+    return write_comparison(root, reference)
+
+
+def choose_reference(cells: list[dict], reference: str | None) -> str:
+    """The reference method of the paired differences: ``reference`` (a method of the cells,
+    or ``method@setting``), else RB-LoRA if it runs, else the first method. ValueError naming
+    the valid values."""
+    groups = list(dict.fromkeys((c["setting"], c["method"]) for c in cells))
+    methods = list(dict.fromkeys(m for _, m in groups))
+    if reference is None:
+        return DEFAULT_REFERENCE if DEFAULT_REFERENCE in methods else methods[0]
+    method, _, setting = reference.partition("@")
+    if (not setting and method in methods) or (method, setting) in groups:
+        return reference
+    raise ValueError(
+        f"--reference {reference!r} is not a method of this comparison; valid: "
+        f"{', '.join(methods)} (or method@setting: "
+        f"{', '.join(f'{m}@{s}' for s, m in groups)})"
+    )
+
+
+def reference_group(groups, reference: str) -> tuple[str, str]:
+    """The (setting, method) of ``reference``: ``method@setting``, or the method in the first
+    setting it runs in."""
+    method, _, setting = reference.partition("@")
+    return next(g for g in groups if g[1] == method and (not setting or g[0] == setting))
 
 
 # ---------------------------------------------------------------------- table and plots
@@ -239,28 +323,35 @@ def _fmt(values: list[float], digits: int = 3) -> str:
 
 
 def collect(root: Path) -> dict:
-    """Per (setting, method): per round, per metric, the values over the seeds whose cell
-    finished every round; the seeds of failed and of unfinished cells are listed apart (their
-    partial rounds would mix seeds that stopped early into the means)."""
+    """Per (setting, method): per round, per metric, the values over the replicates whose cell
+    finished every round, and per round and replicate the per-item outcomes of those cells; the
+    replicates of failed and of unfinished cells are listed apart (their partial rounds would
+    mix replicates that stopped early into the means)."""
+    from rblora.experiments.differences import cell_outcomes
     from rblora.utils.records import read_json
 
     index = read_json(root / INDEX)
     groups: dict[tuple[str, str], dict] = {}
-    base: dict[str, float] = {}
+    base_values: dict[str, list[float]] = {}
     for cell in index["cells"]:
         rounds = _cell_rounds(root, cell, index["num_clients"]) or []
         group = groups.setdefault(
             (cell["setting"], cell["method"]),
-            {"seeds": 0, "rounds": {}, "failed": [], "unfinished": []},
-        )
+            {"seeds": 0, "replicates": [], "rounds": {}, "items": {}, "failed": [],
+             "unfinished": []},
+        )  # fmt: skip
         for r in rounds:  # the base model (round 0) is the same whatever became of the cell
             if r["round"] == 0:
-                base = {k: v for k, v in r.items() if "/" in k and v is not None}
+                for k, v in r.items():
+                    if "/" in k and v is not None:
+                        base_values.setdefault(k, []).append(float(v))
+        rep = replicate(cell)
         if sum(1 for r in rounds if r["round"] >= 1) < index["rounds"]:
             failed = (root / cell["path"] / FAILED).is_file()
-            group["failed" if failed else "unfinished"].append(cell["seed"])
+            group["failed" if failed else "unfinished"].append(rep)
             continue
         group["seeds"] += 1
+        group["replicates"].append(rep)
         for r in rounds:
             if r["round"] == 0:
                 continue
@@ -268,6 +359,12 @@ def collect(root: Path) -> dict:
             for key, value in r.items():
                 if value is not None and ("/" in key or key in _COSTS):
                     slot.setdefault(key, []).append(float(value))
+        label = f"{cell['setting']} / {cell['method']} / {replicate_label(rep)}"
+        run_dir = root / cell["path"] / str(index["num_clients"])
+        for t, suites in cell_outcomes(run_dir, rounds, label).items():
+            group["items"].setdefault(t, {})[rep] = suites
+    # one base evaluation per data seed (each has its own test set): their mean
+    base = {k: statistics.fmean(v) for k, v in base_values.items()}
     return {"index": index, "groups": groups, "base": base}
 
 
@@ -284,7 +381,7 @@ def comparison_table(data: dict) -> str:
     skip = ("perplexity", "acc_norm", "macro_accuracy", "_ci95")
     metrics = [m for m in metrics if not m.endswith(skip)]
     shown = [1] if last == 1 else [1, last]
-    head = ["setting", "method", "seeds"]
+    head = ["setting", "method", "replicates" if data["index"].get("data_seeds") else "seeds"]
     head += [f"{m} r{t}" for m in metrics for t in shown]
     head += ["MB up/round", "MB down/round", "agg s/round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -309,13 +406,34 @@ def comparison_table(data: dict) -> str:
 
 
 def _seed_note(group: dict) -> str:
-    """`` (seed 2 failed: see failed.txt; seed 3 unfinished)`` or ``""``."""
+    """`` (seed 2 failed: see failed.txt; seed 3 unfinished)`` or ``""`` (``data 1 seed 2``
+    with data seeds)."""
     notes = []
     for key, what in (("failed", f"failed: see {FAILED}"), ("unfinished", "unfinished")):
-        seeds = group[key]
-        if seeds:
-            notes.append(f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} {what}")
+        reps = group[key]
+        if reps and all(d is None for d, _ in reps):
+            seeds = [str(s) for _, s in reps]
+            notes.append(f"seed{'s' * (len(seeds) > 1)} {', '.join(seeds)} {what}")
+        elif reps:
+            notes.append(f"{', '.join(map(replicate_label, reps))} {what}")
     return f" ({'; '.join(notes)})" if notes else ""
+
+
+def replicates_line(index: dict) -> str:
+    """Which replicates the comparison has: its seeds, or its (data seed, seed) pairs."""
+    seeds = sorted({c["seed"] for c in index["cells"]})
+    data_seeds = index.get("data_seeds")
+    if not data_seeds:
+        return (
+            f"- replicates: seeds {', '.join(map(str, seeds))} (one data partition: "
+            "the train options' --data_path)"
+        )
+    pairs = ", ".join(f"({d}, {s})" for d in data_seeds for s in seeds)
+    return (
+        f"- replicates: (data seed, seed) pairs {pairs}: data seeds "
+        f"{', '.join(map(str, data_seeds))} (partitions prepared with the same options) x "
+        f"seeds {', '.join(map(str, seeds))}"
+    )
 
 
 def write_plots(root: Path, data: dict) -> list[Path]:
@@ -375,28 +493,42 @@ def write_plots(root: Path, data: dict) -> list[Path]:
     return written
 
 
-def write_comparison(root: Path) -> dict:
-    """``comparison.md`` and ``plots/`` from the cells' metrics; returns the collected data."""
-    from rblora.utils.atomic import write_text
+def write_comparison(root: Path, reference: str | None = None) -> dict:
+    """``comparison.md``, ``comparison.json`` (the paired differences of every metric and
+    round) and ``plots/`` from the cells' metrics and per-item outcomes; returns the collected
+    data. ``reference``: as ``--reference`` (default: the comparison's, else RB-LoRA)."""
+    from rblora.experiments.differences import paired_json, paired_rows, paired_table
+    from rblora.utils.atomic import write_json, write_text
 
     data = collect(root)
     index = data["index"]
+    reference = choose_reference(index["cells"], reference or index.get("reference"))
+    ref_group = reference_group(list(data["groups"]), reference)
+    rows = paired_rows(data, ref_group, replicate_label)
+    data["reference"], data["paired"] = ref_group, rows
+    spread = "replicates" if index.get("data_seeds") else "seeds"
     text = [
         "# Comparison",
         "",
         f"- train options: `{' '.join(index['base_argv'])}`",
         f"- {index['num_clients']} clients, {index['rounds']} rounds; cells under {root}",
-        "- mean ± standard deviation over seeds; r<t> = after round t",
+        replicates_line(index),
+        f"- mean ± standard deviation over {spread}; r<t> = after round t",
         "",
         comparison_table(data),
     ]
+    table = paired_table(rows, ref_group, index["rounds"])
+    if table:
+        text += ["", table]
     write_text(root / "comparison.md", "\n".join(text))
+    write_json(root / PAIRED, paired_json(rows, ref_group), indent=1)
     write_plots(root, data)
     return data
 
 
 def main(argv: list[str] | None = None) -> int:
     from rblora.aggregation import available_methods
+    from rblora.experiments.differences import paired_table
 
     argv = list(sys.argv[1:] if argv is None else argv)
     own, train = split_passthrough(argv)
@@ -413,6 +545,16 @@ def main(argv: list[str] | None = None) -> int:
         help="semicolon-separated: heterogeneous; smallest; uniform; name=r0,r1,... "
         "(name: a folder name of A-Za-z0-9_.-; default: heterogeneous)",
     )
+    parser.add_argument(
+        "--data_seeds",
+        help="comma-separated partition seeds: one data folder per seed, prepared with the "
+        "options of --data_path's folder (default: that folder alone)",
+    )
+    parser.add_argument(
+        "--reference",
+        help=f"the method the others are compared to item by item (default {DEFAULT_REFERENCE}, "
+        "else the first method); method@setting picks one setting",
+    )
     parser.add_argument("--output_dir", required=True, help="root of the cells and the table")
     parser.add_argument(
         "--retry_failed",
@@ -428,11 +570,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"--seeds {ns.seeds!r}: give seeds >= 0 separated by commas, e.g. 1,2,3"
             )
+        data_seeds = None
+        if ns.data_seeds is not None:
+            data_seeds = int_list(ns.data_seeds, "--data_seeds")
+            if not data_seeds or min(data_seeds) < 0 or len(set(data_seeds)) < len(data_seeds):
+                raise ValueError(
+                    f"--data_seeds {ns.data_seeds!r}: give different seeds >= 0 separated by "
+                    "commas, e.g. 1,2"
+                )
         settings = [s.strip() for s in ns.rank_settings.split(";") if s.strip()]
-        data = run_compare(train, methods, seeds, settings, Path(ns.output_dir), ns.retry_failed)
+        data = run_compare(
+            train, methods, seeds, settings, Path(ns.output_dir), ns.retry_failed,
+            data_seeds=data_seeds, reference=ns.reference,
+        )  # fmt: skip
     except (ValueError, OSError) as err:
         print(f"rblora compare: error: {err}", file=sys.stderr)
         return 2
     print(comparison_table(data), end="")
+    print(paired_table(data["paired"], data["reference"], data["index"]["rounds"]), end="")
     print(f"table: {Path(ns.output_dir) / 'comparison.md'}")
     return 0

@@ -152,7 +152,7 @@ def close_round(
     if export:
         export_global(task, folder.global_dir(round_), model)
     eval_start = time.perf_counter()
-    evaluation = evaluate_global(task, model, round_)
+    evaluation = keep_item_outcomes(folder, round_, evaluate_global(task, model, round_))
     eval_seconds = time.perf_counter() - eval_start
     record: dict[str, Any] = {
         "type": "round",
@@ -187,6 +187,20 @@ def evaluate_global(task: Task, model: GlobalModel, round_: int) -> dict[str, An
     return task.evaluate({} if model.merged else model.delta, round_=round_)
 
 
+def keep_item_outcomes(
+    folder: RunFolder, round_: int, evaluation: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the per-item outcomes of an evaluation (its ``"items"``) to
+    ``evaluation/round_<t>.json`` and return the evaluation without them (the metrics line keeps
+    the figures only). Called before the round's metrics line is written, so a line never
+    exists without its file; a round redone after a resume writes its file again."""
+    evaluation = dict(evaluation)
+    items = evaluation.pop("items", None)
+    if items:
+        folder.write_items(round_, items)
+    return evaluation
+
+
 def evaluate_base_once(
     task: Task, folder: RunFolder, trackers: Trackers | None = None
 ) -> list[dict[str, Any]]:
@@ -196,7 +210,8 @@ def evaluate_base_once(
     if any(r.get("type") == "round" and r.get("round") == 0 for r in folder.read_metrics()):
         return []
     start = time.perf_counter()
-    record = {"type": "round", "round": 0, "selected": [], "eval": task.evaluate({}, round_=0)}
+    evaluation = keep_item_outcomes(folder, 0, task.evaluate({}, round_=0))
+    record = {"type": "round", "round": 0, "selected": [], "eval": evaluation}
     record["eval_seconds"] = record["round_seconds"] = round(time.perf_counter() - start, 3)
     folder.append_metrics(record)
     log(round_line(record))

@@ -6,6 +6,10 @@
       round_<t>/global/    PEFT folder of the global model after round t (see rounds.export)
       round_<t>/client_<k>/  PEFT folder of client k's trained adapter (its rank and alpha)
                            (rounds written and kept: ``rblora.federation.saving``)
+      evaluation/round_<t>.json  per-item outcomes of round t's evaluation (round 0: the base):
+                           ``{"round", "suites": {suite: {"ids", "accuracy"[, "acc_norm"]}}}``
+                           (``rblora.evaluation.outcomes``), written before the round's metrics
+                           line; kept whatever ``--save_every`` prunes
       checkpoint/          server state after the last completed round:
         server.safetensors   tensors (clients' start basis, merged total, dense extras)
         state.json           counters and the last round's record
@@ -17,6 +21,8 @@ Writes are atomic (a file or folder appears complete or not at all) and durable 
 they are made (``rblora.utils.atomic``: fsync before each rename, the folder after it, each
 metrics line fsynced). A kill between the round's metrics line and its checkpoint leaves the
 checkpoint of the round before: resuming drops the later lines and redoes the round.
+A redone round writes its ``evaluation/round_<t>.json`` again (one file per round, replaced
+atomically: never lost, never two); a reader takes a round's file only with its metrics line.
 
 Beside the run folder ``<num_clients>`` live two hidden siblings:
 
@@ -60,8 +66,11 @@ from rblora.utils.lockfile import hold
 from rblora.utils.records import read_records
 
 CHECKPOINT = "checkpoint"
+#: The folder of the per-item outcomes, one file per evaluated round.
+ITEMS_DIR = "evaluation"
 MANIFEST = "manifest.json"
 _ROUND_DIR = re.compile(r"^round_(\d+)$")
+_ITEMS_FILE = re.compile(r"^round_(\d+)\.json$")
 _LEFTOVER = re.compile(r"^\.round_(\d+)\.tmp-")
 
 
@@ -92,6 +101,28 @@ class RunFolder:
 
     def client_dir(self, round_: int, client: int) -> Path:
         return self.round_dir(round_) / f"client_{client}"
+
+    def items_path(self, round_: int) -> Path:
+        """``evaluation/round_<t>.json``: the per-item outcomes of round t's evaluation."""
+        return self.path / ITEMS_DIR / f"round_{round_}.json"
+
+    def write_items(self, round_: int, suites: dict[str, dict]) -> None:
+        """Write round t's per-item outcomes atomically (replacing those of a redone round)."""
+        write_json(self.items_path(round_), {"round": round_, "suites": suites}, indent=None)
+
+    def read_items(self, round_: int) -> dict[str, dict] | None:
+        """Round t's per-item outcomes ``{suite: {"ids", <measure>: [0 | 1]}}``, or None if the
+        run wrote none (a run of an older version). ValueError naming a damaged file."""
+        path = self.items_path(round_)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} is damaged ({err})") from None
+        if not isinstance(data, dict) or data.get("round") != round_:
+            raise ValueError(f"{path} does not hold round {round_}'s outcomes")
+        return data["suites"]
 
     def saved_rounds(self) -> list[int]:
         """Rounds that have a ``round_<t>/`` folder, ascending."""
@@ -283,6 +314,17 @@ class RunFolder:
                 f"--resume: {self.round_dir(later[0])} exists but the checkpoint is from round "
                 f"{completed_rounds}: the checkpoint is older than the run's outputs (deleted "
                 "or replaced); resuming would overwrite them. Start again with --overwrite"
+            )
+        evaluated = sorted(
+            int(m.group(1))
+            for p in (self.path / ITEMS_DIR).glob("round_*.json")
+            if (m := _ITEMS_FILE.match(p.name)) and int(m.group(1)) > limit
+        )
+        if evaluated:
+            raise ResumeError(
+                f"--resume: {self.items_path(evaluated[0])} exists but the checkpoint is from "
+                f"round {completed_rounds}: the checkpoint is older than the run's outputs; "
+                "start again with --overwrite"
             )
         beyond = [r for r in self.read_metrics() if r.get("round", 0) > limit]
         if beyond:

@@ -66,7 +66,9 @@ class Task(Protocol):
         extras ``dense`` (unchanged where empty), for good."""
 
     def evaluate(self, delta: dict[str, ModuleDelta], *, round_: int) -> dict[str, Any]:
-        """Metrics of the base + ``delta`` (factors with the scale folded in, or dense)."""
+        """Metrics of the base + ``delta`` (factors with the scale folded in, or dense), and
+        under ``"items"`` each suite's per-item outcomes (`rblora.evaluation.outcomes`), which
+        the run folder keeps apart from the metrics (``rounds.keep_item_outcomes``)."""
 
     def save_adapter(
         self,

@@ -125,6 +125,7 @@ class ImageTask:
         self._labels = {k: torch.as_tensor(c.labels, dtype=torch.long) for k, c in clients.items()}
         self._test_pixels = None if test is None else test.pixels(image_size)
         self._test_labels = None if test is None else torch.as_tensor(test.labels).long()
+        self._test_ids = None  # the test images' ids (outcomes.image_item_ids), when first used
         spec = LoraSpec(rank=1, target_modules=self.target_modules)
         self._shapes = {n: (o, i) for n, (i, o) in resolve_targets(model, spec).items()}
 
@@ -294,10 +295,13 @@ class ImageTask:
 
     def evaluate(self, delta: dict[str, ModuleDelta], *, round_: int) -> dict[str, Any]:
         from rblora.evaluation.classification import evaluate_classifier
+        from rblora.evaluation.outcomes import image_item_ids
 
         if self._test_pixels is None:
             raise ValueError("this task holds no test set (built with evaluation=False)")
 
+        if self._test_ids is None:
+            self._test_ids = image_item_ids(self._test_pixels, self._test_labels)
         with applied_delta(self.model, delta, merged=self._merged):
             return evaluate_classifier(
                 self.model,
@@ -306,6 +310,7 @@ class ImageTask:
                 self.classes,
                 batch_size=self.eval_batch_size,
                 autocast_bf16=use_bf16(self.train_config.bf16, self.model),
+                ids=self._test_ids,
             )
 
     def save_adapter(

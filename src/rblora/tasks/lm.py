@@ -264,7 +264,7 @@ class CausalLMTask:
             progress=self.progress,
         )
         with applied_delta(self.model, delta, merged=self._merged):
-            return evaluate_encoded(self.model, self._evaluation, config)
+            return evaluate_encoded(self.model, self._evaluation, config, items=True)
 
     def save_adapter(
         self,
