@@ -81,3 +81,48 @@ def tb_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
     return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+
+def spy_evaluated_logits(monkeypatch, probe) -> dict:
+    """Record, per round, the logits on ``probe`` of the model each round evaluates (the
+    language-model task's base with the round's delta applied); returns the round -> logits
+    dict the run fills."""
+    import torch
+
+    from rblora.adapters import applied_delta
+    from rblora.tasks.lm import CausalLMTask
+
+    evaluated: dict = {}
+    original = CausalLMTask.evaluate
+
+    def spy(self, delta, *, round_):
+        with applied_delta(self.model, delta), torch.no_grad():
+            evaluated[round_] = self.model(probe).logits
+        return original(self, delta, round_=round_)
+
+    monkeypatch.setattr(CausalLMTask, "evaluate", spy)
+    return evaluated
+
+
+def killed_in_round_2(monkeypatch, argv: list[str]) -> int:
+    """Run train.py with ``argv``, a KeyboardInterrupt raised as the second client of round 2
+    starts training (a user's Ctrl-C mid-round); returns the exit code (130), the task
+    restored."""
+    from rblora.federation import cli
+    from rblora.tasks.lm import CausalLMTask
+
+    original = CausalLMTask.train_client
+    calls = {"n": 0}
+
+    def dies_in_round_2(self, spec, start, *, seed, round_):
+        if round_ == 2:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        return original(self, spec, start, seed=seed, round_=round_)
+
+    monkeypatch.setattr(CausalLMTask, "train_client", dies_in_round_2)
+    try:
+        return cli.main(argv)
+    finally:
+        monkeypatch.setattr(CausalLMTask, "train_client", original)

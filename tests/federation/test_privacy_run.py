@@ -8,11 +8,10 @@ import json
 
 import pytest
 import torch
-from run_helpers import adapter_tensors, lm_argv, metrics
+from run_helpers import adapter_tensors, killed_in_round_2, lm_argv, metrics, spy_evaluated_logits
 
 from rblora.federation import cli
 from rblora.federation.privacy import epsilon_after, privacy_settings, solve_noise_multiplier
-from rblora.tasks.lm import CausalLMTask
 
 DP = ("--dp_clip", "0.5", "--dp_noise_multiplier", "0.8")
 
@@ -111,17 +110,7 @@ def test_dp_run_records_epsilon_and_its_global_folders_load_with_peft(
     from transformers import AutoModelForCausalLM
 
     probe = torch.tensor([[5, 17, 33, 40, 8, 61, 12]])
-    evaluated = {}
-    original = CausalLMTask.evaluate
-
-    def spy(self, delta, *, round_):
-        from rblora.adapters import applied_delta
-
-        with applied_delta(self.model, delta), torch.no_grad():
-            evaluated[round_] = self.model(probe).logits
-        return original(self, delta, round_=round_)
-
-    monkeypatch.setattr(CausalLMTask, "evaluate", spy)
+    evaluated = spy_evaluated_logits(monkeypatch, probe)
     argv = lm_argv(workspace, tmp_path, "--method", method, "--reduction_method", reduction, *DP)
     assert cli.main(argv) == 0
     run = tmp_path / "3"
@@ -175,19 +164,9 @@ def test_killed_and_resumed_dp_run_ends_bitwise_like_an_uninterrupted_one(
     for method in ("RB-LoRA", "FLoRA"):
         full, cut = tmp_path / method / "full", tmp_path / method / "cut"
         assert cli.main(lm_argv(workspace, full, "--method", method, *DP)) == 0
-        original = CausalLMTask.train_client
-        calls = {"n": 0}
-
-        def dies_in_round_2(self, spec, start, *, seed, round_, original=original, calls=calls):
-            if round_ == 2:
-                calls["n"] += 1
-                if calls["n"] == 2:
-                    raise KeyboardInterrupt
-            return original(self, spec, start, seed=seed, round_=round_)
-
-        monkeypatch.setattr(CausalLMTask, "train_client", dies_in_round_2)
-        assert cli.main(lm_argv(workspace, cut, "--method", method, *DP)) == 130
-        monkeypatch.setattr(CausalLMTask, "train_client", original)
+        assert (
+            killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", method, *DP)) == 130
+        )
         assert cli.main(lm_argv(workspace, cut, "--method", method, *DP, "--resume")) == 0
         for sub in ["round_2/global", "round_2/client_0", "round_2/client_2"]:
             a, b = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)

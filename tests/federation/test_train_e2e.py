@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import adapter_tensors, lm_argv, metrics
+from run_helpers import adapter_tensors, killed_in_round_2, lm_argv, metrics, spy_evaluated_logits
 
 from rblora.aggregation import ClientUpdate, aggregate
 from rblora.federation import cli
-from rblora.tasks.lm import CausalLMTask
 
 
 @pytest.mark.parametrize("method", ["RB-LoRA", "FLoRA", "Weighted HETLoRA"])
@@ -84,17 +83,7 @@ def test_global_folder_reloads_to_the_evaluated_model(
     from rblora.adapters import load_peft_adapter
 
     probe = torch.tensor([[5, 17, 33, 40, 8, 61, 12]])
-    evaluated = {}
-    original = CausalLMTask.evaluate
-
-    def spy(self, delta, *, round_):
-        from rblora.adapters import applied_delta
-
-        with applied_delta(self.model, delta), torch.no_grad():
-            evaluated[round_] = self.model(probe).logits
-        return original(self, delta, round_=round_)
-
-    monkeypatch.setattr(CausalLMTask, "evaluate", spy)
+    evaluated = spy_evaluated_logits(monkeypatch, probe)
     argv = lm_argv(workspace, tmp_path, "--method", method, "--reduction_method", reduction)
     assert cli.main([*argv, "--num_communication_rounds", "3"]) == 0
     run = tmp_path / "3"
@@ -180,19 +169,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(workspace, tmp_pa
         full, cut = tmp_path / method / "full", tmp_path / method / "cut"
         assert cli.main(lm_argv(workspace, full, "--method", method)) == 0
 
-        original = CausalLMTask.train_client
-        calls = {"n": 0}
-
-        def dies_in_round_2(self, spec, start, *, seed, round_, original=original, calls=calls):
-            if round_ == 2:
-                calls["n"] += 1
-                if calls["n"] == 2:
-                    raise KeyboardInterrupt
-            return original(self, spec, start, seed=seed, round_=round_)
-
-        monkeypatch.setattr(CausalLMTask, "train_client", dies_in_round_2)
-        assert cli.main(lm_argv(workspace, cut, "--method", method)) == 130
-        monkeypatch.setattr(CausalLMTask, "train_client", original)
+        assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", method)) == 130
         assert not (cut / "3" / "round_2" / "global").exists()
         assert cli.main(lm_argv(workspace, cut, "--method", method)) == 2  # no overwrite
         reads = []
