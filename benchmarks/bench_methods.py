@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_methods.py image           # ~1 hour for the 3 seeds
     .venv/bin/python benchmarks/bench_methods.py lm --quick      # about a minute (what tests run)
     .venv/bin/python benchmarks/bench_methods.py image --seeds 1,2 --data_seeds 1,2
+    .venv/bin/python benchmarks/bench_methods.py image-sweep     # 3 rank spreads x 3 methods x 3
 
 Prepares the data of the setting under ``<output_dir>/data`` (once), then runs ``rblora
 compare`` (``rblora.experiments.compare``) with the same hyperparameters for every method and
@@ -16,6 +17,9 @@ stopped (finished cells are kept).
   method with heterogeneous ranks, FedIT (one rank only) with every client at rank 4.
 - ``image``: DINOv2 ViT-S/14 on Fashion-MNIST, 10 Dirichlet-0.5 clients, the seed's ranks,
   3 rounds at 84 px; every method, FedIT at rank 4, and the head-only baseline.
+- ``image-sweep``: the image setting, RB-LoRA, FlexLoRA and Weighted HETLoRA, with about the
+  same total rank (936) spread three ways: every client at 94, the seed's ranks, seven clients
+  at 24 and three at 256.
 """
 
 from __future__ import annotations
@@ -53,6 +57,19 @@ PRESETS = {
         "settings": "heterogeneous;smallest",
     },
 }  # fmt: skip
+# the image setting with about the same total rank (936) spread three ways: where do
+# rank-balanced weights matter?
+PRESETS["image-sweep"] = {
+    **PRESETS["image"],
+    "methods": ["RB-LoRA", "FlexLoRA", "Weighted HETLoRA"],
+    "settings": ";".join(
+        [
+            "equal=" + ",".join(["94"] * 10),
+            "heterogeneous",  # the seed's 4, 4, 16, 16, 64, 64, 128, 128, 256, 256
+            "skewed=" + ",".join(["24"] * 7 + ["256"] * 3),
+        ]
+    ),
+}
 
 QUICK = {
     "lm": {
@@ -108,7 +125,69 @@ def main(argv: list[str] | None = None) -> int:
         argv += ["--data_seeds", ns.data_seeds]
     argv += ["--rank_settings", preset["settings"], "--output_dir", str(out), "--"]
     argv += [*preset["train"], "--data_path", str(data), "--no_progress"]
-    return compare_main(argv)
+    code = compare_main(argv)
+    if code == 0 and ns.task == "image-sweep":
+        print(rank_sweep(out))
+    return code
+
+
+def rank_sweep(out: Path, metric: str = "test/accuracy") -> str:
+    """Top-1 after the last round against the spread of the client ranks (their standard
+    deviation; the total rank is about the same in every setting): a table (mean ± standard
+    deviation over seeds, and each seed) and ``<out>/plots/rank_sweep.png``."""
+    import json
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = json.loads((out / "compare.json").read_text())
+    found: dict = {}  # (method, setting) -> {seed: value}
+    spread: dict = {}  # setting -> (std of ranks, sum of ranks)
+    for cell in index["cells"]:
+        results = out / cell["path"] / str(index["num_clients"]) / "results.json"
+        if not results.is_file():
+            continue
+        final = json.loads(results.read_text())["final"]
+        found.setdefault((cell["method"], cell["setting"]), {})[cell["seed"]] = final[metric]
+        spread[cell["setting"]] = (statistics.pstdev(cell["ranks"]), sum(cell["ranks"]))
+    settings = sorted(spread, key=lambda name: spread[name][0])
+    methods = list(dict.fromkeys(method for method, _ in found))
+    lines = [
+        "| method | "
+        + " | ".join(
+            f"{name} (sum {spread[name][1]}, sd {spread[name][0]:.0f})" for name in settings
+        )
+        + " |"
+    ]
+    lines.append("|---|" + "---|" * len(settings))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        cells, xs, means, sds = [], [], [], []
+        for name in settings:
+            values = [v for _, v in sorted(found.get((method, name), {}).items())]
+            if not values:
+                cells.append("-")
+                continue
+            mean = statistics.fmean(values)
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            seeds = " / ".join(f"{v:.3f}" for v in values)
+            cells.append(f"{mean:.3f} ± {sd:.3f} ({seeds})")
+            xs.append(spread[name][0])
+            means.append(mean)
+            sds.append(sd)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=method)
+    ax.set_xlabel("standard deviation of the client ranks (total rank ~936)")
+    ax.set_ylabel(f"{metric} after the last round")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "plots" / "rank_sweep.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
