@@ -93,6 +93,8 @@ def test_one_seed_gives_mcnemar_and_report_rebuilds_it(workspace, tmp_path, caps
         rows[("FLoRA", "dev/accuracy", 1)]["b"],
     )
     assert "## Paired differences to FLoRA" in (root / "comparison.md").read_text()
+    assert rblora(["report", str(root), "--reference", "FLoRA@heterogeneous"]) == 0  # the same
+    assert json.loads((root / "comparison.json").read_text())["rows"] == again["rows"]
 
     # a bad reference: one line naming it and the valid ones
     capsys.readouterr()

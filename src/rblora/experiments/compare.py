@@ -286,7 +286,7 @@ def choose_reference(cells: list[dict], reference: str | None) -> str:
     if reference is None:
         return DEFAULT_REFERENCE if DEFAULT_REFERENCE in methods else methods[0]
     method, _, setting = reference.partition("@")
-    if (not setting and method in methods) or (method, setting) in groups:
+    if (not setting and method in methods) or (setting, method) in groups:
         return reference
     raise ValueError(
         f"--reference {reference!r} is not a method of this comparison; valid: "
