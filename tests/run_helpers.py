@@ -126,3 +126,14 @@ def killed_in_round_2(monkeypatch, argv: list[str]) -> int:
         return cli.main(argv)
     finally:
         monkeypatch.setattr(CausalLMTask, "train_client", original)
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

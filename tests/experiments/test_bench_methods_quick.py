@@ -3,22 +3,16 @@ of the README's Results section, in a form that runs in minutes."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
+from run_helpers import load_benchmark
 
 pytestmark = pytest.mark.slow
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_methods.py"
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_methods")
 
 
 def _row(table: str, method: str) -> list[str]:

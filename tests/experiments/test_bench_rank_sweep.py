@@ -3,18 +3,13 @@ the client ranks, from a comparison's cells (hand-made results here: seconds).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_methods.py"
+from run_helpers import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_methods")
 
 
 def test_rank_sweep_tables_each_setting_by_its_spread(tmp_path):
