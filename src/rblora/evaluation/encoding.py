@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rblora.utils.sequences import common_prefix
+from rblora.utils.sequences import common_prefix, leading_special_ids
 
 
 @dataclass(frozen=True)
@@ -48,17 +48,6 @@ class Row:
     def tail(self) -> int:
         """Number of trailing positions whose logits are needed (last prefix token onwards)."""
         return 1 + sum(len(s.tokens) for s in self.segments)
-
-
-def leading_special_ids(tokenizer) -> list[int]:
-    """Special tokens the tokenizer puts before a text (e.g. ``[bos]``), found on a probe text."""
-    probe = "a b"
-    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    for start in range(len(with_special) - len(plain) + 1):
-        if with_special[start : start + len(plain)] == plain:
-            return list(with_special[:start])
-    return []
 
 
 def start_token_id(tokenizer) -> int | None:

@@ -12,14 +12,13 @@ from rblora.evaluation.encoding import (
     Row,
     Segment,
     encode_texts,
-    leading_special_ids,
     split_continuations,
     start_token_id,
 )
 from rblora.evaluation.forward import sum_logprobs
 from rblora.evaluation.items import loss_pair
 from rblora.evaluation.multiple_choice import pad_token_id
-from rblora.utils.sequences import common_prefix, keep_response
+from rblora.utils.sequences import common_prefix, keep_response, leading_special_ids
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from rblora.utils.sequences import common_prefix, keep_response
+from rblora.utils.sequences import common_prefix, keep_response, leading_special_ids
 
 IGNORE_INDEX = -100
 
@@ -54,14 +54,13 @@ def tokenize_records(
     full = [prompter.full(r["instruction"], r.get("context") or "", r["response"]) for r in records]
     prompts = [prompter.prompt(r["instruction"], r.get("context") or "") for r in records]
     enc = tokenizer(full + prompts, padding=False, verbose=False)["input_ids"]
-    special = set(tokenizer.all_special_ids)
+    n_lead = len(leading_special_ids(tokenizer))
     out = []
     for ids, prompt_ids in zip(enc[: len(full)], enc[len(full) :], strict=True):
         ids = list(ids)
         if not ids or ids[-1] != eos:
             ids.append(eos)
         n_prompt = common_prefix(prompt_ids, ids)
-        n_lead = next((i for i, t in enumerate(ids) if t not in special), len(ids))
         ids, n_prompt = keep_response(ids, n_prompt, n_lead, cutoff_len)
         labels = list(ids)
         if not train_on_inputs:

@@ -30,3 +30,14 @@ def keep_response(ids: Sequence[int], n_prompt: int, n_lead: int, cutoff_len: in
     if excess <= droppable:
         return ids[:n_lead] + ids[n_lead + excess :], n_prompt - excess
     return ids[:n_lead] + ids[n_prompt : n_prompt + cutoff_len - n_lead], n_lead
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """Special tokens the tokenizer puts before a text (e.g. ``[bos]``), found on a probe text."""
+    probe = "a b"
+    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
