@@ -137,3 +137,15 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_refused_in_one_line(workspace: Path, out: Path, extra, fragment: str, capsys) -> None:
+    """train.py on the tiny workspace with ``extra`` options exits 2 with exactly one
+    ``train.py: error:`` line holding ``fragment``, no traceback, and writes nothing."""
+    from rblora.federation import cli
+
+    assert cli.main(lm_argv(workspace, out, *extra)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in err
+    assert not out.exists()

@@ -8,7 +8,14 @@ import json
 
 import pytest
 import torch
-from run_helpers import adapter_tensors, killed_in_round_2, lm_argv, metrics, spy_evaluated_logits
+from run_helpers import (
+    adapter_tensors,
+    assert_refused_in_one_line,
+    killed_in_round_2,
+    lm_argv,
+    metrics,
+    spy_evaluated_logits,
+)
 
 from rblora.federation import cli
 from rblora.federation.privacy import epsilon_after, privacy_settings, solve_noise_multiplier
@@ -76,12 +83,7 @@ def test_noise_is_solved_for_a_budget_and_an_unreachable_one_is_refused():
     ],
 )
 def test_bad_dp_options_exit_2_in_one_line(workspace, tmp_path, extra, fragment, capsys):
-    out = tmp_path / "out"
-    assert cli.main(lm_argv(workspace, out, *extra)) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("train.py: error:")]
-    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in err
-    assert not out.exists()
+    assert_refused_in_one_line(workspace, tmp_path / "out", extra, fragment, capsys)
 
 
 def test_missing_opacus_is_one_clear_message(workspace, tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import json
 import shutil
 
 import pytest
-from run_helpers import lm_argv, metrics
+from run_helpers import assert_refused_in_one_line, lm_argv, metrics
 
 from rblora.federation import cli
 
@@ -45,12 +45,7 @@ from rblora.federation import cli
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(workspace, tmp_path, extra, fragment, capsys):
-    out = tmp_path / "out"
-    assert cli.main(lm_argv(workspace, out, *extra)) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("train.py: error:")]
-    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in err
-    assert not out.exists()
+    assert_refused_in_one_line(workspace, tmp_path / "out", extra, fragment, capsys)
 
 
 @pytest.mark.parametrize(
