@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/bench_methods.py lm --quick      # about a minute (what tests run)
     .venv/bin/python benchmarks/bench_methods.py image --seeds 1,2 --data_seeds 1,2
     .venv/bin/python benchmarks/bench_methods.py image-sweep     # 3 rank spreads x 3 methods x 3
+    .venv/bin/python benchmarks/bench_methods.py image-privacy   # 3 privacy levels x 3 x 3
 
 Prepares the data of the setting under ``<output_dir>/data`` (once), then runs ``rblora
 compare`` (``rblora.experiments.compare``) with the same hyperparameters for every method and
@@ -12,14 +13,18 @@ writes ``<output_dir>/comparison.md`` and ``<output_dir>/plots/``. Killed, it re
 stopped (finished cells are kept).
 
 - ``lm``: SmolLM2-135M-Instruct on the embedded sentiment/NLI mixture of the main job
-  (``make run``: the prepare-data options of the Makefile's ``run`` target, and its config),
-  10 clients with ranks [4, 4, 8, 8, 16, 16, 32, 32, 64, 64], 3 rounds; every registered
+  (``make run``: the prepare-data options of the Makefile's ``run`` target, but 150 held-out
+  questions per task, 600 in all, and its config), 10 clients with ranks [4, 4, 8, 8, 16, 16, 32, 32, 64, 64], 3 rounds; every registered
   method with heterogeneous ranks, FedIT (one rank only) with every client at rank 4.
 - ``image``: DINOv2 ViT-S/14 on Fashion-MNIST, 10 Dirichlet-0.5 clients, the seed's ranks,
   3 rounds at 84 px; every method, FedIT at rank 4, and the head-only baseline.
 - ``image-sweep``: the image setting, RB-LoRA, FlexLoRA and Weighted HETLoRA, with about the
   same total rank (936) spread three ways: every client at 94, the seed's ranks, seven clients
   at 24 and three at 256.
+- ``image-privacy``: client-level DP on the image task with 50 Dirichlet-0.5 clients (the
+  seed's ranks five times), a fifth of them each round, 5 rounds; RB-LoRA, FlexLoRA and Weighted
+  HETLoRA at epsilon inf (clip, no noise), 8 and 2 (delta 1e-5), one comparison per level in
+  ``<output_dir>/epsilon_<level>``, then a table and ``plots/privacy_utility.png``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ PRESETS = {
     "lm": {
         "prepare": ["10", "2", "--source", "mixture", "--tasks", "sst2,rte,mrpc,boolq",
                     "--per_task", "200", "--client_sizes", "16,16,24,24,32,32,40,40,48,48",
-                    "--test_per_category", "50"],
+                    "--test_per_category", "150"],
         "train": ["--config", str(ROOT / "configs" / "embedded.yaml")],
         "methods": [*HETEROGENEOUS, "FedIT@smallest"],
         "seeds": "1,2,3",
@@ -71,6 +76,29 @@ PRESETS["image-sweep"] = {
     ),
 }
 
+# client-level DP (README "Differential privacy"): the image task with 50 clients, a fifth of
+# them each round, 5 rounds; RB-LoRA, FlexLoRA and Weighted HETLoRA at each privacy level, one
+# comparison (and folder) per level. C = 0.2 is the median term norm of round 1 without clipping
+# (the usual DP-FedAvg choice), the same at every level; epsilon inf clips with no noise.
+PRIVACY_CLIP = "0.2"
+PRIVACY_LEVELS = {
+    "inf": ["--dp_clip", PRIVACY_CLIP, "--dp_noise_multiplier", "0"],
+    "8": ["--dp_clip", PRIVACY_CLIP, "--dp_epsilon", "8", "--dp_delta", "1e-5"],
+    "2": ["--dp_clip", PRIVACY_CLIP, "--dp_epsilon", "2", "--dp_delta", "1e-5"],
+}
+PRESETS["image-privacy"] = {
+    "prepare": ["50", "--source", "fashion-mnist", "--partition", "dirichlet", "--alpha", "0.5",
+                "--min_size", "20", "--pool_size", "2500", "--test_per_category", "50"],
+    "train": ["--config", str(ROOT / "configs" / "vit_embedded.yaml"), "--image_size", "84",
+              "--num_clients", "50", "--client_selection_frac", "0.2",
+              "--num_communication_rounds", "5",
+              "--client_ranks", ",".join(["4,4,16,16,64,64,128,128,256,256"] * 5)],
+    "methods": ["RB-LoRA", "FlexLoRA", "Weighted HETLoRA"],
+    "seeds": "1,2,3",
+    "settings": "heterogeneous",
+    "levels": PRIVACY_LEVELS,
+}  # fmt: skip
+
 QUICK = {
     "lm": {
         "prepare": ["3", "2", "--source", "mixture", "--tasks", "sst2", "--client_sizes",
@@ -89,6 +117,15 @@ QUICK = {
         "methods": ["RB-LoRA", "FLoRA", "head-only"],
         "seeds": "1",
         "settings": "heterogeneous",
+    },
+    "image-privacy": {
+        "prepare": ["3", "--source", "fashion-mnist", "--partition", "iid", "--pool_size", "96",
+                    "--test_per_category", "5"],
+        "train": ["--num_clients", "3", "--client_ranks", "4,8,16", "--client_selection_frac",
+                  "1", "--num_communication_rounds", "1", "--image_size", "56"],
+        "methods": ["RB-LoRA"],
+        "seeds": "1",
+        "levels": {"inf": PRIVACY_LEVELS["inf"], "8": PRIVACY_LEVELS["8"]},
     },
 }  # fmt: skip
 
@@ -123,12 +160,86 @@ def main(argv: list[str] | None = None) -> int:
     argv = ["--methods", ",".join(preset["methods"]), "--seeds", ns.seeds or preset["seeds"]]
     if ns.data_seeds:
         argv += ["--data_seeds", ns.data_seeds]
-    argv += ["--rank_settings", preset["settings"], "--output_dir", str(out), "--"]
-    argv += [*preset["train"], "--data_path", str(data), "--no_progress"]
-    code = compare_main(argv)
+    argv += ["--rank_settings", preset["settings"]]
+    train = [*preset["train"], "--data_path", str(data), "--no_progress"]
+    if "levels" in preset:  # one comparison per privacy level, on the same data
+        for name, options in preset["levels"].items():
+            level = ["--output_dir", str(out / f"epsilon_{name}"), "--", *train, *options]
+            code = compare_main([*argv, *level])
+            if code:
+                return code
+        print(privacy_utility(out))
+        return 0
+    code = compare_main([*argv, "--output_dir", str(out), "--", *train])
     if code == 0 and ns.task == "image-sweep":
         print(rank_sweep(out))
     return code
+
+
+def privacy_utility(out: Path, metric: str = "test/accuracy") -> str:
+    """Top-1 after the last round at each privacy level (``<out>/epsilon_<level>``, each a
+    comparison): mean ± standard deviation over the seeds that finished and each seed's value;
+    a cell that stopped (say, training diverged from a noised start) shows its last evaluated
+    top-1 and the round it stopped in. Also ``<out>/plots/privacy_utility.png``."""
+    import json
+    import statistics
+
+    import matplotlib
+
+    from rblora.experiments.compare import cell_rounds
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted(
+        (p.name.removeprefix("epsilon_") for p in out.glob("epsilon_*") if p.is_dir()),
+        key=lambda name: -float(name),
+    )
+    found: dict = {}  # method -> level -> [(seed, value, round it stopped in or None)]
+    for level in levels:
+        root = out / f"epsilon_{level}"
+        index = json.loads((root / "compare.json").read_text())
+        for cell in index["cells"]:
+            rounds = cell_rounds(root, cell, index["num_clients"]) or []
+            scored = [r for r in rounds if r["round"] >= 1 and r.get(metric) is not None]
+            if scored:
+                last = scored[-1]["round"]
+                stopped = None if last == index["rounds"] else last + 1
+                found.setdefault(cell["method"], {}).setdefault(level, []).append(
+                    (cell["seed"], scored[-1][metric], stopped)
+                )
+    lines = ["| method | " + " | ".join(f"epsilon {name}" for name in levels) + " |"]
+    lines.append("|---|" + "---|" * len(levels))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, by_level in found.items():
+        cells, xs, means = [], [], []
+        for i, level in enumerate(levels):
+            runs = sorted(by_level.get(level, []))
+            if not runs:
+                cells.append("-")
+                continue
+            done = [v for _, v, stopped in runs if stopped is None]
+            seeds = " / ".join(
+                f"{v:.3f}" + (f" (stopped in r{stopped})" if stopped else "")
+                for _, v, stopped in runs
+            )
+            if done:
+                sd = statistics.stdev(done) if len(done) > 1 else 0.0
+                cells.append(f"{statistics.fmean(done):.3f} ± {sd:.3f} ({seeds})")
+                xs.append(i)
+                means.append(statistics.fmean(done))
+            else:
+                cells.append(seeds)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        ax.plot(xs, means, marker="o", label=method)
+    ax.set_xticks(range(len(levels)), [f"epsilon {name}" for name in levels])
+    ax.set_ylabel(f"{metric} after the last round (finished seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "plots" / "privacy_utility.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return "\n".join(lines)
 
 
 def rank_sweep(out: Path, metric: str = "test/accuracy") -> str:

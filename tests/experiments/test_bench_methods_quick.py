@@ -56,3 +56,19 @@ def test_quick_comparison_writes_table_and_plots(tmp_path, task, methods, metric
     # a second call keeps every finished cell (nothing re-run) and rewrites the same table
     assert _bench().main([task, "--quick", "--output_dir", str(out)]) == 0
     assert (out / "comparison.md").read_text() == table
+
+
+def test_quick_privacy_utility_runs_one_comparison_per_level(tmp_path, capsys):
+    out = tmp_path / "privacy"
+    assert _bench().main(["image-privacy", "--quick", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| method | epsilon inf | epsilon 8 |" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| RB-LoRA |"))
+    assert "stopped" not in row  # one round at q = 1: both levels finish
+    for level, spent in (("inf", "inf"), ("8", None)):
+        table = (out / f"epsilon_{level}" / "comparison.md").read_text()
+        header = next(line for line in table.splitlines() if line.startswith("| setting |"))
+        head = [c.strip() for c in header.strip("|").split("|")]
+        eps = _row(table, "RB-LoRA")[head.index("DP epsilon r1")]
+        assert eps == spent if spent else 0 < float(eps) <= 8
+    assert (out / "plots" / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"

@@ -120,6 +120,9 @@ def test_dp_run_records_epsilon_and_its_global_folders_load_with_peft(
     for r in rounds:
         assert r["dp_epsilon"] == pytest.approx(_opacus_epsilon(0.8, 1.0, r["round"], 1e-5))
         assert 0 <= r["dp_clipped"] <= 3
+        # the median term norm before clipping: above C exactly when most of the 3 were clipped
+        assert r["dp_norm_median"] > 0
+        assert (r["dp_clipped"] >= 2) == (r["dp_norm_median"] > 0.5)
     for t in (1, 2):
         base = AutoModelForCausalLM.from_pretrained(workspace / "model")
         reloaded = PeftModel.from_pretrained(base, run / f"round_{t}" / "global").eval()
@@ -189,3 +192,20 @@ def test_dp_options_cannot_change_on_resume(workspace, tmp_path, capsys):
     assert "dp_clip: run has 0.5, now 0.7" in capsys.readouterr().err
     assert cli.main(lm_argv(workspace, tmp_path, *eps, "--resume")) == 2  # 2 rounds now
     assert "noise was solved for the run's rounds" in capsys.readouterr().err
+
+
+def test_a_dp_comparison_shows_the_epsilon_spent(workspace, tmp_path):
+    """DP options after ``--`` are a cell option like any other; comparison.md says the epsilon
+    each row spent by the last round."""
+    from rblora.cli import main as rblora
+
+    root = tmp_path / "cmp"
+    base = lm_argv(workspace, tmp_path / "unused", *DP, num_communication_rounds=2)
+    i = base.index("--output_dir")
+    del base[i : i + 2]
+    argv = ["compare", "--methods", "RB-LoRA", "--seeds", "1", "--output_dir", str(root), "--"]
+    assert rblora([*argv, *base]) == 0
+    table = (root / "comparison.md").read_text()
+    assert "| setting | method | seeds | DP epsilon r2 |" in table
+    spent = _opacus_epsilon(0.8, 1.0, 2, 1e-5)
+    assert f"| heterogeneous | RB-LoRA | 1 | {spent:.3g} |" in table

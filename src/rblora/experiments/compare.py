@@ -43,6 +43,7 @@ baseline without LoRA.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import sys
@@ -303,7 +304,9 @@ def reference_group(groups, reference: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------- table and plots
-def _cell_rounds(root: Path, cell: dict, num_clients: int) -> list[dict] | None:
+def cell_rounds(root: Path, cell: dict, num_clients: int) -> list[dict] | None:
+    """The round rows of one cell as its summary has them (``round``, ``test/accuracy``, ...,
+    ``dp_epsilon`` under DP), rounds it did not reach left out; None if it never started."""
     from rblora.federation.results import summarize
     from rblora.federation.rundir import RunFolder
 
@@ -334,7 +337,7 @@ def collect(root: Path) -> dict:
     groups: dict[tuple[str, str], dict] = {}
     base_values: dict[str, list[float]] = {}
     for cell in index["cells"]:
-        rounds = _cell_rounds(root, cell, index["num_clients"]) or []
+        rounds = cell_rounds(root, cell, index["num_clients"]) or []
         group = groups.setdefault(
             (cell["setting"], cell["method"]),
             {"seeds": 0, "replicates": [], "rounds": {}, "items": {}, "failed": [],
@@ -359,6 +362,9 @@ def collect(root: Path) -> dict:
             for key, value in r.items():
                 if value is not None and ("/" in key or key in _COSTS):
                     slot.setdefault(key, []).append(float(value))
+            if "dp_epsilon" in r:  # a DP cell; None: noise multiplier 0, no guarantee
+                eps = r["dp_epsilon"]
+                slot.setdefault("dp_epsilon", []).append(math.inf if eps is None else eps)
         label = f"{cell['setting']} / {cell['method']} / {replicate_label(rep)}"
         run_dir = root / cell["path"] / str(index["num_clients"])
         for t, suites in cell_outcomes(run_dir, rounds, label).items():
@@ -383,14 +389,20 @@ def comparison_table(data: dict) -> str:
     shown = [1] if last == 1 else [1, last]
     head = ["setting", "method", "replicates" if data["index"].get("data_seeds") else "seeds"]
     head += [f"{m} r{t}" for m in metrics for t in shown]
+    private = any("dp_epsilon" in g["rounds"].get(last, {}) for g in groups.values())
+    if private:  # the privacy spent by the end: the same in every seed of a cell's options
+        head.insert(3, f"DP epsilon r{last}")
     head += ["MB up/round", "MB down/round", "agg s/round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if base:
-        cells = ["-", "base model", "-"]
+        cells = ["-", "base model", "-"] + ["-"] * private
         cells += [(f"{base[m]:.3f}" if m in base else "-") for m in metrics for _ in shown]
         lines.append("| " + " | ".join(cells + ["-", "-", "-"]) + " |")
     for (setting, method), g in groups.items():
         cells = [setting, method, str(g["seeds"])]
+        if private:
+            spent = sorted(set(g["rounds"].get(last, {}).get("dp_epsilon", [])))
+            cells.append(" / ".join(f"{e:.3g}" for e in spent) or "no DP")
         for m in metrics:
             for t in shown:
                 cells.append(_fmt(g["rounds"].get(t, {}).get(m, [])))
@@ -511,7 +523,8 @@ def write_comparison(root: Path, reference: str | None = None) -> dict:
         "# Comparison",
         "",
         f"- train options: `{' '.join(index['base_argv'])}`",
-        f"- {index['num_clients']} clients, {index['rounds']} rounds; cells under {root}",
+        f"- {index['num_clients']} clients, {index['rounds']} round{'s' * (index['rounds'] > 1)}; "
+        f"cells under {root}",
         replicates_line(index),
         f"- mean ± standard deviation over {spread}; r<t> = after round t",
         "",

@@ -20,6 +20,7 @@ round, whatever the redistribution, and every client starts from that mean.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,6 +182,7 @@ class FederatedServer:
         record = {"dp_epsilon": self.privacy.epsilon(self.completed_rounds)}
         if self.last_clip is not None:
             record["dp_clipped"] = self.last_clip.clipped
+            record["dp_norm_median"] = statistics.median(self.last_clip.norms)
         return record
 
     def redistribute(self, global_update: GlobalUpdate) -> GlobalModel:
