@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_methods.py lm --quick      # about a minute (what tests run)
     .venv/bin/python benchmarks/bench_methods.py image --seeds 1,2 --data_seeds 1,2
     .venv/bin/python benchmarks/bench_methods.py image-sweep     # 3 rank spreads x 3 methods x 3
-    .venv/bin/python benchmarks/bench_methods.py image-privacy   # 3 privacy levels x 3 x 3
+    .venv/bin/python benchmarks/bench_methods.py image-privacy   # no DP + 3 epsilons x 3 x 3
 
 Prepares the data of the setting under ``<output_dir>/data`` (once), then runs ``rblora
 compare`` (``rblora.experiments.compare``) with the same hyperparameters for every method and
@@ -14,8 +14,9 @@ stopped (finished cells are kept).
 
 - ``lm``: SmolLM2-135M-Instruct on the embedded sentiment/NLI mixture of the main job
   (``make run``: the prepare-data options of the Makefile's ``run`` target, but 150 held-out
-  questions per task, 600 in all, and its config), 10 clients with ranks [4, 4, 8, 8, 16, 16, 32, 32, 64, 64], 3 rounds; every registered
-  method with heterogeneous ranks, FedIT (one rank only) with every client at rank 4.
+  questions per task, 600 in all, and its config), 10 clients with ranks
+  [4, 4, 8, 8, 16, 16, 32, 32, 64, 64], 3 rounds; every registered method with heterogeneous
+  ranks, FedIT (one rank only) with every client at rank 4.
 - ``image``: DINOv2 ViT-S/14 on Fashion-MNIST, 10 Dirichlet-0.5 clients, the seed's ranks,
   3 rounds at 84 px; every method, FedIT at rank 4, and the head-only baseline.
 - ``image-sweep``: the image setting, RB-LoRA, FlexLoRA and Weighted HETLoRA, with about the
@@ -23,8 +24,9 @@ stopped (finished cells are kept).
   at 24 and three at 256.
 - ``image-privacy``: client-level DP on the image task with 50 Dirichlet-0.5 clients (the
   seed's ranks five times), a fifth of them each round, 5 rounds; RB-LoRA, FlexLoRA and Weighted
-  HETLoRA at epsilon inf (clip, no noise), 8 and 2 (delta 1e-5), one comparison per level in
-  ``<output_dir>/epsilon_<level>``, then a table and ``plots/privacy_utility.png``.
+  HETLoRA without DP and at epsilon inf (clip, no noise), 8 and 2 (delta 1e-5), one comparison
+  per level in ``<output_dir>/epsilon_<level>`` (``epsilon_none``: without DP), then a table
+  and ``plots/privacy_utility.png``.
 """
 
 from __future__ import annotations
@@ -78,10 +80,12 @@ PRESETS["image-sweep"] = {
 
 # client-level DP (README "Differential privacy"): the image task with 50 clients, a fifth of
 # them each round, 5 rounds; RB-LoRA, FlexLoRA and Weighted HETLoRA at each privacy level, one
-# comparison (and folder) per level. C = 0.2 is the median term norm of round 1 without clipping
-# (the usual DP-FedAvg choice), the same at every level; epsilon inf clips with no noise.
+# comparison (and folder) per level, and the same without DP. C = 0.2 is the median term norm
+# of round 1 without clipping (the usual DP-FedAvg choice), the same at every level; epsilon
+# inf clips with no noise.
 PRIVACY_CLIP = "0.2"
 PRIVACY_LEVELS = {
+    "none": [],  # not private: the method's own weights over the round's clients, no clip
     "inf": ["--dp_clip", PRIVACY_CLIP, "--dp_noise_multiplier", "0"],
     "8": ["--dp_clip", PRIVACY_CLIP, "--dp_epsilon", "8", "--dp_delta", "1e-5"],
     "2": ["--dp_clip", PRIVACY_CLIP, "--dp_epsilon", "2", "--dp_delta", "1e-5"],
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             code = compare_main([*argv, *level])
             if code:
                 return code
-        print(privacy_utility(out))
+        print(privacy_utility(out, list(preset["levels"])))
         return 0
     code = compare_main([*argv, "--output_dir", str(out), "--", *train])
     if code == 0 and ns.task == "image-sweep":
@@ -176,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def privacy_utility(out: Path, metric: str = "test/accuracy") -> str:
+def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy") -> str:
     """Top-1 after the last round at each privacy level (``<out>/epsilon_<level>``, each a
-    comparison): mean ± standard deviation over the seeds that finished and each seed's value;
-    a cell that stopped (say, training diverged from a noised start) shows its last evaluated
-    top-1 and the round it stopped in. Also ``<out>/plots/privacy_utility.png``."""
+    comparison; ``none``: without DP): mean ± standard deviation over the seeds that finished
+    and each seed's value; a cell that stopped (say, training diverged from a noised start)
+    shows its last evaluated top-1 and the round it stopped in. Also
+    ``<out>/plots/privacy_utility.png``."""
     import json
     import statistics
 
@@ -191,10 +196,9 @@ def privacy_utility(out: Path, metric: str = "test/accuracy") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = sorted(
-        (p.name.removeprefix("epsilon_") for p in out.glob("epsilon_*") if p.is_dir()),
-        key=lambda name: -float(name),
-    )
+    levels = [name for name in levels if (out / f"epsilon_{name}" / "compare.json").is_file()]
+    names = {"none": "no DP", "inf": "epsilon inf (clip only)"}
+    columns = [names.get(name, f"epsilon {name}") for name in levels]
     found: dict = {}  # method -> level -> [(seed, value, round it stopped in or None)]
     for level in levels:
         root = out / f"epsilon_{level}"
@@ -208,7 +212,7 @@ def privacy_utility(out: Path, metric: str = "test/accuracy") -> str:
                 found.setdefault(cell["method"], {}).setdefault(level, []).append(
                     (cell["seed"], scored[-1][metric], stopped)
                 )
-    lines = ["| method | " + " | ".join(f"epsilon {name}" for name in levels) + " |"]
+    lines = ["| method | " + " | ".join(columns) + " |"]
     lines.append("|---|" + "---|" * len(levels))
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, by_level in found.items():
@@ -232,7 +236,7 @@ def privacy_utility(out: Path, metric: str = "test/accuracy") -> str:
                 cells.append(seeds)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         ax.plot(xs, means, marker="o", label=method)
-    ax.set_xticks(range(len(levels)), [f"epsilon {name}" for name in levels])
+    ax.set_xticks(range(len(levels)), columns)
     ax.set_ylabel(f"{metric} after the last round (finished seeds)")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -62,7 +62,7 @@ def test_quick_privacy_utility_runs_one_comparison_per_level(tmp_path, capsys):
     out = tmp_path / "privacy"
     assert _bench().main(["image-privacy", "--quick", "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| method | epsilon inf | epsilon 8 |" in printed
+    assert "| method | epsilon inf (clip only) | epsilon 8 |" in printed
     row = next(line for line in printed.splitlines() if line.startswith("| RB-LoRA |"))
     assert "stopped" not in row  # one round at q = 1: both levels finish
     for level, spent in (("inf", "inf"), ("8", None)):

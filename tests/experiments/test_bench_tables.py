@@ -60,8 +60,8 @@ def test_privacy_utility_tables_each_level_and_names_stopped_seeds(tmp_path, mon
         ]
 
     monkeypatch.setattr(compare, "cell_rounds", cell_rounds)
-    table = _bench().privacy_utility(tmp_path).splitlines()
-    assert table[0] == "| method | epsilon inf | epsilon 8 |"
+    table = _bench().privacy_utility(tmp_path, ["none", "inf", "8"]).splitlines()
+    assert table[0] == "| method | epsilon inf (clip only) | epsilon 8 |"  # none: not run
     inf, eight = "0.550 ± 0.071 (0.500 / 0.600)", "0.200 ± 0.000 (0.070 (stopped in r2) / 0.200)"
     assert table[2] == f"| RB-LoRA | {inf} | {eight} |"
     assert (tmp_path / "plots" / "privacy_utility.png").stat().st_size > 1000
