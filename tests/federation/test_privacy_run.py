@@ -209,3 +209,29 @@ def test_a_dp_comparison_shows_the_epsilon_spent(workspace, tmp_path):
     assert "| setting | method | seeds | DP epsilon r2 |" in table
     spent = _opacus_epsilon(0.8, 1.0, 2, 1e-5)
     assert f"| heterogeneous | RB-LoRA | 1 | {spent:.3g} |" in table
+
+
+@pytest.mark.parametrize(
+    "private, round_, advice",
+    [
+        (True, 2, "the start carried the DP noise of the last global model"),
+        (True, 1, "(lower --local_learning_rate and start again)"),  # round 1: no noise yet
+        (False, 2, "(lower --local_learning_rate and start again)"),
+    ],
+)
+def test_a_client_diverging_from_a_noised_start_is_told_why(private, round_, advice):
+    """Under DP a client's start after round 1 carries the noise; a divergence then says so
+    rather than blaming the learning rate alone."""
+    from rblora.federation.rounds import RunError, train_client
+    from rblora.protocol.types import ClientSpec
+    from rblora.training import TrainingDiverged
+
+    class Diverges:
+        def train_client(self, spec, start, *, seed, round_):
+            raise TrainingDiverged("diverged at step 2: the loss rose from 11 to 19")
+
+    with pytest.raises(RunError) as err:
+        train_client(Diverges(), ClientSpec(0, 4, 16.0), None, seed=0, round_=round_,
+                     private=private)  # fmt: skip
+    assert f"client 0 (rank 4) in round {round_}: training diverged at step 2" in str(err.value)
+    assert advice in str(err.value)

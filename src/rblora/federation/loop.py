@@ -81,7 +81,9 @@ def run_rounds(
             spec = server.clients[k]
             start = server.deliver(k)
             seed = derive_seed(options.seed, t, k)
-            result = rounds.train_client(task, spec, start, seed=seed, round_=t)
+            result = rounds.train_client(
+                task, spec, start, seed=seed, round_=t, private=server.privacy is not None
+            )
             update = rounds.client_update(spec, result)
             if options.save_client_adapters and saving.saves(t):
                 rounds.save_client_adapter(task, folder, t, spec, update)

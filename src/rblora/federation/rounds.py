@@ -55,15 +55,29 @@ def log(message: str) -> None:
 
 # ---------------------------------------------------------------------- a client
 def train_client(
-    task: Task, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int
+    task: Task,
+    spec: ClientSpec,
+    start: ClientStart,
+    *,
+    seed: int,
+    round_: int,
+    private: bool = False,
 ) -> ClientResult:
-    """The task's local training of one client; divergence stops the run naming the client."""
+    """The task's local training of one client; divergence stops the run naming the client.
+    ``private``: the run has client-level DP, so after round 1 the start carries the noise."""
     try:
         return task.train_client(spec, start, seed=seed, round_=round_)
     except TrainingDiverged as err:
+        advice = "lower --local_learning_rate and start again"
+        if private and round_ > 1:
+            advice = (
+                "the start carried the DP noise of the last global model: give a smaller "
+                "--dp_clip, a larger --dp_epsilon (or smaller --dp_noise_multiplier) or more "
+                "clients per round, or lower --local_learning_rate"
+            )
         raise RunError(
             f"client {spec.client_id} (rank {spec.rank}) in round {round_}: training {err}; "
-            "nothing of this round was aggregated (lower --local_learning_rate and start again)"
+            f"nothing of this round was aggregated ({advice})"
         ) from None
 
 

@@ -107,7 +107,14 @@ def train(msg: Message, context: Context) -> Message:
     start = decode_start(tensors, meta)
     task.set_base(start.base_delta, {})  # merge protocol: W0 + every merged round
     spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)
-    result = train_client(task, spec, start, seed=int(meta["seed"]), round_=int(meta["round"]))
+    result = train_client(
+        task,
+        spec,
+        start,
+        seed=int(meta["seed"]),
+        round_=int(meta["round"]),
+        private=args.dp_clip is not None,
+    )
     update_tensors, update_meta = encode_update(client_update(spec, result))
     reply = {**update_meta, "metrics": clean_metrics(result.metrics)[0]}
     return Message(to_content(update_tensors, reply), reply_to=msg)
