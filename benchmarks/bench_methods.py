@@ -187,7 +187,6 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
     shows its last evaluated top-1 and the round it stopped in. Also
     ``<out>/plots/privacy_utility.png``."""
     import json
-    import statistics
 
     import matplotlib
 
@@ -216,7 +215,7 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
     lines.append("|---|" + "---|" * len(levels))
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, by_level in found.items():
-        cells, xs, means = [], [], []
+        cells, xs, means, sds = [], [], [], []
         for i, level in enumerate(levels):
             runs = sorted(by_level.get(level, []))
             if not runs:
@@ -228,22 +227,36 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
                 for _, v, stopped in runs
             )
             if done:
-                sd = statistics.stdev(done) if len(done) > 1 else 0.0
-                cells.append(f"{statistics.fmean(done):.3f} ± {sd:.3f} ({seeds})")
+                mean, sd = _mean_sd(done)
+                cells.append(f"{mean:.3f} ± {sd:.3f} ({seeds})")
                 xs.append(i)
-                means.append(statistics.fmean(done))
+                means.append(mean)
+                sds.append(sd)
             else:
                 cells.append(seeds)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        ax.plot(xs, means, marker="o", label=method)
+        ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=method)
     ax.set_xticks(range(len(levels)), columns)
     ax.set_ylabel(f"{metric} after the last round (finished seeds)")
+    _save_plot(fig, ax, out / "plots" / "privacy_utility.png")
+    return "\n".join(lines)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    import statistics
+
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _save_plot(fig, ax, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     ax.legend()
     ax.grid(alpha=0.3)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "plots" / "privacy_utility.png", dpi=120, bbox_inches="tight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return "\n".join(lines)
 
 
 def rank_sweep(out: Path, metric: str = "test/accuracy") -> str:
@@ -286,8 +299,7 @@ def rank_sweep(out: Path, metric: str = "test/accuracy") -> str:
             if not values:
                 cells.append("-")
                 continue
-            mean = statistics.fmean(values)
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            mean, sd = _mean_sd(values)
             seeds = " / ".join(f"{v:.3f}" for v in values)
             cells.append(f"{mean:.3f} ± {sd:.3f} ({seeds})")
             xs.append(spread[name][0])
@@ -297,11 +309,7 @@ def rank_sweep(out: Path, metric: str = "test/accuracy") -> str:
         ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=method)
     ax.set_xlabel("standard deviation of the client ranks (total rank ~936)")
     ax.set_ylabel(f"{metric} after the last round")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "plots" / "rank_sweep.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _save_plot(fig, ax, out / "plots" / "rank_sweep.png")
     return "\n".join(lines)
 
 
