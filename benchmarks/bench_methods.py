@@ -129,7 +129,7 @@ QUICK = {
                   "1", "--num_communication_rounds", "1", "--image_size", "56"],
         "methods": ["RB-LoRA"],
         "seeds": "1",
-        "levels": {"inf": PRIVACY_LEVELS["inf"], "8": PRIVACY_LEVELS["8"]},
+        "levels": {k: PRIVACY_LEVELS[k] for k in ("none", "inf", "8")},
     },
 }  # fmt: skip
 
@@ -199,6 +199,7 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
     names = {"none": "no DP", "inf": "epsilon inf (clip only)"}
     columns = [names.get(name, f"epsilon {name}") for name in levels]
     found: dict = {}  # method -> level -> [(seed, value, round it stopped in or None)]
+    finished: dict = {}  # (method, level) -> {seed: run folder} of the cells that finished
     for level in levels:
         root = out / f"epsilon_{level}"
         index = json.loads((root / "compare.json").read_text())
@@ -211,6 +212,9 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
                 found.setdefault(cell["method"], {}).setdefault(level, []).append(
                     (cell["seed"], scored[-1][metric], stopped)
                 )
+                if stopped is None:
+                    run = root / cell["path"] / str(index["num_clients"])
+                    finished.setdefault((cell["method"], level), {})[cell["seed"]] = (run, last)
     lines = ["| method | " + " | ".join(columns) + " |"]
     lines.append("|---|" + "---|" * len(levels))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -239,7 +243,36 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
     ax.set_xticks(range(len(levels)), columns)
     ax.set_ylabel(f"{metric} after the last round (finished seeds)")
     _save_plot(fig, ax, out / "plots" / "privacy_utility.png")
-    return "\n".join(lines)
+    return "\n".join(lines + _privacy_costs(finished, levels, columns, metric))
+
+
+def _privacy_costs(finished: dict, levels: list[str], columns: list[str], metric: str) -> list:
+    """Rows of each method's paired difference, level minus no DP, over the seeds both
+    finished, on the same test items (the seed's own run without DP is the pair)."""
+    from rblora.experiments.paired import match_items, paired_difference
+    from rblora.federation.rundir import RunFolder
+
+    if "none" not in levels:
+        return []
+    suite, measure = metric.split("/")
+    lines = ["", "| method | level | minus no DP | 95% interval | reading |"]
+    lines.append("|---|---|---|---|---|")
+    for (method, level), runs in finished.items():
+        reference = finished.get((method, "none"), {})
+        seeds = sorted(set(runs) & set(reference))
+        if level == "none" or not seeds:
+            continue
+        pairs = []
+        for seed in seeds:
+            x, y = (RunFolder(r).read_items(t)[suite] for r, t in (runs[seed], reference[seed]))
+            pairs.append(match_items(x, y, measure, f"{method} seed {seed}"))
+        result = paired_difference(pairs)
+        reading = result.reading().replace("the reference", "no DP")
+        lines.append(
+            f"| {method} | {columns[levels.index(level)]} | {result.difference:+.3f} | "
+            f"[{result.low:+.3f}, {result.high:+.3f}] | {reading} |"
+        )
+    return lines
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
