@@ -219,7 +219,7 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
     lines.append("|---|" + "---|" * len(levels))
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, by_level in found.items():
-        cells, xs, means, sds = [], [], [], []
+        cells, xs, means, sds, stopped_at = [], [], [], [], []
         for i, level in enumerate(levels):
             runs = sorted(by_level.get(level, []))
             if not runs:
@@ -238,10 +238,13 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
                 sds.append(sd)
             else:
                 cells.append(seeds)
+                stopped_at.append((i, _mean_sd([v for _, v, _ in runs])[0]))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=method)
+        drawn = ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=method)
+        if stopped_at:  # no seed finished: where the stopped ones were when they stopped
+            ax.scatter(*zip(*stopped_at, strict=True), marker="x", color=drawn[0].get_color())
     ax.set_xticks(range(len(levels)), columns)
-    ax.set_ylabel(f"{metric} after the last round (finished seeds)")
+    ax.set_ylabel(f"{metric} after the last round\n(x: every seed stopped; its last round)")
     _save_plot(fig, ax, out / "plots" / "privacy_utility.png")
     return "\n".join(lines + _privacy_costs(finished, levels, columns, metric))
 
