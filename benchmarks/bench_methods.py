@@ -1,7 +1,7 @@
 """The comparison of methods this project exists for: every method, 3 seeds, one table.
 
-    .venv/bin/python benchmarks/bench_methods.py lm              # ~80 min a seed on 2 CPU cores
-    .venv/bin/python benchmarks/bench_methods.py image           # ~1 hour for the 3 seeds
+    .venv/bin/python benchmarks/bench_methods.py lm              # ~20 min a cell on 1 core, 21
+    .venv/bin/python benchmarks/bench_methods.py image           # ~42 min on 1 core (24 cells)
     .venv/bin/python benchmarks/bench_methods.py lm --quick      # about a minute (what tests run)
     .venv/bin/python benchmarks/bench_methods.py image --seeds 1,2 --data_seeds 1,2
     .venv/bin/python benchmarks/bench_methods.py image-sweep     # 3 rank spreads x 3 methods x 3
