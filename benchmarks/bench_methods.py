@@ -1,6 +1,6 @@
 """The comparison of methods this project exists for: every method, 3 seeds, one table.
 
-    .venv/bin/python benchmarks/bench_methods.py lm              # ~20 min a cell on 1 core, 21
+    .venv/bin/python benchmarks/bench_methods.py lm              # 21 cells, ~20 min each on 1 core
     .venv/bin/python benchmarks/bench_methods.py image           # ~42 min on 1 core (24 cells)
     .venv/bin/python benchmarks/bench_methods.py lm --quick      # about a minute (what tests run)
     .venv/bin/python benchmarks/bench_methods.py image --seeds 1,2 --data_seeds 1,2
