@@ -340,9 +340,8 @@ def collect(root: Path) -> dict:
         rounds = cell_rounds(root, cell, index["num_clients"]) or []
         group = groups.setdefault(
             (cell["setting"], cell["method"]),
-            {"seeds": 0, "replicates": [], "rounds": {}, "items": {}, "failed": [],
-             "unfinished": []},
-        )  # fmt: skip
+            {"replicates": [], "rounds": {}, "items": {}, "failed": [], "unfinished": []},
+        )
         for r in rounds:  # the base model (round 0) is the same whatever became of the cell
             if r["round"] == 0:
                 for k, v in r.items():
@@ -353,7 +352,6 @@ def collect(root: Path) -> dict:
             failed = (root / cell["path"] / FAILED).is_file()
             group["failed" if failed else "unfinished"].append(rep)
             continue
-        group["seeds"] += 1
         group["replicates"].append(rep)
         for r in rounds:
             if r["round"] == 0:
@@ -399,7 +397,7 @@ def comparison_table(data: dict) -> str:
         cells += [(f"{base[m]:.3f}" if m in base else "-") for m in metrics for _ in shown]
         lines.append("| " + " | ".join(cells + ["-", "-", "-"]) + " |")
     for (setting, method), g in groups.items():
-        cells = [setting, method, str(g["seeds"])]
+        cells = [setting, method, str(len(g["replicates"]))]
         if private:
             spent = sorted(set(g["rounds"].get(last, {}).get("dp_epsilon", [])))
             cells.append(" / ".join(f"{e:.3g}" for e in spent) or "no DP")
