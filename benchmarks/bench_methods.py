@@ -186,11 +186,11 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
     and each seed's value; a cell that stopped (say, training diverged from a noised start)
     shows its last evaluated top-1 and the round it stopped in. Also
     ``<out>/plots/privacy_utility.png``."""
-    import json
-
     import matplotlib
 
     from rblora.experiments.compare import cell_rounds
+    from rblora.experiments.differences import cell_outcomes
+    from rblora.utils.records import read_json
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -199,10 +199,10 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
     names = {"none": "no DP", "inf": "epsilon inf (clip only)"}
     columns = [names.get(name, f"epsilon {name}") for name in levels]
     found: dict = {}  # method -> level -> [(seed, value, round it stopped in or None)]
-    finished: dict = {}  # (method, level) -> {seed: run folder} of the cells that finished
+    finished: dict = {}  # (method, level) -> {seed: last round's outcomes} of finished cells
     for level in levels:
         root = out / f"epsilon_{level}"
-        index = json.loads((root / "compare.json").read_text())
+        index = read_json(root / "compare.json")
         for cell in index["cells"]:
             rounds = cell_rounds(root, cell, index["num_clients"]) or []
             scored = [r for r in rounds if r["round"] >= 1 and r.get(metric) is not None]
@@ -212,9 +212,11 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
                 found.setdefault(cell["method"], {}).setdefault(level, []).append(
                     (cell["seed"], scored[-1][metric], stopped)
                 )
-                if stopped is None:
-                    run = root / cell["path"] / str(index["num_clients"])
-                    finished.setdefault((cell["method"], level), {})[cell["seed"]] = (run, last)
+                run = root / cell["path"] / str(index["num_clients"])
+                label = f"{level} / {cell['method']} / seed {cell['seed']}"
+                outcomes = cell_outcomes(run, rounds, label) if stopped is None else {}
+                if last in outcomes:
+                    finished.setdefault((cell["method"], level), {})[cell["seed"]] = outcomes[last]
     lines = ["| method | " + " | ".join(columns) + " |"]
     lines.append("|---|" + "---|" * len(levels))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -253,7 +255,6 @@ def _privacy_costs(finished: dict, levels: list[str], columns: list[str], metric
     """Rows of each method's paired difference, level minus no DP, over the seeds both
     finished, on the same test items (the seed's own run without DP is the pair)."""
     from rblora.experiments.paired import match_items, paired_difference
-    from rblora.federation.rundir import RunFolder
 
     if "none" not in levels:
         return []
@@ -267,7 +268,7 @@ def _privacy_costs(finished: dict, levels: list[str], columns: list[str], metric
             continue
         pairs = []
         for seed in seeds:
-            x, y = (RunFolder(r).read_items(t)[suite] for r, t in (runs[seed], reference[seed]))
+            x, y = runs[seed][suite], reference[seed][suite]
             pairs.append(match_items(x, y, measure, f"{method} seed {seed}"))
         result = paired_difference(pairs)
         reading = result.reading().replace("the reference", "no DP")
