@@ -8,8 +8,9 @@ Cutoff. A text longer than ``cutoff_len`` tokens loses prompt tokens from the le
 tokenizer's leading special tokens, e.g. BOS), so the response and its EOS are kept whole: the
 seed cut from the right, and a long prompt (a BoolQ passage) then lost its whole response, so the
 record trained on nothing while it still counted in its client's weight. A response longer than
-``cutoff_len`` on its own keeps its start. This is the cut the multiple-choice scorer and the
-held-out loss make (``rblora.evaluation``), so training and evaluation see the same tokens.
+``cutoff_len`` on its own keeps its start. The held-out loss cuts the same way
+(``rblora.evaluation.loss``, the same ``keep_response``), so it sees the tokens training sees; the
+multiple-choice scorer also cuts prompts from the left, at the model's context length.
 
 Prompt/response boundary: as in the seed, the prompt length comes from tokenizing the prompt
 alone. A tokenizer may merge characters across the boundary (e.g. a BPE that joins the prompt's

@@ -19,8 +19,10 @@ def keep_response(ids: Sequence[int], n_prompt: int, n_lead: int, cutoff_len: in
     """``ids`` (``n_prompt`` prompt tokens, the first ``n_lead`` of them the tokenizer's leading
     special tokens such as BOS, then the response) cut to at most ``cutoff_len`` tokens so that
     the response survives: prompt tokens give way from the left, just after the leading special
-    tokens (the multiple-choice scorer cuts the same way). A response that alone exceeds the
-    room keeps its start. Returns ``(ids, prompt tokens kept)``."""
+    tokens (training and the held-out loss; the multiple-choice scorer also cuts prompts from
+    the left, at the model's context length, see ``evaluation.encoding.split_continuations``).
+    A response that alone exceeds the room keeps its start. Returns ``(ids, prompt tokens
+    kept)``."""
     ids = list(ids)
     excess = len(ids) - cutoff_len
     if excess <= 0:
