@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, help="default: ./outputs/bench_<task>[_quick]")
     parser.add_argument("--seeds", help="override the preset's seeds, e.g. 1,2")
     parser.add_argument(
+        "--methods",
+        help="override the preset's methods (rblora compare --methods), e.g. "
+        '"FlexLoRA@heterogeneous,FedIT@smallest"; with --seeds, splits one comparison over '
+        "processes that share its folder",
+    )
+    parser.add_argument(
         "--data_seeds",
         help="partition seeds as replicates too, e.g. 1,2 (rblora compare --data_seeds: one data "
         "folder per seed, prepared with the preset's options)",
@@ -161,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         code = prepare_main([*preset["prepare"], "--output_dir", str(data)])
         if code:
             return code
-    argv = ["--methods", ",".join(preset["methods"]), "--seeds", ns.seeds or preset["seeds"]]
+    methods = ns.methods or ",".join(preset["methods"])
+    argv = ["--methods", methods, "--seeds", ns.seeds or preset["seeds"]]
     if ns.data_seeds:
         argv += ["--data_seeds", ns.data_seeds]
     argv += ["--rank_settings", preset["settings"]]

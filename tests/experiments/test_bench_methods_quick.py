@@ -56,6 +56,15 @@ def test_quick_comparison_writes_table_and_plots(tmp_path, task, methods, metric
     # a second call keeps every finished cell (nothing re-run) and rewrites the same table
     assert _bench().main([task, "--quick", "--output_dir", str(out)]) == 0
     assert (out / "comparison.md").read_text() == table
+    # --methods takes a part of the comparison (how processes split it): kept cells, its table
+    part = f"{methods[-1]}@heterogeneous"
+    assert _bench().main([task, "--quick", "--output_dir", str(out), "--methods", part]) == 0
+    rows = [
+        line.split("|")[2].strip()
+        for line in (out / "comparison.md").read_text().splitlines()
+        if line.startswith("| ")
+    ]
+    assert methods[-1] in rows and methods[0] not in rows
 
 
 def test_quick_privacy_utility_runs_one_comparison_per_level(tmp_path, capsys):
