@@ -64,6 +64,23 @@ def test_compare_runs_every_cell_and_resumes(workspace, tmp_path, capsys, monkey
     assert (root / "comparison.md").read_text() == table
 
 
+def test_a_cell_resumes_as_it_started_whatever_cells_the_call_has(workspace, tmp_path, capsys):
+    # processes split a comparison by --methods (or --seeds); the first cell of each call
+    # evaluates the base model, so a cell started second must not be asked to on resume
+    root = tmp_path / "cmp"
+    head = ["compare", "--seeds", "1", "--rank_settings", "smallest", "--output_dir", str(root)]
+    train = ["--", *_base(workspace, tmp_path), "--num_communication_rounds", "1"]
+    assert rblora([*head, "--methods", "RB-LoRA,FedIT", *train]) == 0
+    fedit = root / "smallest" / "fedit" / "seed1" / "3"
+    assert [r["round"] for r in metrics(fedit) if r["type"] == "round"] == [1]
+    (fedit / "results.json").unlink()  # killed before it finished
+    capsys.readouterr()
+    assert rblora([*head, "--methods", "FedIT", *train]) == 0
+    assert "cell 1/1: smallest / FedIT / seed 1 (resuming)" in capsys.readouterr().err
+    assert json.loads((fedit / "results.json").read_text())["rounds_completed"] == 1
+    assert [r["round"] for r in metrics(fedit) if r["type"] == "round"] == [1]
+
+
 def test_compare_is_one_mlflow_experiment_with_one_run_per_cell(workspace, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")

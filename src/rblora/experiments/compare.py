@@ -14,10 +14,11 @@ is a result, and resumed with the same seed it would most likely stop again. ``-
 runs failed cells again (after a stop that was not the method's doing, e.g. a Flower node that did
 not reply); a cell that finishes loses its ``failed.txt``. The table and plots use the finished
 cells; failed and unfinished seeds are named beside the count. The base model is evaluated once
-(round 0 of the first cell). At the end ``<output_dir>/comparison.md`` holds the table (mean and
-standard deviation over seeds of each metric after round 1 and after the last round, communication
-per round and aggregation time) and ``<output_dir>/plots/`` one PNG per metric (mean per round, a
-band of one standard deviation). Below the table, each method against a reference method
+(round 0 of the first cell; a resumed cell keeps the choice it started with). At the end
+``<output_dir>/comparison.md`` holds the table (mean and standard deviation over seeds of each
+metric after round 1 and after the last round, communication per round and aggregation time)
+and ``<output_dir>/plots/`` one PNG per metric (mean per round, a band of one standard
+deviation). Below the table, each method against a reference method
 (``--reference``, default RB-LoRA) on the same items: the paired difference, its 95% bootstrap
 interval and a p-value (:mod:`rblora.experiments.differences`), from the per-item outcomes the
 cells keep (``evaluation/round_<t>.json``); ``comparison.json`` holds them for every round.
@@ -161,6 +162,19 @@ def _evaluates_base(cells: list[dict]) -> set[int]:
     return set(first.values())
 
 
+def _started_evaluating_base(run_dir: Path, default: bool) -> bool:
+    """Whether the cell in ``run_dir`` was started with ``--eval_base``: which cell evaluates
+    the base depends on the cells of the call (``--seeds``, ``--methods``), so a call with other
+    cells must not change it on resume. ``default`` if the config cannot be read (the resume
+    itself then says what is wrong)."""
+    from rblora.federation.rundir import ResumeError, RunFolder
+
+    try:
+        return bool(RunFolder(run_dir).read_config().get("eval_base", default))
+    except ResumeError:
+        return default
+
+
 def _cell_argv(base: list[str], cell: dict, root: Path, first: bool, args) -> list[str]:
     """A cell's train.py options; ``args``: the parsed ``base`` (for its MLflow options)."""
     argv = [*base, "--output_dir", str(root / cell["path"]), "--seed", str(cell["seed"])]
@@ -263,7 +277,10 @@ def run_compare(
             log(f"{label}: failed earlier, kept as failed (see {failed}; --retry_failed runs it)")
             continue
         log(f"{label}{' (resuming)' if state == 'resume' else ''}")
-        argv = _cell_argv(base_argv, cell, root, i - 1 in base_cells, args)
+        evaluates_base = i - 1 in base_cells
+        if state == "resume":  # as it started: the call that started it may have had other cells
+            evaluates_base = _started_evaluating_base(run_dir, evaluates_base)
+        argv = _cell_argv(base_argv, cell, root, evaluates_base, args)
         argv += ["--resume"] if state == "resume" else ["--overwrite"]
         cell_args, given = parse_args(argv)
         start = time.perf_counter()
