@@ -21,7 +21,7 @@ import time
 import torch
 
 from rblora.aggregation import ClientUpdate
-from rblora.aggregation.privacy import ClientDP, private_aggregate
+from rblora.aggregation.privacy import ClientDP, new_noise_key, private_aggregate, secret_generator
 
 RANKS = (4, 4, 16, 16, 64, 64, 128, 128, 256, 256)
 SIZES = (500, 500, 1000, 1000, 1500, 1500, 1900, 1900, 2500, 2500)
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     updates = clients(shapes, ranks)
     dp = ClientDP(args.clip, args.noise_multiplier, 1.0, ranks, SIZES)
     start = time.perf_counter()
-    g, report = private_aggregate("RB-LoRA", updates, dp, seed=1)
+    noise = secret_generator(new_noise_key(), 1)
+    g, report = private_aggregate("RB-LoRA", updates, dp, noise=noise, sketch_seed=1)
     aggregated = time.perf_counter() - start
     start = time.perf_counter()
     g.start_basis(max(ranks))

@@ -1,5 +1,6 @@
 """Client-level DP of the aggregation (rblora.aggregation.privacy): fixed weights, clipping of
-each client's whole term, seeded noise, the randomized SVD of a noised update."""
+each client's whole term, noise from a secret key, empty rounds, adaptive clipping, the
+randomized SVD of a noised update."""
 
 from __future__ import annotations
 
@@ -12,10 +13,23 @@ from agg_helpers import client_delta, fit, make_clients
 
 from rblora.aggregation import aggregate, available_methods, get_method
 from rblora.aggregation.linalg import randomized_svd
-from rblora.aggregation.privacy import ClientDP, check_private, private_aggregate
+from rblora.aggregation.privacy import (
+    AdaptiveClip,
+    ClientDP,
+    check_private,
+    new_noise_key,
+    private_aggregate,
+    secret_generator,
+    update_noise_multiplier,
+)
 from rblora.aggregation.types import ClientUpdate
 
 HUGE = 1e12  # a clip no term reaches
+KEY = bytes(range(32))  # a fixed key: these tests compare draws
+
+
+def noise(round_=0):
+    return secret_generator(KEY, round_)
 
 
 def population(ranks, sizes, seed=0, shapes=None):
@@ -41,7 +55,7 @@ def test_without_clip_or_noise_and_everyone_selected_it_is_the_method_itself(met
     reduction = "svd" if get_method(method).form == "stack" else None
     plain = aggregate(method, clients, reduction=reduction)
     private, report = private_aggregate(
-        method, clients, dp_of(ranks, sizes), seed=1, reduction=reduction
+        method, clients, dp_of(ranks, sizes), noise=noise(1), reduction=reduction
     )
     assert report.clipped == 0
     for m in plain.modules:
@@ -57,13 +71,13 @@ def test_a_term_of_norm_10c_contributes_exactly_c_and_one_under_c_is_untouched()
     norm = math.sqrt(sum(float(t.square().sum()) for t in term.values()))
     clip = norm / 10
     g, report = private_aggregate("FlexLoRA", [clients[1]], dataclasses.replace(dp, clip=clip),
-                                  seed=0)  # fmt: skip
+                                  noise=noise(0))  # fmt: skip
     assert report.norms[0] == pytest.approx(norm, rel=1e-12)
     assert report.factors[0] == pytest.approx(0.1, rel=1e-12)
     got = math.sqrt(sum(float(released(g, m).square().sum()) for m in g.modules))
     assert got == pytest.approx(clip, rel=1e-10)
     g, report = private_aggregate("FlexLoRA", [clients[1]], dataclasses.replace(dp, clip=norm * 2),
-                                  seed=0)  # fmt: skip
+                                  noise=noise(0))  # fmt: skip
     assert report.factors == (1.0,)
     for m in g.modules:
         torch.testing.assert_close(released(g, m), term[m], rtol=1e-12, atol=1e-14)
@@ -78,7 +92,7 @@ def test_hand_computed_rb_lora_term_clipped():
     # population ranks (1, 2), sizes (1, 3): gamma_0 = (1/4, 3/4), gamma_1 = (-, 1)
     # client 1: A = I, B = 2 I, alpha = r = 2 (scale 1): term = diag(0.75 * 2, 1 * 2), norm 2.5
     u = _update(1, [[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 2.0]], 3, 2.0)
-    g, report = private_aggregate("RB-LoRA", [u], dp_of([1, 2], [1, 3], clip=1.0), seed=0)
+    g, report = private_aggregate("RB-LoRA", [u], dp_of([1, 2], [1, 3], clip=1.0), noise=noise(0))
     assert report.norms == (pytest.approx(2.5),)
     expected = torch.tensor([[0.6, 0.0], [0.0, 0.8]], dtype=torch.float64)
     torch.testing.assert_close(released(g, "m"), expected, rtol=1e-12, atol=1e-14)
@@ -89,7 +103,7 @@ def test_hand_computed_flexlora_term_with_fixed_denominator():
     # takes part. dW_0 = [[5], [0]] @ [[0.6, 0.8]] = [[3, 4], [0, 0]] (norm 5), term norm 2.5
     u = _update(0, [[0.6, 0.8]], [[5.0], [0.0]], 1, 1.0)
     dp = dp_of([1, 1], [1, 3], clip=1.0, q=0.5)
-    g, report = private_aggregate("FlexLoRA", [u], dp, seed=0)
+    g, report = private_aggregate("FlexLoRA", [u], dp, noise=noise(0))
     assert report.norms == (pytest.approx(2.5),)
     expected = torch.tensor([[0.6, 0.8], [0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(released(g, "m"), expected, rtol=1e-12, atol=1e-14)
@@ -98,7 +112,9 @@ def test_hand_computed_flexlora_term_with_fixed_denominator():
 def test_padded_methods_clip_the_weighted_factors_of_a_client():
     # Weighted HETLoRA, population sizes (1, 3), q = 1: client 1's term is (3/4 A, 3/4 Bh)
     u = _update(1, [[3.0, 0.0]], [[0.0], [4.0]], 3, 1.0)  # ||A||^2 + ||Bh||^2 = 25
-    g, report = private_aggregate("Weighted HETLoRA", [u], dp_of([1, 1], [1, 3], clip=1.5), seed=0)
+    g, report = private_aggregate(
+        "Weighted HETLoRA", [u], dp_of([1, 1], [1, 3], clip=1.5), noise=noise(0)
+    )
     assert report.norms == (pytest.approx(0.75 * 5),)
     a, b = g.factors("m")  # clipped to 1.5: each factor scaled by 0.75 * 1.5 / 3.75 = 0.3
     torch.testing.assert_close(a, torch.tensor([[0.9, 0.0]], dtype=torch.float64))
@@ -110,9 +126,9 @@ def test_one_client_moves_the_sum_by_at_most_c_and_never_changes_the_others(meth
     ranks, sizes = [2, 3, 5, 5], [10, 20, 30, 40]
     clients = population(ranks, sizes)
     dp = dp_of(ranks, sizes, clip=0.3, q=0.75)
-    with_, _ = private_aggregate(method, clients[:3], dp, seed=0)
-    without, _ = private_aggregate(method, clients[:2], dp, seed=0)
-    alone, _ = private_aggregate(method, clients[2:3], dp, seed=0)
+    with_, _ = private_aggregate(method, clients[:3], dp, noise=noise(0))
+    without, _ = private_aggregate(method, clients[:2], dp, noise=noise(0))
+    alone, _ = private_aggregate(method, clients[2:3], dp, noise=noise(0))
     if get_method(method).form == "stack":  # released: the dense sum of the terms
         diff = [released(with_, m) - released(without, m) for m in with_.modules]
         for d, m in zip(diff, with_.modules, strict=True):
@@ -128,30 +144,27 @@ def test_one_client_moves_the_sum_by_at_most_c_and_never_changes_the_others(meth
     assert math.sqrt(sum(float(d.square().sum()) for d in diff)) <= 0.3 * (1 + 1e-9)
 
 
-def test_noise_has_std_z_times_c_and_is_seeded():
+def test_noise_has_std_z_times_c_and_follows_the_key():
     ranks, sizes = [2], [10]
     shapes = {"m": (120, 100)}
     (u,) = population(ranks, sizes, shapes=shapes)
     z, clip = 1.7, 0.4
-    clean, _ = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip=clip), seed=0)
-    noise = torch.cat(
+    clean, _ = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip=clip), noise=noise(0))
+    dp = dp_of(ranks, sizes, clip, z)
+    draws = torch.cat(
         [
-            (
-                released(
-                    private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), seed=s)[0], "m"
-                )
-                - released(clean, "m")
-            ).flatten()  # fmt: skip
+            (released(private_aggregate("FlexLoRA", [u], dp, noise=noise(s))[0], "m")
+             - released(clean, "m")).flatten()
             for s in range(20)
         ]
-    )
-    n = noise.numel()  # 240,000 draws: the std's standard error is std / sqrt(2 n)
-    assert float(noise.mean()) == pytest.approx(0.0, abs=4 * z * clip / math.sqrt(n))
-    assert float(noise.std()) == pytest.approx(z * clip, abs=4 * z * clip / math.sqrt(2 * n))
-    again = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), seed=3)[0]
-    first = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), seed=3)[0]
+    )  # fmt: skip
+    n = draws.numel()  # 240,000 draws: the std's standard error is std / sqrt(2 n)
+    assert float(draws.mean()) == pytest.approx(0.0, abs=4 * z * clip / math.sqrt(n))
+    assert float(draws.std()) == pytest.approx(z * clip, abs=4 * z * clip / math.sqrt(2 * n))
+    again = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), noise=noise(3))[0]
+    first = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), noise=noise(3))[0]
     assert torch.equal(again.delta("m"), first.delta("m"))
-    other = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), seed=4)[0]
+    other = private_aggregate("FlexLoRA", [u], dp_of(ranks, sizes, clip, z), noise=noise(4))[0]
     assert not torch.equal(other.delta("m"), first.delta("m"))
 
 
@@ -161,24 +174,27 @@ def test_dense_extras_are_clipped_with_the_factors_and_noised():
         dataclasses.replace(u, dense={"head.weight": torch.full((3, 4), 2.0, dtype=torch.float64)})
         for u in population(ranks, sizes)
     ]
-    g, report = private_aggregate("FlexLoRA", clients, dp_of(ranks, sizes), seed=0)
+    g, report = private_aggregate("FlexLoRA", clients, dp_of(ranks, sizes), noise=noise(0))
     plain = aggregate("FlexLoRA", clients)
     torch.testing.assert_close(g.dense["head.weight"], plain.dense["head.weight"])
     lora_only = private_aggregate(
-        "FlexLoRA", [dataclasses.replace(u, dense={}) for u in clients], dp_of(ranks, sizes), seed=0
+        "FlexLoRA",
+        [dataclasses.replace(u, dense={}) for u in clients],
+        dp_of(ranks, sizes),
+        noise=noise(0),
     )[1]
     # the head's weighted term (p_k * 2 over 12 entries) is part of each client's norm
     for k, p in enumerate((0.25, 0.75)):
         expected = math.sqrt(lora_only.norms[k] ** 2 + 12 * (2 * p) ** 2)
         assert report.norms[k] == pytest.approx(expected, rel=1e-12)
-    noisy = private_aggregate("FlexLoRA", clients, dp_of(ranks, sizes, 1.0, 1.0), seed=0)[0]
+    noisy = private_aggregate("FlexLoRA", clients, dp_of(ranks, sizes, 1.0, 1.0), noise=noise(0))[0]
     assert not torch.equal(noisy.dense["head.weight"], g.dense["head.weight"])
 
 
 def test_redistribution_of_a_noised_update_gives_each_rank():
     ranks, sizes = [2, 4], [10, 30]
     clients = population(ranks, sizes)
-    g, _ = private_aggregate("RB-LoRA", clients, dp_of(ranks, sizes, 1.0, 0.5), seed=0)
+    g, _ = private_aggregate("RB-LoRA", clients, dp_of(ranks, sizes, 1.0, 0.5), noise=noise(0))
     assert all(g.is_dense(m) for m in g.modules)
     for r in ranks:
         start = g.for_client(r, 16.0)
@@ -194,11 +210,97 @@ def test_refusals():
     ranks, sizes = [2, 2], [10, 30]
     clients = make_clients(ranks, sizes)  # client ids "c0", "c1": not population indices
     with pytest.raises(ValueError, match="client_id must be the client's index"):
-        private_aggregate("RB-LoRA", clients, dp_of(ranks, sizes), seed=0)
+        private_aggregate("RB-LoRA", clients, dp_of(ranks, sizes), noise=noise(0))
     with pytest.raises(ValueError, match="examples, population has"):
-        private_aggregate("RB-LoRA", population(ranks, sizes), dp_of(ranks, [10, 31]), seed=0)
+        private_aggregate(
+            "RB-LoRA", population(ranks, sizes), dp_of(ranks, [10, 31]), noise=noise(0)
+        )
     with pytest.raises(ValueError, match="dp clip"):
         dp_of(ranks, sizes, clip=0.0)
+
+
+def test_the_noise_follows_the_key_not_a_seed():
+    """Two keys give independent noise; the same key and round give the same draws; another
+    round of the same key gives other draws; a fresh key comes from the OS CSPRNG."""
+    ranks, sizes = [2], [10]
+    (u,) = population(ranks, sizes, shapes={"m": (20, 16)})
+    dp = dp_of(ranks, sizes, 1.0, 1.0)
+
+    def release(key, round_):
+        g = private_aggregate("FlexLoRA", [u], dp, noise=secret_generator(key, round_))[0]
+        return g.delta("m")
+
+    a, b = new_noise_key(), new_noise_key()
+    assert len(a) == 32 and a != b
+    assert torch.equal(release(a, 1), release(a, 1))
+    assert not torch.equal(release(a, 1), release(b, 1))
+    assert not torch.equal(release(a, 1), release(a, 2))
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        secret_generator(b"short", 1)
+    with pytest.raises(ValueError, match="needs the noise generator"):
+        private_aggregate("FlexLoRA", [u], dp, noise=None)
+
+
+@pytest.mark.parametrize("method", ["RB-LoRA", "FlexLoRA", "Weighted HETLoRA"])
+def test_an_empty_round_releases_the_noise_alone_in_the_release_shape(method):
+    ranks, sizes = [2, 5], [10, 30]
+    shapes = {"m1": (12, 9), "m2": (7, 11)}
+    dp = dp_of(ranks, sizes, 0.5, 2.0)
+    dense = {"head": (3, 4)}
+    g, report = private_aggregate(method, [], dp, noise=noise(3), shapes=shapes,
+                                  dense_shapes=dense)  # fmt: skip
+    assert report.norms == () and report.unclipped == 0
+    assert g.dense["head"].shape == (3, 4)
+    spec = get_method(method)
+    for m, (d_out, d_in) in shapes.items():
+        if spec.form == "stack":
+            assert g.is_dense(m) and g.shape(m) == (d_out, d_in)
+        else:  # both factors at the population's widest rank, noise only
+            a, b = g.factors(m)
+            assert a.shape == (5, d_in) and b.shape == (d_out, 5)
+    values = torch.cat([g.dense["head"].flatten()] + [
+        g.module_delta(m).flatten() if g.is_dense(m) else torch.cat([t.flatten() for t in
+        g.factors(m)]) for m in g.modules])  # fmt: skip
+    assert 0.5 < float(values.std()) / (2.0 * 0.5) < 1.5  # N(0, (z C)^2), few draws
+    with pytest.raises(ValueError, match="the release's shapes must be given"):
+        private_aggregate(method, [], dp, noise=noise(3))
+    (u,) = population([2], [10], shapes={"m1": (12, 9)})
+    with pytest.raises(ValueError, match="the release is shaped"):
+        private_aggregate(method, [u], dp, noise=noise(3), shapes=shapes)
+
+
+def test_adaptive_clipping_rule_by_hand():
+    """C' = C exp(-eta ((b + sigma_b xi) / m - gamma)), hand-computed."""
+    rule = AdaptiveClip(quantile=0.5, learning_rate=0.2, count_stddev=2.0, expected_clients=10)
+    # 8 of 10 unclipped, noise draw -1 -> b~ = (8 - 2) / 10 = 0.6; C' = 0.1 exp(-0.2 * 0.1)
+    assert rule.next_clip(0.1, 8, -1.0) == pytest.approx(0.1 * math.exp(-0.02), rel=1e-15)
+    # 2 of 10 unclipped, no noise -> b~ = 0.2; C grows: 0.1 exp(0.06)
+    assert rule.next_clip(0.1, 2, 0.0) == pytest.approx(0.1 * math.exp(0.06), rel=1e-15)
+    for bad in ({"quantile": 1.0}, {"learning_rate": 0.0}, {"count_stddev": -1.0}):
+        with pytest.raises(ValueError):
+            AdaptiveClip(**{"quantile": 0.5, "learning_rate": 0.2, "count_stddev": 1.0,
+                            "expected_clients": 10, **bad})  # fmt: skip
+
+
+def test_the_clip_report_counts_the_unclipped_clients():
+    ranks, sizes = [2, 3, 5], [10, 20, 30]
+    clients = population(ranks, sizes)
+    plain = private_aggregate("FlexLoRA", clients, dp_of(ranks, sizes), noise=noise())[1]
+    clip = sorted(plain.norms)[1]  # the median: two terms at most C, one above
+    report = private_aggregate("FlexLoRA", clients, dp_of(ranks, sizes, clip=clip),
+                               noise=noise())[1]  # fmt: skip
+    assert report.clip == clip and report.unclipped == 2 and report.clipped == 1
+
+
+def test_the_noise_split_of_adaptive_clipping():
+    """z_u = (z^-2 - (2 sigma_b)^-2)^-1/2; the pair (z_u, sigma_b) costs what z costs."""
+    z, sigma_b = 1.0, 2.5
+    z_u = update_noise_multiplier(z, sigma_b)
+    assert z_u == pytest.approx((1 - 1 / 25) ** -0.5, rel=1e-15)
+    assert (z_u**-2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(z, rel=1e-12)
+    assert update_noise_multiplier(0.0, 0.0) == 0.0
+    with pytest.raises(ValueError, match="too small for the noise multiplier 1"):
+        update_noise_multiplier(1.0, 0.5)
 
 
 def _low_rank_plus_noise(d_out, d_in, r, noise, seed):

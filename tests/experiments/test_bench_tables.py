@@ -55,13 +55,16 @@ def test_privacy_utility_tables_each_level_and_names_stopped_seeds(tmp_path, mon
     def cell_rounds(root, cell, num_clients):
         level = root.name.removeprefix("epsilon_")
         top1 = rows[(level, cell["method"], cell["seed"])]
+        spent = {"inf": [None, None], "8": [4.5, 7.99]}[level]  # what the runs recorded
         return [{"round": 0, "test/accuracy": 0.09}] + [
-            {"round": t, "test/accuracy": v} for t, v in enumerate(top1, start=1)
+            {"round": t, "test/accuracy": v, "dp_epsilon": spent[t - 1]}
+            for t, v in enumerate(top1, start=1)
         ]
 
     monkeypatch.setattr(compare, "cell_rounds", cell_rounds)
     table = _bench().privacy_utility(tmp_path, ["none", "inf", "8"]).splitlines()
-    assert table[0] == "| method | epsilon inf (clip only) | epsilon 8 |"  # none: not run
+    # named by the epsilon the finished runs recorded; none: not run
+    assert table[0] == "| method | clip only (no noise) | epsilon 7.99 |"
     inf, eight = "0.550 ± 0.071 (0.500 / 0.600)", "0.200 ± 0.000 (0.070 (stopped in r2) / 0.200)"
     assert table[2] == f"| RB-LoRA | {inf} | {eight} |"
     assert (tmp_path / "plots" / "privacy_utility.png").stat().st_size > 1000

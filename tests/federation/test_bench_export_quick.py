@@ -23,4 +23,4 @@ def test_quick_export_benchmark_prints_the_size_table():
         "FLoRA round 3": "512, 128",
     }
     errors = re.findall(r"\| ([\d.e+-]+) \|$", proc.stdout, re.M)
-    assert len(errors) == 4 and all(float(e) == 0 for e in errors)
+    assert len(errors) == 4 and all(float(e) < 1e-5 for e in errors)  # float32 rounding

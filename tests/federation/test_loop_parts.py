@@ -22,19 +22,29 @@ def _factors(rank, d_out=6, d_in=5, seed=0):
     }
 
 
-def test_exact_factors_keep_each_module_at_its_own_rank():
+def _orthonormal_rows(a):
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(a.double() @ a.double().T, eye, atol=1e-5, rtol=0)
+
+
+def test_exact_factors_are_orthonormal_at_each_modules_rank():
     delta = {
-        "q": (torch.randn(9, 5), torch.randn(6, 9)),  # wider than the matrix
-        "v": (torch.randn(2, 5), torch.randn(3, 2)),  # factored: kept as it is
-        "o": torch.randn(4, 7),  # dense, d_out < d_in
+        "q": (torch.randn(9, 5), torch.randn(6, 9)),  # wider than the matrix: rank 5
+        "v": (torch.randn(2, 5), torch.randn(3, 2)),  # factored, rank 2
+        "o": torch.randn(4, 7),  # dense, d_out < d_in: (Q^T, R^T), rank 4
+        "k": torch.randn(7, 3),  # dense, d_out > d_in: (I, dW), rank 3
+        "z": (torch.zeros(3, 5), torch.zeros(6, 3)),  # nothing: one zero direction
     }
     out = exact_factors(delta)
-    assert {m: a.shape[0] for m, (a, _) in out.items()} == {"q": 5, "v": 2, "o": 4}
-    assert torch.equal(out["q"][0], torch.eye(5)) and torch.equal(out["o"][1], torch.eye(4))
-    assert torch.equal(out["o"][0], delta["o"]) and torch.equal(out["v"][0], delta["v"][0])
+    assert {m: a.shape[0] for m, (a, _) in out.items()} == {"q": 5, "v": 2, "o": 4, "k": 3, "z": 1}
+    assert torch.equal(out["k"][0], torch.eye(3)) and torch.equal(out["k"][1], delta["k"])
     for name, value in delta.items():
+        _orthonormal_rows(out[name][0]) if name != "z" else None
         want = value if isinstance(value, torch.Tensor) else value[1] @ value[0]
         torch.testing.assert_close(out[name][1] @ out[name][0], want, rtol=1e-5, atol=1e-5)
+    # B's columns are orthogonal (U diag(sigma)), sorted by decreasing norm
+    gram = out["v"][1].T @ out["v"][1]
+    torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), atol=1e-5, rtol=0)
 
 
 def test_selection_is_seeded_and_sized():
@@ -48,6 +58,23 @@ def test_selection_is_seeded_and_sized():
     assert len({tuple(p) for p in picks}) > 1
     assert FederatedServer("RB-LoRA", clients, selection="all").select(3) == list(range(10))
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 3, 2)
+
+
+def test_poisson_sampling_without_dp_is_seeded_and_never_empty():
+    """Each client with probability q, from the run seed; a draw of nobody is drawn again (only
+    a DP round may be empty: it releases the noise alone)."""
+    clients = [ClientSpec(k, 4, 16.0) for k in range(4)]
+    s = FederatedServer("RB-LoRA", clients, frac=0.1, sampling="poisson", seed=7)
+    picks = [s.select(t) for t in range(1, 401)]
+    assert all(p and p == sorted(set(p)) for p in picks)
+    again = FederatedServer("RB-LoRA", clients, frac=0.1, sampling="poisson", seed=7)
+    assert picks[:20] == [again.select(t) for t in range(1, 21)]
+    many = FederatedServer("RB-LoRA", [ClientSpec(k, 4, 16.0) for k in range(1000)], frac=0.3,
+                           sampling="poisson", seed=1)  # fmt: skip
+    sizes = [len(many.select(t)) for t in range(1, 21)]
+    assert len(set(sizes)) > 1 and all(240 < n < 360 for n in sizes)  # 300 +- 5 sd
+    with pytest.raises(ValueError, match="sampling 'bernoulli': valid are fixed, poisson"):
+        FederatedServer("RB-LoRA", clients, sampling="bernoulli")
 
 
 def _updates(specs, seed=0, dense=False):

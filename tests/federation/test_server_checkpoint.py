@@ -176,27 +176,38 @@ def test_a_head_only_run_checkpoints_and_resumes():
 @pytest.mark.parametrize(
     ("method", "reduction"), [("RB-LoRA", None), ("Weighted HETLoRA", None), ("FLoRA", "merge")]
 )
+@pytest.mark.parametrize("adaptive", [False, True])
 def test_a_resumed_dp_server_delivers_bitwise_what_an_uninterrupted_one_does(
-    method, reduction, tmp_path
+    method, reduction, adaptive, tmp_path
 ):
-    """Client-level DP: the noise of round t is seeded by (seed, t), nothing else, so a server
-    restored from its checkpoint draws the same noise (and the same range-finder sketches)."""
+    """Client-level DP: noise, selection and the adaptive clip's count come from the secret key,
+    which the checkpoint keeps (file mode 0600), so a server restored from it draws exactly what
+    the uninterrupted one does; a server with another key draws other noise."""
+    from rblora.aggregation.privacy import AdaptiveClip
     from rblora.federation.privacy import PrivacySettings
+    from rblora.protocol.types import UpdateLayout
 
-    dp = PrivacySettings(clip=0.5, noise_multiplier=0.7, sample_rate=0.4, delta=1e-5,
-                         accountant="rdp")  # fmt: skip
+    rule = AdaptiveClip(0.5, 0.2, 1.0, 2.0) if adaptive else None
+    dp = PrivacySettings(clip=0.5, noise_multiplier=0.7, sample_rate=0.4, sampling="fixed",
+                         delta=1e-5, accountant="rdp", adaptive=rule)  # fmt: skip
 
     def server():
-        return FederatedServer(method, _specs(), reduction=reduction, frac=0.4, seed=3, privacy=dp)
+        return FederatedServer(method, _specs(), reduction=reduction, frac=0.4, seed=3,
+                               privacy=dp, layout=UpdateLayout(SHAPES))  # fmt: skip
 
     full_server = server()
     full = _play(full_server, range(1, 5))
     cut = server()
+    cut._key = full_server._key  # the same run: its key drawn once at the start
     first = _play(cut, [1, 2])
     folder = RunFolder(tmp_path)
     folder.save_checkpoint(*cut.state_tensors())
-    resumed = server()
+    for name in ("server.safetensors", "state.json", "manifest.json"):
+        assert (tmp_path / "checkpoint" / name).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "checkpoint").stat().st_mode & 0o777 == 0o700
+    resumed = server()  # a fresh key, replaced by the checkpoint's
     resumed.load_state_tensors(*folder.load_checkpoint())
+    assert resumed._key == full_server._key
     rest = _play(resumed, [3, 4])
     for got, want in zip(first + rest, full, strict=True):
         _assert_same_starts(got, want)
@@ -206,6 +217,12 @@ def test_a_resumed_dp_server_delivers_bitwise_what_an_uninterrupted_one_does(
                 pairs = [(value, other)] if torch.is_tensor(value) else zip(value, other)  # noqa: B905
                 assert all(torch.equal(x, y) for x, y in pairs), (k, m)
     assert full_server.last_clip is not None and resumed.last_clip == full_server.last_clip
+    assert resumed.clip == full_server.clip
+    if adaptive:
+        assert full_server.clip != 0.5  # the clip moved
+    other = server()
+    assert other._key != full_server._key
+    assert [other.select(t) for t in range(1, 9)] != [full_server.select(t) for t in range(1, 9)]
     plain = FederatedServer(method, _specs(), reduction=reduction, frac=0.4, seed=3)
     without = _play(plain, [1, 2])[1]  # the noise reached what clients start from
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from rblora.flower import client_app as honest
@@ -72,6 +73,36 @@ def _unknown_meta(arrays, config):
     return arrays, {**config, "server-please": "trust me"}
 
 
+def _huge_metric(arrays, config):  # an integer no float can hold: refused, never converted
+    return arrays, {**config, "metrics": json.dumps({"loss": 10**400})}
+
+
+def _nested_metrics(arrays, config):  # deeper than Python's parser can recurse
+    return arrays, {**config, "metrics": "[" * 100_000 + "]" * 100_000}
+
+
+def _string_array(arrays, config):  # not a number at all: refused before any conversion
+    key = sorted(k for k in arrays if k.endswith("/A"))[0]
+    return {**arrays, key: np.full(tuple(arrays[key].shape), "x")}, config
+
+
+def _float16(arrays, config):
+    return {k: v.half() for k, v in arrays.items()}, config
+
+
+def _lying_header(arrays, config):  # metadata says float32 (8, 16); the .npy holds float64
+    key = sorted(k for k in arrays if k.endswith("/A"))[0]
+    return {**arrays, key: LyingArray(arrays[key])}, config
+
+
+class LyingArray:
+    """Stands for a tensor whose Flower Array declares float32 of its shape while its bytes
+    are a float64 ``.npy`` of half as many rows (the same byte count)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
 TAMPERS = {
     "scale": _scale,
     "examples": _examples,
@@ -83,9 +114,24 @@ TAMPERS = {
     "other-rank": _other_rank,
     "nan": _nan,
     "unknown-meta": _unknown_meta,
+    "huge-metric": _huge_metric,
+    "nested-metrics": _nested_metrics,
+    "string-array": _string_array,
+    "float16": _float16,
+    "lying-header": _lying_header,
 }
 
 app = ClientApp()
+
+
+def _array(value) -> Array:
+    if isinstance(value, LyingArray):
+        t = value.tensor
+        half = np.zeros((t.shape[0] // 2, *t.shape[1:]), dtype=np.float64)
+        honest_array = Array(half)
+        return Array(dtype="float32", shape=tuple(t.shape), stype=honest_array.stype,
+                     data=honest_array.data)  # fmt: skip
+    return Array(value if isinstance(value, np.ndarray) else value.numpy())
 
 
 @app.query()
@@ -94,7 +140,15 @@ def query(msg: Message, context: Context) -> Message:
     if kind == "malformed-answer":
         answer = ConfigRecord({"partition-id": "one", "lora-rank": -1})
         return Message(RecordDict({CONFIG: answer}), reply_to=msg)
-    return honest.query(msg, context)
+    reply = honest.query(msg, context)
+    if kind in ("claim", "huge-size"):  # another node's partition, or a weight of 10**18
+        answer = dict(reply.content.config_records[CONFIG])
+        if kind == "claim":
+            answer["partition-id"] = int(context.node_config["claim"])
+        else:
+            answer["num-examples"] = 10**18
+        return Message(RecordDict({CONFIG: ConfigRecord(answer)}), reply_to=msg)
+    return reply
 
 
 @app.train()
@@ -106,5 +160,6 @@ def train(msg: Message, context: Context) -> Message:
     arrays = dict(reply.content.array_records[ARRAYS].to_torch_state_dict())
     config = dict(reply.content.config_records[CONFIG])
     arrays, config = TAMPERS[kind](arrays, config)
-    content = RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: ConfigRecord(config)})
+    record = ArrayRecord({k: _array(v) for k, v in arrays.items()})
+    content = RecordDict({ARRAYS: record, CONFIG: ConfigRecord(config)})
     return Message(content, reply_to=msg)

@@ -4,6 +4,7 @@ process (serialising every message as Flower does), so bad and missing replies c
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
@@ -185,9 +186,26 @@ def test_too_few_replies_stop_the_run(workspace, tmp_path):
         _serve(workspace, tmp_path, grid, "--min_replies", "0.5")
 
 
-def test_node_ranks_must_agree_with_explicit_ones(workspace, tmp_path):
+def test_a_node_of_another_rank_is_refused_unless_node_ranks_are_asked_for(
+    workspace, tmp_path, capsys
+):
+    """A node's lora-rank never silently becomes the run's: without --ranks_from_nodes the node
+    is refused and named; with it, ranks given in the options must agree."""
+    _serve(workspace, tmp_path / "a", _grid(ranks=(2, 4, 4)), "--discovery_timeout", "1",
+           "--num_communication_rounds", "1")  # fmt: skip
+    assert (
+        "node 102 refused: partition 2: the node's lora-rank 4 differs from the run's 8 "
+        "(--ranks_from_nodes takes the nodes' ranks)" in capsys.readouterr().err
+    )
+    (record,) = [r for r in metrics(tmp_path / "a" / "3") if r["type"] == "round"]
+    assert record["missing"] == {"2": "no node has answered for this client"}
     with pytest.raises(RunError, match=r"lora-rank \[2, 4, 4\] differ from the run's \[2, 4, 8\]"):
-        _serve(workspace, tmp_path, _grid(ranks=(2, 4, 4)))
+        _serve(workspace, tmp_path / "b", _grid(ranks=(2, 4, 4)), "--ranks_from_nodes")
+    args, given = parse_args(lm_argv(workspace, tmp_path / "c", "--ranks_from_nodes"))
+    args.client_ranks = None  # no ranks in the options: the nodes' are taken
+    serve(_grid(ranks=(2, 4, 4)), args, given - {"client_ranks"})
+    config = json.loads((tmp_path / "c" / "3" / "config.json").read_text())
+    assert config["client_ranks_resolved"] == [2, 4, 4]
 
 
 # ---------------------------------------------------------------------- the server trusts nothing
@@ -204,11 +222,16 @@ def _hostile_grid(kind, client=1):
         ("examples", "num-examples 1000000000 differs from the server's 12"),
         ("head-only", "missing arrays [update/lora/"),
         ("missing-array", "missing arrays [update/lora/model.layers.0.self_attn.q_proj/B]"),
-        ("float64", "dtype torch.float64, not float32"),
+        ("float64", "dtype float64, not float32"),
+        ("float16", "dtype float16, not float32"),
         ("extra-array", "unexpected arrays [update/lora/not.a.module/A]"),
-        ("other-rank", "rank 4 on"),
+        ("other-rank", "/A: shape (8, 32), expected (4, 32)"),
         ("nan", "holds NaN or inf"),
-        ("unknown-meta", "unexpected metadata ['server-please']"),
+        ("unknown-meta", "unexpected metadata [server-please]"),
+        ("huge-metric", "metrics are not JSON (an integer of 401 digits)"),
+        ("nested-metrics", "metrics are 200000 characters, at most 4096"),
+        ("string-array", "dtype <U1, not float32"),
+        ("lying-header", "declared float32 (4, 32), holds float64 (2, 32)"),
     ],
 )
 def test_a_hostile_reply_is_dropped_and_named(workspace, tmp_path, kind, fragment):
@@ -299,11 +322,115 @@ def test_a_malformed_discovery_answer_is_refused_and_the_run_goes_on(workspace, 
 def test_a_partition_claimed_twice_is_refused_for_both_nodes(workspace, tmp_path):
     nodes = {1: {"partition-id": 0}, 2: {"partition-id": 0}, 3: {"partition-id": 1},
              4: {"partition-id": 2}}  # fmt: skip
-    claimed = r"partition 0 is claimed by nodes \[1, 2\]"
-    refused = rf"no node for client\(s\) \[0\] \(refused: node 1: {claimed}; node 2: {claimed}"
+    claimed = r"partition 0 is claimed by nodes \[1, 2\] \(without --node_keys the server cannot"
+    refused = rf"no node for client\(s\) \[0\] \(refused: node 1: {claimed}.*; node 2: {claimed}"
     with pytest.raises(RunError, match=refused):
         _serve(workspace, tmp_path, TestGrid(nodes), "--discovery_timeout", "1",
                "--min_replies", "3")  # fmt: skip
+
+
+class KeyedGrid(TestGrid):
+    """A test Grid whose nodes hold public keys, as a SuperLink with SuperNode authentication
+    reports them (``NodeInfo.public_key``, PEM)."""
+
+    __test__ = False
+
+    def __init__(self, node_configs, keys: dict[int, bytes], **kwargs):
+        super().__init__(node_configs, **kwargs)
+        self.keys = keys
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=n, public_key=self.keys.get(n, b"")) for n in self.get_node_ids()]
+
+
+def _key_pair():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public = ec.generate_private_key(ec.SECP384R1()).public_key()
+    pem = public.public_bytes(serialization.Encoding.PEM,
+                              serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+    ssh = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return pem, ssh
+
+
+def test_with_node_keys_a_node_claiming_another_partition_is_refused_alone(
+    workspace, tmp_path, capsys
+):
+    """--node_keys binds each partition to the key its node registered with: the hostile node
+    claiming partition 1 is refused, the honest node of partition 1 trains."""
+    pairs = {k: _key_pair() for k in range(4)}
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"node{k}.pub").write_bytes(pairs[k][1])  # OpenSSH, as flwr supernode register
+    (folder / "keys.json").write_text(json.dumps({str(k): f"node{k}.pub" for k in range(3)}))
+    configs = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    configs[103] = {"partition-id": 2, "lora-rank": 4, "hostile": "claim", "claim": 1}
+    keys = {100 + k: pairs[k][0] for k in range(4)}  # PEM, as the SuperLink reports them
+    grid = KeyedGrid(configs, keys, app=hostile.app)
+    _serve(workspace, tmp_path / "run", grid, "--node_keys", str(folder / "keys.json"),
+           "--num_communication_rounds", "1", "--discovery_timeout", "1")  # fmt: skip
+    err = capsys.readouterr().err
+    assert "node 103 refused: claims partition 1 but does not hold the key --node_keys binds" in err
+    (record,) = [r for r in metrics(tmp_path / "run" / "3") if r["type"] == "round"]
+    assert "missing" not in record
+    clients = [r for r in metrics(tmp_path / "run" / "3") if r["type"] == "client"]
+    assert [(c["client"], c["node"]) for c in clients] == [(0, 100), (1, 101), (2, 102)]
+
+
+def test_without_node_keys_a_claim_of_another_partition_costs_both(workspace, tmp_path, capsys):
+    configs = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    configs[103] = {"partition-id": 2, "lora-rank": 4, "hostile": "claim", "claim": 1}
+    _serve(workspace, tmp_path, TestGrid(configs, app=hostile.app), "--discovery_timeout", "1",
+           "--num_communication_rounds", "1")  # fmt: skip
+    err = capsys.readouterr().err
+    assert "partition 1 is claimed by nodes [101, 103] (without --node_keys" in err
+    (record,) = [r for r in metrics(tmp_path / "3") if r["type"] == "round"]
+    assert record["missing"] == {"1": "no node has answered for this client"}
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ({"0": "missing.pub"}, "partition 0:"),
+        ({"7": "node0.pub"}, "'7' is not a partition id 0..2"),
+        ({"0": "bad.pub"}, "not an OpenSSH or PEM public key"),
+        ({"0": "node0.pub", "1": "node0.pub"}, "partitions 0 and 1 name the same public key"),
+    ],
+)
+def test_a_bad_node_keys_file_is_refused_in_one_line(workspace, tmp_path, content, fragment):
+    (tmp_path / "node0.pub").write_bytes(_key_pair()[1])
+    (tmp_path / "bad.pub").write_text("not a key")
+    (tmp_path / "keys.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        _serve(workspace, tmp_path / "run", _grid(), "--node_keys", str(tmp_path / "keys.json"))
+
+
+def test_a_claimed_size_beyond_the_bound_is_refused_without_partition_json(
+    workspace, tmp_path, capsys
+):
+    """Without partition.json a node's claimed example count is its weight: 10**18 is refused
+    (--max_client_examples), the run goes on without it."""
+    folders = _split_folders(workspace, tmp_path / "data")
+    (folders / "server" / "3" / "partition.json").unlink()
+    configs = {
+        100 + k: {"partition-id": k, "lora-rank": r, "data-path": str(folders / f"node{k}")}
+        for k, r in enumerate((2, 4, 8))
+    }
+    configs[101]["hostile"] = "huge-size"
+    argv = lm_argv(workspace, tmp_path / "run", "--discovery_timeout", "1",
+                   "--num_communication_rounds", "1", data_path=folders / "server")  # fmt: skip
+    args, given = parse_args(argv)
+    serve(TestGrid(configs, app=hostile.app), args, given)
+    assert (
+        "node 101 refused: partition 1: the node claims 1000000000000000000 training examples, "
+        "above --max_client_examples 1000000" in capsys.readouterr().err
+    )
+    config = json.loads((tmp_path / "run" / "3" / "config.json").read_text())
+    assert config["client_sizes"] == [8, None, 16]
 
 
 def test_a_node_holding_other_data_is_refused(workspace, tmp_path):
@@ -368,8 +495,10 @@ def test_a_flower_run_resumes_after_its_checkpoint(workspace, tmp_path):
 
 
 def test_client_level_dp_gives_the_in_process_numbers(workspace, tmp_path):
-    """The Flower server applies DP in the same round core: same noised globals, same epsilon."""
-    dp = ("--dp_clip", "0.5", "--dp_noise_multiplier", "0.8", "--method", "FlexLoRA")
+    """The Flower server applies DP in the same round core: same noised globals (the noise from
+    the seed, so both draw the same), same epsilon."""
+    dp = ("--dp_clip", "0.5", "--dp_noise_multiplier", "0.8", "--method", "FlexLoRA",
+          "--dp_noise_from_seed")  # fmt: skip
     _serve(workspace, tmp_path / "flower", _grid(), *dp)
     assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *dp)) == 0
     for t in (1, 2):
@@ -400,3 +529,72 @@ def test_the_trackers_get_the_same_figures_from_both_engines(workspace, tmp_path
             got, want = [v for _, v in values], [v for _, v in inprocess[tag]]
             assert got == pytest.approx(want, rel=1e-4), tag
     assert [s for s, _ in flower["dev/accuracy"]] == [0, 1, 2]
+
+
+class RecordingGrid(TestGrid):
+    """A test Grid that keeps the serialised bytes of every message sent to a node."""
+
+    __test__ = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent: list[bytes] = []
+
+    def push_messages(self, messages):
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+        messages = list(messages)
+        for msg in messages:
+            self.sent += [obj.deflate() for obj in get_all_nested_objects(msg).values()]
+        return super().push_messages(messages)
+
+
+def test_no_message_to_a_node_carries_the_noise_key(workspace, tmp_path):
+    """Under DP with FLoRA (every node receives the running total, and the run's options with
+    the seed): no byte string sent to any node holds the key, in any encoding."""
+    import base64
+
+    configs = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    grid = RecordingGrid(configs)
+    _serve(workspace, tmp_path, grid, "--method", "FLoRA", "--dp_clip", "0.5",
+           "--dp_noise_multiplier", "0.8")  # fmt: skip
+    state = json.loads((tmp_path / "3" / "checkpoint" / "state.json").read_text())
+    key = bytes.fromhex(state["dp"]["noise_key"])
+    assert len(grid.sent) > 10
+    forms = [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key)]
+    for blob in grid.sent:
+        assert not any(form in blob for form in forms)
+
+
+def _opacus_epsilon(z, q, rounds, delta=1e-5):
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    for _ in range(rounds):
+        acc.step(noise_multiplier=z, sample_rate=q)
+    return acc.get_epsilon(delta=delta)
+
+
+def test_poisson_sampling_on_flower_is_accounted_at_its_rate_and_may_be_empty(
+    workspace, tmp_path, monkeypatch
+):
+    """Flower: Poisson sampling at q = 0.5 gives Opacus's epsilon at 0.5; a round that selects
+    nobody sends no message, releases the noise alone and needs no reply."""
+    from rblora.federation.server import FederatedServer
+
+    original = FederatedServer.select
+    monkeypatch.setattr(
+        FederatedServer, "select", lambda self, t: [] if t == 1 else original(self, t)
+    )
+    grid = RecordingGrid({100 + k: {"partition-id": k} for k in range(3)})
+    _serve(workspace, tmp_path, grid, "--client_sampling", "poisson", "--client_selection_frac",
+           "0.5", "--dp_clip", "0.5", "--dp_noise_multiplier", "0.8")  # fmt: skip
+    rounds = metrics(tmp_path / "3")
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["dp_epsilon"] == pytest.approx(_opacus_epsilon(0.8, 0.5, r["round"]))
+        assert "missing" not in r and "selected" not in r  # who took part stays private
+    private = [json.loads(x) for x in (tmp_path / "3" / "private" / "metrics.jsonl").open()]
+    first = [r for r in private if r["round"] == 1]
+    assert [r["type"] for r in first] == ["round"] and first[0]["selected"] == []
+    assert (tmp_path / "3" / "round_1" / "global" / "adapter_model.safetensors").is_file()

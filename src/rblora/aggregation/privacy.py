@@ -35,16 +35,28 @@ unbiased for the method's population aggregate (its weights normalised over ever
 ``q = 1`` the weights are exactly the non-private ones.
 
 **Noise.** ``N(0, (z C)^2)`` on every released coordinate (every entry of each dense module sum,
-or of both factors, and of the dense extras), drawn from a ``torch.Generator`` seeded by the
-caller (the run seed and the round), in sorted module order, so a resumed run draws the same.
+or of both factors, and of the dense extras), in sorted module order, from a generator the caller
+derives from a **secret key** (:func:`new_noise_key`, :func:`secret_generator`): 256 bits from
+the operating system's CSPRNG that only the server holds. Anyone who could re-draw the noise
+could subtract it and read the clipped sum; a run seed, which is public, must never seed it.
+
+**An empty round** (Poisson sampling selected nobody) releases the noise alone: the shapes come
+from the caller (``shapes``, ``dense_shapes``), not from the updates.
+
+**Adaptive clipping** (Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning
+with Adaptive Clipping", NeurIPS 2021): :class:`AdaptiveClip` moves C geometrically toward the
+``gamma``-quantile of the clients' term norms from a noised count of the unclipped clients;
+:func:`update_noise_multiplier` splits one noise multiplier between the update and that count.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,17 +66,53 @@ from .registry import get_method, resolve_reduction
 from .types import ClientUpdate, Method, ModuleDelta, assemble
 from .validation import validate_updates
 
+KEY_BYTES = 32
+"""Length of a noise key: 256 bits from the operating system's CSPRNG."""
+
+
+def new_noise_key() -> bytes:
+    """A fresh secret noise key: :data:`KEY_BYTES` bytes from :func:`secrets.token_bytes` (the
+    operating system's CSPRNG)."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def secret_generator(key: bytes, *path: int) -> np.random.Generator:
+    """An independent stream of random numbers for ``path`` (a round, a purpose, ...) that
+    only a holder of ``key`` can reproduce.
+
+    All 256 bits of the key and the path enter a ``numpy.random.SeedSequence`` with a 256-bit
+    entropy pool, which seeds a ``PCG64DXSM`` generator (128-bit state, 128-bit stream): distinct
+    paths give independent streams, and without the key the streams cannot be enumerated (a
+    31- or 64-bit seed could be). Reproducible for the same key and path (a resumed run)."""
+    if not isinstance(key, bytes) or len(key) < 16:
+        raise ValueError("a noise key must be at least 16 bytes (128 bits)")
+    if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in path):
+        raise ValueError(f"stream path {path!r} must be integers >= 0")
+    entropy = int.from_bytes(key, "big")
+    sequence = np.random.SeedSequence(entropy, spawn_key=tuple(path), pool_size=8)
+    return np.random.Generator(np.random.PCG64DXSM(sequence))
+
+
+def gaussian(generator: np.random.Generator, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Standard normal draws of ``shape`` from ``generator`` as a CPU tensor of ``dtype``
+    (float32 or float64)."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    draws = generator.standard_normal(tuple(int(d) for d in shape), dtype=np_dtype)
+    return torch.from_numpy(draws).to(dtype)
+
 
 @dataclass(frozen=True)
 class ClientDP:
-    """Client-level DP of one run: clip, noise and the population the weights are fixed by."""
+    """Client-level DP of one aggregation: clip, noise and the population the weights are fixed
+    by."""
 
     clip: float
     """``C``: the largest Frobenius norm of one client's term (all modules and dense extras)."""
     noise_multiplier: float
     """``z``: noise standard deviation ``z * C`` per released coordinate (0: clipping only)."""
     sample_rate: float
-    """``q``: the fraction of the population selected each round, in (0, 1]."""
+    """``q``: the fraction of the population expected each round, in (0, 1] (the weights'
+    fixed denominator: ``g_k = gamma_k / q``)."""
     ranks: tuple[int, ...]
     """Every configured client's rank, in client-id order."""
     num_examples: tuple[int, ...]
@@ -90,8 +138,11 @@ class ClientDP:
 
 @dataclass(frozen=True)
 class ClipReport:
-    """What clipping did in one aggregation, client by client (in the order given)."""
+    """What clipping did in one aggregation, client by client (in the order given). Computed
+    from the clients' raw updates: the server's private knowledge, never released."""
 
+    clip: float
+    """The clip ``C`` this aggregation used."""
     norms: tuple[float, ...]
     """Each client's term norm before clipping."""
     factors: tuple[float, ...]
@@ -101,6 +152,72 @@ class ClipReport:
     def clipped(self) -> int:
         """How many clients were scaled down."""
         return sum(1 for f in self.factors if f < 1)
+
+    @property
+    def unclipped(self) -> int:
+        """How many clients' terms were at most C (the count adaptive clipping follows)."""
+        return sum(1 for n in self.norms if n <= self.clip)
+
+
+@dataclass(frozen=True)
+class AdaptiveClip:
+    """Adaptive clipping (Andrew et al., NeurIPS 2021, Algorithm 1 with the geometric update).
+
+    Each round the server counts the clients whose term norm is at most the current clip,
+    ``b = sum_i 1[||term_i|| <= C]``, releases it with Gaussian noise, and moves the clip::
+
+        b~ = (b + N(0, count_stddev^2)) / expected_clients
+        C' = C * exp(-learning_rate * (b~ - quantile))
+
+    so C follows the ``quantile`` of the norms (more unclipped than asked: C shrinks). The count
+    has sensitivity 1/2 once centred (each ``b_i - 1/2`` changes by at most 1/2 when a client is
+    added or removed); its cost enters the accounting through :func:`update_noise_multiplier`.
+    """
+
+    quantile: float
+    """``gamma``: the fraction of clients whose term should stay unclipped, in (0, 1)."""
+    learning_rate: float
+    """``eta_C`` of the geometric update (> 0)."""
+    count_stddev: float
+    """``sigma_b``: standard deviation of the noise on the count (>= 0)."""
+    expected_clients: float
+    """``m``: the clients a round is expected to hold (``q K``), the count's fixed
+    denominator."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.quantile < 1:
+            raise ValueError(f"dp clip quantile {self.quantile!r} must be in (0, 1)")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"dp clip learning rate {self.learning_rate!r} must be > 0")
+        if not (self.count_stddev >= 0 and math.isfinite(self.count_stddev)):
+            raise ValueError(f"dp clip count stddev {self.count_stddev!r} must be >= 0")
+        if not self.expected_clients > 0:
+            raise ValueError(f"expected clients {self.expected_clients!r} must be > 0")
+
+    def next_clip(self, clip: float, unclipped: int, standard_normal: float) -> float:
+        """The clip of the next round, from this round's ``clip``, its count of ``unclipped``
+        clients and one standard normal draw (scaled by :attr:`count_stddev` here)."""
+        noised = (unclipped + self.count_stddev * standard_normal) / self.expected_clients
+        return clip * math.exp(-self.learning_rate * (noised - self.quantile))
+
+
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """The noise multiplier of the update when adaptive clipping spends part of
+    ``noise_multiplier`` on the count (Andrew et al., Theorem 1): releasing the update with
+    ``z_u`` and the count with ``sigma_b`` costs what one Gaussian mechanism with
+    ``z = (z_u^-2 + (2 sigma_b)^-2)^-1/2`` costs, so ``z_u = (z^-2 - (2 sigma_b)^-2)^-1/2``.
+    ``0`` for ``z = 0`` (clipping only). ValueError when ``2 sigma_b <= z`` (the count alone
+    would need all the budget)."""
+    if noise_multiplier == 0:
+        return 0.0
+    if 2 * count_stddev <= noise_multiplier:
+        raise ValueError(
+            f"adaptive clipping: the count's noise stddev {count_stddev:.4g} is too small for "
+            f"the noise multiplier {noise_multiplier:.4g} (it must exceed z / 2 = "
+            f"{noise_multiplier / 2:.4g}); give a larger --dp_clip_count_stddev, more clients a "
+            "round, or a fixed --dp_clip without --dp_clip_quantile"
+        )
+    return (noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5
 
 
 def check_private(method: str, reduction: str | None) -> Method:
@@ -143,17 +260,27 @@ def private_aggregate(
     updates: Sequence[ClientUpdate],
     dp: ClientDP,
     *,
-    seed: int,
+    noise: np.random.Generator | None,
     reduction: str | None = None,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+    dense_shapes: Mapping[str, Sequence[int]] | None = None,
+    sketch_seed: int = 0,
 ) -> tuple[GlobalUpdate, ClipReport]:
     """Aggregate with client-level DP: fixed weights, per-client clipping, Gaussian noise.
 
     Args:
         method, reduction: as :func:`rblora.aggregation.aggregate`.
-        updates: this round's clients; ``client_id`` must be the client's index in the
-            population (0..K-1), its rank and ``num_examples`` those of ``dp``.
+        updates: this round's clients (may be empty: the noise alone is released);
+            ``client_id`` must be the client's index in the population (0..K-1), its rank and
+            ``num_examples`` those of ``dp``.
         dp: the clip, noise and population.
-        seed: seeds the noise (and the randomized SVD of the noised update).
+        noise: the round's secret generator (:func:`secret_generator`); None only when ``dp``
+            adds no noise.
+        shapes, dense_shapes: module -> ``(d_out, d_in)`` and dense extra -> shape of the
+            population's updates (the server's own knowledge); required when ``updates`` is
+            empty, checked against the updates otherwise.
+        sketch_seed: seeds the randomized SVD of the noised update (post-processing: it need
+            not be secret).
 
     Returns:
         The noised global update (``stack`` methods: one dense ``(d_out, d_in)`` per module) and
@@ -161,7 +288,10 @@ def private_aggregate(
     """
     spec = check_private(method, reduction)
     reduction = resolve_reduction(spec, reduction)
-    shapes = validate_updates(updates)
+    std = dp.noise_std
+    if std > 0 and noise is None:
+        raise ValueError("private_aggregate: a noise multiplier > 0 needs the noise generator")
+    shapes, dense_shapes = _release_shapes(updates, shapes, dense_shapes)
     ids = _population_ids(updates, dp)
     gamma = fixed_weights(spec, dp)
     total_n = float(sum(dp.num_examples))
@@ -178,42 +308,73 @@ def private_aggregate(
         norm = math.sqrt(sq)
         norms.append(norm)
         clips.append(min(1.0, dp.clip / norm) if norm > 0 else 1.0)
-    rows = torch.stack([gamma[k] * c for k, c in zip(ids, clips, strict=True)])
+    rows = [gamma[k] * c for k, c in zip(ids, clips, strict=True)]
 
-    generator = torch.Generator().manual_seed(int(seed))
-    std = dp.noise_std
     held: dict[str, ModuleDelta] = {}
+    widest = max(dp.ranks)
     for m in sorted(shapes):
-        As = [f[m][0] for f in scaled]
-        Bhs = [f[m][1] for f in scaled]
-        a_g, b_g = assemble(spec.form, As, Bhs, rows)
+        d_out, d_in = shapes[m]
+        if updates:
+            As = [f[m][0] for f in scaled]
+            Bhs = [f[m][1] for f in scaled]
+            a_g, b_g = assemble(spec.form, As, Bhs, torch.stack(rows))
+        else:  # nobody took part: the released sum is zero, plus the noise
+            a_g, b_g = torch.zeros(widest, d_in, dtype=work), torch.zeros(d_out, widest, dtype=work)
         if spec.form == "stack":
             value: ModuleDelta = b_g @ a_g
             if std > 0:
-                value += std * _gaussian(value, generator)
+                value += std * gaussian(noise, value.shape, value.dtype)
         else:
             if std > 0:
-                a_g += std * _gaussian(a_g, generator)
-                b_g += std * _gaussian(b_g, generator)
+                a_g += std * gaussian(noise, a_g.shape, a_g.dtype)
+                b_g += std * gaussian(noise, b_g.shape, b_g.dtype)
             value = (a_g, b_g)
         held[m] = value
     dense = {}
-    for name in sorted(updates[0].dense):
+    for name in sorted(dense_shapes):
         tensors = [u.dense[name].detach().to("cpu") for u in updates]
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        total = torch.zeros(tensors[0].shape, dtype=dtype)
+        total = torch.zeros(tuple(dense_shapes[name]), dtype=dtype)
         for w, c, t in zip(dense_w, clips, tensors, strict=True):
             total += (w * c) * t.to(dtype)
         if std > 0:
-            total += std * _gaussian(total, generator)
+            total += std * gaussian(noise, total.shape, total.dtype)
         dense[name] = total
-    report = ClipReport(tuple(norms), tuple(clips))
-    return GlobalUpdate(spec.name, reduction, held, out_dtype, dense, sketch_seed=seed), report
+    report = ClipReport(dp.clip, tuple(norms), tuple(clips))
+    global_update = GlobalUpdate(
+        spec.name, reduction, held, out_dtype, dense, sketch_seed=sketch_seed
+    )
+    return global_update, report
 
 
-def _gaussian(like: Tensor, generator: torch.Generator) -> Tensor:
-    """Standard normal draws of ``like``'s shape and dtype from ``generator``."""
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype)
+def _release_shapes(
+    updates: Sequence[ClientUpdate],
+    shapes: Mapping[str, tuple[int, int]] | None,
+    dense_shapes: Mapping[str, Sequence[int]] | None,
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, ...]]]:
+    """The module and dense shapes the release has: the caller's, checked against the updates
+    (validated here) when there are any; ValueError when neither says."""
+    given = None
+    if shapes is not None or dense_shapes is not None:
+        given = (
+            {m: (int(o), int(i)) for m, (o, i) in (shapes or {}).items()},
+            {n: tuple(int(d) for d in s) for n, s in (dense_shapes or {}).items()},
+        )
+    if not updates:
+        if given is None or not (given[0] or given[1]):
+            raise ValueError(
+                "private_aggregate: no client took part, so the release's shapes must be given "
+                "(shapes, dense_shapes)"
+            )
+        return given
+    found = dict(validate_updates(updates))
+    found_dense = {n: tuple(int(d) for d in t.shape) for n, t in updates[0].dense.items()}
+    if given is not None and (given[0] != found or given[1] != found_dense):
+        raise ValueError(
+            f"private_aggregate: the updates hold modules {found} and dense {found_dense}, the "
+            f"release is shaped {given[0]} and {given[1]}"
+        )
+    return found, found_dense
 
 
 def _population_ids(updates: Sequence[ClientUpdate], dp: ClientDP) -> list[int]:

@@ -88,7 +88,7 @@ def run_rounds(
             if options.save_client_adapters and saving.saves(t):
                 rounds.save_client_adapter(task, folder, t, spec, update)
             record = rounds.client_record(t, spec, result, start, rounds.upload_bytes(update))
-            folder.append_metrics(record)
+            rounds.keep_client_record(folder, record)
             updates.append(update)
             client_records.append(record)
             rounds.log(rounds.client_line(record))

@@ -84,6 +84,24 @@ class RunOptions:
     round_timeout: float = option(
         3600, "flower engine: seconds a round waits for replies", resumable=True
     )
+    max_client_examples: int = option(
+        1_000_000,
+        "flower engine without partition.json: a node claiming more training examples than this "
+        "is refused (its claim would be its aggregation weight)",
+        resumable=True,
+    )
+    ranks_from_nodes: bool = option(
+        False,
+        "flower engine: take each client's LoRA rank from its node's lora-rank (else a node "
+        "whose lora-rank differs from the run's ranks is refused)",
+    )
+    node_keys: str | None = option(
+        None,
+        "flower deployment with SuperNode authentication: a JSON file mapping each partition-id "
+        'to the public key file its node was registered with ({"0": "keys/node0.pub", ...}); '
+        "a node is accepted for a partition only if it holds that key",
+        resumable=True,
+    )
     discovery_timeout: float = option(
         300,
         "flower engine: seconds the server waits at the start for a node of every client; then "
@@ -119,8 +137,15 @@ class RunOptions:
     client_selection_strategy: str = option("random", "random | all (which clients train a round)")
     client_selection_frac: float = option(
         1.0,
-        "fraction of clients selected each round (0, 1]: round(frac * num_clients) of them, at "
-        "least one (0.57 of 100 selects 57)",
+        "fraction of clients selected each round (0, 1]: with --client_sampling fixed, "
+        "round(frac * num_clients) of them, at least one (0.57 of 100 selects 57); with poisson, "
+        "each client independently with this probability",
+    )
+    client_sampling: str = option(
+        "fixed",
+        "fixed (exactly round(frac * num_clients) clients a round) | poisson (each client takes "
+        "part independently with probability --client_selection_frac; under DP the only sampling "
+        "whose amplification the accountant counts)",
     )
     client_lora_rank_dict: dict[str, int] | None = option(
         None, "client ranks as {client_0: 4, ...} (YAML mapping or JSON string)"
@@ -165,6 +190,26 @@ class RunOptions:
     dp_delta: float = option(1e-5, "client-level DP: delta of the (epsilon, delta) guarantee")
     dp_accountant: str = option(
         "rdp", "client-level DP: Opacus accountant of the sampled Gaussian mechanism: rdp | prv"
+    )
+    dp_clip_quantile: float | None = option(
+        None,
+        "client-level DP with adaptive clipping (Andrew et al. 2021): the clip follows a noised "
+        "estimate of this quantile of the clients' term norms (the fraction left unclipped, e.g. "
+        "0.5); --dp_clip is then the initial clip (default 0.1)",
+    )
+    dp_clip_lr: float = option(
+        0.2, "client-level DP, adaptive clipping: learning rate of the clip's geometric update"
+    )
+    dp_clip_count_stddev: float | None = option(
+        None,
+        "client-level DP, adaptive clipping: noise std of the unclipped-client count (default: "
+        "the expected clients a round / 20, as in the paper)",
+    )
+    dp_noise_from_seed: bool = option(
+        False,
+        "client-level DP for tests and debugging only: draw the noise from --seed instead of a "
+        "secret key, so runs repeat; anyone who knows the seed can remove the noise, so there is "
+        "NO guarantee (epsilon is recorded as null)",
     )
     # run control
     seed: int = option(42, "seed of client selection, LoRA initialisation and batching")
@@ -397,9 +442,16 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         self._check_min_replies()
         check_ranks_fit(self.method, self.ranks())
         self.expected_sizes()
-        if self.dp_clip is not None:
+        if self.max_client_examples < 1:
+            raise ValueError(f"max_client_examples {self.max_client_examples} must be >= 1")
+        if self.private:
             check_private(self.method, self.reduction_method)
         self.privacy()  # bad DP values, opacus missing, a budget out of reach: refused now
+
+    @property
+    def private(self) -> bool:
+        """True when the run has client-level DP (``--dp_clip`` or ``--dp_clip_quantile``)."""
+        return self.dp_clip is not None or self.dp_clip_quantile is not None
 
     def privacy(self) -> PrivacySettings | None:
         """The run's client-level DP settings, the noise multiplier solved for ``dp_epsilon``
@@ -411,9 +463,27 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             epsilon=self.dp_epsilon,
             delta=self.dp_delta,
             accountant=self.dp_accountant,
-            sample_rate=self.selected_per_round() / self.num_clients,
+            sample_rate=self.sample_rate(),
             rounds=self.num_communication_rounds,
+            sampling="fixed" if self.client_selection_strategy == "all" else self.client_sampling,
+            expected_clients=self.sample_rate() * self.num_clients,
+            clip_quantile=self.dp_clip_quantile,
+            clip_learning_rate=self.dp_clip_lr,
+            clip_count_stddev=self.dp_clip_count_stddev,
+            noise_from_seed=self.dp_noise_from_seed,
         )
+
+    def poisson(self) -> bool:
+        """True when each client takes part independently (``--client_sampling poisson`` and
+        not every client every round)."""
+        return self.client_sampling == "poisson" and self.client_selection_strategy != "all"
+
+    def sample_rate(self) -> float:
+        """The fraction of the clients a round is expected to hold: ``--client_selection_frac``
+        under Poisson sampling, else the clients selected / all clients."""
+        if self.poisson():
+            return self.client_selection_frac
+        return self.selected_per_round() / self.num_clients
 
     def training_examples(self, prepared_size: int) -> int:
         """A client's training examples (its weight) from its prepared size: minus the local
@@ -427,9 +497,11 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         )
 
     def _check_min_replies(self) -> None:
-        """``min_replies`` must be reachable in every round: a fraction in (0, 1), or a whole
-        count no larger than the clients selected per round."""
-        m, selected = self.min_replies, self.selected_per_round()
+        """``min_replies`` must be reachable: a fraction in (0, 1), or a whole count no larger
+        than the clients selected per round (under Poisson sampling: than the clients; a round
+        that selects fewer needs them all)."""
+        m = self.min_replies
+        selected = self.num_clients if self.poisson() else self.selected_per_round()
         if not (m > 0 and math.isfinite(m)):
             raise ValueError(
                 f"min_replies {m} must be a count >= 1 or a fraction in (0, 1) of the selected "
@@ -550,7 +622,11 @@ def selection_count(num_clients: int, frac: float, strategy: str = "random") -> 
 
 
 def required_replies(min_replies: float, selected: int) -> int:
-    """How many of ``selected`` clients must reply: a count, or a fraction of them below 1."""
+    """How many of ``selected`` clients must reply: a count, or a fraction of them below 1; never
+    more than were selected (under Poisson sampling a round may select fewer than the count,
+    or nobody: an empty round needs no reply)."""
     if min_replies < 1:
-        return max(1, math.ceil(min_replies * selected - 1e-9))  # 0.5 of 4 is 2, not 3
-    return int(min_replies)
+        needed = max(1, math.ceil(min_replies * selected - 1e-9))  # 0.5 of 4 is 2, not 3
+    else:
+        needed = int(min_replies)
+    return min(needed, selected)

@@ -77,19 +77,20 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
 
 
 def _privacy(config: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The run's client-level DP settings and the epsilon spent by its last round (None: off)."""
-    if config.get("dp_clip") is None:
+    """The run's client-level DP settings (config.json's ``privacy``, public) and the epsilon
+    spent by its last round (None: off). A run of an older version recorded fewer settings."""
+    if config.get("dp_clip") is None and config.get("privacy") is None:
         return None
     spent = [r["dp_epsilon"] for r in rounds if "dp_epsilon" in r]
-    return {
+    settings = config.get("privacy") or {
         "clip": config.get("dp_clip"),
         "noise_multiplier": config.get("dp_noise_multiplier_resolved"),
         "target_epsilon": config.get("dp_epsilon"),
         "delta": config.get("dp_delta"),
         "accountant": config.get("dp_accountant"),
         "sample_rate": config.get("dp_sample_rate"),
-        "epsilon": spent[-1] if spent else None,
     }
+    return {**settings, "epsilon": spent[-1] if spent else None}
 
 
 def _fmt(value: Any) -> str:
@@ -106,22 +107,25 @@ def markdown_table(results: dict[str, Any]) -> str:
         return "(no completed round)\n"
     metric_keys = sorted({k for r in rows for k in r if "/" in k and not k.endswith(CI_SUFFIX)})
     private = any("dp_epsilon" in r for r in rows)
-    head = ["round", "train_loss", *metric_keys, *(["DP epsilon"] if private else [])]
-    head += ["MB up", "MB down", "seconds"]
+    # under DP the loss of the clients, the bytes and the time are not released
+    released = private or results.get("privacy") is not None
+    head = ["round", *([] if released else ["train_loss"]), *metric_keys]
+    head += ["DP epsilon"] if private else []
+    head += [] if released else ["MB up", "MB down", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["round"]), _fmt(r.get("train_loss"))]
+        cells = [str(r["round"]), *([] if released else [_fmt(r.get("train_loss"))])]
         for k in metric_keys:  # accuracies with their 95% sampling interval
             ci = r.get(k + CI_SUFFIX)
             cells.append(_fmt(r.get(k)) + (f" ± {ci:.3f}" if ci is not None else ""))
         if private:  # no noise: no guarantee ("inf"); round 0 (the base model): "-"
             eps = r.get("dp_epsilon")
             cells.append("-" if "dp_epsilon" not in r else "inf" if eps is None else f"{eps:.3g}")
-        cells += [
+        cells += [] if released else [
             f"{(r.get('bytes_up') or 0) / 2**20:.1f}",
             f"{(r.get('bytes_down') or 0) / 2**20:.1f}",
             f"{r.get('round_seconds') or 0:.0f}",
-        ]
+        ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -133,9 +137,7 @@ def write_summary(run_dir: Path, results: dict[str, Any]) -> None:
         f"- clients: {results['num_clients']}, ranks {results['client_ranks']}",
         f"- redistribution: {results['reduction']}",
         f"- rounds completed: {results['rounds_completed']}",
-        f"- total communication: {results['total_bytes_up'] / 2**20:.1f} MB up, "
-        f"{results['total_bytes_down'] / 2**20:.1f} MB down",
-        f"- wall time of the rounds: {results['total_seconds']:.0f} s",
+        *_costs(results),
         *_privacy_line(results.get("privacy")),
         "",
         markdown_table(results),
@@ -143,16 +145,40 @@ def write_summary(run_dir: Path, results: dict[str, Any]) -> None:
     write_text(run_dir / "summary.md", "\n".join(text))
 
 
+def _costs(results: dict[str, Any]) -> list[str]:
+    """Communication and time, or under DP where they are (they reveal who took part)."""
+    if results.get("privacy"):
+        return ["- communication, time and client losses: kept private under DP (private/)"]
+    return [
+        f"- total communication: {results['total_bytes_up'] / 2**20:.1f} MB up, "
+        f"{results['total_bytes_down'] / 2**20:.1f} MB down",
+        f"- wall time of the rounds: {results['total_seconds']:.0f} s",
+    ]
+
+
 def _privacy_line(dp: dict[str, Any] | None) -> list[str]:
     if not dp:
         return []
-    eps = "inf (no noise)" if dp["epsilon"] is None else f"{dp['epsilon']:.4g}"
+    if dp.get("guarantee") is False:
+        eps = "null: NO GUARANTEE (" + (
+            "noise drawn from the public seed)" if dp.get("noise_multiplier") else "no noise)"
+        )
+    else:
+        eps = "inf (no noise)" if dp["epsilon"] is None else f"{dp['epsilon']:.4g}"
     z = dp["noise_multiplier"]
+    q = dp.get("sample_rate")
+    sampling = f"sampling rate {'-' if q is None else format(q, '.4g')}"
+    if dp.get("sampling"):
+        sampling = (
+            f"{dp['sampling']} sampling at {q:.4g}, accounted at {dp['accounting_sample_rate']:.4g}"
+        )
+    clip = f"clip {dp['clip']:g}"
+    if dp.get("adaptive_clip"):
+        clip = f"adaptive clip from {dp['clip']:g} (quantile {dp['adaptive_clip']['quantile']:g})"
     return [
         f"- client-level DP: epsilon {eps} at delta {dp['delta']:g} ({dp['accountant']} "
-        f"accountant), clip {dp['clip']:g}, noise multiplier "
-        f"{'-' if z is None else format(z, '.4g')}, sampling rate "
-        f"{'-' if dp['sample_rate'] is None else format(dp['sample_rate'], '.4g')}"
+        f"accountant), {clip}, noise multiplier {'-' if z is None else format(z, '.4g')}, "
+        f"{sampling}"
     ]
 
 

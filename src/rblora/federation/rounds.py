@@ -8,12 +8,19 @@ A driver (the in-process loop, the Flower server) does, for round ``t``::
         result = train_client(task, spec, start, ...)  # local training (the task's)
         update = client_update(spec, result)           # what travels to the server
         record = client_record(t, spec, result, start)
+        keep_client_record(folder, record)             # metrics.jsonl, or private/ under DP
     round_record = close_round(task, server, folder, t, updates, records, started=...)
     commit_round(server, folder, round_record, trackers)  # metrics line, checkpoint, trackers
 
 ``close_round`` aggregates, redistributes, writes the global model's PEFT folder, installs the
 global model in the task's base weights, evaluates it and returns the round's metrics record. The
 drivers keep only iteration, transport, progress and the checkpoint.
+
+Under client-level DP (``folder.private``) only what may be released reaches ``metrics.jsonl``,
+and from it results, tables and trackers: the :data:`RELEASED` fields of each round line (the
+evaluation of the noised model, epsilon, the adaptive clip). Client lines, the selection and
+everything else computed from raw client updates (losses, bytes, timings, clipping counts and
+norms) go to ``private/metrics.jsonl``; client adapters to ``private/round_<t>/``.
 """
 
 from __future__ import annotations
@@ -23,10 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rblora.aggregation import ClientUpdate
-from rblora.aggregation.running import ModuleDelta, delta_shape, is_dense
+from rblora.aggregation.running import ModuleDelta, orthonormal_form
 from rblora.aggregation.types import Factors
 from rblora.federation.rundir import RunFolder
 from rblora.federation.server import FederatedServer, GlobalModel
@@ -40,6 +45,11 @@ from rblora.protocol.types import (
 )
 from rblora.tasks.base import Task
 from rblora.training import TrainingDiverged
+
+RELEASED = ("type", "round", "method", "reduction", "eval", "eval_seconds", "dp_epsilon", "dp_clip")
+"""The fields of a round line a DP run releases: the round, the public configuration, the
+evaluation of the released (noised) model and what the accountant and adaptive clipping release.
+Everything else of the line is computed from raw client updates or reveals who took part."""
 
 
 class RunError(RuntimeError):
@@ -125,10 +135,19 @@ def client_record(
     return {**identity, **metrics, **counts, **identity}
 
 
+def keep_client_record(folder: RunFolder, record: dict[str, Any]) -> None:
+    """A client's line goes to ``metrics.jsonl``, or under DP to the private records only."""
+    if folder.private:
+        folder.append_private(record)
+    else:
+        folder.append_metrics(record)
+
+
 def save_client_adapter(
     task: Task, folder: RunFolder, round_: int, spec: ClientSpec, update: ClientUpdate
 ) -> None:
-    """``round_<t>/client_<k>``: the client's trained adapter at its own rank and alpha."""
+    """``round_<t>/client_<k>`` (``private/round_<t>/client_<k>`` under DP): the client's
+    trained adapter at its own rank and alpha."""
     task.save_adapter(
         folder.client_dir(round_, spec.client_id),
         dict(update.factors),
@@ -181,11 +200,22 @@ def close_round(
         "eval_seconds": round(eval_seconds, 3),
         "round_seconds": round(time.perf_counter() - started, 3),
         "eval": evaluation,
-        **server.privacy_record(),
     }
+    released, private = server.privacy_record()
+    record.update({**released, **private})
     if missing:
         record["missing"] = {str(k): reason for k, reason in sorted(missing.items())}
     return record
+
+
+def split_record(record: dict[str, Any], private: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(released, kept private)`` of a round line: everything is released without DP; under DP
+    only the :data:`RELEASED` fields, the rest (with the round) goes to the private records."""
+    if not private:
+        return record, {}
+    released = {k: v for k, v in record.items() if k in RELEASED}
+    kept = {k: v for k, v in record.items() if k not in RELEASED or k in ("type", "round")}
+    return released, kept
 
 
 def install_global(task: Task, server: FederatedServer) -> None:
@@ -239,14 +269,18 @@ def commit_round(
     record: dict[str, Any],
     trackers: Trackers | None = None,
 ) -> None:
-    """Write the round's metrics line, then the checkpoint, then send the round (its client
-    lines and this one) to the ``trackers``. In that order: a kill between the first two leaves
-    the checkpoint of the round before, and resuming drops the line and redoes the round; a
-    tracker gets only rounds a resumed run keeps."""
-    folder.append_metrics(record)
+    """Write the round's metrics line (under DP: its private fields first, to the private
+    records, then the released ones), then the checkpoint, then send the round (its client lines
+    and this one, as metrics.jsonl holds them) to the ``trackers``. In that order: a kill
+    between the first two leaves the checkpoint of the round before, and resuming drops the
+    lines and redoes the round; a tracker gets only rounds a resumed run keeps."""
+    released, kept = split_record(record, folder.private)
+    if kept:
+        folder.append_private(kept)
+    folder.append_metrics(released)
     tensors, meta = server.state_tensors()
     folder.save_checkpoint(tensors, {**meta, "round_record": record})
-    log(round_line(record))
+    log(round_line(released))
     report(folder, trackers)
 
 
@@ -261,7 +295,8 @@ def export_global(task: Task, path: Path, model: GlobalModel) -> None:
     """``round_<t>/global``: a PEFT folder that gives exactly the global model when loaded on the
     ORIGINAL base model (for the merge protocol: every merged round, not only the last), with
     scale 1 on every module (``lora_alpha == r``, ``alpha_pattern == rank_pattern``), each module
-    at its own rank (:func:`exact_factors`), and the averaged dense extras as modules_to_save."""
+    in an orthonormal form at its own rank (:func:`exact_factors`), and the averaged dense extras
+    as modules_to_save."""
     from rblora.adapters.peft_io import common_rank  # peft is imported when first needed
 
     factors = exact_factors(model.delta) if model.delta else {}  # {}: dense extras only
@@ -272,32 +307,11 @@ def export_global(task: Task, path: Path, model: GlobalModel) -> None:
 
 
 def exact_factors(delta: dict[str, ModuleDelta]) -> Factors:
-    """The same update as float32 LoRA factors ``(A: (k, d_in), B: (d_out, k))``, each module at
-    its own rank ``k <= min(d_out, d_in)`` (saved through PEFT's ``rank_pattern``).
-
-    A factored delta of width ``k <= min(d_out, d_in)`` is kept as it is: the merge protocol's
-    running total is already in SVD form at its numerical rank, and a global update's stack is
-    smaller than any other exact LoRA form of it. A dense delta (or a stack wider than the
-    matrix) is written as an identity on its smaller side and the dense matrix on the other:
-    ``(I, dW)`` when ``d_in <= d_out``, else ``(dW, I)``, ``d_out * d_in + min(d_out, d_in)^2``
-    values, the fewest of any LoRA pair of full rank, and bit for bit the dense values. A dense
-    total of lower numerical rank would be smaller as SVD factors, but the running total goes
-    dense only once its rank makes factors as large as the matrix, and an SVD of every dense
-    module every round would cost about two minutes per 4096 x 4096 module on 2 CPU cores (README).
-    """
-    out: Factors = {}
-    for module, value in delta.items():
-        d_out, d_in = delta_shape(value)
-        if not is_dense(value) and value[0].shape[0] <= min(d_out, d_in):
-            a, b = value
-        else:
-            dense = value.float() if is_dense(value) else value[1].float() @ value[0].float()
-            if d_in <= d_out:
-                a, b = torch.eye(d_in, dtype=dense.dtype), dense
-            else:
-                a, b = dense, torch.eye(d_out, dtype=dense.dtype)
-        out[module] = (a.float().contiguous(), b.float().contiguous())
-    return out
+    """The same update as float32 LoRA factors ``(A: (k, d_in), B: (d_out, k))``, A with
+    orthonormal rows, each module at its own rank ``k`` (saved through PEFT's ``rank_pattern``):
+    :func:`rblora.aggregation.running.orthonormal_form` of each module, the SVD form of a
+    factored update (never a stack of client blocks), exact to float32 rounding."""
+    return {module: orthonormal_form(value) for module, value in delta.items()}
 
 
 # ---------------------------------------------------------------------- records and lines
@@ -332,10 +346,11 @@ def _size(r: dict[str, Any]) -> str:
 def round_line(r: dict[str, Any]) -> str:
     from rblora.federation.results import scalar_evals
 
+    took = f" in {r['round_seconds']:.0f}s" if "round_seconds" in r else ""
     if r["round"] == 0:
-        parts = [f"base model evaluated in {r['round_seconds']:.0f}s"]
+        parts = [f"base model evaluated{took}"]
     else:
-        parts = [f"round {r['round']} done in {r['round_seconds']:.0f}s"]
+        parts = [f"round {r['round']} done{took}"]
     if r.get("train_loss") is not None:
         parts.append(f"train loss {r['train_loss']:.4f}")
     for name, value in scalar_evals(r.get("eval")).items():
@@ -343,6 +358,8 @@ def round_line(r: dict[str, Any]) -> str:
             parts.append(f"{name} {value:.4f}")
     if r.get("dp_epsilon") is not None:
         parts.append(f"DP epsilon {r['dp_epsilon']:.3g}")
+    if r.get("dp_clip") is not None:
+        parts.append(f"DP clip {r['dp_clip']:.3g}")
     if r.get("missing"):
         parts.append(f"missing clients {', '.join(r['missing'])}")
     return ", ".join(parts)

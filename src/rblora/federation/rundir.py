@@ -10,10 +10,16 @@
                            ``{"round", "suites": {suite: {"ids", "accuracy"[, "acc_norm"]}}}``
                            (``rblora.evaluation.outcomes``), written before the round's metrics
                            line; kept whatever ``--save_every`` prunes
-      checkpoint/          server state after the last completed round:
+      checkpoint/          server state after the last completed round (mode 0700, files 0600;
+                           under DP written at the start too: it holds the secret noise key):
         server.safetensors   tensors (clients' start basis, merged total, dense extras)
-        state.json           counters and the last round's record
+        state.json           counters, the last round's record, the DP noise key and clip
         manifest.json        sha256 of the two files above, written last
+      private/             under client-level DP only (mode 0700): what the server computed from
+                           raw client updates, never released
+        metrics.jsonl        the client lines and each round's private fields (selection,
+                           losses, bytes, timings, clipping counts and norms)
+        round_<t>/client_<k>/  the clients' trained adapters
       results.json summary.md plots/   written at the end (rblora.federation.results)
       tensorboard/ tracking.json       with --report_to (rblora.federation.tracking)
 
@@ -66,6 +72,8 @@ from rblora.utils.lockfile import hold
 from rblora.utils.records import read_records
 
 CHECKPOINT = "checkpoint"
+#: The server's private records of a DP run (with ``checkpoint/``, its private state).
+PRIVATE = "private"
 #: The folder of the per-item outcomes, one file per evaluated round.
 ITEMS_DIR = "evaluation"
 MANIFEST = "manifest.json"
@@ -79,10 +87,14 @@ class ResumeError(ValueError):
 
 
 class RunFolder:
-    """The output folder of one run (see the module doc for its layout)."""
+    """The output folder of one run (see the module doc for its layout).
 
-    def __init__(self, path: Path | str):
+    ``private``: the run has client-level DP, so client lines, the private fields of round
+    lines and client adapters go to ``private/`` (:meth:`append_private`, :meth:`client_dir`)."""
+
+    def __init__(self, path: Path | str, private: bool = False):
         self.path = Path(path)
+        self.private = private
 
     # ------------------------------------------------------------------ layout
     @property
@@ -100,7 +112,39 @@ class RunFolder:
         return self.round_dir(round_) / "global"
 
     def client_dir(self, round_: int, client: int) -> Path:
-        return self.round_dir(round_) / f"client_{client}"
+        """Where client k's adapter of round t goes: ``round_<t>/client_<k>``, or under
+        ``private/`` in a DP run."""
+        root = self.private_dir() if self.private else self.path
+        return root / f"round_{round_}" / f"client_{client}"
+
+    @property
+    def private_path(self) -> Path:
+        """``private/``: the server's private records (see the module doc)."""
+        return self.path / PRIVATE
+
+    def private_dir(self) -> Path:
+        """``private/``, created readable by its owner only (mode 0700)."""
+        path = self.private_path
+        if not path.is_dir():
+            path.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+        return path
+
+    @property
+    def private_metrics_path(self) -> Path:
+        return self.private_path / "metrics.jsonl"
+
+    def append_private(self, record: dict[str, Any]) -> None:
+        """Append one line to ``private/metrics.jsonl``, fsynced (as :meth:`append_metrics`)."""
+        created = not self.private_metrics_path.exists()
+        append_line(self.private_dir() / "metrics.jsonl", json.dumps(record))
+        if created:
+            os.chmod(self.private_metrics_path, 0o600)
+
+    def read_private_metrics(self) -> list[dict[str, Any]]:
+        if not self.private_metrics_path.is_file():
+            return []
+        return [r for _, r in read_records(self.private_metrics_path, stop_at_error=True)]
 
     def items_path(self, round_: int) -> Path:
         """``evaluation/round_<t>.json``: the per-item outcomes of round t's evaluation."""
@@ -139,24 +183,25 @@ class RunFolder:
         its name: it is first moved into a hidden temporary folder (``.round_<t>.tmp-<pid>-*``,
         which :meth:`clean_dropped` deletes if the process dies first), the move made durable,
         then the temporary deleted."""
-        path = self.round_dir(round_)
-        if not path.is_dir():
-            return
-        trash = make_temp_dir(self.path, sibling_prefix(path, TMP))
-        os.replace(path, trash / path.name)
-        fsync_dir(trash)
-        fsync_dir(self.path)
-        shutil.rmtree(trash, ignore_errors=True)
+        for path in (self.round_dir(round_), self.private_path / f"round_{round_}"):
+            if not path.is_dir():
+                continue
+            trash = make_temp_dir(path.parent, sibling_prefix(path, TMP))
+            os.replace(path, trash / path.name)
+            fsync_dir(trash)
+            fsync_dir(path.parent)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def clean_dropped(self) -> None:
         """Delete what a process killed in :meth:`drop_round` left: hidden ``.round_<t>.tmp-*``
         folders of processes no longer running."""
-        if not self.path.is_dir():
-            return
-        for t in sorted(
-            {int(m.group(1)) for p in self.path.iterdir() if (m := _LEFTOVER.match(p.name))}
-        ):
-            recover(self.round_dir(t))
+        for root in (self.path, self.private_path):
+            if not root.is_dir():
+                continue
+            for t in sorted(
+                {int(m.group(1)) for p in root.iterdir() if (m := _LEFTOVER.match(p.name))}
+            ):
+                recover(root / f"round_{t}")
 
     def prune_rounds(self, keep_last: int, upto: int) -> list[int]:
         """Delete the round folders of rounds ``<= upto`` except the newest ``keep_last``
@@ -246,23 +291,33 @@ class RunFolder:
         return [r for _, r in read_records(self.metrics_path, stop_at_error=True)]
 
     def truncate_metrics(self, completed_rounds: int) -> None:
-        """Drop metric lines of rounds after ``completed_rounds`` (an interrupted round)."""
+        """Drop metric lines (and private ones) of rounds after ``completed_rounds`` (an
+        interrupted round)."""
         kept = [r for r in self.read_metrics() if r.get("round", 0) <= completed_rounds]
         write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.private_metrics_path.is_file():
+            rows = self.read_private_metrics()
+            kept = [r for r in rows if r.get("round", 0) <= completed_rounds]
+            write_text(self.private_metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            os.chmod(self.private_metrics_path, 0o600)
 
     def clear_metrics(self) -> None:
         self.metrics_path.unlink(missing_ok=True)
+        self.private_metrics_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, tensors: dict, meta: dict[str, Any]) -> None:
         """Write the checkpoint atomically; the manifest of sha256s is written last, after the
         tensors are on disk (``atomic_dir`` fsyncs every file again before the rename)."""
         with atomic_dir(self.path / CHECKPOINT) as tmp:
+            os.chmod(tmp, 0o700)  # before any file is in it: the server's private state
             save_file(tensors, str(tmp / "server.safetensors"), metadata={"format": "pt"})
             fsync_file(tmp / "server.safetensors")
             write_text(tmp / "state.json", json.dumps(meta, indent=2) + "\n")
             files = {name: sha256_file(tmp / name) for name in ("server.safetensors", "state.json")}
             write_json(tmp / MANIFEST, {"files": files})
+            for name in (*files, MANIFEST):
+                os.chmod(tmp / name, 0o600)
 
     def load_checkpoint(self) -> tuple[dict, dict[str, Any]] | None:
         """``(tensors, meta)`` of a verified checkpoint, or None if the run has none yet.

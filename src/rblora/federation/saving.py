@@ -87,7 +87,7 @@ def plan_for(args: TrainArgs, layout: UpdateLayout) -> tuple[SavePlan, int]:
     from rblora.aggregation import get_method
 
     # a DP-noised stacked update is dense every round, as a merged running total is
-    noised_dense = args.dp_clip is not None and get_method(args.method).form == "stack"
+    noised_dense = args.private and get_method(args.method).form == "stack"
     bound = round_folder_bytes(
         layout,
         args.ranks(),

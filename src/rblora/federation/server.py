@@ -16,18 +16,32 @@ What the global model is after round t (the delta from the ORIGINAL base weights
 
 Dense extra parameters (a classification head) are replaced by their example-weighted mean every
 round, whatever the redistribution, and every client starts from that mean.
+
+Under client-level DP the server also holds the run's **noise key**: 256 bits from the operating
+system's CSPRNG, drawn when the run starts and kept only in its checkpoint (the server's private
+state, file mode 0600), never in ``config.json``, a record or a message. Every round's noise,
+the client selection and adaptive clipping's count noise are streams of that key
+(:func:`rblora.aggregation.privacy.secret_generator`), so a resumed run draws exactly what the
+uninterrupted one would, and nobody without the checkpoint can re-draw them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from rblora.aggregation import ClientUpdate, GlobalUpdate, aggregate
-from rblora.aggregation.privacy import ClientDP, ClipReport, private_aggregate
+from rblora.aggregation.privacy import (
+    ClientDP,
+    ClipReport,
+    new_noise_key,
+    private_aggregate,
+    secret_generator,
+)
 from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
 from rblora.aggregation.starts import StartBasis
 from rblora.aggregation.types import Factors
@@ -41,10 +55,12 @@ from rblora.protocol.codec import (
     encode,
     encode_basis,
 )
-from rblora.protocol.types import ClientSpec, ClientStart, tensor_bytes
+from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout, tensor_bytes
 
 BYTES_PER_VALUE = 4  # float32, as the server keeps and sends every tensor
-DP_NOISE_STREAM = 0xD9  # derive_seed(seed, round, DP_NOISE_STREAM) seeds a round's DP noise
+# streams of the secret noise key, per round: secret_generator(key, round, STREAM)
+NOISE_STREAM, SELECT_STREAM, COUNT_STREAM = 1, 2, 3
+SKETCH_STREAM = 0x5C  # derive_seed(seed, round, SKETCH_STREAM): the randomized SVD (public)
 
 
 @dataclass
@@ -62,8 +78,16 @@ class GlobalModel:
 
 
 def derive_seed(seed: int, *parts: int) -> int:
-    """A 31-bit seed for one (round, client, ...) from the run seed; stable across runs."""
+    """A 31-bit seed for one (round, client, ...) from the run seed; stable across runs. The run
+    seed is public: nothing secret (the DP noise) may come from it."""
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def seed_key(seed: int) -> bytes:
+    """The noise key ``--dp_noise_from_seed`` uses: a hash of the public run seed, so runs
+    repeat and anyone who knows the seed can re-draw the noise (no guarantee: tests and
+    debugging only)."""
+    return hashlib.sha256(f"rblora: DP noise from the public seed {int(seed)}".encode()).digest()
 
 
 class FederatedServer:
@@ -75,11 +99,16 @@ class FederatedServer:
         reduction: redistribution rule (svd | truncate | merge); None = the method's default.
         selection: "random" (``frac`` of the clients, seeded per round) or "all".
         frac: fraction of clients selected per round, in (0, 1].
-        seed: run seed; round ``t`` selects with ``derive_seed(seed, t)``.
+        sampling: "fixed" (exactly ``round(frac K)`` clients) or "poisson" (each client
+            independently with probability ``frac``; without DP a draw that selects nobody is
+            drawn again, under DP an empty round releases the noise alone).
+        seed: run seed; without DP round ``t`` selects with ``derive_seed(seed, t)``.
         privacy: client-level DP (every round aggregates with
-            :func:`rblora.aggregation.privacy.private_aggregate`, its noise seeded by
-            ``derive_seed(seed, t, DP_NOISE_STREAM)``); None: off. Needs every client's
+            :func:`rblora.aggregation.privacy.private_aggregate`; noise and selection come from
+            the secret noise key, see the module doc); None: off. Needs every client's
             ``num_examples`` (the weights' fixed denominator).
+        layout: the shapes of every client's update (the task's); needed under DP, where an
+            empty round releases noise of those shapes.
     """
 
     def __init__(
@@ -90,13 +119,19 @@ class FederatedServer:
         reduction: str | None = None,
         selection: str = "random",
         frac: float = 1.0,
+        sampling: str = "fixed",
         seed: int = 0,
         privacy: PrivacySettings | None = None,
+        layout: UpdateLayout | None = None,
     ):
         if [c.client_id for c in clients] != list(range(len(clients))):
             raise ValueError("clients must be given in order with ids 0..K-1")
+        if sampling not in ("fixed", "poisson"):
+            raise ValueError(f"sampling {sampling!r}: valid are fixed, poisson")
         self.privacy = privacy
         self._dp: ClientDP | None = None
+        self._key: bytes | None = None  # the secret noise key (DP only; never leaves the server)
+        self.clip: float | None = None  # DP: the next round's clip (adaptive clipping moves it)
         if privacy is not None:
             unknown = [c.client_id for c in clients if c.num_examples is None]
             if unknown:
@@ -105,19 +140,25 @@ class FederatedServer:
                     f"example counts of clients {unknown} are unknown (give their partition.json "
                     "or --client_dataset_size_dict)"
                 )
+            if layout is None:
+                raise ValueError("client-level DP needs the update layout (empty rounds' shapes)")
             self._dp = ClientDP(
                 clip=privacy.clip,
-                noise_multiplier=privacy.noise_multiplier,
+                noise_multiplier=privacy.update_noise_multiplier,
                 sample_rate=privacy.sample_rate,
                 ranks=tuple(c.rank for c in clients),
                 num_examples=tuple(int(c.num_examples) for c in clients),
             )
+            self.clip = privacy.clip
+            self._key = seed_key(seed) if privacy.seeded_noise else new_noise_key()
         self.last_clip: ClipReport | None = None  # what DP clipping did in the last aggregation
+        self.layout = layout
         self.method = method
         self.reduction = reduction
         self.clients = clients
         self.selection = selection
         self.frac = frac
+        self.sampling = sampling
         self.seed = seed
         self.completed_rounds = 0
         self._basis: StartBasis | None = None  # every client's start is cut from it (svd, truncate)
@@ -129,13 +170,23 @@ class FederatedServer:
 
     # ------------------------------------------------------------------ a round
     def select(self, round_: int) -> list[int]:
-        """Clients that train in round ``round_`` (1-based), sorted."""
+        """Clients that train in round ``round_`` (1-based), sorted. Under DP drawn from the
+        secret key (who takes part is then private; under Poisson sampling it may be nobody),
+        else from the run seed."""
         k = len(self.clients)
         if self.selection == "all":
             return list(range(k))
-        n = selection_count(k, self.frac)
-        rng = np.random.default_rng(derive_seed(self.seed, round_))
-        return sorted(int(i) for i in rng.choice(k, size=n, replace=False))
+        if self._key is not None:
+            rng = secret_generator(self._key, round_, SELECT_STREAM)
+        else:
+            rng = np.random.default_rng(derive_seed(self.seed, round_))
+        if self.sampling == "fixed":
+            n = selection_count(k, self.frac)
+            return sorted(int(i) for i in rng.choice(k, size=n, replace=False))
+        while True:
+            chosen = np.flatnonzero(rng.random(k) < self.frac)
+            if len(chosen) or self._key is not None:
+                return [int(i) for i in chosen]
 
     def deliver(self, client_id: int) -> ClientStart:
         """What ``client_id`` starts this round from; records that it now has the current state.
@@ -164,26 +215,48 @@ class FederatedServer:
 
     def aggregate(self, updates: list[ClientUpdate]) -> GlobalUpdate:
         """Aggregate this round's client updates (order does not matter); under client-level DP
-        clipped, with fixed weights and seeded noise (round ``completed_rounds + 1``)."""
+        clipped, with fixed weights and the secret key's noise (round ``completed_rounds + 1``),
+        then the clip of the next round moved by adaptive clipping."""
+        round_ = self.completed_rounds + 1
         if self._dp is None:
             return aggregate(self.method, updates, reduction=self.reduction)
-        seed = derive_seed(self.seed, self.completed_rounds + 1, DP_NOISE_STREAM)
+        dp = replace(self._dp, clip=self.clip)
+        noise = secret_generator(self._key, round_, NOISE_STREAM) if dp.noise_std > 0 else None
         global_update, self.last_clip = private_aggregate(
-            self.method, updates, self._dp, seed=seed, reduction=self.reduction
+            self.method,
+            updates,
+            dp,
+            noise=noise,
+            reduction=self.reduction,
+            shapes=self.layout.modules,
+            dense_shapes=self.layout.dense,
+            sketch_seed=derive_seed(self.seed, round_, SKETCH_STREAM),
         )
+        adaptive = self.privacy.adaptive
+        if adaptive is not None:
+            draw = float(secret_generator(self._key, round_, COUNT_STREAM).standard_normal())
+            self.clip = adaptive.next_clip(self.clip, self.last_clip.unclipped, draw)
         return global_update
 
-    def privacy_record(self) -> dict:
-        """Under DP, the round record's privacy fields after the round just closed: epsilon spent
-        so far at the run's delta (None with no noise: no guarantee), and how many clients were
-        clipped; ``{}`` otherwise."""
+    def privacy_record(self) -> tuple[dict, dict]:
+        """Under DP, the round record's privacy fields after the round just closed, as
+        ``(released, private)``: what may be released (the epsilon spent so far at the run's
+        delta, None without a guarantee; with adaptive clipping the clip the round used, itself
+        DP) and what stays in the server's private state (how many clients were clipped, the
+        median of their term norms before clipping, the count adaptive clipping followed);
+        ``({}, {})`` otherwise."""
         if self.privacy is None:
-            return {}
-        record = {"dp_epsilon": self.privacy.epsilon(self.completed_rounds)}
-        if self.last_clip is not None:
-            record["dp_clipped"] = self.last_clip.clipped
-            record["dp_norm_median"] = statistics.median(self.last_clip.norms)
-        return record
+            return {}, {}
+        released: dict = {"dp_epsilon": self.privacy.epsilon(self.completed_rounds)}
+        private: dict = {}
+        report = self.last_clip
+        if report is not None:
+            if self.privacy.adaptive is not None:
+                released["dp_clip"] = report.clip
+            private["dp_clipped"] = report.clipped
+            private["dp_unclipped"] = report.unclipped
+            private["dp_norm_median"] = statistics.median(report.norms) if report.norms else None
+        return released, private
 
     def redistribute(self, global_update: GlobalUpdate) -> GlobalModel:
         """Close the round: compute every client's start for the next one; return the global model.
@@ -229,6 +302,8 @@ class FederatedServer:
             "synced": {str(k): v for k, v in sorted(self._synced.items())},
             "start_basis": None,
         }
+        if self._key is not None:  # private: the checkpoint is written with mode 0600
+            meta["dp"] = {"noise_key": self._key.hex(), "clip": self.clip}
         if self._basis is not None:
             basis_tensors, meta["start_basis"] = encode_basis("start_basis", self._basis)
             tensors.update(basis_tensors)
@@ -268,4 +343,13 @@ class FederatedServer:
         self.dense = decode_dense(tensors, "server")
         self._merge_widths = widths
         self._synced = {int(k): int(v) for k, v in meta.get("synced", {}).items()}
+        if self._dp is not None:
+            dp = meta.get("dp")
+            if not isinstance(dp, dict) or not isinstance(dp.get("noise_key"), str):
+                raise ValueError(
+                    "server state: no DP noise key (a run started by an older rblora, whose "
+                    "noise came from the public seed); start the run again"
+                )
+            self._key = bytes.fromhex(dp["noise_key"])
+            self.clip = float(dp["clip"])
         self.completed_rounds = completed

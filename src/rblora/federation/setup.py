@@ -100,7 +100,7 @@ def prepare_run(
     from rblora.data.federated import data_fingerprint
     from rblora.tasks import build_task, infer_task
 
-    folder = rundir.RunFolder(args.run_dir())
+    folder = rundir.RunFolder(args.run_dir(), private=args.private)
     if folder.holds_run() and not (args.resume or args.overwrite):
         raise ValueError(
             f"output folder {folder.path} already holds a run; pass --resume to continue it or "
@@ -144,8 +144,7 @@ def prepare_run(
         "precision": precision,
     }
     if privacy is not None:
-        config["dp_noise_multiplier_resolved"] = privacy.noise_multiplier
-        config["dp_sample_rate"] = privacy.sample_rate
+        config["privacy"] = privacy.record()  # public settings: never the noise key
     if not args.resume:
         folder.start(config, log)  # an old run is set aside until this one completes
     specs = [
@@ -158,14 +157,25 @@ def prepare_run(
         reduction=args.reduction_method,
         selection=args.client_selection_strategy,
         frac=args.client_selection_frac,
+        sampling="poisson" if args.poisson() else "fixed",
         seed=args.seed,
         privacy=privacy,
+        layout=task.update_layout(),
     )
     if args.resume:
+        if privacy is not None and checkpoint is None:
+            raise rundir.ResumeError(
+                f"--resume: {folder.path / rundir.CHECKPOINT} is missing, and with it the run's "
+                "secret DP noise key: resuming would draw other noise and release round 1 twice "
+                "under independent noise (twice the privacy cost); start again with --overwrite"
+            )
         done = restore(folder, server, task, checkpoint)
         log(f"resuming after round {done}" if done else "nothing completed yet: from round 1")
     else:
         folder.clear_metrics()
+        if privacy is not None:  # the noise key is kept before anything is released
+            tensors, meta = server.state_tensors()
+            folder.save_checkpoint(tensors, meta)
     log(
         f"{args.method} ({server.reduction or 'default'} redistribution), {args.num_clients} "
         f"clients, ranks {ranks}, sizes {config['client_sizes']}, "

@@ -12,13 +12,17 @@ What goes there, at step = the round (0: the base model, with ``--eval_base``)::
     client_<k>/<name>    every number of client k's line (loss, steps, tokens or images,
                          seconds, bytes_up, bytes_down, val_loss)
 
+Under client-level DP metrics.jsonl holds only what may be released (the evaluation of the
+noised model, epsilon, the adaptive clip; ``rblora.federation.rounds.RELEASED``), so that is
+all a tracker receives: client lines and raw statistics stay in ``private/``.
+
 An MLflow run also gets the run's options as parameters and the tags ``method``, ``seed``,
 ``ranks``, ``task``, ``engine``, ``run_folder`` and those of ``--mlflow_tags`` (``rblora
 compare`` adds ``setting``); it is named ``[<setting>/]<method>/seed<s>``.
 
 Only committed rounds are sent (after their checkpoint is written; round 0 once its line is),
 read back from metrics.jsonl, so a tracker shows what the run folder holds. Each tracker knows
-which rounds it has (MLflow: the steps of ``round/round_seconds`` in the run; TensorBoard: the
+which rounds it has (MLflow: the steps of ``round/eval_seconds`` in the run; TensorBoard: the
 same tag in its event files) and each :meth:`Trackers.sync` sends the committed rounds it
 lacks. So a resumed run goes on in the same MLflow run (its id is kept in ``tracking.json``) and
 the same TensorBoard folder from the first round they lack, without a step twice; a tracker
@@ -47,8 +51,9 @@ from rblora.utils.atomic import write_json
 TARGETS = ("tensorboard", "mlflow")
 """The trackers ``--report_to`` can name (besides ``all`` and ``none``)."""
 
-#: Present in every round line (round 0 too) and sent last: a tracker with it at step t has round t.
-MARKER = "round/round_seconds"
+#: Present in every round line (round 0 too, and under DP, whose lines hold only what may be
+#: released) and sent last: a tracker with it at step t has round t.
+MARKER = "round/eval_seconds"
 
 #: (module imported, package to install) per tracker; the SQLite store needs sqlalchemy + alembic.
 _NEEDS = {

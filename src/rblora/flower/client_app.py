@@ -113,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         start,
         seed=int(meta["seed"]),
         round_=int(meta["round"]),
-        private=args.dp_clip is not None,
+        private=args.private,
     )
     update_tensors, update_meta = encode_update(client_update(spec, result))
     reply = {**update_meta, "metrics": clean_metrics(result.metrics)[0]}

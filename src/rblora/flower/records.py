@@ -8,11 +8,16 @@ about: round, client, options). Bytes are counted as Flower counts an ArrayRecor
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from rblora.protocol.codec import check_arrays
 
 ARRAYS, CONFIG = "arrays", "config"
 
@@ -27,15 +32,47 @@ def to_content(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Reco
     return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(flat)})
 
 
-def from_content(content: RecordDict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a message content; ValueError if a record is missing."""
+def from_content(
+    content: RecordDict, expected: dict[str, tuple[int, ...]] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) of a message content; ValueError if a record is missing.
+
+    ``expected`` (name -> shape; what a node's reply must hold, from the server's own
+    knowledge): every array is judged from its metadata before anything is converted (names,
+    numpy serialisation, float32, shape, byte size; :func:`rblora.protocol.codec.check_arrays`),
+    then its decoded header must agree, so no array of another dtype or size is ever built."""
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
         raise ValueError(
-            f"message content has records {sorted(content.keys())}, expected "
+            f"message content has records {sorted(content.keys())[:8]}, expected "
             f"'{ARRAYS}' and '{CONFIG}'"
         )
-    tensors = dict(content.array_records[ARRAYS].to_torch_state_dict())
+    record = content.array_records[ARRAYS]
+    if expected is None:
+        tensors = dict(record.to_torch_state_dict())
+    else:
+        described = {}
+        for key, array in record.items():
+            if array.stype != "numpy.ndarray":
+                raise ValueError(f"{str(key)[:80]}: serialised as {str(array.stype)[:40]!r}")
+            described[key] = (str(array.dtype)[:40], tuple(array.shape))
+        check_arrays(described, expected)
+        tensors = {key: _float32_tensor(key, array) for key, array in record.items()}
     return tensors, dict(content.config_records[CONFIG])
+
+
+def _float32_tensor(key: str, array) -> torch.Tensor:
+    """One checked array as a tensor: its byte size must fit its shape (a ``.npy`` header is
+    at most a few hundred bytes) and its decoded dtype and shape must be those it declared."""
+    values = math.prod(array.shape)
+    if not values * 4 <= len(array.data) <= values * 4 + 4096:
+        raise ValueError(f"{key}: {len(array.data)} bytes for {values} float32 values")
+    decoded = np.load(io.BytesIO(array.data), allow_pickle=False)
+    if decoded.dtype != np.float32 or tuple(decoded.shape) != tuple(array.shape):
+        raise ValueError(
+            f"{key}: declared float32 {tuple(array.shape)}, holds {decoded.dtype} "
+            f"{tuple(decoded.shape)}"
+        )
+    return torch.from_numpy(decoded)
 
 
 def content_bytes(content: RecordDict) -> int:

@@ -60,8 +60,9 @@ from rblora.federation.rounds import RunError, log
 from rblora.federation.saving import plan_for
 from rblora.federation.server import derive_seed
 from rblora.federation.setup import PreparedRun, finish_run, open_run
+from rblora.flower.node_keys import load_node_keys, node_public_keys
 from rblora.flower.records import CONFIG, content_bytes, from_content, to_content
-from rblora.protocol.codec import decode_update, encode_start
+from rblora.protocol.codec import decode_update, encode_start, update_shapes
 from rblora.protocol.types import ClientResult, ClientStart
 
 app = ServerApp()
@@ -72,16 +73,28 @@ class NodeDirectory:
     against what the server knows (see the module doc).
 
     Args:
-        args: the run's options (the client count; sent to nodes with the query).
+        args: the run's options (the client count, the ranks, ``--max_client_examples``,
+            ``--ranks_from_nodes``; sent to nodes with the query).
         sizes: each client's training examples as the server knows them (partition.json), None
-            where unknown (then the node's answer is taken).
+            where unknown (then the node's answer is taken, up to ``--max_client_examples``).
         options: the options nodes receive (JSON text).
+        keys: partition -> the public key its node must hold (``--node_keys``), or None.
     """
 
-    def __init__(self, args: TrainArgs, sizes: list[int | None], options: str):
+    def __init__(
+        self,
+        args: TrainArgs,
+        sizes: list[int | None],
+        options: str,
+        keys: dict[int, bytes] | None = None,
+    ):
         self.count = args.num_clients
         self.sizes = list(sizes)
+        self.ranks = args.ranks()
+        self.adopt_ranks = args.ranks_from_nodes
+        self.max_examples = args.max_client_examples
         self.options = options
+        self.keys = keys
         self.found: dict[int, dict[str, Any]] = {}  # client -> {"node", "rank", "examples"}
         self.refused: dict[int, str] = {}  # node -> why it was refused
         self._asked: set[int] = set()
@@ -91,34 +104,59 @@ class NodeDirectory:
         return [k for k in range(self.count) if k not in self.found]
 
     def poll(self, grid: Grid, timeout: float) -> None:
-        """Ask the nodes not asked yet; take their answers (waits at most ``timeout``)."""
+        """Ask the nodes not asked yet; take their answers (waits at most ``timeout``). No
+        answer, however malformed, stops the server: it is refused and named."""
         new = [n for n in grid.get_node_ids() if n not in self._asked]
         if not new:
             return
+        held = node_public_keys(grid, new) if self.keys is not None else {}
         query = RecordDict({CONFIG: ConfigRecord({"train-args": self.options})})
         msgs = [Message(query, dst_node_id=n, message_type=MessageType.QUERY) for n in new]
         answered = set()
         for reply in grid.send_and_receive(msgs, timeout=max(1.0, timeout)):
             node = reply.metadata.src_node_id
             answered.add(node)
-            self._take(node, reply)
+            try:
+                self._take(node, reply, held.get(node))
+            except Exception as err:  # whatever a node sends, the server goes on
+                self._refuse(node, f"unreadable discovery answer ({type(err).__name__})")
         self._asked.update(answered)  # a node that did not answer in time is asked again
 
-    def _take(self, node: int, reply: Message) -> None:
+    def _take(self, node: int, reply: Message, key: bytes | None) -> None:
         if reply.has_error():
-            self._refuse(node, f"failed to start: {reply.error.reason}")
+            self._refuse(node, f"failed to start: {_short(reply.error.reason)}")
             return
         try:
             k, rank, examples = _discovery_answer(reply, self.count)
         except ValueError as err:
             self._refuse(node, f"malformed discovery answer: {err}")
             return
+        if self.keys is not None:
+            if key is None:
+                self._refuse(
+                    node,
+                    f"claims partition {k} but holds no registered public key (--node_keys needs "
+                    "SuperNode authentication: flower-superlink --enable-supernode-auth)",
+                )
+                return
+            if self.keys.get(k) != key:
+                bound = (
+                    "the key --node_keys binds to it"
+                    if k in self.keys
+                    else "a key: --node_keys binds none to it"
+                )
+                self._refuse(node, f"claims partition {k} but does not hold {bound}")
+                return
         claims = self._claims.setdefault(k, [])
         claims.append(node)
         if len(claims) > 1:  # neither node can be told from the other: trust neither
             self.found.pop(k, None)
+            why = (
+                "the same key" if self.keys is not None else "without --node_keys the server "
+                "cannot tell which of them holds it, so neither is taken"
+            )  # fmt: skip
             for other in claims:
-                self._refuse(other, f"partition {k} is claimed by nodes {claims}")
+                self._refuse(other, f"partition {k} is claimed by nodes {claims} ({why})")
             return
         known = self.sizes[k]
         if known is not None and examples != known:
@@ -126,6 +164,21 @@ class NodeDirectory:
                 node,
                 f"partition {k}: the node holds {examples} training examples, the server's "
                 f"partition.json says {known} (the node has other data)",
+            )
+            return
+        if known is None and examples > self.max_examples:
+            self._refuse(
+                node,
+                f"partition {k}: the node claims {examples} training examples, above "
+                f"--max_client_examples {self.max_examples} (without partition.json its claim "
+                "would be its aggregation weight)",
+            )
+            return
+        if rank is not None and rank != self.ranks[k] and not self.adopt_ranks:
+            self._refuse(
+                node,
+                f"partition {k}: the node's lora-rank {rank} differs from the run's "
+                f"{self.ranks[k]} (--ranks_from_nodes takes the nodes' ranks)",
             )
             return
         self.found[k] = {"node": node, "rank": rank, "examples": examples}
@@ -159,6 +212,12 @@ class NodeDirectory:
             f"starting with {len(self.found)} of {self.count} clients; no node for client(s) "
             f"{absent} yet (they join when their node answers){detail}"
         )
+
+
+def _short(text: Any, limit: int = 200) -> str:
+    """A node's text (an error reason) cut to ``limit`` characters for a log line or record."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _discovery_answer(reply: Message, count: int) -> tuple[int, int | None, int]:
@@ -265,26 +324,28 @@ class HeteroRankStrategy(Strategy):
         for k, (reply, down) in sorted(arrived.items()):  # client order: a repeatable log
             node = self.nodes[k]
             if reply.has_error():
-                missing[k] = f"node {node}: error {reply.error.code}: {reply.error.reason}"
+                missing[k] = f"node {node}: error {reply.error.code}: {_short(reply.error.reason)}"
                 continue
             spec = run.server.clients[k]
             try:
-                tensors, meta = from_content(reply.content)
+                tensors, meta = from_content(reply.content, update_shapes(spec, self._layout))
                 update, metrics = decode_update(tensors, meta, spec, self._layout)
-            except ValueError as err:
-                missing[k] = f"node {node}: reply dropped: {err}"
+                result = ClientResult(
+                    dict(update.factors), update.num_examples, dense=dict(update.dense),
+                    metrics=metrics,
+                )  # fmt: skip
+                record = rounds.client_record(
+                    server_round, spec, result, ClientStart(None, download_bytes=down),
+                    content_bytes(reply.content),
+                )  # fmt: skip
+            except Exception as err:  # no reply, however built, stops the server
+                reason = str(err) if isinstance(err, ValueError) else type(err).__name__
+                missing[k] = f"node {node}: reply dropped: {_short(reason)}"
                 continue
-            result = ClientResult(
-                dict(update.factors), update.num_examples, dense=dict(update.dense), metrics=metrics
-            )
             if run.args.save_client_adapters and self.saving.saves(server_round):
                 rounds.save_client_adapter(run.task, run.folder, server_round, spec, update)
-            start = ClientStart(None, download_bytes=down)
-            record = rounds.client_record(
-                server_round, spec, result, start, content_bytes(reply.content)
-            )
             record["node"] = node
-            run.folder.append_metrics(record)
+            rounds.keep_client_record(run.folder, record)
             log(rounds.client_line(record))
             updates.append(update)
             records.append(record)
@@ -385,21 +446,23 @@ def node_options(args: TrainArgs, config: dict[str, Any]) -> str:
 
 def serve(grid: Grid, args: TrainArgs, given: set[str] | None = None) -> dict:
     """The whole run on ``grid``: under the run folder's lock, discover the nodes, prepare the
-    run (its task holds the test set only), rounds, results. Node ranks from node configs become
-    the run's ranks (and must agree with explicitly given ones)."""
+    run (its task holds the test set only), rounds, results. With ``--ranks_from_nodes`` node
+    ranks from node configs become the run's ranks (and must agree with explicitly given ones);
+    without it a node whose rank differs is refused."""
     from rblora.tasks import infer_task
 
     given = set(given or ())
     args.engine = "flower"
     args.task = infer_task(args)  # nodes hold no metadata to infer it from
+    keys = load_node_keys(args.node_keys, args.num_clients) if args.node_keys else None
     sizes = known_sizes(args)
-    directory = NodeDirectory(args, sizes, json.dumps(args.to_dict()))
+    directory = NodeDirectory(args, sizes, json.dumps(args.to_dict()), keys)
 
     def discover() -> dict[str, Any]:
         needed = required_replies(args.min_replies, args.num_clients)
         directory.discover(grid, args.discovery_timeout, needed)
         node_ranks = {k: f["rank"] for k, f in directory.found.items() if f["rank"] is not None}
-        if node_ranks:
+        if node_ranks and args.ranks_from_nodes:
             ranks = [node_ranks.get(k, r) for k, r in enumerate(args.ranks())]
             explicit = given & {"client_ranks", "client_lora_rank_dict"}
             if explicit and ranks != args.ranks():

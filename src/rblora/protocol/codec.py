@@ -129,6 +129,94 @@ def encode_update(update: ClientUpdate) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 _UPDATE_META = {"num-examples", "lora-alpha", "use-rslora", "metrics"}
+METRICS_MAX_CHARS = 4096
+"""A reply's metrics (JSON text) may be at most this long."""
+METRICS_MAX_KEYS = 32
+"""... and hold at most this many names, each a flat value (no nesting)."""
+
+
+def update_shapes(spec: ClientSpec, layout: UpdateLayout) -> dict[str, tuple[int, ...]]:
+    """The arrays a reply of client ``spec`` must hold, name -> shape: its factors at the
+    server's rank for the client on every module of ``layout``, and the dense extras."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module, (d_out, d_in) in layout.modules.items():
+        shapes[f"update/lora/{module}/A"] = (spec.rank, d_in)
+        shapes[f"update/lora/{module}/B"] = (d_out, spec.rank)
+    for name, shape in layout.dense.items():
+        shapes[f"update/dense/{name}"] = tuple(int(d) for d in shape)
+    return shapes
+
+
+def check_arrays(found: dict[str, tuple[str, tuple[int, ...]]], expected: dict) -> None:
+    """Arrays described as ``name -> (dtype name, shape)`` against ``expected`` (name -> shape):
+    ValueError naming missing or unexpected names, a dtype other than float32, or a shape other
+    than expected. Works on descriptions, so a transport can check before converting anything."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        wrong = [f"{what} arrays {_few(keys)}" for what, keys in (("missing", missing),
+                 ("unexpected", extra)) if keys]  # fmt: skip
+        raise ValueError(", ".join(wrong))
+    for key in sorted(found):
+        dtype, shape = found[key]
+        if dtype != "float32":
+            raise ValueError(f"{key}: dtype {dtype}, not float32")
+        if tuple(shape) != tuple(expected[key]):
+            raise ValueError(f"{key}: shape {tuple(shape)}, expected {tuple(expected[key])}")
+
+
+def parse_metrics(text: Any) -> dict[str, Any]:
+    """A reply's metrics from its JSON text, bounded: at most :data:`METRICS_MAX_CHARS`
+    characters, one flat JSON object of at most :data:`METRICS_MAX_KEYS` names whose values are
+    numbers, booleans, null or short strings; integers of more than 18 digits are refused before
+    conversion. ValueError naming what is wrong (the values are judged by
+    :func:`rblora.protocol.types.clean_metrics`)."""
+    if not isinstance(text, str):
+        raise ValueError(f"metrics are {type(text).__name__}, not JSON text")
+    if len(text) > METRICS_MAX_CHARS:
+        raise ValueError(f"metrics are {len(text)} characters, at most {METRICS_MAX_CHARS}")
+    if _json_depth(text) > 1:
+        raise ValueError("metrics are nested; a flat mapping of numbers is expected")
+    try:
+        metrics = json.loads(text, parse_int=_bounded_int)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"metrics are not JSON ({str(err)[:80]})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics are a JSON {type(metrics).__name__}, not a mapping")
+    if len(metrics) > METRICS_MAX_KEYS:
+        raise ValueError(f"metrics hold {len(metrics)} names, at most {METRICS_MAX_KEYS}")
+    for name, value in metrics.items():
+        if len(name) > 64 or (isinstance(value, str) and len(value) > 64):
+            raise ValueError(f"metric {name[:64]!r}: a name or text longer than 64 characters")
+    return metrics
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 18:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of ``[`` / ``{`` in JSON ``text`` (strings skipped), found without
+    parsing, so deeply nested input cannot exhaust the parser's recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def decode_update(
@@ -136,17 +224,19 @@ def decode_update(
 ) -> tuple[ClientUpdate, dict[str, Any]]:
     """A client's reply checked against what the server knows (DESIGN.md section 6): returns its
     :class:`ClientUpdate`, built from the server's own ``spec`` (rank, scaling, examples), and
-    the metrics it claims (raw: see :func:`rblora.protocol.types.clean_metrics`).
+    the metrics it claims (bounded by :func:`parse_metrics`; their values are judged by
+    :func:`rblora.protocol.types.clean_metrics`).
 
     ValueError naming what is wrong: metadata that is missing, unknown, of the wrong type or
     that disagrees with ``spec`` (a node cannot claim another scale or weight); arrays that are
     missing or unexpected (a LoRA reply without factors, a head-only reply with them); factors
     whose shape is not ``spec.rank`` on the module's ``(d_out, d_in)`` (a reply shaped for
-    another client); dense parameters of another shape; any dtype but float32; NaN or inf.
+    another client); dense parameters of another shape; any dtype but float32; NaN or inf;
+    metrics beyond their bounds.
     """
-    unknown = sorted(set(meta) - _UPDATE_META)
+    unknown = sorted(str(k)[:64] for k in set(meta) - _UPDATE_META)
     if unknown:
-        raise ValueError(f"unexpected metadata {unknown}")
+        raise ValueError(f"unexpected metadata {_few(unknown)}")
     claims = {
         "num-examples": (spec.num_examples, _int),
         "lora-alpha": (spec.lora_alpha, _float),
@@ -160,42 +250,23 @@ def decode_update(
             raise ValueError(f"{key} {meta[key]!r} differs from the server's {known!r}")
     if spec.num_examples is None:
         raise ValueError("the server does not know this client's example count")
-    expected = {f"update/lora/{m}/{w}" for m in layout.modules for w in "AB"}
-    expected |= {f"update/dense/{n}" for n in layout.dense}
-    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or extra:
-        wrong = [f"{what} arrays {_few(keys)}" for what, keys in (("missing", missing),
-                 ("unexpected", extra)) if keys]  # fmt: skip
-        raise ValueError(", ".join(wrong))
-    for key, value in sorted(tensors.items()):
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
-            raise ValueError(f"{key}: dtype {getattr(value, 'dtype', type(value))}, not float32")
-    factors = decode_factors(tensors, "update")
-    for module, (d_out, d_in) in layout.modules.items():
-        a, b = factors[module]
-        if tuple(a.shape) != (spec.rank, d_in) or tuple(b.shape) != (d_out, spec.rank):
-            raise ValueError(
-                f"{module}: A {tuple(a.shape)}, B {tuple(b.shape)}; rank {spec.rank} on "
-                f"({d_out}, {d_in}) needs A {(spec.rank, d_in)}, B {(d_out, spec.rank)}"
-            )
-    dense = decode_dense(tensors, "update")
-    for name, want in layout.dense.items():
-        if tuple(dense[name].shape) != tuple(want):
-            raise ValueError(f"{name}: shape {tuple(dense[name].shape)}, expected {tuple(want)}")
+    described = {
+        key: (str(getattr(value, "dtype", type(value).__name__)).removeprefix("torch."),
+              tuple(getattr(value, "shape", ())))
+        for key, value in tensors.items()
+    }  # fmt: skip
+    check_arrays(described, update_shapes(spec, layout))
     for key, value in sorted(tensors.items()):
         if not torch.isfinite(value).all():
             raise ValueError(f"{key} holds NaN or inf")
-    try:
-        metrics = json.loads(meta.get("metrics", "{}"))
-    except (TypeError, ValueError):
-        raise ValueError("metrics are not JSON") from None
+    metrics = parse_metrics(meta.get("metrics", "{}"))
     update = ClientUpdate(
         num_examples=spec.num_examples,
         lora_alpha=spec.lora_alpha,
-        factors=factors,
+        factors=decode_factors(tensors, "update"),
         use_rslora=spec.use_rslora,
         client_id=spec.client_id,
-        dense=dense,
+        dense=decode_dense(tensors, "update"),
     )
     return update, metrics
 

@@ -99,7 +99,10 @@ def clean_metrics(metrics: Any) -> tuple[dict[str, float | int], list[str]]:
         if value is None and kind is not None:
             continue  # "not measured" (e.g. no step carried a target)
         number = (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and (isinstance(value, float) or abs(value) < 2**63)  # a huge int is not converted
+            and math.isfinite(value)
         )
         if kind is float and number:
             kept[name] = float(value)
