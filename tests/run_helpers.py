@@ -69,6 +69,26 @@ def adapter_tensors(folder: Path) -> dict:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def assert_same_global_updates(run_a: Path, run_b: Path, rounds=(1, 2), rel: float = 1e-4):
+    """The global folders of two runs hold the same update in every module (``B @ A``, whatever
+    its factored form) and the same dense extras, to ``rel`` of their norm: what two engines
+    that sum replies in arrival order share (float rounding, not bitwise)."""
+
+    for t in rounds:
+        a = adapter_tensors(run_a / f"round_{t}" / "global")
+        b = adapter_tensors(run_b / f"round_{t}" / "global")
+        assert a.keys() == b.keys()
+        for key in a:
+            if "lora_A" in key:
+                other = key.replace("lora_A", "lora_B")
+                x, y = a[other] @ a[key], b[other] @ b[key]
+            elif "lora_B" in key:
+                continue
+            else:
+                x, y = a[key], b[key]
+            assert float((x - y).norm()) <= rel * max(float(x.norm()), 1e-12), (t, key)
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -84,9 +84,17 @@ def test_weighted_hetlora_truncates_by_hand():
 def test_flora_merges_and_exports_its_stack():
     g = aggregate("FLoRA", two_clients())
     assert g.merges_into_base and g.for_client(2, 2.0) == {}
-    a, b = g.factors(M)  # stack: [Bh1 Bh2], [p1 A1; p2 A2]
-    torch.testing.assert_close(a, t([[0.25, 0.5], [0.75, 0.0], [0.0, 0.75]]))
-    torch.testing.assert_close(b, t([[2.0, 1.0, 2.0], [0.0, 3.0, 4.0], [4.0, 5.0, 6.0]]))
+    # stack: [Bh1 Bh2] @ [p1 A1; p2 A2]; 3 components on a 3 x 2 matrix: wider than the matrix,
+    # so the running sum holds it dense, B @ A exactly
+    stack_a = t([[0.25, 0.5], [0.75, 0.0], [0.0, 0.75]])
+    stack_b = t([[2.0, 1.0, 2.0], [0.0, 3.0, 4.0], [4.0, 5.0, 6.0]])
+    assert g.is_dense(M)
+    torch.testing.assert_close(g.delta(M), stack_b @ stack_a)
+    a, b = g.factors(M)  # an exact factored form: (I, dW) with d_in = 2 <= d_out = 3
+    torch.testing.assert_close(a, torch.eye(2)) and torch.testing.assert_close(b @ a, g.delta(M))
+    wide = aggregate("FLoRA", two_clients(), reduction="truncate")  # truncate keeps the stack
+    torch.testing.assert_close(wide.factors(M)[0], stack_a)
+    torch.testing.assert_close(wide.factors(M)[1], stack_b)
 
 
 @pytest.mark.parametrize("method", ["RB-LoRA", "RB-LoRA (factor)"])

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import hostile
 import pytest
-import torch
-from run_helpers import adapter_tensors, lm_argv, metrics
+from run_helpers import adapter_tensors, assert_same_global_updates, lm_argv, metrics
 from tiny_models import build_tiny_vit
 
 from rblora.federation import cli
@@ -30,18 +29,9 @@ def inprocess(workspace, tmp_path_factory):
     return out / "3"
 
 
-def _same_adapters(run_a, run_b, rounds=(1, 2)):
-    for t in rounds:
-        a = adapter_tensors(run_a / f"round_{t}" / "global")
-        b = adapter_tensors(run_b / f"round_{t}" / "global")
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
-
-
 def test_simulation_engine_language_model(workspace, tmp_path, inprocess):
     assert cli.main(lm_argv(workspace, tmp_path, "--engine", "flower")) == 0
-    _same_adapters(tmp_path / "3", inprocess)
+    assert_same_global_updates(tmp_path / "3", inprocess)
     config = json.loads((tmp_path / "3" / "config.json").read_text())
     assert config["engine"] == "flower"
     # the per-item outcomes, written by the same round step as in-process
@@ -115,23 +105,16 @@ def _deploy(workdir: Path, nodes: list[dict], argv: list[str], app_dir=None, tim
     return deployment
 
 
-def _bitwise_same_adapters(run_a, run_b, rounds=(1, 2)):
-    for t in rounds:
-        a = adapter_tensors(run_a / f"round_{t}" / "global")
-        b = adapter_tensors(run_b / f"round_{t}" / "global")
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[key], b[key]) for key in a), f"round {t}"
-
-
 def test_local_deployment_matches_the_in_process_engine(workspace, tmp_path, inprocess):
     """Each SuperNode's data-path holds only its own client's file, the server's only the test
-    set and the partition metadata: the in-process engine's global adapters, bitwise."""
+    set and the partition metadata: the in-process engine's global updates (to float rounding:
+    the server sums the replies in the order they arrive)."""
     folders = split_folders(workspace / "data" / "3", tmp_path / "data", 3)
     argv = lm_argv(workspace, tmp_path / "out", data_path=folders / "server")
     _deploy(tmp_path / "flower", _split_nodes(folders, (2, 4, 8)), argv)
-    _bitwise_same_adapters(tmp_path / "out" / "3", inprocess)
+    assert_same_global_updates(tmp_path / "out" / "3", inprocess)
     clients = [r for r in metrics(tmp_path / "out" / "3") if r["type"] == "client"]
-    assert [c["rank"] for c in clients if c["round"] == 1] == [2, 4, 8]
+    assert sorted(c["rank"] for c in clients if c["round"] == 1) == [2, 4, 8]  # as they came
 
 
 def test_local_deployment_of_the_image_task_on_split_folders(tmp_path):
@@ -154,7 +137,7 @@ def test_local_deployment_of_the_image_task_on_split_folders(tmp_path):
     assert cli.main(argv(tmp_path, tmp_path / "inprocess")) == 0
     _deploy(tmp_path / "flower", _split_nodes(folders, (2, 4, 8)),
             argv(folders / "server", tmp_path / "out"))  # fmt: skip
-    _bitwise_same_adapters(tmp_path / "out" / "3", tmp_path / "inprocess" / "3")
+    assert_same_global_updates(tmp_path / "out" / "3", tmp_path / "inprocess" / "3")
     dense = [k for k in adapter_tensors(tmp_path / "out" / "3" / "round_2" / "global")
              if "classifier" in k]  # fmt: skip
     assert dense  # the head travelled and was averaged
@@ -178,7 +161,7 @@ def test_a_hostile_supernode_on_loopback_is_dropped_and_named(workspace, tmp_pat
     (record,) = [r for r in metrics(tmp_path / "out" / "3") if r["type"] == "round"]
     assert sorted(record["missing"]) == ["1", "2"]
     assert "lora-alpha 16000000.0 differs from the server's 16.0" in record["missing"]["1"]
-    assert "rank 8 on" in record["missing"]["2"]
+    assert "/A: shape (2, 32), expected (8, 32)" in record["missing"]["2"]
     clients = [r for r in metrics(tmp_path / "out" / "3") if r["type"] == "client"]
     assert [c["client"] for c in clients] == [0]
 

@@ -110,6 +110,10 @@ def _grid(ranks=(2, 4, 8), tamper=None):
 
 
 def _serve(workspace, out, grid, *extra):
+    """Serve on the in-process ``grid``: it answers within its push, so a reply that has not
+    come by the first pull never comes (a 2 s round timeout instead of the hour's default)."""
+    if "--round_timeout" not in extra:
+        extra = ("--round_timeout", "2", *extra)
     args, given = parse_args(lm_argv(workspace, out, *extra))
     return serve(grid, args, given)
 

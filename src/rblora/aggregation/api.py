@@ -8,6 +8,7 @@ import torch
 
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
+from .streaming import RoundSum
 from .types import ClientUpdate, FactorPair
 from .validation import validate_updates
 
@@ -27,7 +28,9 @@ def aggregate(
 
     Returns:
         The global update. Work happens in float32 (float64 if any input is float64); returned
-        tensors take the promoted dtype of the inputs.
+        tensors take the promoted dtype of the inputs. A method with a ``share`` is aggregated
+        by the running sums of :class:`.streaming.RoundSum` (what a streamed round does); one
+        without, from the whole list by its ``weights``.
 
     Raises:
         ValueError: unknown method or reduction, or bad updates (see ``validate_updates``).
@@ -38,6 +41,12 @@ def aggregate(
     spec = get_method(method)
     reduction = resolve_reduction(spec, reduction)
     shapes = validate_updates(updates)
+    if spec.share is not None:  # the same running sums a streamed round folds its replies into
+        ranks = [r for u in updates for r in {u.rank(m) for m in u.factors}] or [1]
+        total = RoundSum(spec, reduction, ranks=ranks)
+        for u in updates:
+            total.add(u)
+        return total.finish()
     out_dtype = _promoted_dtype(updates)
     work = torch.float64 if out_dtype == torch.float64 else torch.float32
     num_examples = [int(u.num_examples) for u in updates]
@@ -46,6 +55,34 @@ def aggregate(
         pairs = [u.scaled_factors(module, work) for u in updates]
         factors[module] = spec.combine([a for a, _ in pairs], [bh for _, bh in pairs], num_examples)
     return GlobalUpdate(spec.name, reduction, factors, out_dtype, average_dense(updates))
+
+
+class CollectedRound:
+    """A round of a method without a ``share`` (its weights need every client at once): the
+    updates are kept and aggregated together at the end; the same ``add``/``finish`` as
+    :class:`.streaming.RoundSum`."""
+
+    def __init__(self, method: str, reduction: str | None = None) -> None:
+        self.method, self.reduction = method, reduction
+        self.updates: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        self.updates.append(update)
+
+    def finish(self) -> GlobalUpdate:
+        return aggregate(self.method, self.updates, self.reduction)
+
+
+def open_round(
+    method: str, reduction: str | None = None, *, ranks: Sequence[int]
+) -> RoundSum | CollectedRound:
+    """Where one round's updates are folded in as they arrive: running sums
+    (:class:`.streaming.RoundSum`, for the population's ``ranks``) when the method has a
+    ``share``, else a list aggregated at the end."""
+    spec = get_method(method)
+    if spec.share is None:
+        return CollectedRound(spec.name, reduction)
+    return RoundSum(spec, reduction, ranks=ranks)
 
 
 def average_dense(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:

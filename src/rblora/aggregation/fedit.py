@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .flora import data_weights
-from .types import Method
+from .types import Method, data_share
 
 
 def same_rank_data_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
@@ -35,6 +35,7 @@ def same_rank_data_weights(ranks: Sequence[int], num_examples: Sequence[int]) ->
 METHOD = Method(
     name="FedIT",
     weights=same_rank_data_weights,
+    share=data_share,
     form="padded",  # data-weighted mean of the factors (Abar: (r, d_in), Bbar: (d_out, r))
     default_reduction="truncate",
     reductions=("truncate", "svd"),

@@ -20,6 +20,7 @@ from .types import Method
 METHOD = Method(
     name="FlexLoRA",
     weights=flora.data_weights,  # the same exact weighted stack as FLoRA's;
+    share=flora.data_share,
     form="stack",  # only the redistribution differs
     default_reduction="svd",
     reductions=("svd",),

@@ -13,23 +13,17 @@ depends on client order; it exists only to reproduce seed configurations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from .types import Method, data_share, weights_from_share
 
-import torch
-from torch import Tensor
-
-from .types import Method
-
-
-def data_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
-    """``gamma: (K, R)`` float64, ``gamma[k, j] = p_k = n_k / sum n`` for every component."""
-    p = torch.tensor(list(num_examples), dtype=torch.float64)
-    return (p / p.sum())[:, None].expand(len(p), max(ranks)).clone()
+data_weights = weights_from_share(data_share)
+"""``gamma: (K, R)`` float64, ``gamma[k, j] = p_k = n_k / sum n`` for each of the client's
+components (0 beyond its rank)."""
 
 
 METHOD = Method(
     name="FLoRA",
     weights=data_weights,
+    share=data_share,
     form="stack",  # the data-weighted stack (A_s: (S, d_in), B_s: (d_out, S))
     default_reduction="merge",
     reductions=("merge", "svd", "truncate"),

@@ -18,9 +18,11 @@ class GlobalUpdate:
 
     For each module the update is ``dW = B_g @ A_g`` with ``A_g: (k, d_in)``, ``B_g: (d_out, k)``
     and all client scales already folded in (``k`` is R for HETLoRA, S = sum r_k for the stacks),
-    or, where client-level DP added full-rank noise to it (:mod:`.privacy`), a dense
-    ``(d_out, d_in)`` tensor: its ``svd`` redistribution is then a seeded randomized range finder
-    to the width asked (:func:`.linalg.randomized_svd`).
+    or a dense ``(d_out, d_in)`` tensor: a stack wider than the matrix (summed as the replies
+    came, :mod:`.streaming`), whose ``svd`` redistribution is the exact dense SVD, or an update
+    to which client-level DP added full-rank noise (:mod:`.privacy`, ``noised``), whose ``svd``
+    redistribution is a seeded randomized range finder to the width asked
+    (:func:`.linalg.randomized_svd`).
 
     Attributes:
         method: canonical name of the method that produced it.
@@ -38,6 +40,7 @@ class GlobalUpdate:
         dtype: torch.dtype,
         dense: dict[str, Tensor] | None = None,
         sketch_seed: int = 0,
+        noised: bool = False,
     ) -> None:
         """``factors``: module -> ``(A_g: (k, d_in), B_g: (d_out, k))`` (or a dense
         ``(d_out, d_in)``) in the working dtype; ``dtype``: the dtype of returned tensors;
@@ -53,6 +56,8 @@ class GlobalUpdate:
         self._factors = factors
         self._dtype = dtype
         self._sketch_seed = int(sketch_seed)
+        self.noised = noised
+        """True if DP noise was added: a dense module is full rank, cut by the range finder."""
         self._svd: dict[str, FactoredSVD] = {}
         self._sketches: dict[tuple[str, int], FactorPair] = {}  # (dense module, width) -> SVD
 
@@ -70,7 +75,7 @@ class GlobalUpdate:
         return self.reduction == "merge"
 
     def is_dense(self, module: str) -> bool:
-        """True if ``module`` is held as a dense ``(d_out, d_in)`` (noised under DP)."""
+        """True if ``module`` is held as a dense ``(d_out, d_in)`` (a wide stack, or DP noise)."""
         return isinstance(self._get(module), Tensor)
 
     def shape(self, module: str) -> tuple[int, int]:
@@ -89,11 +94,10 @@ class GlobalUpdate:
 
     def factors(self, module: str) -> FactorPair:
         """Exact factored form ``(A: (k, d_in), B: (d_out, k))`` with ``delta == B @ A`` (scale
-        folded in: export it as a PEFT adapter with ``lora_alpha == k``, or merge it).
-        ValueError for a dense module (see :meth:`module_delta`)."""
-        if self.is_dense(module):
-            raise ValueError(f"module {module!r} is held dense (DP noise); use module_delta()")
-        a, b = self._get(module)
+        folded in: export it as a PEFT adapter with ``lora_alpha == k``, or merge it). A dense
+        module is ``(I, dW)`` when ``d_in <= d_out``, else ``(dW, I)``
+        (``k = min(d_out, d_in)``)."""
+        a, b = self._get_factors(module)
         return a.to(self._dtype, copy=True), b.to(self._dtype, copy=True)
 
     def module_delta(self, module: str) -> ModuleDelta:
@@ -151,13 +155,19 @@ class GlobalUpdate:
         return StartBasis(width, factors, self._dtype)
 
     def _dense_basis(self, module: str, width: int) -> FactorPair:
-        """Top-``width`` SVD factors of a dense module by a randomized range finder seeded from
-        ``sketch_seed`` and the module's index (so the same update gives the same factors)."""
+        """Top-``width`` SVD factors of a dense module: the exact dense SVD, or for a noised
+        update a randomized range finder seeded from ``sketch_seed`` and the module's index (so
+        the same update gives the same factors)."""
         if self.reduction != "svd":
             raise ValueError(
-                f"module {module!r} is dense (DP noise): only the svd redistribution can cut it "
-                f"to a client's rank, not {self.reduction!r}"
+                f"module {module!r} is dense: only the svd redistribution can cut it to a "
+                f"client's rank, not {self.reduction!r}"
             )
+        if not self.noised:
+            if module not in self._svd:
+                self._svd[module] = FactoredSVD(*self._get_factors(module))
+            svd = self._svd[module]
+            return svd.truncated(min(width, svd.width))
         if (module, width) not in self._sketches:
             index = self.modules.index(module)
             seed = (self._sketch_seed * 1_000_003 + index) % 2**63
@@ -166,6 +176,15 @@ class GlobalUpdate:
                 self._get(module), width, generator=generator
             )
         return self._sketches[module, width]
+
+    def _get_factors(self, module: str) -> FactorPair:
+        """:meth:`factors` in the working dtype (no copy of a factored module)."""
+        value = self._get(module)
+        if not isinstance(value, Tensor):
+            return value
+        d_out, d_in = value.shape
+        eye = torch.eye(min(d_out, d_in), dtype=value.dtype)
+        return (eye, value) if d_in <= d_out else (value, eye)
 
     def _get(self, module: str) -> ModuleDelta:
         if module not in self._factors:

@@ -60,11 +60,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .api import _promoted_dtype
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
-from .types import ClientUpdate, Method, ModuleDelta, assemble
-from .validation import validate_updates
+from .streaming import RoundSum
+from .types import ClientUpdate, Method, ModuleDelta
+from .validation import validate_update
 
 KEY_BYTES = 32
 """Length of a noise key: 256 bits from the operating system's CSPRNG."""
@@ -254,6 +254,101 @@ def term_norm_sq(form: str, a: Tensor, bh: Tensor, g: Tensor) -> float:
     return float((g.square() * (a.square().sum(dim=1) + bh.square().sum(dim=0))).sum())
 
 
+class PrivateRoundSum:
+    """One round's private aggregation, folded in as the updates arrive: each update is clipped
+    with the population's fixed weights (its own term's norm needs nothing of the others) and
+    added to :class:`.streaming.RoundSum`'s sums; :meth:`finish` adds the noise.
+
+    Args: as :func:`private_aggregate` (``shapes``/``dense_shapes``: the release's, needed
+    when no update may arrive)."""
+
+    def __init__(
+        self,
+        method: str,
+        dp: ClientDP,
+        *,
+        reduction: str | None = None,
+        shapes: Mapping[str, tuple[int, int]] | None = None,
+        dense_shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        self.spec = check_private(method, reduction)
+        self.reduction = resolve_reduction(self.spec, reduction)
+        self.dp = dp
+        self.gamma = fixed_weights(self.spec, dp)
+        self.total_n = float(sum(dp.num_examples))
+        self.sum = RoundSum(
+            self.spec, self.reduction, ranks=dp.ranks, normalise=False, shapes=shapes,
+            dense_shapes=dense_shapes,
+        )  # fmt: skip
+        self.norms: list[float] = []
+        self.factors: list[float] = []
+
+    @torch.no_grad()
+    def add(self, update: ClientUpdate) -> None:
+        """Clip one client's whole term to C and fold it in (ValueError naming a client whose
+        id, rank or example count is not the population's, or whose update does not fit)."""
+        index = self.sum.count
+        k = _population_id(update, index, self.dp)
+        if self.sum.shapes or self.sum.dense_shapes:
+            validate_update(update, index, self.sum.shapes, self.sum.dense_shapes)
+        work = torch.float64 if any(
+            t.dtype == torch.float64 for pair in update.factors.values() for t in pair
+        ) else torch.float32  # fmt: skip
+        g = self.gamma[k]
+        w = self.dp.num_examples[k] / (self.dp.sample_rate * self.total_n)
+        sq = 0.0
+        for module in update.factors:
+            a, bh = update.scaled_factors(module, work)
+            sq += term_norm_sq(self.spec.form, a, bh, g[: a.shape[0]])
+        sq += sum(w * w * float(t.double().square().sum()) for t in update.dense.values())
+        norm = math.sqrt(sq)
+        clip = min(1.0, self.dp.clip / norm) if norm > 0 else 1.0
+        rank = max((update.rank(m) for m in update.factors), default=0)
+        self.sum.add(update, weights=g[:rank] * clip, dense_weight=w * clip)
+        self.norms.append(norm)
+        self.factors.append(clip)
+
+    @torch.no_grad()
+    def finish(
+        self, noise: np.random.Generator | None, *, sketch_seed: int = 0
+    ) -> tuple[GlobalUpdate, ClipReport]:
+        """The noised release (``stack``: one dense ``(d_out, d_in)`` per module) and what
+        clipping did. Noise in sorted module order (each dense sum, or A then B), then the
+        dense extras; drawn in float32 (float64 if any input was)."""
+        std = self.dp.noise_std
+        if std > 0 and noise is None:
+            raise ValueError("private_aggregate: a noise multiplier > 0 needs the noise generator")
+        if not self.sum.shapes and not self.sum.dense_shapes:
+            raise ValueError(
+                "private_aggregate: no client took part, so the release's shapes must be given "
+                "(shapes, dense_shapes)"
+            )
+        held: dict[str, ModuleDelta] = {}
+        for module, value in self.sum.held().items():
+            if self.spec.form == "stack":
+                if not torch.is_tensor(value):  # a stack narrower than the matrix: its sum
+                    value = value[1] @ value[0]
+                if std > 0:
+                    value += std * gaussian(noise, value.shape, value.dtype)
+            else:
+                a_g, b_g = value
+                if std > 0:
+                    a_g += std * gaussian(noise, a_g.shape, a_g.dtype)
+                    b_g += std * gaussian(noise, b_g.shape, b_g.dtype)
+                value = (a_g, b_g)
+            held[module] = value
+        dense = self.sum.dense_extras()
+        for name in sorted(dense):
+            if std > 0:
+                dense[name] += std * gaussian(noise, dense[name].shape, dense[name].dtype)
+        report = ClipReport(self.dp.clip, tuple(self.norms), tuple(self.factors))
+        release = GlobalUpdate(
+            self.spec.name, self.reduction, held, self.sum.out_dtype, dense,
+            sketch_seed=sketch_seed, noised=std > 0,
+        )  # fmt: skip
+        return release, report
+
+
 @torch.no_grad()
 def private_aggregate(
     method: str,
@@ -284,117 +379,30 @@ def private_aggregate(
 
     Returns:
         The noised global update (``stack`` methods: one dense ``(d_out, d_in)`` per module) and
-        what clipping did. Noise is drawn in float32 (float64 if any input is).
+        what clipping did. Noise is drawn in float32 (float64 if any input is). The same as
+        folding ``updates`` into a :class:`PrivateRoundSum` one by one.
     """
-    spec = check_private(method, reduction)
-    reduction = resolve_reduction(spec, reduction)
-    std = dp.noise_std
-    if std > 0 and noise is None:
-        raise ValueError("private_aggregate: a noise multiplier > 0 needs the noise generator")
-    shapes, dense_shapes = _release_shapes(updates, shapes, dense_shapes)
-    ids = _population_ids(updates, dp)
-    gamma = fixed_weights(spec, dp)
-    total_n = float(sum(dp.num_examples))
-    out_dtype = _promoted_dtype(updates)
-    work = torch.float64 if out_dtype == torch.float64 else torch.float32
-
-    scaled = [{m: u.scaled_factors(m, work) for m in shapes} for u in updates]
-    dense_w = [dp.num_examples[k] / (dp.sample_rate * total_n) for k in ids]
-    norms, clips = [], []
-    for u, k, factors, w in zip(updates, ids, scaled, dense_w, strict=True):
-        g = gamma[k]
-        sq = sum(term_norm_sq(spec.form, a, bh, g[: a.shape[0]]) for a, bh in factors.values())
-        sq += sum(w * w * float(t.double().square().sum()) for t in u.dense.values())
-        norm = math.sqrt(sq)
-        norms.append(norm)
-        clips.append(min(1.0, dp.clip / norm) if norm > 0 else 1.0)
-    rows = [gamma[k] * c for k, c in zip(ids, clips, strict=True)]
-
-    held: dict[str, ModuleDelta] = {}
-    widest = max(dp.ranks)
-    for m in sorted(shapes):
-        d_out, d_in = shapes[m]
-        if updates:
-            As = [f[m][0] for f in scaled]
-            Bhs = [f[m][1] for f in scaled]
-            a_g, b_g = assemble(spec.form, As, Bhs, torch.stack(rows))
-        else:  # nobody took part: the released sum is zero, plus the noise
-            a_g, b_g = torch.zeros(widest, d_in, dtype=work), torch.zeros(d_out, widest, dtype=work)
-        if spec.form == "stack":
-            value: ModuleDelta = b_g @ a_g
-            if std > 0:
-                value += std * gaussian(noise, value.shape, value.dtype)
-        else:
-            if std > 0:
-                a_g += std * gaussian(noise, a_g.shape, a_g.dtype)
-                b_g += std * gaussian(noise, b_g.shape, b_g.dtype)
-            value = (a_g, b_g)
-        held[m] = value
-    dense = {}
-    for name in sorted(dense_shapes):
-        tensors = [u.dense[name].detach().to("cpu") for u in updates]
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        total = torch.zeros(tuple(dense_shapes[name]), dtype=dtype)
-        for w, c, t in zip(dense_w, clips, tensors, strict=True):
-            total += (w * c) * t.to(dtype)
-        if std > 0:
-            total += std * gaussian(noise, total.shape, total.dtype)
-        dense[name] = total
-    report = ClipReport(dp.clip, tuple(norms), tuple(clips))
-    global_update = GlobalUpdate(
-        spec.name, reduction, held, out_dtype, dense, sketch_seed=sketch_seed
+    total = PrivateRoundSum(
+        method, dp, reduction=reduction, shapes=shapes, dense_shapes=dense_shapes
     )
-    return global_update, report
+    for update in updates:
+        total.add(update)
+    return total.finish(noise, sketch_seed=sketch_seed)
 
 
-def _release_shapes(
-    updates: Sequence[ClientUpdate],
-    shapes: Mapping[str, tuple[int, int]] | None,
-    dense_shapes: Mapping[str, Sequence[int]] | None,
-) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, ...]]]:
-    """The module and dense shapes the release has: the caller's, checked against the updates
-    (validated here) when there are any; ValueError when neither says."""
-    given = None
-    if shapes is not None or dense_shapes is not None:
-        given = (
-            {m: (int(o), int(i)) for m, (o, i) in (shapes or {}).items()},
-            {n: tuple(int(d) for d in s) for n, s in (dense_shapes or {}).items()},
-        )
-    if not updates:
-        if given is None or not (given[0] or given[1]):
-            raise ValueError(
-                "private_aggregate: no client took part, so the release's shapes must be given "
-                "(shapes, dense_shapes)"
-            )
-        return given
-    found = dict(validate_updates(updates))
-    found_dense = {n: tuple(int(d) for d in t.shape) for n, t in updates[0].dense.items()}
-    if given is not None and (given[0] != found or given[1] != found_dense):
+def _population_id(u: ClientUpdate, index: int, dp: ClientDP) -> int:
+    """The update's client index in the population, checked against ``dp``."""
+    k = u.client_id
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(dp.ranks):
         raise ValueError(
-            f"private_aggregate: the updates hold modules {found} and dense {found_dense}, the "
-            f"release is shaped {given[0]} and {given[1]}"
+            f"{u.describe(index)}: under DP client_id must be the client's index 0.."
+            f"{len(dp.ranks) - 1} in the configured population"
         )
-    return found, found_dense
-
-
-def _population_ids(updates: Sequence[ClientUpdate], dp: ClientDP) -> list[int]:
-    """Each update's client index in the population, checked against ``dp``."""
-    ids = []
-    for i, u in enumerate(updates):
-        k = u.client_id
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(dp.ranks):
-            raise ValueError(
-                f"{u.describe(i)}: under DP client_id must be the client's index 0.."
-                f"{len(dp.ranks) - 1} in the configured population"
-            )
-        if k in ids:
-            raise ValueError(f"{u.describe(i)}: client {k} sent two updates")
-        rank = {u.rank(m) for m in u.factors}
-        if rank and rank != {dp.ranks[k]}:
-            raise ValueError(f"{u.describe(i)}: rank {sorted(rank)}, population has {dp.ranks[k]}")
-        if int(u.num_examples) != dp.num_examples[k]:
-            raise ValueError(
-                f"{u.describe(i)}: {u.num_examples} examples, population has {dp.num_examples[k]}"
-            )
-        ids.append(k)
-    return ids
+    rank = {u.rank(m) for m in u.factors}
+    if rank and rank != {dp.ranks[k]}:
+        raise ValueError(f"{u.describe(index)}: rank {sorted(rank)}, population has {dp.ranks[k]}")
+    if int(u.num_examples) != dp.num_examples[k]:
+        raise ValueError(
+            f"{u.describe(index)}: {u.num_examples} examples, population has {dp.num_examples[k]}"
+        )
+    return k

@@ -16,27 +16,17 @@ held as a weighted stack of width S = sum r_k, redistributed by SVD projection (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from .types import Method, holder_share, weights_from_share
 
-import torch
-from torch import Tensor
-
-from .types import Method
-
-
-def rank_balanced_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
-    """``gamma: (K, R)`` float64, ``gamma[k, j] = n_k / sum_{k': r_k' > j} n_k'`` for ``j < r_k``,
-    else 0 (``R = max r_k``)."""
-    r = torch.tensor(list(ranks))
-    n = torch.tensor(list(num_examples), dtype=torch.float64)
-    has = torch.arange(int(r.max()))[None, :] < r[:, None]  # (K, R): client k has component j
-    holders = (n[:, None] * has).sum(dim=0)  # (R,): examples behind component j, always > 0
-    return n[:, None] * has / holders[None, :]
+rank_balanced_weights = weights_from_share(holder_share)
+"""``gamma: (K, R)`` float64, ``gamma[k, j] = n_k / sum_{k': r_k' > j} n_k'`` for ``j < r_k``,
+else 0 (``R = max r_k``): raw and mass ``n_k`` on each of the client's own components."""
 
 
 METHOD = Method(
     name="RB-LoRA",
     weights=rank_balanced_weights,
+    share=holder_share,
     form="stack",  # the rank-balanced weighted stack (A_s: (S, d_in), B_s: (d_out, S))
     default_reduction="svd",
     reductions=("svd",),

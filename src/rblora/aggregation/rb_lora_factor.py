@@ -13,11 +13,12 @@ product of the mean factors, not the mean update.
 from __future__ import annotations
 
 from .rb_lora import rank_balanced_weights
-from .types import Method
+from .types import Method, holder_share
 
 METHOD = Method(
     name="RB-LoRA (factor)",
     weights=rank_balanced_weights,
+    share=holder_share,
     form="padded",  # rank-balanced mean of the padded factors (A_g: (R, d_in), B_g: (d_out, R))
     default_reduction="svd",
     reductions=("svd",),

@@ -85,6 +85,51 @@ component j (row j of ``A_k``, column j of ``Bh_k``) of client k; entries with `
 ignored. Computed from the clients given (normalised over them); client-level DP calls it on the
 whole configured population instead (:mod:`.privacy`)."""
 
+Share = Callable[[int, int, int], tuple[Tensor, Tensor]]
+"""``share(rank, num_examples, width) -> (raw, mass)``, each ``(width,)`` float64: a client's
+unnormalised weight of each of its components (0 beyond its rank) and what it adds to each
+component's denominator, so that ``gamma[k, j] = raw[k, j] / sum_k' mass[k', j]``. Both are the
+client's own (its rank and examples), so a round can fold clients in one by one and divide at
+the end (:mod:`.streaming`); ``mass`` may change in j only where a rank ends. Build a method's
+``weights`` from it with :func:`weights_from_share`."""
+
+
+def weights_from_share(share: Share) -> Weights:
+    """The :data:`Weights` of a :data:`Share`: ``gamma = raw / sum_k mass`` over the clients
+    given."""
+
+    def weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
+        width = max(ranks)
+        pairs = [share(int(r), int(n), width) for r, n in zip(ranks, num_examples, strict=True)]
+        raw = torch.stack([p[0] for p in pairs])
+        mass = torch.stack([p[1] for p in pairs]).sum(dim=0)
+        return raw / torch.where(mass > 0, mass, torch.ones_like(mass))[None, :]
+
+    return weights
+
+
+def data_share(rank: int, num_examples: int, width: int) -> tuple[Tensor, Tensor]:
+    """FedAvg's weights ``p_k = n_k / N`` as a :data:`Share`: raw ``n_k`` on the client's
+    components, mass ``n_k`` on every component (the denominator is all the examples)."""
+    has = torch.arange(width) < rank
+    return float(num_examples) * has.double(), torch.full((width,), float(num_examples),
+                                                           dtype=torch.float64)  # fmt: skip
+
+
+def holder_share(rank: int, num_examples: int, width: int) -> tuple[Tensor, Tensor]:
+    """Rank-balanced weights ``n_k / sum_{k': r_k' > j} n_k'`` as a :data:`Share`: raw and mass
+    ``n_k`` on the client's own components (component j's denominator is the examples of the
+    clients that hold it)."""
+    values = float(num_examples) * (torch.arange(width) < rank).double()
+    return values, values.clone()
+
+
+def count_share(rank: int, num_examples: int, width: int) -> tuple[Tensor, Tensor]:
+    """Uniform weights ``1 / K`` as a :data:`Share`: raw 1 on the client's components, mass 1
+    on every component."""
+    return (torch.arange(width) < rank).double(), torch.ones(width, dtype=torch.float64)
+
+
 FORMS = ("stack", "padded")
 """How a method assembles weighted components into the global factors (:meth:`Method.combine`):
 
@@ -122,6 +167,10 @@ class Method:
     """Extra accepted names (matching ignores case, spaces and punctuation anyway)."""
     homogeneous_ranks: bool = False
     """True if every client must have the same rank (FedIT); checked before any training."""
+    share: Share | None = None
+    """The weights as per-client raw weights and denominator masses (:data:`Share`), so a round
+    can be aggregated as its updates arrive (:class:`.streaming.RoundSum`); None: the method is
+    aggregated from the round's whole list (its weights need every client at once)."""
 
     def combine(
         self, As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]

@@ -11,22 +11,17 @@ On-Device Foundation Models" (EMNLP 2024), zero-padding aggregation, with equal 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from .types import Method, count_share, weights_from_share
 
-import torch
-from torch import Tensor
-
-from .types import Method
-
-
-def uniform_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
-    """``gamma: (K, R)`` float64, every entry ``1 / K``."""
-    return torch.full((len(ranks), max(ranks)), 1.0 / len(ranks), dtype=torch.float64)
+uniform_weights = weights_from_share(count_share)
+"""``gamma: (K, R)`` float64, ``1 / K`` on each of the client's components (0 beyond its
+rank, where its zero padding has nothing to weigh)."""
 
 
 METHOD = Method(
     name="Uniform HETLoRA",
     weights=uniform_weights,
+    share=count_share,
     form="padded",  # uniform mean of the padded factors (Abar: (R, d_in), Bbar: (d_out, R))
     default_reduction="truncate",
     reductions=("truncate", "svd", "merge"),

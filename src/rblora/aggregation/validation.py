@@ -24,27 +24,47 @@ def validate_updates(updates: Sequence[ClientUpdate]) -> dict[str, tuple[int, in
         raise ValueError(f"updates must be a list of ClientUpdate, got {type(updates).__name__}")
     if len(updates) == 0:
         raise ValueError("no client updates to aggregate (empty list); pass at least one")
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes, dense_shapes = first_shapes(updates[0], 0)
     for i, u in enumerate(updates):
-        if not isinstance(u, ClientUpdate):
-            raise ValueError(f"client {i}: expected a ClientUpdate, got {type(u).__name__}")
-        who = u.describe(i)
-        _check_scalars(u, who)
-        if i == 0:
-            for module in sorted(u.factors):
-                shapes[module] = _check_factors(u, module, who, None)
-            _check_dense(u, u, who)
-            continue
-        _check_dense(u, updates[0], who)
-        missing = sorted(set(shapes) - set(u.factors))
-        extra = sorted(set(u.factors) - set(shapes))
-        if missing or extra:
-            raise ValueError(
-                f"{who}: module set differs from client 0's: missing {missing}, unexpected {extra}"
-            )
-        for module in shapes:
-            _check_factors(u, module, who, shapes[module])
+        validate_update(u, i, shapes, dense_shapes)
     return shapes
+
+
+def first_shapes(
+    u: ClientUpdate, index: int
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, ...]]]:
+    """The module and dense shapes the first update of a round sets (checked as it is read)."""
+    if not isinstance(u, ClientUpdate):
+        raise ValueError(f"client {index}: expected a ClientUpdate, got {type(u).__name__}")
+    who = u.describe(index)
+    _check_scalars(u, who)
+    shapes = {module: _check_factors(u, module, who, None) for module in sorted(u.factors)}
+    _check_dense(u, u.dense, who)
+    return shapes, {n: tuple(t.shape) for n, t in u.dense.items()}
+
+
+def validate_update(
+    u: ClientUpdate,
+    index: int,
+    shapes: dict[str, tuple[int, int]],
+    dense_shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """Check one update against the round's module ``shapes`` and dense extras' shapes (the
+    first update's, or the server's own); ValueError naming the client (``index``) and what is
+    wrong."""
+    if not isinstance(u, ClientUpdate):
+        raise ValueError(f"client {index}: expected a ClientUpdate, got {type(u).__name__}")
+    who = u.describe(index)
+    _check_scalars(u, who)
+    _check_dense(u, dense_shapes, who)
+    missing = sorted(set(shapes) - set(u.factors))
+    extra = sorted(set(u.factors) - set(shapes))
+    if missing or extra:
+        raise ValueError(
+            f"{who}: module set differs from client 0's: missing {missing}, unexpected {extra}"
+        )
+    for module in shapes:
+        _check_factors(u, module, who, shapes[module])
 
 
 def _check_scalars(u: ClientUpdate, who: str) -> None:
@@ -94,12 +114,13 @@ def _check_factors(
     return d_out, d_in
 
 
-def _check_dense(u: ClientUpdate, first: ClientUpdate, who: str) -> None:
-    """Dense extras: a mapping of finite floating tensors with client 0's names and shapes."""
+def _check_dense(u: ClientUpdate, expected, who: str) -> None:
+    """Dense extras: a mapping of finite floating tensors with the ``expected`` names and shapes
+    (client 0's)."""
     if not hasattr(u.dense, "keys"):
         raise ValueError(f"{who}: dense must be a mapping name -> tensor")
-    missing = sorted(set(first.dense) - set(u.dense))
-    extra = sorted(set(u.dense) - set(first.dense))
+    missing = sorted(set(expected) - set(u.dense))
+    extra = sorted(set(u.dense) - set(expected))
     if missing or extra:
         raise ValueError(
             f"{who}: dense parameters differ from client 0's: missing {missing}, unexpected {extra}"
@@ -108,10 +129,10 @@ def _check_dense(u: ClientUpdate, first: ClientUpdate, who: str) -> None:
         where = f"{who}, dense parameter {name!r}"
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{where}: must be a floating-point tensor")
-        if t.shape != first.dense[name].shape:
+        want = tuple(expected[name].shape) if torch.is_tensor(expected[name]) else expected[name]
+        if tuple(t.shape) != tuple(want):
             raise ValueError(
-                f"{where}: shape {tuple(t.shape)} differs from client 0's "
-                f"{tuple(first.dense[name].shape)}"
+                f"{where}: shape {tuple(t.shape)} differs from client 0's {tuple(want)}"
             )
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: contains NaN or inf values")

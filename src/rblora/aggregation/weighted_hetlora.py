@@ -11,11 +11,12 @@ Default redistribution: truncate.
 from __future__ import annotations
 
 from .flora import data_weights
-from .types import Method
+from .types import Method, data_share
 
 METHOD = Method(
     name="Weighted HETLoRA",
     weights=data_weights,
+    share=data_share,
     form="padded",  # data-weighted mean of the padded factors (Abar: (R, d_in), Bbar: (d_out, R))
     default_reduction="truncate",
     reductions=("truncate", "svd", "merge"),

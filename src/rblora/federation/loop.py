@@ -27,6 +27,7 @@ class LoopOptions:
     num_rounds: int
     seed: int
     save_client_adapters: bool = True
+    record_clients: bool = True  # one metrics line per client (else the round's sums only)
     progress: bool = True
     eval_base: bool = False  # evaluate the untouched base model first, recorded as round 0
     save_every: int = 1  # write round folders every this many rounds and the last (saving.py)
@@ -69,7 +70,7 @@ def run_rounds(
         started = time.perf_counter()
         saving.begin_round(folder, t)
         selected = server.select(t)
-        updates, client_records = [], []
+        tally = rounds.RoundTally()
         for k in tqdm(
             selected,
             desc=f"round {t} clients",
@@ -88,17 +89,14 @@ def run_rounds(
             if options.save_client_adapters and saving.saves(t):
                 rounds.save_client_adapter(task, folder, t, spec, update)
             record = rounds.client_record(t, spec, result, start, rounds.upload_bytes(update))
-            rounds.keep_client_record(folder, record)
-            updates.append(update)
-            client_records.append(record)
-            rounds.log(rounds.client_line(record))
+            server.fold(update)  # into the round's running sums; the update can go
+            rounds.keep_client_record(folder, record, tally, options.record_clients)
         record = rounds.close_round(
             task,
             server,
             folder,
             t,
-            updates,
-            client_records,
+            tally,
             started=started,
             selected=selected,
             export=saving.saves(t),
@@ -122,7 +120,8 @@ def run_inprocess(args, given: set[str] | None = None) -> dict[str, Any]:
         options = LoopOptions(
             num_rounds=args.num_communication_rounds,
             seed=args.seed,
-            save_client_adapters=args.save_client_adapters,
+            save_client_adapters=args.saves_client_adapters(),
+            record_clients=args.records_clients(),
             progress=args.progress,
             eval_base=args.eval_base,
             save_every=plan.every,

@@ -39,6 +39,10 @@ from rblora.utils.options import (
 
 SEED_RANKS = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256]
 """The seed's client ranks for 10 clients."""
+CLIENT_ADAPTERS_UP_TO = 64
+"""``--save_client_adapters`` is on by default up to this many clients a round."""
+CLIENT_LINES_UP_TO = 1000
+"""``--record_clients`` is on by default up to this many clients a round."""
 
 TASKS = ("lm", "image")
 
@@ -217,8 +221,19 @@ class RunOptions:
         False, "continue after the last completed round in the output folder", resumable=True
     )
     overwrite: bool = option(False, "replace an existing run in the output folder", resumable=True)
-    save_client_adapters: bool = option(
-        True, "save every client's trained adapter in the round folders", resumable=True
+    save_client_adapters: bool | None = option(
+        None,
+        "save every client's trained adapter in the round folders (under DP in private/); "
+        f"default: yes up to {CLIENT_ADAPTERS_UP_TO} clients a round, no above (a rank-64 "
+        "ViT-S client adapter is 4.7 MB)",
+        resumable=True,
+    )
+    record_clients: bool | None = option(
+        None,
+        "write one metrics line per client per round (under DP to private/metrics.jsonl) and "
+        f"log it; default: yes up to {CLIENT_LINES_UP_TO} clients a round, no above (the round "
+        "line keeps their sums: clients, train_loss, bytes)",
+        resumable=True,
     )
     save_every: int = option(
         0,
@@ -472,6 +487,24 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             clip_count_stddev=self.dp_clip_count_stddev,
             noise_from_seed=self.dp_noise_from_seed,
         )
+
+    def clients_per_round(self) -> float:
+        """How many clients a round is expected to hold."""
+        return self.sample_rate() * self.num_clients
+
+    def saves_client_adapters(self) -> bool:
+        """``--save_client_adapters``, or by default whether a round holds at most
+        :data:`CLIENT_ADAPTERS_UP_TO` clients."""
+        if self.save_client_adapters is not None:
+            return self.save_client_adapters
+        return self.clients_per_round() <= CLIENT_ADAPTERS_UP_TO
+
+    def records_clients(self) -> bool:
+        """``--record_clients``, or by default whether a round holds at most
+        :data:`CLIENT_LINES_UP_TO` clients."""
+        if self.record_clients is not None:
+            return self.record_clients
+        return self.clients_per_round() <= CLIENT_LINES_UP_TO
 
     def poisson(self) -> bool:
         """True when each client takes part independently (``--client_sampling poisson`` and

@@ -3,13 +3,15 @@
 A driver (the in-process loop, the Flower server) does, for round ``t``::
 
     selected = server.select(t)
-    for each selected client k (here or on its own machine):
+    tally = RoundTally()
+    for each selected client k (here or on its own machine), as its reply arrives:
         start = server.deliver(k)                      # what k starts from, bytes it downloads
         result = train_client(task, spec, start, ...)  # local training (the task's)
         update = client_update(spec, result)           # what travels to the server
+        server.fold(update)                            # into the round's running sums
         record = client_record(t, spec, result, start)
-        keep_client_record(folder, record)             # metrics.jsonl, or private/ under DP
-    round_record = close_round(task, server, folder, t, updates, records, started=...)
+        keep_client_record(folder, record, tally)      # metrics.jsonl (or private/), the sums
+    round_record = close_round(task, server, folder, t, tally, started=...)
     commit_round(server, folder, round_record, trackers)  # metrics line, checkpoint, trackers
 
 ``close_round`` aggregates, redistributes, writes the global model's PEFT folder, installs the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +138,43 @@ def client_record(
     return {**identity, **metrics, **counts, **identity}
 
 
-def keep_client_record(folder: RunFolder, record: dict[str, Any]) -> None:
-    """A client's line goes to ``metrics.jsonl``, or under DP to the private records only."""
+@dataclass
+class RoundTally:
+    """What a round's client lines add up to, kept as sums (never the lines themselves)."""
+
+    clients: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    loss_sum: float = 0.0  # sum of loss * examples over the clients that reported a loss
+    loss_examples: int = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.clients += 1
+        self.bytes_up += record["bytes_up"]
+        self.bytes_down += record["bytes_down"]
+        if record.get("loss") is not None:
+            self.loss_sum += record["loss"] * record["num_examples"]
+            self.loss_examples += record["num_examples"]
+
+    @property
+    def train_loss(self) -> float | None:
+        """The example-weighted mean of the clients' losses (None if none reported one)."""
+        return self.loss_sum / self.loss_examples if self.loss_examples else None
+
+
+def keep_client_record(
+    folder: RunFolder, record: dict[str, Any], tally: RoundTally, write: bool = True
+) -> None:
+    """Add a client's line to the round's ``tally`` and, with ``write`` (``--record_clients``),
+    append it to ``metrics.jsonl``, or under DP to the private records only, and log it."""
+    tally.add(record)
+    if not write:
+        return
     if folder.private:
         folder.append_private(record)
     else:
         folder.append_metrics(record)
+    log(client_line(record))
 
 
 def save_client_adapter(
@@ -164,22 +198,23 @@ def close_round(
     server: FederatedServer,
     folder: RunFolder,
     round_: int,
-    updates: list[ClientUpdate],
-    client_records: list[dict[str, Any]],
+    tally: RoundTally,
     *,
     started: float,
     selected: list[int],
     missing: dict[int, str] | None = None,
     export: bool = True,
 ) -> dict[str, Any]:
-    """Aggregate, redistribute, export, install and evaluate the global model of ``round_``.
+    """Aggregate what the server folded in (:meth:`FederatedServer.fold`), redistribute,
+    export, install and evaluate the global model of ``round_``.
 
-    ``missing``: selected clients whose update did not arrive, with the reason (recorded).
-    ``export``: write ``round_<t>/global`` (False in a round ``--save_every`` skips).
-    Returns the round's metrics record (the driver writes it, then the checkpoint).
+    ``tally``: the sums of the round's client lines; ``missing``: selected clients whose update
+    did not arrive, with the reason (recorded). ``export``: write ``round_<t>/global`` (False in
+    a round ``--save_every`` skips). Returns the round's metrics record (the driver writes it,
+    then the checkpoint).
     """
     agg_start = time.perf_counter()
-    global_update = server.aggregate(updates)
+    global_update = server.aggregate()
     model = server.redistribute(global_update)
     agg_seconds = time.perf_counter() - agg_start
     if export:
@@ -193,9 +228,10 @@ def close_round(
         "selected": selected,
         "method": global_update.method,
         "reduction": global_update.reduction,
-        "train_loss": weighted_loss(client_records),
-        "bytes_up": sum(r["bytes_up"] for r in client_records),
-        "bytes_down": sum(r["bytes_down"] for r in client_records),
+        "clients": tally.clients,
+        "train_loss": tally.train_loss,
+        "bytes_up": tally.bytes_up,
+        "bytes_down": tally.bytes_down,
         "aggregate_seconds": round(agg_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
         "round_seconds": round(time.perf_counter() - started, 3),
@@ -315,13 +351,6 @@ def exact_factors(delta: dict[str, ModuleDelta]) -> Factors:
 
 
 # ---------------------------------------------------------------------- records and lines
-def weighted_loss(client_records: list[dict[str, Any]]) -> float | None:
-    pairs = [(r["loss"], r["num_examples"]) for r in client_records if r.get("loss") is not None]
-    if not pairs:
-        return None
-    return sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs)
-
-
 def fmt_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":

@@ -92,7 +92,7 @@ def plan_for(args: TrainArgs, layout: UpdateLayout) -> tuple[SavePlan, int]:
         layout,
         args.ranks(),
         merge=args.reduction() == "merge" or noised_dense,
-        clients=args.save_client_adapters,
+        clients=args.saves_client_adapters(),
     )
     rounds = args.num_communication_rounds
     every = args.save_every or auto_every(rounds, bound, args.keep_last)

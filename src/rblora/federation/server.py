@@ -34,12 +34,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from rblora.aggregation import ClientUpdate, GlobalUpdate, aggregate
+from rblora.aggregation import ClientUpdate, GlobalUpdate
+from rblora.aggregation.api import open_round
 from rblora.aggregation.privacy import (
     ClientDP,
     ClipReport,
+    PrivateRoundSum,
     new_noise_key,
-    private_aggregate,
     secret_generator,
 )
 from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
@@ -152,6 +153,7 @@ class FederatedServer:
             self.clip = privacy.clip
             self._key = seed_key(seed) if privacy.seeded_noise else new_noise_key()
         self.last_clip: ClipReport | None = None  # what DP clipping did in the last aggregation
+        self._round = None  # the running sums of the round in progress (fold, aggregate)
         self.layout = layout
         self.method = method
         self.reduction = reduction
@@ -213,30 +215,47 @@ class FederatedServer:
         self._synced[client_id] = self.completed_rounds
         return start
 
-    def aggregate(self, updates: list[ClientUpdate]) -> GlobalUpdate:
-        """Aggregate this round's client updates (order does not matter); under client-level DP
-        clipped, with fixed weights and the secret key's noise (round ``completed_rounds + 1``),
-        then the clip of the next round moved by adaptive clipping."""
-        round_ = self.completed_rounds + 1
+    def fold(self, update: ClientUpdate) -> None:
+        """Fold one reply of the round in progress (round ``completed_rounds + 1``) into its
+        running sums as it arrives (:mod:`rblora.aggregation.streaming`; under DP clipped
+        first): the server never holds the round's client updates, only sums whose size does
+        not grow with them. ValueError naming the client for a reply that does not fit."""
+        if self._round is None:
+            self._round = self._open_round()
+        self._round.add(update)
+
+    def aggregate(self, updates: list[ClientUpdate] | None = None) -> GlobalUpdate:
+        """The round's global update from what :meth:`fold` took (or from ``updates``, folded
+        now; order does not matter); under client-level DP clipped, with fixed weights and the
+        secret key's noise (an empty round releases the noise alone), then the clip of the next
+        round moved by adaptive clipping."""
+        if updates is not None:
+            self._round = None
+            for update in updates:
+                self.fold(update)
+        total = self._round if self._round is not None else self._open_round()
+        self._round = None
         if self._dp is None:
-            return aggregate(self.method, updates, reduction=self.reduction)
-        dp = replace(self._dp, clip=self.clip)
-        noise = secret_generator(self._key, round_, NOISE_STREAM) if dp.noise_std > 0 else None
-        global_update, self.last_clip = private_aggregate(
-            self.method,
-            updates,
-            dp,
-            noise=noise,
-            reduction=self.reduction,
-            shapes=self.layout.modules,
-            dense_shapes=self.layout.dense,
-            sketch_seed=derive_seed(self.seed, round_, SKETCH_STREAM),
+            return total.finish()
+        round_ = self.completed_rounds + 1
+        noise = secret_generator(self._key, round_, NOISE_STREAM) if total.dp.noise_std else None
+        global_update, self.last_clip = total.finish(
+            noise, sketch_seed=derive_seed(self.seed, round_, SKETCH_STREAM)
         )
         adaptive = self.privacy.adaptive
         if adaptive is not None:
             draw = float(secret_generator(self._key, round_, COUNT_STREAM).standard_normal())
             self.clip = adaptive.next_clip(self.clip, self.last_clip.unclipped, draw)
         return global_update
+
+    def _open_round(self):
+        """The running sums of a new round: private (the clip of this round), or the method's."""
+        if self._dp is not None:
+            return PrivateRoundSum(
+                self.method, replace(self._dp, clip=self.clip), reduction=self.reduction,
+                shapes=self.layout.modules, dense_shapes=self.layout.dense,
+            )  # fmt: skip
+        return open_round(self.method, self.reduction, ranks=[c.rank for c in self.clients])
 
     def privacy_record(self) -> tuple[dict, dict]:
         """Under DP, the round record's privacy fields after the round just closed, as

@@ -214,6 +214,25 @@ class NodeDirectory:
         )
 
 
+PULL_INTERVAL = 0.5
+"""Seconds between two pulls of a round's replies (Flower's send_and_receive waits 3)."""
+
+
+class _SentIndex:
+    """Message id -> (client, bytes down) of a round's messages, read when replies arrive (the
+    grid sets each message's id when it pushes it, after the round's messages were built)."""
+
+    def __init__(self, sent: list[tuple[Message, int, int]]):
+        self._sent = sent
+        self._index: dict[str, tuple[int, int]] | None = None
+
+    def get(self, message_id: str, default):
+        if self._index is None:  # the first reply: every message has been pushed
+            self._index = {msg.metadata.message_id: (k, down) for msg, k, down in self._sent}
+            self._sent = []
+        return self._index.get(message_id, default)
+
+
 def _short(text: Any, limit: int = 200) -> str:
     """A node's text (an error reason) cut to ``limit`` characters for a log line or record."""
     text = str(text)
@@ -254,7 +273,6 @@ class HeteroRankStrategy(Strategy):
         self.run = run
         self.directory = directory
         self._options = options
-        self._sent: list[tuple[Message, int, int]] = []  # (message, client, bytes down)
         self._round: dict[str, Any] = {}
         self._layout = run.task.update_layout()
         self.saving, bound = plan_for(run.args, self._layout)
@@ -275,8 +293,15 @@ class HeteroRankStrategy(Strategy):
             self._adopt_late_nodes()
         self.saving.begin_round(self.run.folder, server_round)
         selected = server.select(server_round)
-        self._round = {"started": time.perf_counter(), "selected": selected, "missing": {}}
-        self._sent = []
+        self._round = {
+            "started": time.perf_counter(),
+            "selected": selected,
+            "missing": {},  # client -> why its update is not in the round
+            "sent": {},  # message id -> (client, bytes down)
+            "done": set(),  # clients whose reply was taken (folded or dropped)
+            "tally": rounds.RoundTally(),
+        }
+        sent = []
         for k in selected:
             if k not in self.directory.found:
                 self._round["missing"][k] = "no node has answered for this client"
@@ -299,8 +324,10 @@ class HeteroRankStrategy(Strategy):
                 message_type=MessageType.TRAIN,
                 group_id=str(server_round),
             )
-            self._sent.append((msg, k, content_bytes(content)))
-        return [msg for msg, _, _ in self._sent]
+            sent.append((msg, k, content_bytes(content)))
+        # message ids exist once the grid pushed them: map them when replies come
+        self._round["sent"] = _SentIndex(sent)
+        return [msg for msg, _, _ in sent]
 
     def _adopt_late_nodes(self) -> None:
         """A late node of a client whose size the server did not know: take its count."""
@@ -309,56 +336,60 @@ class HeteroRankStrategy(Strategy):
             if clients[k].num_examples is None:
                 clients[k] = replace(clients[k], num_examples=found["examples"])
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        run = self.run
-        sent = {msg.metadata.message_id: (k, down) for msg, k, down in self._sent}
-        updates, records = [], []
-        missing: dict[int, str] = dict(self._round["missing"])
-        arrived = {}
-        for reply in replies:
-            k, down = sent.get(reply.metadata.reply_to_message_id, (None, 0))
-            if k is not None and reply.metadata.src_node_id == self.nodes.get(k):
-                arrived[k] = (reply, down)  # else a late reply to an earlier message, or forged
-        for k, (reply, down) in sorted(arrived.items()):  # client order: a repeatable log
-            node = self.nodes[k]
-            if reply.has_error():
-                missing[k] = f"node {node}: error {reply.error.code}: {_short(reply.error.reason)}"
-                continue
-            spec = run.server.clients[k]
-            try:
-                tensors, meta = from_content(reply.content, update_shapes(spec, self._layout))
-                update, metrics = decode_update(tensors, meta, spec, self._layout)
-                result = ClientResult(
-                    dict(update.factors), update.num_examples, dense=dict(update.dense),
-                    metrics=metrics,
-                )  # fmt: skip
-                record = rounds.client_record(
-                    server_round, spec, result, ClientStart(None, download_bytes=down),
-                    content_bytes(reply.content),
-                )  # fmt: skip
-            except Exception as err:  # no reply, however built, stops the server
-                reason = str(err) if isinstance(err, ValueError) else type(err).__name__
-                missing[k] = f"node {node}: reply dropped: {_short(reason)}"
-                continue
-            if run.args.save_client_adapters and self.saving.saves(server_round):
-                rounds.save_client_adapter(run.task, run.folder, server_round, spec, update)
-            record["node"] = node
-            rounds.keep_client_record(run.folder, record)
-            log(rounds.client_line(record))
-            updates.append(update)
-            records.append(record)
-        got = {r["client"] for r in records}
-        for k in self._round["selected"]:
-            if k not in got and k not in missing:
+    def receive(self, server_round: int, reply: Message) -> None:
+        """Take one reply as it arrives: decode it against the server's knowledge, fold its
+        update into the round's running sums (:meth:`FederatedServer.fold`), record its line.
+        A reply to another message, from another node or a second one for a client is ignored;
+        any failure to decode or check it drops it, named in the round's ``missing``: no reply,
+        however built, stops the server."""
+        run, state = self.run, self._round
+        k, down = state["sent"].get(reply.metadata.reply_to_message_id, (None, 0))
+        if k is None or reply.metadata.src_node_id != self.nodes.get(k) or k in state["done"]:
+            return  # a late reply to an earlier message, a forged one, or a second one
+        state["done"].add(k)
+        node = self.nodes[k]
+        if reply.has_error():
+            state["missing"][k] = f"node {node}: error {reply.error.code}: " + _short(
+                reply.error.reason
+            )
+            return
+        spec = run.server.clients[k]
+        try:
+            tensors, meta = from_content(reply.content, update_shapes(spec, self._layout))
+            update, metrics = decode_update(tensors, meta, spec, self._layout)
+            result = ClientResult(
+                dict(update.factors), update.num_examples, dense=dict(update.dense),
+                metrics=metrics,
+            )  # fmt: skip
+            record = rounds.client_record(
+                server_round, spec, result, ClientStart(None, download_bytes=down),
+                content_bytes(reply.content),
+            )  # fmt: skip
+            run.server.fold(update)
+        except Exception as err:  # no reply, however built, stops the server
+            reason = str(err) if isinstance(err, ValueError) else type(err).__name__
+            state["missing"][k] = f"node {node}: reply dropped: {_short(reason)}"
+            return
+        if run.args.saves_client_adapters() and self.saving.saves(server_round):
+            rounds.save_client_adapter(run.task, run.folder, server_round, spec, update)
+        record["node"] = node
+        rounds.keep_client_record(run.folder, record, state["tally"], run.args.records_clients())
+
+    def close(self, server_round: int) -> MetricRecord:
+        """Close the round with the replies taken: name the missing clients, stop the run if
+        fewer than ``--min_replies`` replied, else aggregate, export, evaluate and commit."""
+        run, state = self.run, self._round
+        missing: dict[int, str] = state["missing"]
+        for k in state["selected"]:
+            if k not in state["done"] and k not in missing:
                 missing[k] = f"node {self.nodes[k]}: no reply within {run.args.round_timeout:g} s"
         for k, reason in sorted(missing.items()):
             log(f"round {server_round}: client {k} missing ({reason})")
-        needed = required_replies(run.args.min_replies, len(self._round["selected"]))
-        if len(updates) < needed:
+        replied = state["tally"].clients
+        needed = required_replies(run.args.min_replies, len(state["selected"]))
+        if replied < needed:
             raise RunError(
-                f"round {server_round}: {len(updates)} of {len(self._round['selected'])} "
+                f"round {server_round}: {replied} of {len(state['selected'])} "
                 f"selected clients replied, {needed} needed (--min_replies); missing: "
                 + "; ".join(f"client {k}: {r}" for k, r in sorted(missing.items()))
             )
@@ -367,17 +398,45 @@ class HeteroRankStrategy(Strategy):
             run.server,
             run.folder,
             server_round,
-            updates,
-            records,
-            started=self._round["started"],
-            selected=self._round["selected"],
+            state["tally"],
+            started=state["started"],
+            selected=state["selected"],
             missing=missing,
             export=self.saving.saves(server_round),
         )
         rounds.commit_round(run.server, run.folder, record, run.trackers)
         self.saving.end_round(run.folder, server_round)
         scalars = {"round": server_round, **scalar_evals(record.get("eval"))}
-        return None, MetricRecord({k: float(v) for k, v in scalars.items()})
+        return MetricRecord({k: float(v) for k, v in scalars.items()})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's hook: take the round's replies (each as :meth:`receive`), then close it."""
+        for reply in replies:
+            self.receive(server_round, reply)
+        return None, self.close(server_round)
+
+    def exchange(self, grid: Grid, server_round: int, messages: list[Message], timeout: float):
+        """Send the round's messages and take each reply as it is pulled (at most ``timeout``
+        seconds): the server holds one pulled batch at a time, never the whole round's. The
+        sums then follow the order replies arrive in, so two runs of a deployment may differ
+        in float rounding (within one pulled batch, replies are taken in client order)."""
+        pending = list(grid.push_messages(messages))
+        del messages
+        deadline = time.time() + timeout
+        sent = self._round["sent"]
+        while pending and time.time() < deadline:
+            pulled = list(grid.pull_messages(pending))
+            # within a batch in client order: the sums repeat when the batching does
+            pulled.sort(key=lambda r: sent.get(r.metadata.reply_to_message_id, (-1, 0))[0])
+            answered = {r.metadata.reply_to_message_id for r in pulled}
+            pending = [i for i in pending if i not in answered]
+            for reply in pulled:
+                self.receive(server_round, reply)
+            del pulled
+            if pending:
+                time.sleep(min(PULL_INTERVAL, max(0.0, deadline - time.time())))
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
@@ -412,10 +471,9 @@ class HeteroRankStrategy(Strategy):
         self.summary()
         for t in range(self.run.server.completed_rounds + 1, num_rounds + 1):
             messages = list(self.configure_train(t, ArrayRecord(), ConfigRecord(), grid))
-            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
-            _, metrics = self.aggregate_train(t, replies)
-            if metrics is not None:
-                result.train_metrics_clientapp[t] = metrics
+            if messages:
+                self.exchange(grid, t, messages, timeout)
+            result.train_metrics_clientapp[t] = self.close(t)
         return result
 
 

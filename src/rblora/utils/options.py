@@ -233,7 +233,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, title: str | None = None) ->
         kind = kind_of(f)
         help_ = f"{f.metadata['help']} (default: {default_of(f)})"
         flag = f"--{f.name}"
-        if kind == "bool":
+        if kind in ("bool", "bool|None"):
             group.add_argument(flag, nargs="?", const="true", default=argparse.SUPPRESS, help=help_)
             group.add_argument(
                 f"--no_{f.name}",

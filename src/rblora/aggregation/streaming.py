@@ -1,0 +1,342 @@
+"""Aggregation as client updates arrive: running sums whose size does not grow with the clients.
+
+    acc = RoundSum(get_method("RB-LoRA"), "svd", ranks=population_ranks)
+    for update in replies:          # in any order; each can be freed once added
+        acc.add(update)
+    global_update = acc.finish()    # the same global update as aggregate(method, replies)
+
+Every built-in method's weights factor as ``gamma[k, j] = raw[k, j] / den[j]`` with
+``den[j] = sum_k mass[k, j]`` (:attr:`rblora.aggregation.types.Method.share`): the numerators are
+sums over clients, and so are the denominators (RB-LoRA's are the examples behind component j,
+a count). So a round folds each update into running sums and divides once at the end. What it
+holds per module, whatever the number of clients:
+
+- ``padded`` form: the numerators ``A: (R, d_in)``, ``B: (d_out, R)`` and ``den: (R,)``, with R
+  the widest rank a client may have;
+- ``stack`` form: the weighted stack of every client's components while its width is at most
+  ``min(d_out, d_in)`` (what a list of the clients would hold anyway, and the exact factored
+  form the SVD needs); once wider, one dense ``(d_out, d_in)`` sum per *band* of components that
+  share a denominator: one band when the denominator is the same for every component (FLoRA,
+  FlexLoRA), one per distinct rank of the population for RB-LoRA (its ``den[j]`` changes only
+  where some client's rank ends). FLoRA's ``truncate`` needs the stack's order and keeps it;
+- dense extras: one weighted sum each.
+
+With ``normalise=False`` (client-level DP, :mod:`.privacy`) the caller gives each client's
+weights (the population's fixed weights times its clip factor): nothing is divided at the end
+and the padded width is the population's widest rank, whoever took part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .global_update import GlobalUpdate
+from .registry import resolve_reduction
+from .types import ClientUpdate, Method, ModuleDelta
+from .validation import first_shapes, validate_update
+
+
+class RoundSum:
+    """The running sums of one round's aggregation (see the module doc).
+
+    Args:
+        method: the aggregation method; with ``normalise`` it must define ``share``.
+        reduction: its redistribution (None: the method's default).
+        ranks: the ranks the round's clients may have (the population's, or those of the list
+            :func:`rblora.aggregation.aggregate` is given): they set the denominators' width,
+            the stack's bands and (DP) the padded width. An update of another rank is refused.
+        normalise: divide by the accumulated denominators at the end (False: the caller's
+            weights are final, see :meth:`add`).
+        shapes, dense_shapes: module -> ``(d_out, d_in)``, dense extra -> shape, if known before
+            any update (a release with no client, under DP); else the first update's.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        reduction: str | None = None,
+        *,
+        ranks: Sequence[int],
+        normalise: bool = True,
+        shapes: Mapping[str, tuple[int, int]] | None = None,
+        dense_shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        if normalise and method.share is None:
+            raise ValueError(
+                f"{method.name} defines no share (raw weight / mass), so its aggregation cannot "
+                "be folded update by update; aggregate the round's list instead"
+            )
+        ranks = sorted({int(r) for r in ranks})
+        if not ranks or ranks[0] < 1:
+            raise ValueError(f"RoundSum: ranks {ranks} must be integers >= 1")
+        if method.homogeneous_ranks:
+            method.weights(ranks, [1] * len(ranks))  # its own error for mixed ranks
+        self.method = method
+        self.reduction = resolve_reduction(method, reduction)
+        self.normalise = normalise
+        self.count = 0
+        self._ranks = ranks
+        self._shapes = (
+            {m: (int(o), int(i)) for m, (o, i) in shapes.items()} if shapes is not None else None
+        )
+        self._dense_shapes = (
+            {n: tuple(int(d) for d in s) for n, s in dense_shapes.items()}
+            if dense_shapes is not None
+            else None
+        )
+        self._dtype: torch.dtype | None = None  # promoted dtype of every factor added
+        self._work = torch.float32
+        self._widest = 0  # the widest rank added
+        self._den = torch.zeros(ranks[-1], dtype=torch.float64)  # (R,) denominators
+        self._dense_den = 0.0  # the dense extras' denominator (sum of examples)
+        self._modules: dict[str, _ModuleSum] = {}
+        self._extras: dict[str, Tensor] = {}
+        self._ids: set = set()
+
+    # ------------------------------------------------------------------ folding in
+    def add(self, update: ClientUpdate, weights: Tensor | None = None, dense_weight=None) -> None:
+        """Fold one client's update into the sums.
+
+        ``weights``: ``(r,)`` weights of its components and ``dense_weight`` that of its dense
+        extras, when the caller fixes them (``normalise=False``); else they come from the
+        method's ``share`` and the update's example count. Raises ValueError naming the
+        client for an update that does not fit the earlier ones (validation as
+        :func:`rblora.aggregation.validation.validate_updates`)."""
+        index = self.count
+        if self._shapes is None:
+            self._shapes, self._dense_shapes = first_shapes(update, index)
+        validate_update(update, index, self._shapes, self._dense_shapes or {})
+        if update.client_id is not None and update.client_id in self._ids:
+            raise ValueError(f"{update.describe(index)}: client {update.client_id} sent twice")
+        r_k = {update.rank(m) for m in update.factors}
+        rank = max(r_k) if r_k else 0
+        if rank and rank not in self._ranks:
+            raise ValueError(
+                f"{update.describe(index)}: rank {rank}, but the round's clients have ranks "
+                f"{self._ranks}"
+            )
+        if update.client_id is not None:
+            self._ids.add(update.client_id)
+        self._promote(update)
+        width = self._ranks[-1]
+        if self.normalise:
+            raw, mass = self.method.share(rank or 1, int(update.num_examples), width)
+            if rank:
+                self._den += mass
+            weights = raw[:rank]
+            dense_weight = float(update.num_examples)
+            self._dense_den += dense_weight
+        elif weights is None or (update.dense and dense_weight is None):
+            raise ValueError("RoundSum(normalise=False).add needs the client's weights")
+        self._widest = max(self._widest, rank)
+        for module in self._shapes:
+            a, bh = update.scaled_factors(module, self._work)
+            target = self._modules.get(module)
+            if target is None:
+                target = self._modules[module] = _ModuleSum(
+                    self.method.form, self._shapes[module], self._bands(), self._dense_allowed()
+                )
+            target.add(a, bh, weights.to(self._work))
+        for name in sorted(self._dense_shapes or {}):
+            value = update.dense[name].detach().to("cpu", self._work)
+            total = self._extras.get(name)
+            if total is None:
+                total = self._extras[name] = torch.zeros(value.shape, dtype=self._work)
+            total += float(dense_weight) * value
+        self.count += 1
+
+    # ------------------------------------------------------------------ the result
+    def held(self, width: int | None = None) -> dict[str, ModuleDelta]:
+        """The aggregated update of every module: ``(A_g, B_g)`` or a dense ``(d_out, d_in)``.
+        ``width``: the padded form's width (default: the widest rank added when normalising,
+        the population's widest otherwise)."""
+        if width is None:
+            width = self._widest if self.normalise else self._ranks[-1]
+        out: dict[str, ModuleDelta] = {}
+        den = self._den[:width] if self.normalise else None
+        for module in sorted(self._shapes or {}):
+            target = self._modules.get(module)
+            if target is None:  # nobody took part (under DP): zeros, to which noise is added
+                d_out, d_in = self._shapes[module]
+                if self.method.form == "stack":
+                    out[module] = torch.zeros(d_out, d_in, dtype=self._work)
+                else:
+                    out[module] = (
+                        torch.zeros(width, d_in, dtype=self._work),
+                        torch.zeros(d_out, width, dtype=self._work),
+                    )
+                continue
+            out[module] = target.result(width, den)
+        return out
+
+    def dense_extras(self) -> dict[str, Tensor]:
+        """Each dense extra's weighted sum (divided by the examples when normalising)."""
+        shapes = self._dense_shapes or {}
+        out = {}
+        for name in sorted(shapes):
+            total = self._extras.get(name)
+            if total is None:
+                total = torch.zeros(shapes[name], dtype=self._work)
+            elif self.normalise:
+                total = (total.double() / self._dense_den).to(self._work)
+            out[name] = total
+        return out
+
+    def finish(self) -> GlobalUpdate:
+        """The round's :class:`GlobalUpdate` (normalising: ValueError if nothing was added)."""
+        if self.normalise and self.count == 0:
+            raise ValueError("no client updates to aggregate (empty list); pass at least one")
+        return GlobalUpdate(
+            self.method.name, self.reduction, self.held(), self.out_dtype, self.dense_extras()
+        )
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """The promoted dtype of the factors added (float32 if none had factors)."""
+        return self._dtype or torch.float32
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Module -> ``(d_out, d_in)`` of the round (given, or the first update's)."""
+        return dict(self._shapes or {})
+
+    @property
+    def dense_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Dense extra -> shape of the round (given, or the first update's)."""
+        return dict(self._dense_shapes or {})
+
+    # ------------------------------------------------------------------ internals
+    def _promote(self, update: ClientUpdate) -> None:
+        for a, b in update.factors.values():
+            for t in (a, b):
+                self._dtype = t.dtype if self._dtype is None else torch.promote_types(
+                    self._dtype, t.dtype
+                )  # fmt: skip
+        if any(t.dtype == torch.float64 for t in update.dense.values()):
+            self._dtype = torch.float64 if self._dtype is None else self._dtype
+        work = torch.float64 if self._dtype == torch.float64 else torch.float32
+        if work != self._work:
+            self._work = work
+            for target in self._modules.values():
+                target.to(work)
+            self._extras = {n: t.to(work) for n, t in self._extras.items()}
+
+    def _bands(self) -> list[int]:
+        """Band starts: the components ``j`` where some client's mass may change (0 and each
+        rank where the method's mass is not flat; only 0 when nothing is divided)."""
+        if not self.normalise:
+            return [0]
+        widest = self._ranks[-1]
+        starts = {0}
+        for r in self._ranks:
+            _, mass = self.method.share(r, 1, widest)
+            changes = torch.nonzero(mass[1:] != mass[:-1]).flatten() + 1
+            starts.update(int(j) for j in changes)
+        return sorted(starts)
+
+    def _dense_allowed(self) -> bool:
+        """A stack may become dense sums unless its order matters (FLoRA's truncate)."""
+        return not (self.method.form == "stack" and self.reduction == "truncate")
+
+
+class _ModuleSum:
+    """One module's running sum: padded numerators, a weighted stack, or dense band sums."""
+
+    def __init__(self, form: str, shape: tuple[int, int], bands, dense_allowed: bool):
+        self.form = form
+        self.d_out, self.d_in = shape
+        self.bands = bands  # component index where each band starts
+        self.dense_allowed = dense_allowed
+        self.a_rows: list[Tensor] = []  # stack: weighted rows of A
+        self.b_cols: list[Tensor] = []  # stack: columns of Bh
+        self.comps: list[Tensor] = []  # stack: each row's component index j
+        self.width = 0
+        self.dense: list[Tensor] | None = None  # one (d_out, d_in) per band, once wider
+        self.pad_a: Tensor | None = None
+        self.pad_b: Tensor | None = None
+
+    def to(self, dtype: torch.dtype) -> None:
+        self.a_rows = [t.to(dtype) for t in self.a_rows]
+        self.b_cols = [t.to(dtype) for t in self.b_cols]
+        if self.dense is not None:
+            self.dense = [t.to(dtype) for t in self.dense]
+        if self.pad_a is not None:
+            self.pad_a, self.pad_b = self.pad_a.to(dtype), self.pad_b.to(dtype)
+
+    def add(self, a: Tensor, bh: Tensor, w: Tensor) -> None:
+        r = a.shape[0]
+        if self.form == "padded":
+            self._grow_padded(r, a.dtype)
+            self.pad_a[:r] += w[:, None] * a
+            self.pad_b[:, :r] += bh * w[None, :]
+            return
+        weighted = w[:, None] * a
+        if self.dense is not None:
+            self._add_dense(weighted, bh, torch.arange(r))
+            return
+        self.a_rows.append(weighted)
+        self.b_cols.append(bh)
+        self.comps.append(torch.arange(r))
+        self.width += r
+        if self.dense_allowed and self.width > min(self.d_out, self.d_in):
+            a_s, b_s, comps = self._stack()
+            self.a_rows, self.b_cols, self.comps = [], [], []
+            self.dense = [a_s.new_zeros(self.d_out, self.d_in) for _ in self.bands]
+            self._add_dense(a_s, b_s, comps)
+
+    def _band_of(self, comps: Tensor) -> Tensor:
+        return torch.bucketize(comps, torch.tensor(self.bands), right=True) - 1
+
+    def _add_dense(self, a_rows: Tensor, b_cols: Tensor, comps: Tensor) -> None:
+        band = self._band_of(comps)
+        for b in torch.unique(band).tolist():
+            pick = band == b
+            self.dense[b] += b_cols[:, pick] @ a_rows[pick]
+
+    def _stack(self) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.cat(self.a_rows), torch.cat(self.b_cols, dim=1), torch.cat(self.comps)
+
+    def _grow_padded(self, r: int, dtype: torch.dtype) -> None:
+        have = 0 if self.pad_a is None else self.pad_a.shape[0]
+        if have >= r:
+            return
+        a = torch.zeros(r, self.d_in, dtype=dtype)
+        b = torch.zeros(self.d_out, r, dtype=dtype)
+        if self.pad_a is not None:
+            a[:have], b[:, :have] = self.pad_a, self.pad_b
+        self.pad_a, self.pad_b = a, b
+
+    def result(self, width: int, den: Tensor | None) -> ModuleDelta:
+        """The module's aggregated update: numerators divided by ``den`` (if given)."""
+        if self.form == "padded":
+            self._grow_padded(width, self.pad_a.dtype)
+            a, b = self.pad_a[:width].clone(), self.pad_b[:, :width].clone()
+            if den is not None:
+                inv = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
+                a *= inv.to(a)[:, None]
+                b *= inv.to(b)[None, :]
+            return a, b
+        if self.dense is None:
+            a_s, b_s, comps = self._stack()
+            if den is not None:
+                a_s = a_s / den[comps].to(a_s)[:, None]
+            return a_s, b_s.clone()
+        total = self.dense[0].new_zeros(self.d_out, self.d_in)
+        for b, start in enumerate(self.bands):
+            if den is None:
+                total += self.dense[b]
+                continue
+            end = self.bands[b + 1] if b + 1 < len(self.bands) else den.shape[0]
+            values = den[start:end]
+            if values.numel() == 0 or not bool((values > 0).any()):
+                continue
+            if not bool((values == values[0]).all()):
+                raise ValueError(
+                    f"the method's denominators differ inside components {start}..{end - 1}; "
+                    "its share must change only where a client's rank ends"
+                )
+            total += self.dense[b] / float(values[0])
+        return total
