@@ -25,7 +25,6 @@ from rblora.aggregation.privacy import check_private
 from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
 from rblora.federation.engines import available_engines
 from rblora.federation.privacy import PrivacySettings, privacy_settings
-from rblora.federation.tracking import targets as tracking_targets
 from rblora.utils.device import BASE_DTYPES, check_device_name
 from rblora.utils.options import (
     OptionParser,
@@ -41,6 +40,10 @@ SEED_RANKS = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256]
 """The seed's client ranks for 10 clients."""
 
 TASKS = ("lm", "image")
+
+TRACKERS = ("tensorboard", "mlflow")
+"""The trackers ``--report_to`` can name (besides ``all`` and ``none``); what is sent to them is
+:mod:`rblora.federation.tracking`'s business."""
 
 
 @dataclass
@@ -391,7 +394,7 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             raise ValueError(
                 f"keep_last {self.keep_last} must be >= 0: a number of round folders (0: all)"
             )
-        tracking_targets(self.report_to)
+        report_targets(self.report_to)
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         self._check_min_replies()
@@ -481,6 +484,22 @@ def resume_differences(saved: dict[str, Any], current: TrainArgs) -> list[str]:
             " (under --dp_epsilon the noise was solved for the run's rounds)"
         )
     return differ
+
+
+def report_targets(report_to: list[str]) -> list[str]:
+    """The trackers ``--report_to`` asks for, in :data:`TRACKERS` order; ValueError naming a bad
+    word and the valid ones."""
+    words = [w.strip().lower() for w in report_to if w.strip()]
+    valid = (*TRACKERS, "all", "none")
+    for word in words:
+        if word not in valid:
+            raise ValueError(
+                f"report_to {word!r}: valid are {', '.join(valid)} (several separated by commas, "
+                "e.g. tensorboard,mlflow)"
+            )
+    if "none" in words and len(set(words)) > 1:
+        raise ValueError(f"report_to {','.join(words)}: 'none' cannot be combined with trackers")
+    return list(TRACKERS) if "all" in words else [t for t in TRACKERS if t in words]
 
 
 def _positive(args: TrainArgs, *names: str) -> None:
