@@ -538,7 +538,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         default=argparse.SUPPRESS,
-        help="YAML file of options (keys = flag names); flags override it",
+        help="YAML file of options (keys = flag names); flags override it. A file that "
+        "exists, else a shipped config by name: embedded.yaml, rb_lora.yaml, ... (`rblora "
+        "configs` lists them)",
     )
     for name, cls in GROUPS.items():
         add_flags(parser, cls, _TITLES[name])
@@ -552,7 +554,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, set[str]]:
     values: dict[str, Any] = {}
     config_path = ns.pop("config", None)
     if config_path:
-        values.update(values_from(TrainArgs, load_yaml(config_path), f"config file {config_path}"))
+        from rblora.configs import resolve
+
+        source = f"config file {config_path}"
+        values.update(values_from(TrainArgs, load_yaml(resolve(config_path)), source))
     values.update(values_from(TrainArgs, ns, "command line"))
     args = TrainArgs(**values)
     args.validate()
