@@ -78,7 +78,7 @@ PRESETS["image-sweep"] = {
     ),
 }
 
-# client-level DP (README "Differential privacy"): the image task with 50 clients, a fifth of
+# client-level DP (docs/privacy.md): the image task with 50 clients, a fifth of
 # them each round, 5 rounds; RB-LoRA, FlexLoRA and Weighted HETLoRA at each privacy level, one
 # comparison (and folder) per level, and the same without DP. C = 0.2 is the median term norm
 # of round 1 without clipping (the usual DP-FedAvg choice), the same at every level; epsilon

@@ -149,11 +149,12 @@ def private_aggregate(
     """Aggregate with client-level DP: fixed weights, per-client clipping, Gaussian noise.
 
     Args:
-        method, reduction: as :func:`rblora.aggregation.aggregate`.
+        method: as :func:`rblora.aggregation.aggregate`.
         updates: this round's clients; ``client_id`` must be the client's index in the
             population (0..K-1), its rank and ``num_examples`` those of ``dp``.
         dp: the clip, noise and population.
         seed: seeds the noise (and the randomized SVD of the noised update).
+        reduction: as :func:`rblora.aggregation.aggregate`.
 
     Returns:
         The noised global update (``stack`` methods: one dense ``(d_out, d_in)`` per module) and

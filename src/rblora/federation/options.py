@@ -74,7 +74,7 @@ class RunOptions:
     engine: str = option(
         "inprocess",
         "inprocess (one process) | flower (Flower's simulation runtime on this machine; for "
-        "separate machines see the README's Flower section)",
+        "separate machines see the docs' Flower page, docs/flower.md)",
         resumable=True,
     )
     min_replies: float = option(
@@ -151,7 +151,7 @@ class RunOptions:
         "value projections found in the model for image)",
     )
     use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
-    # client-level differential privacy (README, "Differential privacy")
+    # client-level differential privacy (docs/privacy.md)
     dp_clip: float | None = option(
         None,
         "client-level DP: clip each client's whole contribution to the global update (all "
@@ -182,7 +182,7 @@ class RunOptions:
         0,
         "write the round folders (round_<t>/: global model, client adapters) every N rounds and "
         "always the last; 0: every round unless the folders kept would pass 20 GB at the most "
-        "a round folder can take, then the smallest N that stays within (see README)",
+        "a round folder can take, then the smallest N that stays within (see docs/run-folder.md)",
         resumable=True,
     )
     keep_last: int = option(

@@ -283,7 +283,8 @@ def exact_factors(delta: dict[str, ModuleDelta]) -> Factors:
     values, the fewest of any LoRA pair of full rank, and bit for bit the dense values. A dense
     total of lower numerical rank would be smaller as SVD factors, but the running total goes
     dense only once its rank makes factors as large as the matrix, and an SVD of every dense
-    module every round would cost about two minutes per 4096 x 4096 module on 2 CPU cores (README).
+    module every round would cost about two minutes per 4096 x 4096 module on 2 CPU cores
+    (docs/privacy.md).
     """
     out: Factors = {}
     for module, value in delta.items():
