@@ -12,7 +12,7 @@ so every client holding component j counts the same whatever its number of examp
     dW = sum_k sum_{j < r_k} gamma_j(k) * Bh_k[:, j] A_k[j]
 
 and each client gets its best rank-r_k approximation back (SVD projection). With equal ranks it
-is the plain mean of the clients' updates.
+is the plain mean of the clients' updates; with equal client sizes it is RB-LoRA.
 
 This file is ``rblora compare`` with the method registered, so it runs against RB-LoRA as is:
 

@@ -50,6 +50,15 @@ def test_weights_by_hand(example):
     assert gamma.tolist() == [[0.5, 0.0, 0.0], [0.5, 1.0, 1.0]]
 
 
+def test_with_equal_client_sizes_it_is_rb_lora(example):
+    from rblora.aggregation.rb_lora import rank_balanced_weights
+
+    ranks = [4, 4, 16, 64]
+    same = example.component_mean_weights(ranks, [30] * 4)
+    torch.testing.assert_close(same, rank_balanced_weights(ranks, [30] * 4))
+    assert not torch.equal(same, rank_balanced_weights(ranks, [40, 16, 8, 8]))
+
+
 def test_two_clients_by_hand(example):
     c0, c1 = make_clients([1, 3], [500, 2500], seed=4)
     a0, b0 = c0.scaled_factors(MODULE, torch.float64)
