@@ -50,7 +50,7 @@ PRESETS = {
         "prepare": ["10", "2", "--source", "mixture", "--tasks", "sst2,rte,mrpc,boolq",
                     "--per_task", "200", "--client_sizes", "16,16,24,24,32,32,40,40,48,48",
                     "--test_per_category", "150"],
-        "train": ["--config", str(ROOT / "configs" / "embedded.yaml")],
+        "train": ["--config", "embedded.yaml"],
         "methods": [*HETEROGENEOUS, "FedIT@smallest"],
         "seeds": "1,2,3",
         "settings": "heterogeneous;smallest",
@@ -58,7 +58,7 @@ PRESETS = {
     "image": {
         "prepare": ["10", "--source", "fashion-mnist", "--partition", "dirichlet",
                     "--alpha", "0.5", "--pool_size", "1000", "--test_per_category", "50"],
-        "train": ["--config", str(ROOT / "configs" / "vit_embedded.yaml"),
+        "train": ["--config", "vit_embedded.yaml",
                   "--image_size", "84"],
         "methods": [*HETEROGENEOUS, "FedIT@smallest", "head-only@heterogeneous"],
         "seeds": "1,2,3",
@@ -79,7 +79,7 @@ PRESETS["image-sweep"] = {
     ),
 }
 
-# client-level DP (README "Differential privacy"): the image task with 50 clients, each taking
+# client-level DP (docs/privacy.md): the image task with 50 clients, each taking
 # part with probability 0.2 (Poisson sampling: the accountant's amplification holds), 5 rounds;
 # RB-LoRA, FlexLoRA and Weighted HETLoRA at each privacy level, one comparison (and folder) per
 # level, and the same without DP. C = 0.2 was the median term norm of round 1 without clipping
@@ -95,7 +95,7 @@ PRIVACY_LEVELS = {
 PRESETS["image-privacy"] = {
     "prepare": ["50", "--source", "fashion-mnist", "--partition", "dirichlet", "--alpha", "0.5",
                 "--min_size", "20", "--pool_size", "2500", "--test_per_category", "50"],
-    "train": ["--config", str(ROOT / "configs" / "vit_embedded.yaml"), "--image_size", "84",
+    "train": ["--config", "vit_embedded.yaml", "--image_size", "84",
               "--num_clients", "50", "--client_selection_frac", "0.2",
               "--client_sampling", "poisson", "--num_communication_rounds", "5",
               "--client_ranks", ",".join(["4,4,16,16,64,64,128,128,256,256"] * 5)],

@@ -50,7 +50,7 @@ QUICK = {**LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_attention_he
 PAPER_RANKS = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256]
 QUICK_RANKS = [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]
 PAPER_LAYERS, PAPER_ROUNDS = 32, 50
-CONFIGS = {"RB-LoRA": "configs/rb_lora.yaml", "FLoRA": "configs/flora.yaml"}
+CONFIGS = {"RB-LoRA": "rb_lora.yaml", "FLoRA": "flora.yaml"}  # shipped configs, by name
 RECORDS = 4  # per client
 
 
@@ -94,7 +94,7 @@ def train_options(method: str, model: Path, data: Path, out: Path, ranks: list[i
     sizes = json.dumps({f"client_{k}": RECORDS for k in range(10)})
     rank_dict = json.dumps({f"client_{k}": r for k, r in enumerate(ranks)})
     return [
-        "--config", str(ROOT / CONFIGS[method]), "--global_model", str(model),
+        "--config", CONFIGS[method], "--global_model", str(model),
         "--data_path", str(data), "--output_dir", str(out), "--num_communication_rounds", "2",
         "--local_batch_size", str(RECORDS), "--local_micro_batch_size", str(RECORDS),
         "--cutoff_len", "256", "--client_dataset_size_dict", sizes,

@@ -24,17 +24,7 @@ def lm_workspace(root: Path) -> Path:
     model = build_tiny_llama(vocab_size=len(tok))
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    dolly = root / "dolly.jsonl"
-    with open(dolly, "w") as fh:
-        for i in range(60):
-            cat = CATEGORIES[i % 3]
-            rec = {
-                "instruction": f"Say {cat} {i}",
-                "context": "" if i % 2 else f"ctx {i}",
-                "response": f"{cat} answer {i % 7}",
-                "category": cat,
-            }
-            fh.write(json.dumps(rec) + "\n")
+    dolly = write_dolly(root / "dolly.jsonl")
     argv = ["3", "2", "1", "--dolly", str(dolly), "--client_sizes", "8,12,16"]
     argv += ["--test_per_category", "2", "--output_dir", str(root / "data")]
     assert prepare_main(argv) == 0
@@ -49,6 +39,21 @@ def lm_workspace(root: Path) -> Path:
     ]
     (root / "dev.json").write_text(json.dumps(dev))
     return root
+
+
+def write_dolly(path: Path, count: int = 60) -> Path:
+    """``count`` Dolly-format records (JSON lines) over :data:`CATEGORIES` at ``path``."""
+    with open(path, "w") as fh:
+        for i in range(count):
+            cat = CATEGORIES[i % 3]
+            rec = {
+                "instruction": f"Say {cat} {i}",
+                "context": "" if i % 2 else f"ctx {i}",
+                "response": f"{cat} answer {i % 7}",
+                "category": cat,
+            }
+            fh.write(json.dumps(rec) + "\n")
+    return path
 
 
 def lm_argv(ws: Path, out: Path, *extra: str, **overrides) -> list[str]:

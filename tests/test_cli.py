@@ -37,6 +37,9 @@ def test_subcommand_dispatch(capsys):
         (["assets"], "required: command"),
         (["assets", "frob"], "invalid choice: 'frob'"),
         (["assets", "fetch", "nope"], "unknown asset 'nope'"),
+        (["train", "--config", "configs/nope.yaml"], "shipped configs: embedded.yaml, flora.yaml"),
+        (["configs", "nope.yaml"], "no shipped config 'nope.yaml'; shipped configs: embedded"),
+        (["configs", "a", "b"], "give at most one config name, not 2"),
     ],
 )
 def test_usage_errors_are_one_line(argv, fragment, capsys, tmp_path, monkeypatch):
@@ -65,3 +68,13 @@ def test_flower_local_usage_errors_are_one_line(argv, fragment, capsys):
     err = capsys.readouterr().err
     assert err.startswith("rblora.flower.local: error: ") and err.count("\n") == 1
     assert fragment in err
+
+
+def test_configs_lists_and_prints_the_shipped_configs(capsys):
+    from rblora import configs
+
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listing] == configs.shipped()
+    assert main(["configs", "embedded"]) == 0
+    assert capsys.readouterr().out == configs.shipped_path("embedded.yaml").read_text()

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("rblora.experiments.compare:main", "methods x seeds x rank settings, one table"),
     "report": ("rblora.experiments.report:main", "rebuild tables and plots of runs"),
     "assets": ("rblora.assets.cli:main", "list or fetch the embedded models and data"),
+    "configs": ("rblora.configs:main", "list the shipped train.py configs, or print one"),
 }
 
 

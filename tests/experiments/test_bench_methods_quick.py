@@ -1,5 +1,5 @@
 """benchmarks/bench_methods.py --quick on the real embedded models (slow): the comparison table
-of the README's Results section, in a form that runs in minutes."""
+of the Results page (docs/results.md), in a form that runs in minutes."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from rblora import configs
 from rblora.federation.options import SEED_RANKS, TrainArgs, selection_count
 from rblora.federation.options import parse_args as parse_with_given
 
@@ -12,7 +13,7 @@ def parse_args(argv):
     return parse_with_given(argv)[0]
 
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+CONFIGS = [configs.shipped_path(name) for name in configs.shipped()]
 
 
 def test_seed_defaults():
@@ -74,6 +75,37 @@ def test_every_shipped_config_loads(path):
     assert len(args.ranks()) == args.num_clients
     sizes = args.expected_sizes()
     assert sizes is None or len(sizes) == args.num_clients
+
+
+def test_the_configs_ship_in_the_package_and_only_there():
+    names = [p.name for p in CONFIGS]
+    assert {"embedded.yaml", "rb_lora.yaml", "vit_embedded.yaml", "flora.yaml"} <= set(names)
+    assert all(p.parent == Path(configs.__file__).parent for p in CONFIGS)
+    assert not (Path(__file__).parents[2] / "configs").exists()  # one home, no second copy
+
+
+@pytest.mark.parametrize("given", ["configs/rb_lora.yaml", "rb_lora.yaml", "rb_lora"])
+def test_a_shipped_config_by_name_or_by_the_seeds_path(given, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the packaged file is read
+    args = parse_args(["--config", given])
+    assert args.method == "RB-LoRA" and args.ranks() == SEED_RANKS
+    assert args.client_dataset_size_dict["client_9"] == 2500
+
+
+def test_a_file_that_exists_wins_over_the_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "rb_lora.yaml").write_text("method: FLoRA\nnum_clients: 2\n")
+    assert parse_args(["--config", "configs/rb_lora.yaml"]).method == "FLoRA"
+
+
+@pytest.mark.parametrize(
+    "given", ["configs/nope.yaml", "elsewhere/rb_lora.yaml", "/x/rb_lora.yaml"]
+)
+def test_a_missing_config_names_the_shipped_ones(given, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"does not exist; shipped configs: embedded.yaml, "):
+        parse_args(["--config", given])
 
 
 def test_flags_override_yaml(tmp_path):

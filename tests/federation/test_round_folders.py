@@ -142,7 +142,7 @@ SMOLLM2 = _layout({"q_proj": (576, 576), "v_proj": (192, 576)}, 30)
 
 def test_the_automatic_schedule_for_the_papers_and_the_embedded_model():
     """Bounds of one round folder (global + ten clients, float32) and the resulting N over 50
-    rounds: the figures of the README and of rblora.federation.saving's doc."""
+    rounds: the figures of docs/paper-scale.md and of rblora.federation.saving's doc."""
     rb = round_folder_bytes(LLAMA_8B, SEED_RANKS, merge=False, clients=True)
     flora = round_folder_bytes(LLAMA_8B, SEED_RANKS, merge=True, clients=True)
     small = round_folder_bytes(SMOLLM2, SEED_RANKS, merge=True, clients=True)

@@ -10,6 +10,7 @@ import pytest
 from run_helpers import lm_argv, metrics, tb_scalars
 
 from rblora.federation import cli, tracking
+from rblora.federation.options import report_targets
 from rblora.tasks.lm import CausalLMTask
 
 mlflow = pytest.importorskip("mlflow")
@@ -140,11 +141,11 @@ def test_a_missing_package_is_named_before_anything_runs(
 
 
 def test_targets():
-    assert tracking.targets(["none"]) == tracking.targets([]) == []
-    assert tracking.targets(["all"]) == ["tensorboard", "mlflow"]
-    assert tracking.targets(["MLflow", "tensorboard", "mlflow"]) == ["tensorboard", "mlflow"]
+    assert report_targets(["none"]) == report_targets([]) == []
+    assert report_targets(["all"]) == ["tensorboard", "mlflow"]
+    assert report_targets(["MLflow", "tensorboard", "mlflow"]) == ["tensorboard", "mlflow"]
     with pytest.raises(ValueError, match=r"report_to none,mlflow: 'none' cannot be combined"):
-        tracking.targets(["none", "mlflow"])
+        report_targets(["none", "mlflow"])
 
 
 def test_a_killed_run_resumes_in_the_same_trackers_without_a_step_twice(

@@ -180,7 +180,7 @@ def randomized_svd(
     ``O(d^3)`` (at 4096 x 4096 and rank 256: about a second instead of about two minutes on
     2 CPU cores). When ``rank + oversample >= min(d_out, d_in)`` the exact dense SVD (float64)
     is used instead. Its error against the dense SVD is measured in
-    ``tests/aggregation/test_agg_privacy.py`` (README, "Differential privacy").
+    ``tests/aggregation/test_agg_privacy.py`` (docs/privacy.md).
 
     Returns:
         ``(A_r: (rank, d_in), B_r: (d_out, rank))`` in ``M``'s dtype, ``A_r = V[:, :rank]^T``

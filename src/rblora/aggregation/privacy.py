@@ -364,16 +364,17 @@ def private_aggregate(
     """Aggregate with client-level DP: fixed weights, per-client clipping, Gaussian noise.
 
     Args:
-        method, reduction: as :func:`rblora.aggregation.aggregate`.
+        method: as :func:`rblora.aggregation.aggregate`.
         updates: this round's clients (may be empty: the noise alone is released);
             ``client_id`` must be the client's index in the population (0..K-1), its rank and
             ``num_examples`` those of ``dp``.
         dp: the clip, noise and population.
         noise: the round's secret generator (:func:`secret_generator`); None only when ``dp``
             adds no noise.
-        shapes, dense_shapes: module -> ``(d_out, d_in)`` and dense extra -> shape of the
-            population's updates (the server's own knowledge); required when ``updates`` is
-            empty, checked against the updates otherwise.
+        reduction: as :func:`rblora.aggregation.aggregate`.
+        shapes: module -> ``(d_out, d_in)`` of the population's updates (the server's own
+            knowledge); required when ``updates`` is empty, checked against them otherwise.
+        dense_shapes: dense extra -> shape, likewise.
         sketch_seed: seeds the randomized SVD of the noised update (post-processing: it need
             not be secret).
 

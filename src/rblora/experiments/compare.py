@@ -194,9 +194,10 @@ def _tracking_argv(args, cell: dict, root: Path) -> list[str]:
     """With ``--report_to mlflow``: the comparison is one MLflow experiment, named after its
     folder, in one store (``<output_dir>/mlflow.db`` unless the options give one), and each
     cell one run tagged with its setting and method (train.py tags the seed)."""
-    from rblora.federation.tracking import default_tracking_uri, targets
+    from rblora.federation.options import report_targets
+    from rblora.federation.tracking import default_tracking_uri
 
-    if "mlflow" not in targets(args.report_to):
+    if "mlflow" not in report_targets(args.report_to):
         return []
     uri = args.mlflow_tracking_uri or default_tracking_uri(root)
     experiment = args.mlflow_experiment or root.resolve().name

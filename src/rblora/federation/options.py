@@ -25,7 +25,6 @@ from rblora.aggregation.privacy import check_private
 from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
 from rblora.federation.engines import available_engines
 from rblora.federation.privacy import PrivacySettings, privacy_settings
-from rblora.federation.tracking import targets as tracking_targets
 from rblora.utils.device import BASE_DTYPES, check_device_name
 from rblora.utils.options import (
     OptionParser,
@@ -45,6 +44,10 @@ CLIENT_LINES_UP_TO = 1000
 """``--record_clients`` is on by default up to this many clients a round."""
 
 TASKS = ("lm", "image")
+
+TRACKERS = ("tensorboard", "mlflow")
+"""The trackers ``--report_to`` can name (besides ``all`` and ``none``); what is sent to them is
+:mod:`rblora.federation.tracking`'s business."""
 
 
 @dataclass
@@ -75,7 +78,7 @@ class RunOptions:
     engine: str = option(
         "inprocess",
         "inprocess (one process) | flower (Flower's simulation runtime on this machine; for "
-        "separate machines see the README's Flower section)",
+        "separate machines see the docs' Flower page, docs/flower.md)",
         resumable=True,
     )
     min_replies: float = option(
@@ -177,7 +180,7 @@ class RunOptions:
         "value projections found in the model for image)",
     )
     use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
-    # client-level differential privacy (README, "Differential privacy")
+    # client-level differential privacy (docs/privacy.md)
     dp_clip: float | None = option(
         None,
         "client-level DP: clip each client's whole contribution to the global update (all "
@@ -239,7 +242,7 @@ class RunOptions:
         0,
         "write the round folders (round_<t>/: global model, client adapters) every N rounds and "
         "always the last; 0: every round unless the folders kept would pass 20 GB at the most "
-        "a round folder can take, then the smallest N that stays within (see README)",
+        "a round folder can take, then the smallest N that stays within (see docs/run-folder.md)",
         resumable=True,
     )
     keep_last: int = option(
@@ -451,7 +454,7 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             raise ValueError(
                 f"keep_last {self.keep_last} must be >= 0: a number of round folders (0: all)"
             )
-        tracking_targets(self.report_to)
+        report_targets(self.report_to)
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         self._check_min_replies()
@@ -588,6 +591,22 @@ def resume_differences(saved: dict[str, Any], current: TrainArgs) -> list[str]:
     return differ
 
 
+def report_targets(report_to: list[str]) -> list[str]:
+    """The trackers ``--report_to`` asks for, in :data:`TRACKERS` order; ValueError naming a bad
+    word and the valid ones."""
+    words = [w.strip().lower() for w in report_to if w.strip()]
+    valid = (*TRACKERS, "all", "none")
+    for word in words:
+        if word not in valid:
+            raise ValueError(
+                f"report_to {word!r}: valid are {', '.join(valid)} (several separated by commas, "
+                "e.g. tensorboard,mlflow)"
+            )
+    if "none" in words and len(set(words)) > 1:
+        raise ValueError(f"report_to {','.join(words)}: 'none' cannot be combined with trackers")
+    return list(TRACKERS) if "all" in words else [t for t in TRACKERS if t in words]
+
+
 def _positive(args: TrainArgs, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
@@ -624,7 +643,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         default=argparse.SUPPRESS,
-        help="YAML file of options (keys = flag names); flags override it",
+        help="YAML file of options (keys = flag names); flags override it. A file that "
+        "exists, else a shipped config by name: embedded.yaml, rb_lora.yaml, ... (`rblora "
+        "configs` lists them)",
     )
     for name, cls in GROUPS.items():
         add_flags(parser, cls, _TITLES[name])
@@ -638,7 +659,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, set[str]]:
     values: dict[str, Any] = {}
     config_path = ns.pop("config", None)
     if config_path:
-        values.update(values_from(TrainArgs, load_yaml(config_path), f"config file {config_path}"))
+        from rblora.configs import resolve
+
+        source = f"config file {config_path}"
+        values.update(values_from(TrainArgs, load_yaml(resolve(config_path)), source))
     values.update(values_from(TrainArgs, ns, "command line"))
     args = TrainArgs(**values)
     args.validate()

@@ -74,7 +74,7 @@ class SavePlan:
 
 
 def decimal_size(n: int) -> str:
-    """``n`` bytes in decimal units (the README's GB are 10^9 bytes)."""
+    """``n`` bytes in decimal units (the docs' GB are 10^9 bytes)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"

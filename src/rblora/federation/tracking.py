@@ -44,12 +44,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rblora.federation.options import report_targets
 from rblora.federation.results import scalar_evals
 from rblora.federation.rundir import RunFolder
 from rblora.utils.atomic import write_json
-
-TARGETS = ("tensorboard", "mlflow")
-"""The trackers ``--report_to`` can name (besides ``all`` and ``none``)."""
 
 #: Present in every round line (round 0 too, and under DP, whose lines hold only what may be
 #: released) and sent last: a tracker with it at step t has round t.
@@ -66,25 +64,9 @@ _IDENTITY = {"type", "round", "client", "node", "rank", "num_examples"}
 _PARAM_CHARS, _BATCH_PARAMS, _BATCH_METRICS = 6000, 100, 1000
 
 
-def targets(report_to: list[str]) -> list[str]:
-    """The trackers ``--report_to`` asks for, in :data:`TARGETS` order; ValueError naming a bad
-    word and the valid ones."""
-    words = [w.strip().lower() for w in report_to if w.strip()]
-    valid = (*TARGETS, "all", "none")
-    for word in words:
-        if word not in valid:
-            raise ValueError(
-                f"report_to {word!r}: valid are {', '.join(valid)} (several separated by commas, "
-                "e.g. tensorboard,mlflow)"
-            )
-    if "none" in words and len(set(words)) > 1:
-        raise ValueError(f"report_to {','.join(words)}: 'none' cannot be combined with trackers")
-    return list(TARGETS) if "all" in words else [t for t in TARGETS if t in words]
-
-
 def require_packages(report_to: list[str]) -> None:
     """ValueError naming the first package a requested tracker lacks and how to install it."""
-    for target in targets(report_to):
+    for target in report_targets(report_to):
         for module, package in _NEEDS[target]:
             try:
                 importlib.import_module(module)
@@ -176,7 +158,7 @@ def open_trackers(
     """The trackers ``args.report_to`` asks for, set up for ``folder``'s run (an MLflow run
     created, or the one in ``tracking.json`` continued). ValueError if a store cannot be used."""
     backends: list = []
-    for target in targets(args.report_to):
+    for target in report_targets(args.report_to):
         if target == "tensorboard":
             backends.append(TensorBoard(folder.path / "tensorboard"))
         else:

@@ -11,7 +11,7 @@ own ``FLWR_HOME`` under the work folder, where its log is written too. Telemetry
 and Flower's runtime dependency installation are switched off.
 
 This is the demonstration of a deployment; on real machines run the same commands by hand (see
-the README), with TLS and node authentication.
+docs/flower.md), with TLS and node authentication.
 """
 
 from __future__ import annotations

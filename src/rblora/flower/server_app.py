@@ -28,7 +28,7 @@ metrics name who was missing and why. A reply that does not decode is dropped th
 Fewer replies than ``--min_replies`` stop the run.
 
 Deployment: ``flwr run <rblora>/src/rblora/flower/app <superlink>`` with the run config key
-``train-args`` holding train.py's options (see the README); nodes identify themselves through
+``train-args`` holding train.py's options (see docs/flower.md); nodes identify themselves through
 their node config (:mod:`rblora.flower.client_app`).
 """
 

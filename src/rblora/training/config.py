@@ -42,7 +42,7 @@ class TrainConfig:
     """Training stops as diverged when a step's loss exceeds the first step's loss by more than
     this, in the loss's units (nats for the cross-entropy of the shipped tasks: 5 is a 148-fold
     perplexity); ``math.inf`` disables. An exploding run can stay finite with small weights
-    (SmolLM2 at lr 0.1 to 3e3: +7.5 to +16 at the second step, README "Local training"), while a
+    (SmolLM2 at lr 0.1 to 3e3: +7.5 to +16 at the second step, docs/local-training.md), while a
     healthy one's noisy steps stay well below (+2.2 at most measured; details there)."""
     seed: int = 42
     """Seed of the data order and of LoRA dropout."""

@@ -25,8 +25,8 @@ above the first step's (an explosion that stays finite), or a trainable weight t
 or exceeds ``config.max_abs_weight`` after a step, raises :class:`TrainingDiverged` at once (the
 weights are then garbage and must not be saved or aggregated). The first step's loss is the loss
 of the model training started from (no update has been made yet), so the rule asks "did training
-make the model much worse than it was"; noise of small batches rises far less (README "Local
-training" has the measured figures).
+make the model much worse than it was"; noise of small batches rises far less
+(docs/local-training.md has the measured figures).
 
 Randomness: the data order uses a ``torch.Generator`` seeded with ``config.seed``; LoRA dropout
 draws from the global torch RNG, which is forked (saved and restored around the call) and seeded
