@@ -24,27 +24,32 @@ This file is ``rblora compare`` with the method registered, so it runs against R
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from rblora.aggregation import Method
 from rblora.aggregation.registry import register
+from rblora.aggregation.types import weights_from_share
 
 
-def component_mean_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> Tensor:
-    """``gamma: (K, R)`` float64, ``gamma[k, j] = 1 / (clients with r > j)`` for ``j < r_k``,
-    else 0 (``R = max r_k``); ``num_examples`` is not used."""
-    r = torch.tensor(list(ranks))
-    has = torch.arange(int(r.max()))[None, :] < r[:, None]  # (K, R): client k has component j
-    holders = has.sum(dim=0, keepdim=True)  # (1, R): clients holding component j, always >= 1
-    return has.double() / holders
+def component_mean_share(rank: int, num_examples: int, width: int) -> tuple[Tensor, Tensor]:
+    """The weights as a share: raw weight 1 on each of the client's own components, and mass 1
+    there too, so component j's denominator counts the clients that hold it; ``num_examples``
+    is not used. ``(width,)`` float64 each."""
+    held = (torch.arange(width) < rank).double()
+    return held, held.clone()
+
+
+component_mean_weights = weights_from_share(component_mean_share)
+"""``gamma: (K, R)`` float64, ``gamma[k, j] = 1 / (clients with r > j)`` for ``j < r_k``, else 0
+(``R = max r_k``)."""
 
 
 METHOD = Method(
     name="Component Mean",
     weights=component_mean_weights,
+    share=component_mean_share,  # a round folds each reply in as it arrives
     form="stack",  # dW = sum_k Bh_k diag(gamma_k) A_k, held as a stack of width sum r_k
     default_reduction="svd",  # each client gets the best rank-r_k approximation
     reductions=("svd",),
