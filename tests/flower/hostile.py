@@ -138,15 +138,15 @@ def _array(value) -> Array:
 def query(msg: Message, context: Context) -> Message:
     kind = context.node_config.get("hostile")
     if kind == "malformed-answer":
-        answer = ConfigRecord({"partition-id": "one", "lora-rank": -1})
+        answer = ConfigRecord({"partition-ids": "one", "lora-rank": -1})
         return Message(RecordDict({CONFIG: answer}), reply_to=msg)
     reply = honest.query(msg, context)
     if kind in ("claim", "huge-size"):  # another node's partition, or a weight of 10**18
         answer = dict(reply.content.config_records[CONFIG])
         if kind == "claim":
-            answer["partition-id"] = int(context.node_config["claim"])
+            answer["partition-ids"] = [int(context.node_config["claim"])]
         else:
-            answer["num-examples"] = 10**18
+            answer["num-examples"] = [10**18]
         return Message(RecordDict({CONFIG: ConfigRecord(answer)}), reply_to=msg)
     return reply
 

@@ -200,3 +200,70 @@ def _lines(run):
         except json.JSONDecodeError:
             break
     return out
+
+
+@pytest.mark.slow  # Ray, 120 virtual SuperNodes
+def test_simulation_with_a_hundred_supernodes_matches_in_process_and_trains_clients_at_once(
+    tmp_path,
+):
+    """120 virtual SuperNodes, a tenth of them a round (Poisson sampling), each ClientApp
+    reserving one CPU (--client_num_cpus 1): Ray builds one actor per CPU, so two clients train at
+    once on a 2-core machine; the global updates equal the in-process engine's (float rounding)."""
+    import logging
+    import os
+
+    from rblora.data.prepare import main as prepare_main
+
+    build_tiny_vit(tmp_path / "vit")
+    prepare = ["120", "--source", "digits", "--partition", "iid", "--pool_size", "360"]
+    assert prepare_main([*prepare, "--test_per_category", "3", "--output_dir", str(tmp_path)]) == 0
+
+    def argv(out, *extra):
+        return [
+            "--global_model", str(tmp_path / "vit"), "--data_path", str(tmp_path),
+            "--output_dir", str(out), "--num_clients", "120",
+            "--client_ranks", ",".join(["2", "4", "8"] * 40), "--num_communication_rounds", "2",
+            "--client_selection_frac", "0.1", "--client_sampling", "poisson",
+            "--discovery_timeout", "600",
+            "--local_num_epochs", "1", "--local_batch_size", "4", "--local_micro_batch_size", "4",
+            "--bf16", "false", "--no_progress", *extra,
+        ]  # fmt: skip
+
+    pools: list[str] = []
+
+    class Pools(logging.Handler):
+        def emit(self, record):
+            if "ActorPool" in record.getMessage():
+                pools.append(record.getMessage())
+
+    flwr_logger = logging.getLogger("flwr")
+    handler, level = Pools(level=logging.DEBUG), flwr_logger.level
+    flwr_logger.addHandler(handler)
+    flwr_logger.setLevel(logging.DEBUG)
+    try:
+        assert cli.main(argv(tmp_path / "flower", "--engine", "flower", "--client_num_cpus",
+                             "1")) == 0  # fmt: skip
+    finally:
+        flwr_logger.removeHandler(handler)
+        flwr_logger.setLevel(level)
+    assert pools == [f"Constructed ActorPool with: {os.cpu_count()} actors"]
+    assert cli.main(argv(tmp_path / "inprocess")) == 0
+    assert_same_global_updates(tmp_path / "flower" / "120", tmp_path / "inprocess" / "120")
+    config = json.loads((tmp_path / "flower" / "120" / "config.json").read_text())
+    assert config["client_sizes"] == [3] * 120
+
+
+def test_client_resources_are_options_checked_against_the_machine(tmp_path):
+    import os
+
+    from rblora.flower.simulation import backend_config
+
+    args, _ = parse_args(["--client_num_cpus", "0.5", "--client_num_gpus", "0"])
+    config = backend_config(args)
+    assert config["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert config["init_args"]["num_cpus"] == os.cpu_count()
+    args, _ = parse_args(["--client_num_cpus", str(os.cpu_count() + 1)])
+    with pytest.raises(ValueError, match="each client would need more CPUs than this machine"):
+        backend_config(args)
+    with pytest.raises(ValueError, match="client_num_gpus -1.0 must be a number >= 0"):
+        parse_args(["--client_num_gpus", "-1"])

@@ -84,7 +84,8 @@ class TestGrid(Grid):
             reply.metadata.__dict__["_reply_to_message_id"] = msg.metadata.message_id
             if msg.metadata.message_type == "train":
                 self.hidden.clear()  # late nodes are up once the first round has started
-                reply = self.tamper(int(context.node_config["partition-id"]), reply)
+                client = int(msg.content.config_records["config"]["client"])
+                reply = self.tamper(client, reply)
             if reply is not None:
                 self._replies[msg.metadata.message_id] = _roundtrip(reply)
         return ids
@@ -316,7 +317,8 @@ def test_a_malformed_discovery_answer_is_refused_and_the_run_goes_on(workspace, 
     )  # fmt: skip
     err = capsys.readouterr().err
     assert (
-        "node 101 refused: malformed discovery answer: partition-id 'one' is not an integer" in err
+        "node 101 refused: malformed discovery answer: partition-ids 'one' is not a list of "
+        "1..3 integers" in err
     )
     assert "starting with 2 of 3 clients; no node for client(s) [1]" in err
     (record,) = [r for r in metrics(tmp_path / "3") if r["type"] == "round"]
@@ -402,7 +404,6 @@ def test_without_node_keys_a_claim_of_another_partition_costs_both(workspace, tm
         ({"0": "missing.pub"}, "partition 0:"),
         ({"7": "node0.pub"}, "'7' is not a partition id 0..2"),
         ({"0": "bad.pub"}, "not an OpenSSH or PEM public key"),
-        ({"0": "node0.pub", "1": "node0.pub"}, "partitions 0 and 1 name the same public key"),
     ],
 )
 def test_a_bad_node_keys_file_is_refused_in_one_line(workspace, tmp_path, content, fragment):
@@ -411,6 +412,38 @@ def test_a_bad_node_keys_file_is_refused_in_one_line(workspace, tmp_path, conten
     (tmp_path / "keys.json").write_text(json.dumps(content))
     with pytest.raises(ValueError, match=re.escape(fragment)):
         _serve(workspace, tmp_path / "run", _grid(), "--node_keys", str(tmp_path / "keys.json"))
+
+
+def test_a_node_serving_several_partitions_gives_the_in_process_updates(workspace, tmp_path):
+    """One node serves partitions 0 and 1 (``partition-id="0-1"``), another partition 2: each
+    client trains from its own message and the global updates are the in-process engine's."""
+    grid = TestGrid({100: {"partition-id": "0-1"}, 101: {"partition-id": 2}})
+    _serve(workspace, tmp_path / "flower", grid)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess")) == 0
+    for t in (1, 2):
+        a = adapter_tensors(tmp_path / "flower" / "3" / f"round_{t}" / "global")
+        b = adapter_tensors(tmp_path / "inprocess" / "3" / f"round_{t}" / "global")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    clients = [r for r in metrics(tmp_path / "flower" / "3") if r["type"] == "client"]
+    assert sorted((c["client"], c["node"]) for c in clients if c["round"] == 1) == [
+        (0, 100), (1, 100), (2, 101)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("0-x", "'0-x' is not an integer or a range"),
+        ("5-2", "is empty or too large"),
+        (True, "not an integer or a range"),
+    ],
+)
+def test_a_bad_partition_range_is_refused(value, fragment):
+    from rblora.flower.client_app import parse_partitions
+
+    assert parse_partitions("0-2,7, 9") == [0, 1, 2, 7, 9] and parse_partitions(4) == [4]
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        parse_partitions(value)
 
 
 def test_a_claimed_size_beyond_the_bound_is_refused_without_partition_json(

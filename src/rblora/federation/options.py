@@ -91,6 +91,18 @@ class RunOptions:
     round_timeout: float = option(
         3600, "flower engine: seconds a round waits for replies", resumable=True
     )
+    client_num_cpus: float = option(
+        1.0,
+        "flower simulation engine: CPUs each virtual SuperNode's ClientApp reserves (Ray); as many "
+        "clients train at once as the machine's CPUs / this (fractions allowed)",
+        resumable=True,
+    )
+    client_num_gpus: float = option(
+        0.0,
+        "flower simulation engine: GPUs each ClientApp reserves (0: none, the clients train on the "
+        "CPU; 0.5 on a 4-GPU machine runs 8 clients at once, two per GPU)",
+        resumable=True,
+    )
     max_client_examples: int = option(
         1_000_000,
         "flower engine without partition.json: a node claiming more training examples than this "
@@ -460,6 +472,10 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         self._check_min_replies()
         check_ranks_fit(self.method, self.ranks())
         self.expected_sizes()
+        if not (self.client_num_cpus > 0 and math.isfinite(self.client_num_cpus)):
+            raise ValueError(f"client_num_cpus {self.client_num_cpus} must be a number > 0")
+        if not (self.client_num_gpus >= 0 and math.isfinite(self.client_num_gpus)):
+            raise ValueError(f"client_num_gpus {self.client_num_gpus} must be a number >= 0")
         if self.max_client_examples < 1:
             raise ValueError(f"max_client_examples {self.max_client_examples} must be >= 1")
         if self.private:

@@ -5,7 +5,8 @@ A node says which client it is in its node config::
 
     flower-supernode ... --node-config 'partition-id=3 lora-rank=64 data-path="/data/prepared"'
 
-``partition-id`` (required): the client's index in the prepared data folder; ``lora-rank``
+``partition-id`` (required): the client's index in the prepared data folder, or several
+(``"0-99"``, ``"3,5,10-12"``: one node serving many clients, one message each); ``lora-rank``
 (optional): its LoRA rank (else the run's ``client_ranks``); ``data-path`` (optional): the
 prepared folder on this machine (else the run's ``data_path``); ``device`` (optional): where this
 node trains (``auto``, ``cpu``, ``cuda``, ...; default ``auto``: this machine's GPU if it has one,
@@ -36,13 +37,37 @@ from rblora.protocol.types import ClientSpec, clean_metrics
 app = ClientApp()
 
 _TASKS: dict[str, Any] = {}
-"""Built client tasks of this process, by (options, client): each holds its client's data."""
+"""Built client tasks of this process, by (options, partitions): each holds its clients' data."""
 _MODELS: dict = {}
 """Loaded base models of this process, shared by its client tasks (loading is the slow part)."""
+MAX_PARTITIONS = 100_000
+"""The most partitions one node config may name."""
 
 
-def node_identity(context: Context) -> tuple[int, int | None, str | None]:
-    """(partition-id, lora-rank or None, data-path or None) from the node config."""
+def parse_partitions(value: Any) -> list[int]:
+    """A node config's ``partition-id``: an integer, or text of integers and ranges
+    (``"0-99"``, ``"3,5,10-12"``); sorted, each once. ValueError naming the bad value."""
+    if isinstance(value, bool):
+        raise ValueError(f"partition-id {value!r} is not an integer or a range")
+    if isinstance(value, int):
+        return [value]
+    parts: set[int] = set()
+    for piece in str(value).replace(" ", "").split(","):
+        low, dash, high = piece.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(
+                f"partition-id {value!r}: {piece!r} is not an integer or a range like 0-99"
+            )
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first or len(parts) + last - first + 1 > MAX_PARTITIONS:
+            raise ValueError(f"partition-id {value!r}: {piece!r} is empty or too large")
+        parts.update(range(first, last + 1))
+    return sorted(parts)
+
+
+def node_identity(context: Context) -> tuple[list[int], int | None, str | None]:
+    """(the partitions this node serves, lora-rank or None, data-path or None) from the node
+    config (``partition-id``: one, or several as ``"0-99"`` or ``"3,5,10-12"``)."""
     config = context.node_config
     if "partition-id" not in config:
         raise ValueError(
@@ -51,7 +76,7 @@ def node_identity(context: Context) -> tuple[int, int | None, str | None]:
         )
     rank = config.get("lora-rank")
     path = config.get("data-path")
-    return int(config["partition-id"]), (None if rank is None else int(rank)), path
+    return parse_partitions(config["partition-id"]), (None if rank is None else int(rank)), path
 
 
 def client_args(options: dict, context: Context) -> TrainArgs:
@@ -64,18 +89,18 @@ def client_args(options: dict, context: Context) -> TrainArgs:
     return TrainArgs(**{**options, **local})
 
 
-def client_task(args: TrainArgs, client: int):
-    """The task of ``client`` under ``args`` (its own data, no evaluation sets), built once per
-    process."""
+def client_task(args: TrainArgs, clients: list[int]):
+    """The task of this node's ``clients`` under ``args`` (their own data, no evaluation sets),
+    built once per process."""
     from transformers.utils import logging as hf_logging
 
     from rblora.tasks import build_task
 
-    key = json.dumps([args.to_dict(), client], sort_keys=True)
+    key = json.dumps([args.to_dict(), clients], sort_keys=True)
     if key not in _TASKS:
         hf_logging.disable_progress_bar()  # this process is a ClientApp: no bars in its log
         _TASKS[key] = build_task(
-            args, log=lambda _: None, clients=[client], evaluation=False, models=_MODELS
+            args, log=lambda _: None, clients=list(clients), evaluation=False, models=_MODELS
         )
     return _TASKS[key]
 
@@ -86,12 +111,13 @@ def _options(msg: Message) -> dict:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which client this node is: its partition, rank (-1: the run's) and training examples."""
-    client, rank, _ = node_identity(context)
+    """Which clients this node serves: their partitions, its rank (-1: the run's) and each
+    one's training examples."""
+    clients, rank, _ = node_identity(context)
     args = client_args(_options(msg), context)
-    task = client_task(args, client)
-    answer = {"partition-id": client, "lora-rank": -1 if rank is None else rank,
-              "num-examples": task.num_examples(client)}  # fmt: skip
+    task = client_task(args, clients)
+    answer = {"partition-ids": clients, "lora-rank": -1 if rank is None else rank,
+              "num-examples": [task.num_examples(k) for k in clients]}  # fmt: skip
     return Message(RecordDict({CONFIG: ConfigRecord(answer)}), reply_to=msg)
 
 
@@ -99,11 +125,12 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train this client's LoRA from the server's start adapter; reply with its update."""
     tensors, meta = from_content(msg.content)
-    client, _, _ = node_identity(context)
-    if int(meta["client"]) != client:
-        raise ValueError(f"message for client {meta['client']} reached partition {client}")
+    clients, _, _ = node_identity(context)
+    client = int(meta["client"])
+    if client not in clients:
+        raise ValueError(f"message for client {client} reached a node of partitions {clients}")
     args = client_args(json.loads(meta["train-args"]), context)
-    task = client_task(args, client)
+    task = client_task(args, clients)
     start = decode_start(tensors, meta)
     task.set_base(start.base_delta, {})  # merge protocol: W0 + every merged round
     spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)

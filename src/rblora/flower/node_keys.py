@@ -8,8 +8,9 @@ with ``public_key``, PEM). The server's file says which key each partition's nod
     {"0": "keys/node0.pub", "1": "keys/node1.pub", "2": "keys/node2.pub"}
 
 (paths relative to the file; the OpenSSH ``.pub`` files given to ``flwr supernode register``, or
-PEM). A node that claims a partition is then taken only if it holds that partition's key, so a
-node claiming another's partition is refused alone and cannot lock the honest one out.
+PEM; a node serving several partitions has its key bound to each). A node that claims a
+partition is then taken only if it holds that partition's key, so a node claiming another's
+partition is refused alone and cannot lock the honest one out.
 Without the file a doubly claimed partition is refused for both nodes (neither can be told from
 the other).
 """
@@ -42,8 +43,8 @@ def spki(data: bytes) -> bytes:
 def load_node_keys(path: str | Path, num_clients: int) -> dict[int, bytes]:
     """Partition -> the DER public key its node must hold, from the JSON file ``path``.
     ValueError (one line naming the file and the bad entry) for an unreadable file, a key that
-    is not a partition id 0..num_clients-1, a key file that is missing or not a public key, and
-    one key bound to two partitions."""
+    is not a partition id 0..num_clients-1, and a key file that is missing or not a public key
+    (one key may be bound to several partitions: a node that serves them all)."""
     path = Path(path)
     try:
         mapping = json.loads(path.read_text())
@@ -64,13 +65,6 @@ def load_node_keys(path: str | Path, num_clients: int) -> dict[int, bytes]:
             keys[int(name)] = spki(key_path.read_bytes())
         except (OSError, ValueError) as err:
             raise ValueError(f"--node_keys {path}: partition {name}: {key_path}: {err}") from None
-    seen: dict[bytes, int] = {}
-    for k, key in sorted(keys.items()):
-        if key in seen:
-            raise ValueError(
-                f"--node_keys {path}: partitions {seen[key]} and {k} name the same public key"
-            )
-        seen[key] = k
     return keys
 
 

@@ -127,10 +127,17 @@ class NodeDirectory:
             self._refuse(node, f"failed to start: {_short(reply.error.reason)}")
             return
         try:
-            k, rank, examples = _discovery_answer(reply, self.count)
+            claimed, rank = _discovery_answer(reply, self.count)
         except ValueError as err:
             self._refuse(node, f"malformed discovery answer: {err}")
             return
+        for k, examples in claimed:
+            self._take_partition(node, k, rank, examples, key)
+
+    def _take_partition(
+        self, node: int, k: int, rank: int | None, examples: int, key: bytes | None
+    ) -> None:
+        """One partition a node claims, checked against what the server knows."""
         if self.keys is not None:
             if key is None:
                 self._refuse(
@@ -239,25 +246,33 @@ def _short(text: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _discovery_answer(reply: Message, count: int) -> tuple[int, int | None, int]:
-    """``(partition, rank or None, examples)`` of a node's answer; ValueError if malformed."""
+def _discovery_answer(reply: Message, count: int) -> tuple[list[tuple[int, int]], int | None]:
+    """``([(partition, examples), ...], rank or None)`` of a node's answer; ValueError if
+    malformed (lists of integers of one length, each partition once and in range, at least one
+    example each)."""
     if CONFIG not in reply.content.config_records:
         raise ValueError(f"no {CONFIG!r} record")
     answer = dict(reply.content.config_records[CONFIG])
-    values = {}
-    for key in ("partition-id", "lora-rank", "num-examples"):
-        value = answer.get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} {value!r} is not an integer")
-        values[key] = value
-    k, rank, examples = values["partition-id"], values["lora-rank"], values["num-examples"]
-    if not 0 <= k < count:
-        raise ValueError(f"partition-id {k} is out of range; valid are 0..{count - 1}")
+    rank = answer.get("lora-rank")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"lora-rank {_short(rank, 40)!r} is not an integer")
     if rank != -1 and rank < 1:
         raise ValueError(f"lora-rank {rank} must be >= 1 (or -1: the run's)")
-    if examples < 1:
-        raise ValueError(f"num-examples {examples} must be >= 1")
-    return k, (None if rank == -1 else rank), examples
+    ids, sizes = answer.get("partition-ids"), answer.get("num-examples")
+    for key, values in (("partition-ids", ids), ("num-examples", sizes)):
+        ok = isinstance(values, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values
+        )
+        if not ok or not values or len(values) > count:
+            raise ValueError(f"{key} {_short(values, 40)!r} is not a list of 1..{count} integers")
+    if len(ids) != len(sizes) or len(set(ids)) != len(ids):
+        raise ValueError("partition-ids and num-examples differ in length or repeat a partition")
+    for k, examples in zip(ids, sizes, strict=True):
+        if not 0 <= k < count:
+            raise ValueError(f"partition-id {k} is out of range; valid are 0..{count - 1}")
+        if examples < 1:
+            raise ValueError(f"num-examples {examples} of partition {k} must be >= 1")
+    return list(zip(ids, sizes, strict=True)), (None if rank == -1 else rank)
 
 
 class HeteroRankStrategy(Strategy):

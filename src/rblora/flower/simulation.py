@@ -1,9 +1,11 @@
 """``train.py --engine flower``: the run on Flower's simulation runtime, on this machine.
 
 One virtual SuperNode per client (node config ``partition-id``; its rank comes from the run's
-options), the ServerApp in this process, the ClientApps in Ray worker processes, one CPU each.
-Same options, same seed: the same global adapters as the in-process engine, up to float
-rounding (workers run single-threaded).
+options), the ServerApp in this process, the ClientApps in Ray worker processes, each reserving
+``--client_num_cpus`` CPUs and ``--client_num_gpus`` GPUs (fractions allowed): Ray runs as many
+clients at once as the machine's CPUs (and GPUs) allow. Same options, same seed: the same global
+updates as the in-process engine, up to float rounding (the server sums the replies as they
+arrive; workers run single-threaded).
 """
 
 from __future__ import annotations
@@ -11,6 +13,35 @@ from __future__ import annotations
 import os
 
 from rblora.federation.options import TrainArgs
+
+
+def backend_config(args: TrainArgs) -> dict:
+    """Flower's Ray backend settings: each ClientApp reserves ``--client_num_cpus`` CPUs and
+    ``--client_num_gpus`` GPUs; Ray gets every CPU of the machine and its GPUs when clients ask
+    for some. ValueError when the clients ask for more than the machine has."""
+    cpus = os.cpu_count() or 1
+    gpus = 0
+    if args.client_num_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if args.client_num_gpus > gpus:
+            raise ValueError(
+                f"--client_num_gpus {args.client_num_gpus:g}: each client would need more GPUs "
+                f"than this machine's {gpus}"
+            )
+    if args.client_num_cpus > cpus:
+        raise ValueError(
+            f"--client_num_cpus {args.client_num_cpus:g}: each client would need more CPUs than "
+            f"this machine's {cpus}"
+        )
+    init = {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True}
+    if gpus:
+        init["num_gpus"] = gpus
+    return {
+        "client_resources": {"num_cpus": args.client_num_cpus, "num_gpus": args.client_num_gpus},
+        "init_args": init,
+    }
 
 
 def run_simulation_engine(args: TrainArgs, given: set[str] | None = None) -> dict:
@@ -34,15 +65,11 @@ def run_simulation_engine(args: TrainArgs, given: set[str] | None = None) -> dic
         except BaseException as err:  # re-raised below, in the caller's thread
             outcome["error"] = err
 
-    cpus = os.cpu_count() or 1
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=args.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
-        },
+        backend_config=backend_config(args),
     )
     if "error" in outcome:
         raise outcome["error"]
