@@ -635,3 +635,16 @@ def test_poisson_sampling_on_flower_is_accounted_at_its_rate_and_may_be_empty(
     first = [r for r in private if r["round"] == 1]
     assert [r["type"] for r in first] == ["round"] and first[0]["selected"] == []
     assert (tmp_path / "3" / "round_1" / "global" / "adapter_model.safetensors").is_file()
+
+
+def test_fixed_selection_on_flower_is_accounted_at_q_1(workspace, tmp_path):
+    """Flower, fixed-size selection of 2 of 3 clients (q = 2/3 < 1): no amplification, the
+    epsilon is Opacus's at q = 1; the selection is in the private records only."""
+    _serve(workspace, tmp_path, _grid(), "--client_selection_frac", "0.67", "--dp_clip", "0.5",
+           "--dp_noise_multiplier", "0.8")  # fmt: skip
+    rounds = metrics(tmp_path / "3")
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["dp_epsilon"] == pytest.approx(_opacus_epsilon(0.8, 1.0, r["round"]))
+    private = [json.loads(x) for x in (tmp_path / "3" / "private" / "metrics.jsonl").open()]
+    assert [len(r["selected"]) for r in private if r["type"] == "round"] == [2, 2]
