@@ -28,7 +28,7 @@ import torch
 from bench_aggregation import QUICK, BenchConfig, make_clients
 
 from rblora.adapters import load_peft_adapter, save_peft_adapter
-from rblora.federation.rounds import export_global
+from rblora.federation.rounds import export_global, handed_out
 from rblora.federation.server import FederatedServer
 from rblora.protocol.types import ClientSpec
 
@@ -83,7 +83,7 @@ def run(method: str, rounds: int, cfg: BenchConfig, out: Path) -> list[dict]:
         start = time.perf_counter()
         model = server.redistribute(server.aggregate(updates))
         folder = out / method / f"round_{t}"
-        export_global(task, folder / "global", model)
+        export_global(task, folder / "global", handed_out(model))
         seconds = time.perf_counter() - start
         for k, u in enumerate(updates):
             task.save_adapter(

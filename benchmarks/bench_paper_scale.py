@@ -146,6 +146,7 @@ def child_server(argv: list[str], run: str) -> dict:
     model = server.redistribute(server.aggregate(updates))
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
+        model = rounds.handed_out(model)
         rounds.export_global(task, Path(tmp) / "global", model)
         RunFolder(tmp).save_checkpoint(*server.state_tensors())
     rounds.evaluate_global(task, model, 1)

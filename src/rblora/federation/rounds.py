@@ -216,6 +216,8 @@ def close_round(
     agg_start = time.perf_counter()
     global_update = server.aggregate()
     model = server.redistribute(global_update)
+    if export:  # the model evaluated is the one handed out, to the bit (a bf16 body rounds
+        model = handed_out(model)  # each layer's output: factors equal to rounding are not enough)
     agg_seconds = time.perf_counter() - agg_start
     if export:
         export_global(task, folder.global_dir(round_), model)
@@ -327,15 +329,21 @@ def report(folder: RunFolder, trackers: Trackers | None) -> None:
 
 
 # ---------------------------------------------------------------------- export
+def handed_out(model: GlobalModel) -> GlobalModel:
+    """``model`` with each module's delta in the form it is handed out in (:func:`exact_factors`):
+    the same update to float32 rounding."""
+    return GlobalModel(exact_factors(model.delta), model.merged, model.dense)
+
+
 def export_global(task: Task, path: Path, model: GlobalModel) -> None:
     """``round_<t>/global``: a PEFT folder that gives exactly the global model when loaded on the
     ORIGINAL base model (for the merge protocol: every merged round, not only the last), with
-    scale 1 on every module (``lora_alpha == r``, ``alpha_pattern == rank_pattern``), each module
-    in an orthonormal form at its own rank (:func:`exact_factors`), and the averaged dense extras
-    as modules_to_save."""
+    scale 1 on every module (``lora_alpha == r``, ``alpha_pattern == rank_pattern``), and the
+    averaged dense extras as modules_to_save. ``model``: in its :func:`handed_out` form (each
+    module orthonormal at its own rank), written as it is."""
     from rblora.adapters.peft_io import common_rank  # peft is imported when first needed
 
-    factors = exact_factors(model.delta) if model.delta else {}  # {}: dense extras only
+    factors = model.delta  # {}: dense extras only
     rank = common_rank(factors) if factors else 0
     task.save_adapter(
         path, factors, model.dense, rank=rank, lora_alpha=float(max(rank, 1)), use_rslora=False
