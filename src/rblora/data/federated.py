@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 from rblora.utils.atomic import recover
 
-_LOCAL = re.compile(r"^local_training_(\d+)\.json$")
+#: A client's file: ``local_training_<k>.json``.
+CLIENT_FILE = re.compile(r"^local_training_(\d+)\.json$")
 
 
 @dataclass
@@ -66,7 +67,7 @@ def resolve_folder(data_dir: Path | str, num_clients: int) -> Path:
         return folder
     with contextlib.suppress(OSError):
         names = {p.name for p in data_dir.iterdir()}
-        if names & {"partition.json", "global_test.json"} or any(map(_LOCAL.match, names)):
+        if names & {"partition.json", "global_test.json"} or any(map(CLIENT_FILE.match, names)):
             return data_dir
     raise ValueError(
         f"no prepared data for {num_clients} clients: {folder} does not exist; run "
@@ -151,7 +152,7 @@ def _check_client(k: int, num_clients: int) -> None:
 
 
 def _check_client_files(folder: Path, num_clients: int) -> None:
-    found = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _LOCAL.match(p.name)))
+    found = sorted(int(m.group(1)) for p in folder.iterdir() if (m := CLIENT_FILE.match(p.name)))
     missing = sorted(set(range(num_clients)) - set(found))
     if missing:
         raise ValueError(
@@ -386,9 +387,21 @@ def load_test_images(data_dir: Path | str, num_clients: int) -> ImageSplit:
 
 
 def data_fingerprint(data_dir: Path | str, num_clients: int) -> dict[str, str]:
-    """sha256 of every JSON file of the prepared folder (clients, test set, partition), so a run
-    can tell that its data was prepared again in place."""
+    """sha256 of the JSON files of the prepared folder (clients, test set, partition), so a run
+    can tell that its data was prepared again in place.
+
+    A folder whose ``partition.json`` records ``client_files_sha256`` (one digest of every
+    client file, written by ``prepare-data`` since it prepares 10,000 clients) is fingerprinted
+    without its client files: that digest is part of ``partition.json``'s hash, and a run
+    starting on 10,000 clients reads none of their files. Older folders: every file.
+    """
     from rblora.utils.files import sha256_file
 
     folder = resolve_folder(data_dir, num_clients)
-    return {path.name: sha256_file(path) for path in sorted(folder.glob("*.json"))}
+    meta = _read_meta(folder, num_clients, None)
+    skip_clients = isinstance(meta, dict) and isinstance(meta.get("client_files_sha256"), str)
+    return {
+        path.name: sha256_file(path)
+        for path in sorted(folder.glob("*.json"))
+        if not (skip_clients and CLIENT_FILE.match(path.name))
+    }
