@@ -21,15 +21,13 @@ from safetensors.torch import save_file
 
 from rblora.adapters import (
     BaseWeights,
+    LoraHost,
     LoraSpec,
     applied_delta,
-    attach_lora,
     dense_only,
     dense_parameters,
-    detach_lora,
     keep_beside,
     read_dense,
-    read_factors,
     resolve_targets,
     save_peft_adapter,
     set_dense,
@@ -127,6 +125,7 @@ class ImageTask:
         self._mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1)
         self._base = BaseWeights.of(model)
+        self._lora = LoraHost.of(model)  # attaches clients' LoRAs without rebuilding PEFT
         # global updates stay beside the weights unless the model computes in float32
         self._merged = not keep_beside(model, use_bf16(train_config.bf16, model))
         self._clients = clients
@@ -301,15 +300,14 @@ class ImageTask:
                 use_rslora=spec.use_rslora,
                 modules_to_save=self.modules_to_save,
             )
-            peft_model = attach_lora(self.model, lora, init=start.factors, dense=dense, seed=seed)
+            peft_model = self._lora.attach(lora, init=start.factors, dense=dense, seed=seed)
             try:
                 result = train_local(
                     peft_model, examples, config, loss_fn=self._loss_fn(k), progress=self.progress
                 )
-                factors = read_factors(peft_model)
-                trained = read_dense(peft_model, self.modules_to_save)
+                factors, trained = self._lora.read_factors(), self._lora.read_dense()
             finally:
-                self.model = detach_lora(peft_model)
+                self.model = self._lora.detach()
         metrics = {
             "loss": result.loss,
             "steps": result.steps,
