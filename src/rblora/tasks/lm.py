@@ -144,6 +144,7 @@ class CausalLMTask:
             model,
             log=log,
             group_by_length=args.group_by_length,
+            split_by_length=args.split_by_length,
             cutoff_len=args.cutoff_len,
             train_on_inputs=args.train_on_inputs,
         )
