@@ -119,9 +119,8 @@ def test_dirichlet_bad_input():
         P.partition_dirichlet(labels, 2, 0.0, rng())
     with pytest.raises(ValueError, match="use a min_size between 0 and 10"):
         P.partition_dirichlet(labels, 2, 0.5, rng(), min_size=11)
-    # one category, tiny alpha, min_size = n / K: only an exact halving would do
-    with pytest.raises(ValueError, match="lower --min_size or raise --alpha"):
-        P.partition_dirichlet(np.zeros(100, dtype=int), 2, 0.01, rng(), 50, max_draws=5)
+    with pytest.raises(ValueError, match="max_draws must be at least 1, got 0"):
+        P.partition_dirichlet(labels, 2, 0.5, rng(), max_draws=0)
     with pytest.raises(ValueError, match="1-D integer"):
         P.partition_dirichlet(np.array([0.5, 1.5]), 2, 0.5, rng())
 
@@ -155,3 +154,47 @@ def test_histogram_and_entropy_by_hand():
     ent = P.category_entropy(np.array([[1, 1, 0], [2, 0, 0], [1, 1, 2], [0, 0, 0]]))
     np.testing.assert_allclose(ent, [1.0, 0.0, 1.5, 0.0])  # 1.5 = 2 * 1/4 * 2 + 1/2 * 1
     assert not np.signbit(ent).any()
+
+
+def test_dirichlet_tops_up_the_closest_draw_when_no_draw_fits():
+    # one category, tiny alpha, min_size = n / K: only an exact halving would do, and 5 draws
+    # never give one; the closest is kept and the short client takes what it lacks
+    split = P.dirichlet_split(np.zeros(100, dtype=int), 2, 0.01, rng(), 50, max_draws=5)
+    assert [p.size for p in split.parts] == [50, 50]
+    assert sorted(np.concatenate(split.parts).tolist()) == list(range(100))
+    assert split.draws == 5 and 1 <= split.kept_draw <= 5 and split.short_clients == 1
+    assert split.moved > 0
+    # the top-up changes only what it must: the kept draw replayed, with 0 as the minimum
+    replay = rng()
+    for _ in range(split.kept_draw - 1):
+        P.dirichlet_split(np.zeros(100, dtype=int), 2, 0.01, replay, 0, max_draws=1)
+    drawn = P.dirichlet_split(np.zeros(100, dtype=int), 2, 0.01, replay, 0, max_draws=1).parts
+    short = int(np.argmin([p.size for p in drawn]))
+    assert set(drawn[short].tolist()) <= set(split.parts[short].tolist())
+    assert set(split.parts[1 - short].tolist()) <= set(drawn[1 - short].tolist())
+    assert split.moved == 50 - drawn[short].size
+
+
+def test_dirichlet_many_clients_keeps_label_skew_and_size_shape():
+    """1,000 clients of 10 categories x 300 (3 each on average), minimum 2: no draw fits, the
+    closest is topped up; donors lose in proportion to their size, so the largest clients stay
+    large, and the label skew of the draw stays."""
+    labels = labels_of([300] * 10)
+    free = P.dirichlet_split(labels, 1000, 0.5, rng(3), 0)
+    split = P.dirichlet_split(labels, 1000, 0.5, rng(3), 2)
+    sizes = np.array([p.size for p in split.parts])
+    assert sizes.min() == 2 and sizes.sum() == 3000 and split.moved > 0
+    assert split.draws == P.DIRICHLET_MAX_DRAWS  # 10,000 shares a draw: within the budget
+    assert sizes.max() >= max(p.size for p in free.parts) - 2
+    assert split.moved < 0.1 * labels.size
+    entropy = P.category_entropy(P.category_histogram(split.parts, labels, 10)).mean()
+    free_entropy = P.category_entropy(P.category_histogram(free.parts, labels, 10)).mean()
+    assert abs(entropy - free_entropy) < 0.15 and entropy < 1.5  # log2(10) = 3.3 is no skew
+
+
+def test_dirichlet_draw_budget_shrinks_with_many_clients():
+    # 2,000 clients of 10 categories: 20,000 shares a draw, so 10 million allow 500 draws; a
+    # minimum of the mean size (3) is never met by a draw, so all 500 are made
+    split = P.dirichlet_split(labels_of([600] * 10), 2000, 0.5, rng(0), 3)
+    assert split.draws == P.DIRICHLET_MAX_SHARES // 20_000 == 500
+    assert min(p.size for p in split.parts) == 3

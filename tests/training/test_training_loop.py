@@ -15,7 +15,7 @@ from rblora.data.templates import Prompter
 from rblora.training import TrainConfig, tokenize_records, train_local
 from rblora.training.batching import collate, epoch_order
 from rblora.training.loop import _lr_factor
-from rblora.training.loss import causal_lm_loss_sum
+from rblora.training.loss import causal_lm_loss_sum, causal_lm_objective
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "big", "red"]
 
@@ -350,3 +350,55 @@ def test_divergence_leaves_no_gradient_behind():
     with pytest.raises(TrainingDiverged, match="the loss is nan"):
         train_local(model, [0, 1], fp32(micro_batch_size=1, batch_size=1), loss_fn=nan_loss)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_split_by_length_cuts_where_padding_costs_more_than_a_pass():
+    from rblora.training.batching import split_by_length
+
+    lengths = [200, 30, 210, 25, 190, 40]
+    # one pass pads all six to 210 (1,260 positions); two: 3 x 210 + 3 x 40 + a pass of 64
+    assert split_by_length([0, 1, 2, 3, 4, 5], lengths, 64) == [[2, 0, 4], [5, 1, 3]]
+    assert split_by_length([0, 1, 2, 3, 4, 5], lengths, 1000) == [[0, 1, 2, 3, 4, 5]]
+    assert split_by_length([3, 1], lengths, 0) == [[1], [3]]  # free passes: one each
+    assert split_by_length([4], lengths, 0) == [[4]]
+    rnd = random.Random(0)
+    for _ in range(50):  # a partition of the batch that never costs more than one pass
+        n = rnd.randint(1, 8)
+        lens = [rnd.randint(1, 256) for _ in range(n)]
+        batch = rnd.sample(range(n), n)
+        groups = split_by_length(batch, lens, 32)
+        assert sorted(j for g in groups for j in g) == sorted(batch)
+        cost = sum(len(g) * max(lens[j] for j in g) + 32 for g in groups)
+        assert cost <= n * max(lens) + 32
+
+
+def test_split_by_length_keeps_the_step(tiny_tokenizer):
+    """Splitting a micro-batch into passes of similar lengths changes the rounding only (no
+    dropout here): the same steps, losses and factors to float32 rounding."""
+    spec = LoraSpec(rank=4, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    kw = dict(batch_size=8, micro_batch_size=8, learning_rate=1e-3, max_grad_norm=0.0)
+    f1, r1 = _train(tiny_tokenizer, fp32(**kw), spec, n=24)
+    f2, r2 = _train(tiny_tokenizer, fp32(split_by_length=True, split_call_cost=0, **kw), spec, n=24)
+    assert r1.steps == r2.steps == 3 and r1.tokens == r2.tokens
+    assert r1.losses == pytest.approx(r2.losses, rel=1e-6)
+    for name in f1:
+        torch.testing.assert_close(f1[name][0], f2[name][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(f1[name][1], f2[name][1], rtol=0, atol=1e-5)
+    passes = []
+
+    def counting(model, batch):
+        passes.append(len(batch))
+        return causal_lm_objective(tiny_tokenizer.pad_token_id)(model, batch)
+
+    model = attach_lora(build_tiny_llama(vocab_size=len(tiny_tokenizer)), spec, seed=3)
+    cfg = fp32(split_by_length=True, split_call_cost=0, **kw)
+    train_local(model, examples(tiny_tokenizer, 24), cfg, loss_fn=counting, length=len_ids)
+    assert len(passes) > 3 and sum(passes) == 24  # split: more passes than micro-batches
+    with pytest.raises(ValueError, match="split_by_length needs a length function"):
+        train_local(model, [0, 1], cfg, loss_fn=counting)
+    with pytest.raises(ValueError, match="split_call_cost must be an integer >= 0, got -1"):
+        fp32(split_by_length=True, split_call_cost=-1)
+
+
+def len_ids(example):
+    return len(example["input_ids"])

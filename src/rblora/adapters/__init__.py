@@ -17,6 +17,7 @@ from rblora.adapters.lora import (
     set_dense,
 )
 from rblora.adapters.peft_io import load_peft_adapter, load_peft_dense, save_peft_adapter
+from rblora.adapters.resident import LoraHost
 from rblora.adapters.spec import (
     Factors,
     LoraSpec,
@@ -31,6 +32,7 @@ __all__ = [
     "dense_only",
     "dense_parameters",
     "keep_beside",
+    "LoraHost",
     "LoraSpec",
     "attach_lora",
     "detach_lora",

@@ -79,8 +79,17 @@ def attach_lora(
             if dense is not None:
                 p.copy_(dense[n])
             p.requires_grad_(True)
+    init_factors(lora_layers(peft_model), targets, init, seed)
+    return peft_model
+
+
+def init_factors(
+    layers: dict[str, nn.Module], targets: dict, init: Factors | None, seed: int
+) -> None:
+    """Write a client's start into the LoRA weights of ``layers`` (name -> PEFT LoRA layer), in
+    place: ``init``'s factors, or if None a fresh LoRA, ``A`` kaiming-uniform from a generator
+    seeded with ``seed`` (modules in the order of ``targets``, sorted by name) and ``B`` zero."""
     gen = torch.Generator().manual_seed(int(seed))
-    layers = lora_layers(peft_model)
     with torch.no_grad():
         for name in targets:
             a = layers[name].lora_A[_ADAPTER].weight
@@ -94,7 +103,6 @@ def attach_lora(
             else:
                 a.copy_(init[name][0])
                 b.copy_(init[name][1])
-    return peft_model
 
 
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:

@@ -8,6 +8,7 @@ server the metadata and the test set alone (:func:`read_partition`, :func:`load_
 """
 
 from rblora.data.federated import (
+    ClientImages,
     FederatedData,
     FederatedImages,
     ImageSplit,
@@ -17,10 +18,12 @@ from rblora.data.federated import (
     load_federated_split,
     load_test_images,
     load_test_records,
+    open_client_images,
     read_partition,
 )
 
 __all__ = [
+    "ClientImages",
     "FederatedData",
     "FederatedImages",
     "ImageSplit",
@@ -30,5 +33,6 @@ __all__ = [
     "load_federated_split",
     "load_test_images",
     "load_test_records",
+    "open_client_images",
     "read_partition",
 ]

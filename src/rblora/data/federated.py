@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 from rblora.utils.atomic import recover
 
-_LOCAL = re.compile(r"^local_training_(\d+)\.json$")
+#: A client's file: ``local_training_<k>.json``.
+CLIENT_FILE = re.compile(r"^local_training_(\d+)\.json$")
 
 
 @dataclass
@@ -66,7 +68,7 @@ def resolve_folder(data_dir: Path | str, num_clients: int) -> Path:
         return folder
     with contextlib.suppress(OSError):
         names = {p.name for p in data_dir.iterdir()}
-        if names & {"partition.json", "global_test.json"} or any(map(_LOCAL.match, names)):
+        if names & {"partition.json", "global_test.json"} or any(map(CLIENT_FILE.match, names)):
             return data_dir
     raise ValueError(
         f"no prepared data for {num_clients} clients: {folder} does not exist; run "
@@ -151,7 +153,7 @@ def _check_client(k: int, num_clients: int) -> None:
 
 
 def _check_client_files(folder: Path, num_clients: int) -> None:
-    found = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _LOCAL.match(p.name)))
+    found = sorted(int(m.group(1)) for p in folder.iterdir() if (m := CLIENT_FILE.match(p.name)))
     missing = sorted(set(range(num_clients)) - set(found))
     if missing:
         raise ValueError(
@@ -350,11 +352,72 @@ class _ImageFolderReader:
             [str(c) for c in classes],
         )
 
+    def classes(self) -> list[str]:
+        """The class names: ``partition.json``'s categories, else the image source's own."""
+        if self.meta is not None and self.meta.get("categories"):
+            return [str(c) for c in self.meta["categories"]]
+        test = self.split("global_test.json", None)
+        return list(test.classes)
+
     def client(self, k: int) -> ImageSplit:
         path = self.folder / f"local_training_{k}.json"
         split = self.split(path.name, "train")
         _check_client_size(self.meta, k, len(split), path)
         return split
+
+
+class ClientImages(Mapping):
+    """The images of the clients a process holds, read on demand: ``images[k]`` reads client
+    ``k``'s index file (and checks it against ``partition.json``) when asked, and keeps nothing.
+    ``sizes`` (client -> examples) and ``classes`` need no client file when the folder has a
+    ``partition.json``. Built by :func:`open_client_images`."""
+
+    def __init__(self, reader: _ImageFolderReader, sizes: dict[int, int], classes: list[str]):
+        self._reader = reader
+        self.sizes = dict(sizes)
+        self.classes = list(classes)
+
+    def __getitem__(self, k: int) -> ImageSplit:
+        if k not in self.sizes:
+            raise KeyError(k)
+        return self._reader.client(k)
+
+    def __iter__(self):
+        return iter(self.sizes)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def open_client_images(
+    data_dir: Path | str, num_clients: int, clients: list[int]
+) -> tuple[ClientImages, _ImageFolderReader]:
+    """The images of ``clients`` of a prepared image folder, read when each is asked for (see
+    :class:`ClientImages`), and the folder's reader (``reader.split("global_test.json",
+    None)`` is the test set). A run that trains ~1,000 of 10,000 clients a round reads the files
+    of those it trains, not 10,000 at start-up. Holding every client (the in-process engine)
+    needs ``partition.json`` and every client file present (listed, not read; a damaged file
+    shows when its client first trains), as :func:`load_federated_images` does. Holding some
+    clients (a Flower node), their files are read once here, checked and counted."""
+    for k in clients:
+        _check_client(k, num_clients)
+    reader = _ImageFolderReader(data_dir, num_clients)
+    if sorted(clients) == list(range(num_clients)):
+        if reader.meta is None:
+            missing = reader.folder / "partition.json"
+            raise ValueError(f"{missing} is missing; image folders need it")
+        _check_client_files(reader.folder, num_clients)
+    known = (reader.meta or {}).get("client_sizes")
+    if known is not None and sorted(clients) == list(range(num_clients)):
+        sizes = {k: int(known[k]) for k in clients}
+        classes = (reader.meta or {}).get("categories")
+    else:  # a node: its own file is read now, so a problem with it shows before round 1
+        splits = {k: reader.client(k) for k in clients}
+        sizes = {k: len(split) for k, split in splits.items()}
+        classes = next(iter(splits.values())).classes if splits else None
+    if not classes:
+        classes = reader.classes()
+    return ClientImages(reader, sizes, [str(c) for c in classes]), reader
 
 
 def load_federated_images(data_dir: Path | str, num_clients: int) -> FederatedImages:
@@ -386,9 +449,21 @@ def load_test_images(data_dir: Path | str, num_clients: int) -> ImageSplit:
 
 
 def data_fingerprint(data_dir: Path | str, num_clients: int) -> dict[str, str]:
-    """sha256 of every JSON file of the prepared folder (clients, test set, partition), so a run
-    can tell that its data was prepared again in place."""
+    """sha256 of the JSON files of the prepared folder (clients, test set, partition), so a run
+    can tell that its data was prepared again in place.
+
+    A folder whose ``partition.json`` records ``client_files_sha256`` (one digest of every
+    client file, written by ``prepare-data`` since it prepares 10,000 clients) is fingerprinted
+    without its client files: that digest is part of ``partition.json``'s hash, and a run
+    starting on 10,000 clients reads none of their files. Older folders: every file.
+    """
     from rblora.utils.files import sha256_file
 
     folder = resolve_folder(data_dir, num_clients)
-    return {path.name: sha256_file(path) for path in sorted(folder.glob("*.json"))}
+    meta = _read_meta(folder, num_clients, None)
+    skip_clients = isinstance(meta, dict) and isinstance(meta.get("client_files_sha256"), str)
+    return {
+        path.name: sha256_file(path)
+        for path in sorted(folder.glob("*.json"))
+        if not (skip_clients and CLIENT_FILE.match(path.name))
+    }

@@ -10,19 +10,34 @@ The Dirichlet split follows the usual label-skew protocol (Hsu et al. 2019; used
 NIID-Bench and by the seed): for every category draw client shares ``p ~ Dir(alpha * 1_K)``,
 give no more of it to clients that already hold ``n / K`` examples, split the category's shuffled
 examples at the cumulative shares, and redraw everything until every client holds ``min_size``.
+With many clients for the pool (10,000 clients of Fashion-MNIST's 60,000 images, 6 each on
+average) no draw ever gives every client ``min_size``, so after ``max_draws`` draws (a budget:
+``DIRICHLET_MAX_DRAWS``, ``DIRICHLET_MAX_SHARES``) the one that came closest (the smallest total
+shortfall) is kept and topped up: each short client, in id order, takes the examples it lacks
+one at a time, of the category its own Dirichlet share favours most among those a donor still
+holds, from the client holding that category that has so far kept the largest fraction of its
+drawn size (the largest first; it must stay above ``min_size``). So donors lose in proportion
+to their size and the shape of the size distribution is kept (:func:`dirichlet_split` reports
+how many examples moved).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 #: Per-client sizes of the seed (RB-LoRA) for 10 clients; 14,800 examples in total.
 SEED_CLIENT_SIZES: tuple[int, ...] = (500, 500, 1000, 1000, 1500, 1500, 1900, 1900, 2500, 2500)
 
-#: Redraws of the Dirichlet split before giving up on ``min_size``.
+#: Draws of the Dirichlet split before the closest one is topped up to ``min_size``: at most
+#: ``DIRICHLET_MAX_DRAWS``, and at most ``DIRICHLET_MAX_SHARES`` client shares drawn in all
+#: (K x categories per draw): 1,000 draws up to 1,000 clients of 10 categories, 100 at 10,000
+#: clients (a draw of 10,000 clients takes about 8 ms, and there no draw ever satisfies it).
 DIRICHLET_MAX_DRAWS = 1000
+DIRICHLET_MAX_SHARES = 10_000_000
 
 
 def _check_clients(n: int, num_clients: int) -> None:
@@ -101,12 +116,81 @@ def partition_dirichlet(
     alpha: float,
     rng: np.random.Generator,
     min_size: int = 1,
-    max_draws: int = DIRICHLET_MAX_DRAWS,
+    max_draws: int | None = None,
 ) -> list[np.ndarray]:
     """Label-skewed split: per category, client shares ~ ``Dir(alpha)`` (smaller alpha, more skew).
 
-    Redraws until every client holds at least ``min_size`` examples; raises ``ValueError`` after
-    ``max_draws`` attempts (lower ``min_size`` or raise ``alpha``).
+    Redraws until every client holds at least ``min_size`` examples; after ``max_draws`` draws
+    (None: the budget of ``DIRICHLET_MAX_DRAWS`` and ``DIRICHLET_MAX_SHARES``) the closest draw
+    is topped up (see the module doc and :func:`dirichlet_split`, which also says how many
+    examples were moved).
+    """
+    return dirichlet_split(labels, num_clients, alpha, rng, min_size, max_draws).parts
+
+
+@dataclass
+class DirichletSplit:
+    """A Dirichlet partition and how it was reached."""
+
+    parts: list[np.ndarray]
+    """One index array per client (as every partitioner returns)."""
+    draws: int
+    """Draws made (the last accepted, or all ``max_draws`` when the best one was topped up)."""
+    kept_draw: int
+    """1-based number of the draw the parts come from."""
+    moved: int = 0
+    """Examples moved to clients short of ``min_size`` (0: the draw was kept as it was)."""
+    short_clients: int = 0
+    """Clients of the kept draw that held fewer than ``min_size`` examples before the top-up."""
+
+
+@dataclass
+class _Draw:
+    """One draw: per category the shuffled members, the client shares and the piece sizes."""
+
+    orders: list[np.ndarray]  # per category: its examples, shuffled
+    shares: np.ndarray  # (C, K) client shares of each category (closed clients at 0)
+    counts: np.ndarray  # (C, K) examples of each category per client
+
+
+def _draw(
+    members: list[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator, cap: float
+) -> _Draw:
+    """One draw of the protocol: the same random numbers, in the same order, as drawing and
+    splitting every category in turn (a client that holds ``cap`` examples gets no more)."""
+    k = num_clients
+    totals = np.zeros(k, dtype=np.int64)
+    orders, shares_all, counts = [], np.zeros((len(members), k)), np.zeros((len(members), k), int)
+    for c, idx in enumerate(members):
+        idx = rng.permutation(idx)
+        shares = rng.dirichlet(np.full(k, float(alpha)))
+        open_ = totals < cap
+        if open_.any():  # all clients full only when the pool is exhausted
+            shares = shares * open_
+        total = shares.sum()
+        shares = shares / total if total > 0 else np.full(k, 1.0 / k)
+        cuts = np.minimum((np.cumsum(shares)[:-1] * idx.size).astype(np.int64), idx.size)
+        sizes = np.diff(np.concatenate(([0], cuts, [idx.size])))  # what np.split(idx, cuts) gives
+        orders.append(idx)
+        shares_all[c] = shares
+        counts[c] = sizes
+        totals += sizes
+    return _Draw(orders, shares_all, counts)
+
+
+def dirichlet_split(
+    labels: Sequence[int] | np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 1,
+    max_draws: int | None = None,
+) -> DirichletSplit:
+    """:func:`partition_dirichlet` with its account: draws made, and examples moved by the
+    top-up when no draw gave every client ``min_size`` (see the module doc).
+
+    A draw that gives every client ``min_size`` is returned as it is (the parts the redraw rule
+    always gave); the top-up changes only the clients it fills and the donors it takes from.
     """
     labels = _as_labels(labels)
     n = labels.size
@@ -121,32 +205,102 @@ def partition_dirichlet(
             f"use a min_size between 0 and {n // num_clients}"
         )
     categories = np.unique(labels)
+    if max_draws is None:
+        shares = num_clients * categories.size
+        max_draws = min(DIRICHLET_MAX_DRAWS, max(1, DIRICHLET_MAX_SHARES // shares))
+    if max_draws < 1:
+        raise ValueError(f"max_draws must be at least 1, got {max_draws}")
     members = [np.flatnonzero(labels == c) for c in categories]
     cap = n / num_clients
-    smallest = 0
-    for _ in range(max_draws):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        counts = np.zeros(num_clients, dtype=np.int64)
-        for idx in members:
-            idx = rng.permutation(idx)
-            shares = rng.dirichlet(np.full(num_clients, float(alpha)))
-            open_ = counts < cap
-            if open_.any():  # all clients full only when the pool is exhausted
-                shares = shares * open_
-            total = shares.sum()
-            shares = shares / total if total > 0 else np.full(num_clients, 1.0 / num_clients)
-            cuts = (np.cumsum(shares)[:-1] * idx.size).astype(np.int64)
-            for k, piece in enumerate(np.split(idx, cuts)):
-                parts[k].append(piece)
-                counts[k] += piece.size
-        smallest = int(counts.min())
-        if smallest >= min_size:
-            return [np.concatenate(p).astype(np.int64) for p in parts]
-    raise ValueError(
-        f"Dirichlet split (alpha={alpha}) never gave every one of {num_clients} clients "
-        f"min_size={min_size} examples in {max_draws} draws (smallest client: {smallest}); "
-        "lower --min_size or raise --alpha"
-    )
+    best_state, best_shortfall, best_number = None, None, 0
+    for number in range(1, max_draws + 1):
+        state = rng.bit_generator.state
+        draw = _draw(members, num_clients, alpha, rng, cap)
+        sizes = draw.counts.sum(axis=0)
+        if sizes.min() >= min_size:
+            return DirichletSplit(_assemble(draw, _owners(draw)), number, number)
+        shortfall = int(np.maximum(min_size - sizes, 0).sum())
+        if best_shortfall is None or shortfall < best_shortfall:
+            best_state, best_shortfall, best_number = state, shortfall, number
+    replay = np.random.Generator(type(rng.bit_generator)())
+    replay.bit_generator.state = best_state
+    draw = _draw(members, num_clients, alpha, replay, cap)
+    owners = _owners(draw)
+    short = int((draw.counts.sum(axis=0) < min_size).sum())
+    moved = _top_up(draw, owners, min_size)
+    return DirichletSplit(_assemble(draw, owners), max_draws, best_number, moved, short)
+
+
+def _owners(draw: _Draw) -> list[np.ndarray]:
+    """Per category, the client owning each position of its shuffled members."""
+    k = draw.counts.shape[1]
+    return [np.repeat(np.arange(k), sizes) for sizes in draw.counts]
+
+
+def _assemble(draw: _Draw, owners: list[np.ndarray]) -> list[np.ndarray]:
+    """Each client's examples: category by category, in the shuffled order of each category."""
+    k = draw.counts.shape[1]
+    index = np.concatenate(draw.orders).astype(np.int64)
+    owner = np.concatenate(owners)
+    grouped = index[np.argsort(owner, kind="stable")]
+    bounds = np.cumsum(np.bincount(owner, minlength=k))[:-1]
+    return list(np.split(grouped, bounds))
+
+
+def _top_up(draw: _Draw, owners: list[np.ndarray], min_size: int) -> int:
+    """Give every client short of ``min_size`` the examples it lacks (module doc); updates
+    ``draw.counts`` and ``owners`` in place and returns the number of examples moved."""
+    counts = draw.counts  # (C, K), kept current
+    sizes = counts.sum(axis=0)
+    num_categories = counts.shape[0]
+    # the positions of each (category, client) piece: its start, and how many it still holds
+    starts = np.concatenate((np.zeros((num_categories, 1), int), np.cumsum(counts, 1)[:, :-1]), 1)
+    held = counts.copy()  # of the client's own piece, how many are still its own
+    drawn = sizes.copy()
+
+    def key(j: int) -> tuple[float, int, int]:  # heapq pops the smallest
+        return (-float(sizes[j]) / float(drawn[j]), -int(sizes[j]), j)
+
+    donors = [
+        [key(int(j)) for j in np.flatnonzero((counts[c] > 0) & (sizes > min_size))]
+        for c in range(num_categories)
+    ]
+    for heap in donors:
+        heapq.heapify(heap)
+
+    def take(c: int) -> int | None:
+        """The donor of category ``c``: of the clients holding it that stay above min_size,
+        the one that kept the largest fraction of its drawn size (None: no such client)."""
+        heap = donors[c]
+        while heap:
+            j = heap[0][2]
+            if held[c, j] == 0 or sizes[j] <= min_size:
+                heapq.heappop(heap)
+            elif heap[0] != key(j):  # it gave since it was pushed
+                heapq.heapreplace(heap, key(j))
+            else:
+                return j
+        return None
+
+    moved = 0
+    for k in np.flatnonzero(sizes < min_size):
+        # its categories, the one its Dirichlet share favours most first (ties: lower code)
+        preference = np.argsort(-draw.shares[:, k], kind="stable")
+        while sizes[k] < min_size:
+            for c in preference:
+                j = take(int(c))
+                if j is not None:
+                    break
+            else:  # pragma: no cover - min_size * K <= n leaves a donor while a client is short
+                raise RuntimeError("Dirichlet top-up found no donor")
+            held[c, j] -= 1
+            owners[c][starts[c, j] + held[c, j]] = k  # the donor's last example of c moves
+            counts[c, j] -= 1
+            counts[c, k] += 1
+            sizes[j] -= 1
+            sizes[k] += 1
+            moved += 1
+    return moved
 
 
 def stratified_sample(

@@ -309,6 +309,11 @@ class LMOptions:
     )
     train_on_inputs: bool = option(True, "also train on the prompt tokens (else response only)")
     group_by_length: bool = option(False, "batch examples of similar length together")
+    split_by_length: bool = option(
+        False,
+        "run each micro-batch as passes of similar lengths where that saves padding: the same "
+        "examples and loss each step, other float rounding and dropout draws (docs/scale.md)",
+    )
     dev_data_path: str | None = option(
         None,
         "multiple-choice dev file in the FLoRA/RB-LoRA MMLU format (JSON array or lines of "

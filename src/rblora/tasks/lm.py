@@ -2,7 +2,8 @@
 model by multiple-choice log-likelihood and held-out response loss.
 
 One base model is held in memory for the whole run; each client wraps it in a LoRA of its own rank
-(:func:`rblora.adapters.attach_lora`), trains, hands back its factors and unwraps it again.
+(:class:`rblora.adapters.LoraHost`, which keeps PEFT's wrappers of each LoRA shape between
+clients), trains, hands back its factors and unwraps it again.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import torch
 
 from rblora.adapters import (
     BaseWeights,
+    LoraHost,
     LoraSpec,
     applied_delta,
-    attach_lora,
-    detach_lora,
     keep_beside,
-    read_factors,
     resolve_targets,
     save_peft_adapter,
 )
@@ -92,6 +91,7 @@ class CausalLMTask:
         self.base_reference = base_reference
         self.progress = progress
         self._base = BaseWeights.of(model)
+        self._lora = LoraHost.of(model)  # attaches clients' LoRAs without rebuilding PEFT
         # global updates stay beside the weights unless the model computes in float32
         self._merged = not keep_beside(model, use_bf16(train_config.bf16, model))
         self._loss_fn = causal_lm_objective(tokenizer.pad_token_id or 0)
@@ -144,6 +144,7 @@ class CausalLMTask:
             model,
             log=log,
             group_by_length=args.group_by_length,
+            split_by_length=args.split_by_length,
             cutoff_len=args.cutoff_len,
             train_on_inputs=args.train_on_inputs,
         )
@@ -227,7 +228,7 @@ class CausalLMTask:
         self, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int
     ) -> ClientResult:
         examples = self._client_data(self._train, spec.client_id)
-        peft_model = attach_lora(self.model, self.lora_spec(spec), init=start.factors, seed=seed)
+        peft_model = self._lora.attach(self.lora_spec(spec), init=start.factors, seed=seed)
         try:
             config = replace(self.train_config, seed=seed)
             result = train_local(
@@ -238,7 +239,7 @@ class CausalLMTask:
                 length=sequence_length,
                 progress=self.progress,
             )
-            factors = read_factors(peft_model)
+            factors = self._lora.read_factors()
             metrics: dict[str, Any] = {
                 "loss": result.loss,
                 "steps": result.steps,
@@ -248,7 +249,7 @@ class CausalLMTask:
             if self._val[spec.client_id]:
                 metrics["val_loss"] = self._heldout_loss(peft_model, self._val[spec.client_id])
         finally:
-            self.model = detach_lora(peft_model)
+            self.model = self._lora.detach()
         return ClientResult(factors=factors, num_examples=len(examples), metrics=metrics)
 
     def set_base(self, delta: dict[str, ModuleDelta], dense: dict[str, torch.Tensor]) -> None:

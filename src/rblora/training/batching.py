@@ -99,3 +99,33 @@ def check_targets(examples: list[dict[str, list[int]]], who: str, cutoff_len: in
             "needs a cutoff below 2 tokens or a response with no token of its own); raise "
             "--cutoff_len or fix the records"
         )
+
+
+def split_by_length(batch: list[int], lengths: list[int], call_cost: int) -> list[list[int]]:
+    """Cut a micro-batch (example indices) into forward passes of similar lengths.
+
+    A micro-batch is padded to its longest sequence, so a short sequence beside a long one costs
+    the long one's compute. The groups minimise ``sum over groups of (size x longest length +
+    call_cost)``, ``call_cost`` being what one more forward and backward pass costs, in padded
+    positions; they are runs of the batch sorted by length, longest first. When one group is
+    best the batch comes back unchanged (``[batch]``, in its order).
+    """
+    n = len(batch)
+    if n < 2:
+        return [list(batch)]
+    order = sorted(batch, key=lambda j: -lengths[j])  # stable: ties keep the batch's order
+    sizes = [lengths[j] for j in order]
+    # best[i]: least cost of the first i examples; cut[i]: where its last group starts
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * sizes[start] + call_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    if cut[n] == 0:
+        return [list(batch)]
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]

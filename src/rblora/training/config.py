@@ -27,6 +27,14 @@ class TrainConfig:
     """Clip the global gradient norm of the LoRA parameters to this; 0 disables (HF default 1)."""
     group_by_length: bool = False
     """Batch sequences of similar length together (less padding), as HF's length-grouped sampler."""
+    split_by_length: bool = False
+    """Run a micro-batch as several forward passes of similar lengths when that saves padded
+    positions (``batching.split_by_length``): each optimizer step has the same examples and the
+    same loss (its summed loss over its count of terms), but the float rounding and the LoRA
+    dropout draws differ. Needs a length per example (language models)."""
+    split_call_cost: int = 64
+    """For ``split_by_length``: what one more forward and backward pass costs, in padded
+    positions (SmolLM2-135M on a 2-core CPU: see docs/scale.md)."""
     cutoff_len: int = 512
     """Truncate tokenized examples to this many tokens."""
     train_on_inputs: bool = True
@@ -56,6 +64,14 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of "
                 f"micro_batch_size ({self.micro_batch_size})"
+            )
+        if (
+            isinstance(self.split_call_cost, bool)
+            or not isinstance(self.split_call_cost, int)
+            or self.split_call_cost < 0
+        ):
+            raise ValueError(
+                f"TrainConfig.split_call_cost must be an integer >= 0, got {self.split_call_cost!r}"
             )
         for name in ("max_abs_weight", "max_loss_rise"):
             if not getattr(self, name) > 0:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rblora.training.batching import epoch_order, sequence_length
+from rblora.training.batching import epoch_order, sequence_length, split_by_length
 from rblora.training.config import TrainConfig
 from rblora.training.loss import causal_lm_objective
 from rblora.utils.device import use_bf16 as resolve_bf16
@@ -156,6 +156,8 @@ def train_local(
         length = length or sequence_length
     if config.group_by_length and length is None:
         raise ValueError("train_local: group_by_length needs a length function for the examples")
+    if config.split_by_length and length is None:
+        raise ValueError("train_local: split_by_length needs a length function for the examples")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_local: the model has no trainable parameters (attach a LoRA first)")
@@ -180,15 +182,19 @@ def train_local(
             for i, step in enumerate(plan):
                 step_sum, step_count = 0.0, 0
                 for mb in step:
-                    batch = [examples[j] for j in mb]
                     if lengths is not None:
                         tokens += sum(lengths[j] for j in mb)
-                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                        loss_sum, count = loss_fn(model, batch)
-                    if count:
-                        loss_sum.backward()
-                    step_sum += loss_sum.item()
-                    step_count += count
+                    passes = [mb]
+                    if config.split_by_length:
+                        passes = split_by_length(mb, lengths, config.split_call_cost)
+                    for part in passes:
+                        batch = [examples[j] for j in part]
+                        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                            loss_sum, count = loss_fn(model, batch)
+                        if count:
+                            loss_sum.backward()
+                        step_sum += loss_sum.item()
+                        step_count += count
                 if not step_count:  # nothing to learn from: no update, no loss to report
                     update(i + 1, total, None)
                     continue

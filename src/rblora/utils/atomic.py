@@ -34,6 +34,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -91,13 +92,29 @@ def fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
+#: fsync this many files or more of a folder from a pool of threads (see ``fsync_tree``).
+PARALLEL_FSYNC_FILES = 64
+FSYNC_THREADS = 32
+
+
 def fsync_tree(root: str | Path) -> None:
-    """fsync every file under ``root``, then every folder, deepest first (``root`` last)."""
+    """fsync every file under ``root``, then every folder, deepest first (``root`` last).
+
+    A folder of many files (``PARALLEL_FSYNC_FILES`` or more, e.g. the 10,000 client files of a
+    prepared data folder) is synced from ``FSYNC_THREADS`` threads: each fsync waits for a
+    journal commit, and concurrent ones share commits. Measured on this project's 2-core
+    machine: 10,000 small files in 0.9 s instead of 34 s one after the other.
+    """
     for dirpath, _, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
+        paths = [os.path.join(dirpath, name) for name in filenames]
+        paths = [path for path in paths if not os.path.islink(path)]
+        if len(paths) < PARALLEL_FSYNC_FILES:
+            for path in paths:
                 fsync_file(path)
+        else:
+            with ThreadPoolExecutor(FSYNC_THREADS) as pool:
+                for _ in pool.map(fsync_file, paths):  # re-raises the first error
+                    pass
         fsync_dir(dirpath)
 
 
