@@ -8,12 +8,12 @@ over 10, 100, 1,000 and 10,000 clients.
 
 **image**: ``--images`` Fashion-MNIST training images (a stratified pool, split IID by
 ``prepare-data``) over K clients for each K of ``--clients``; DINOv2 ViT-S/14 (embedded) at
-``--image_size`` px with the vision job's options (``configs/vit_embedded.yaml``: its ranks
+``--image_size`` px with the vision job's options (the shipped ``vit_embedded.yaml``: its ranks
 cycled over the clients, lr 1e-3, one epoch) but batch ``--batch`` (8: a client of 6 images
 trains one batch of 6). **lm**: ``--lm_records`` records of the main job's mixture (SST-2,
 RTE, MRPC, BoolQ in the papers' format, as ``make run`` prepares them) over K clients for each K
 of ``--lm_clients``, on SmolLM2-135M-Instruct with the main job's options
-(``configs/embedded.yaml``: its ranks cycled, batch 8, cutoff 256, prompt masked, length
+(the shipped ``embedded.yaml``: its ranks cycled, batch 8, cutoff 256, prompt masked, length
 grouping).
 
 Each size is its own prepared data folder and its own task, built the way ``train.py`` builds
@@ -118,7 +118,7 @@ def image_cases(opts, root: Path, models: dict) -> list[dict]:
             "--test_per_category", "1", "--overwrite",
         ])  # fmt: skip
         argv = [
-            "--config", str(REPO / "configs" / "vit_embedded.yaml"),
+            "--config", "vit_embedded.yaml",
             "--data_path", str(data), "--num_clients", str(k),
             "--client_ranks", cycled(opts.ranks, k), "--image_size", str(opts.image_size),
             "--local_batch_size", str(opts.batch), "--local_micro_batch_size", str(opts.batch),
@@ -140,7 +140,7 @@ def lm_data_argv(opts) -> list[str]:
 
 def lm_argv(opts, data: Path, k: int, ranks: list[int]) -> list[str]:
     argv = [
-        "--config", str(REPO / "configs" / "embedded.yaml"), "--data_path", str(data),
+        "--config", "embedded.yaml", "--data_path", str(data),
         "--num_clients", str(k), "--client_ranks", cycled(ranks, k),
         "--output_dir", str(opts.workdir / "runs"), "--no_progress", "--seed", "0",
     ]  # fmt: skip
