@@ -223,6 +223,7 @@ def close_round(
         export_global(task, folder.global_dir(round_), model)
     eval_start = time.perf_counter()
     evaluation = keep_item_outcomes(folder, round_, evaluate_global(task, model, round_))
+    install_global(task, server)  # the next round trains on what a resumed run installs
     eval_seconds = time.perf_counter() - eval_start
     record: dict[str, Any] = {
         "type": "round",
