@@ -294,7 +294,7 @@ class _ModuleSum:
         band = self._band_of(comps)
         for b in torch.unique(band).tolist():
             pick = band == b
-            self.dense[b] += b_cols[:, pick] @ a_rows[pick]
+            self.dense[b].addmm_(b_cols[:, pick], a_rows[pick])  # in place: no (d_out, d_in) temporary
 
     def _stack(self) -> tuple[Tensor, Tensor, Tensor]:
         return torch.cat(self.a_rows), torch.cat(self.b_cols, dim=1), torch.cat(self.comps)
