@@ -44,6 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["RB-LoRA", "Weighted HETLoRA", "Uniform HETLoRA", "FLoRA"]
 OTHERS = [m for m in available_methods() if m not in PAPER and m != "FedIT"]
 HETEROGENEOUS = [f"{m}@heterogeneous" for m in PAPER + OTHERS]
+SEED_RANKS = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256]
+
+
+def seed_ranks(clients: int) -> str:
+    """The seed's ranks cycled over ``clients`` clients, as ``--client_ranks`` takes them."""
+    return ",".join(str(SEED_RANKS[k % len(SEED_RANKS)]) for k in range(clients))
+
 
 PRESETS = {
     "lm": {
@@ -98,11 +105,37 @@ PRESETS["image-privacy"] = {
     "train": ["--config", "vit_embedded.yaml", "--image_size", "84",
               "--num_clients", "50", "--client_selection_frac", "0.2",
               "--client_sampling", "poisson", "--num_communication_rounds", "5",
-              "--client_ranks", ",".join(["4,4,16,16,64,64,128,128,256,256"] * 5)],
+              "--client_ranks", seed_ranks(50)],
     "methods": ["RB-LoRA", "FlexLoRA", "Weighted HETLoRA"],
     "seeds": "1,2,3",
     "settings": "heterogeneous",
     "levels": PRIVACY_LEVELS,
+}  # fmt: skip
+
+# client-level DP at cross-device scale (docs/scale.md, docs/privacy.md): 10,000 Dirichlet-0.5
+# clients of about 6 images (all 60,000 Fashion-MNIST training images; the smallest topped up to
+# 3), each taking part with probability 0.1 (about 1,000 clients a round), the seed's ranks
+# cycled; every private level clips adaptively (Andrew et al. 2021: the median of the clients'
+# term norms, tracked privately), so no C is read off private norms; delta 1e-6 < 1/10,000.
+LARGE_ROUNDS = "10"
+LARGE_IMAGE_SIZE = "56"
+LARGE_LEVELS = {
+    "none": [],
+    "inf": ["--dp_clip_quantile", "0.5", "--dp_noise_multiplier", "0"],
+    "8": ["--dp_clip_quantile", "0.5", "--dp_epsilon", "8", "--dp_delta", "1e-6"],
+    "2": ["--dp_clip_quantile", "0.5", "--dp_epsilon", "2", "--dp_delta", "1e-6"],
+}
+PRESETS["image-privacy-large"] = {
+    "prepare": ["10000", "--source", "fashion-mnist", "--partition", "dirichlet", "--alpha", "0.5",
+                "--test_per_category", "50"],
+    "train": ["--config", "vit_embedded.yaml", "--image_size", LARGE_IMAGE_SIZE,
+              "--num_clients", "10000", "--client_selection_frac", "0.1",
+              "--client_sampling", "poisson", "--num_communication_rounds", LARGE_ROUNDS,
+              "--client_ranks", seed_ranks(10000)],
+    "methods": ["RB-LoRA", "FlexLoRA", "Weighted HETLoRA"],
+    "seeds": "1,2",
+    "settings": "heterogeneous",
+    "levels": LARGE_LEVELS,
 }  # fmt: skip
 
 QUICK = {
@@ -132,6 +165,15 @@ QUICK = {
         "methods": ["RB-LoRA"],
         "seeds": "1",
         "levels": {k: PRIVACY_LEVELS[k] for k in ("none", "inf", "8")},
+    },
+    "image-privacy-large": {  # 300 clients of 4 images, about 30 a round
+        "prepare": ["300", "--source", "fashion-mnist", "--partition", "dirichlet", "--alpha",
+                    "0.5", "--pool_size", "1200", "--test_per_category", "5"],
+        "train": ["--num_clients", "300", "--num_communication_rounds", "1",
+                  "--image_size", "28", "--client_ranks", seed_ranks(300)],
+        "methods": ["RB-LoRA"],
+        "seeds": "1",
+        "levels": {k: LARGE_LEVELS[k] for k in ("none", "8")},
     },
 }  # fmt: skip
 

@@ -3,6 +3,7 @@ of the Results page (docs/results.md), in a form that runs in minutes."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -89,3 +90,16 @@ def test_quick_privacy_utility_runs_one_comparison_per_level(tmp_path, capsys):
         eps = _row(table, "RB-LoRA")[head.index("DP epsilon r1")]
         assert eps == spent if spent else 0 < float(eps) <= 8
     assert (out / "plots" / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_large_privacy_preset_samples_hundreds_and_clips_adaptively(tmp_path, capsys):
+    """The cross-device preset in small: 300 clients, Poisson q = 0.1, the clip adaptive."""
+    out = tmp_path / "large"
+    assert _bench().main(["image-privacy-large", "--quick", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    head = re.search(r"\| method \| no DP \| (epsilon [\d.]+) \|", printed)
+    assert head and 0 < float(head.group(1).split()[1]) <= 8
+    config = next((out / "epsilon_8").rglob("config.json"))
+    privacy = json.loads(config.read_text())["privacy"]
+    assert privacy["sampling"] == "poisson" and privacy["sample_rate"] == 0.1
+    assert privacy["delta"] == 1e-6 and privacy["adaptive_clip"]["quantile"] == 0.5
