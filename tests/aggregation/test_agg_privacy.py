@@ -32,9 +32,10 @@ def noise(round_=0):
     return secret_generator(KEY, round_)
 
 
-def population(ranks, sizes, seed=0, shapes=None):
-    """Client updates whose client_id is their population index, as the server sends them."""
-    clients = make_clients(ranks, sizes, seed=seed, shapes=shapes)
+def population(ranks, sizes, seed=0, shapes=None, method=None):
+    """Client updates whose client_id is their population index, as the server sends them
+    (``method``: shaped for its client protocol, see ``make_clients``)."""
+    clients = make_clients(ranks, sizes, seed=seed, shapes=shapes, method=method)
     return [dataclasses.replace(u, client_id=k) for k, u in enumerate(clients)]
 
 
@@ -51,7 +52,7 @@ def released(g, module):
 def test_without_clip_or_noise_and_everyone_selected_it_is_the_method_itself(method):
     ranks = fit(method, [2, 3, 5])
     sizes = [10, 30, 60]
-    clients = population(ranks, sizes)
+    clients = population(ranks, sizes, method=method)
     reduction = "svd" if get_method(method).form == "stack" else None
     plain = aggregate(method, clients, reduction=reduction)
     private, report = private_aggregate(

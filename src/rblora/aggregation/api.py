@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .frozen import FrozenInit
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
 from .streaming import RoundSum
@@ -74,15 +75,20 @@ class CollectedRound:
 
 
 def open_round(
-    method: str, reduction: str | None = None, *, ranks: Sequence[int]
+    method: str,
+    reduction: str | None = None,
+    *,
+    ranks: Sequence[int],
+    frozen: FrozenInit | None = None,
 ) -> RoundSum | CollectedRound:
     """Where one round's updates are folded in as they arrive: running sums
-    (:class:`.streaming.RoundSum`, for the population's ``ranks``) when the method has a
-    ``share``, else a list aggregated at the end."""
+    (:class:`.streaming.RoundSum`, for the population's ``ranks``; ``frozen``: the run's
+    frozen initialisation, for a frozen-A method) when the method has a ``share``, else a list
+    aggregated at the end."""
     spec = get_method(method)
     if spec.share is None:
         return CollectedRound(spec.name, reduction)
-    return RoundSum(spec, reduction, ranks=ranks)
+    return RoundSum(spec, reduction, ranks=ranks, frozen=frozen)
 
 
 def average_dense(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:

@@ -43,6 +43,32 @@ def padded_component_sum(
     return a_g, b_g
 
 
+def held_rows(As: Sequence[Tensor], width: int, held: Tensor | None = None) -> Tensor:
+    """The one matrix every client's frozen A is a prefix of, ``(width, d_in)``: the widest
+    ``A_k`` (or ``held``, rows found earlier), zero rows beyond. A new tensor.
+
+    Raises:
+        ValueError: an ``A_k`` that is not, bitwise, the first ``r_k`` rows of the others (the
+            clients do not share one frozen initialisation).
+    """
+    known = ([] if held is None else [held]) + list(As)
+    widest = max(known, key=len)
+    for k, a in enumerate(As):
+        if not torch.equal(a, widest[: a.shape[0]].to(a.dtype)) or not torch.equal(
+            known[0][: a.shape[0]].to(a.dtype), a[: known[0].shape[0]]
+        ):
+            raise ValueError(
+                f"client {k}: its frozen A is not the shared initialisation every client holds "
+                "a prefix of (a frozen-A method averages B only: give every client the first "
+                "r_k rows of one matrix)"
+            )
+    held = widest
+    out = held.new_zeros(width, held.shape[1])
+    rows = min(width, held.shape[0])
+    out[:rows] = held[:rows]
+    return out
+
+
 def weighted_stack(
     As: Sequence[Tensor], Bhs: Sequence[Tensor], gamma: Tensor
 ) -> tuple[Tensor, Tensor]:

@@ -56,6 +56,7 @@ from rblora.protocol.codec import (
     encode,
     encode_basis,
 )
+from rblora.protocol.factors import FactorPlan
 from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout, tensor_bytes
 
 BYTES_PER_VALUE = 4  # float32, as the server keeps and sends every tensor
@@ -155,6 +156,8 @@ class FederatedServer:
         self.last_clip: ClipReport | None = None  # what DP clipping did in the last aggregation
         self._round = None  # the running sums of the round in progress (fold, aggregate)
         self.layout = layout
+        self.plan = FactorPlan.for_method(method, seed)
+        """The method's client protocol with the run's seed (what clients train and send)."""
         self.method = method
         self.reduction = reduction
         self.clients = clients
@@ -193,7 +196,8 @@ class FederatedServer:
     def deliver(self, client_id: int) -> ClientStart:
         """What ``client_id`` starts this round from; records that it now has the current state.
 
-        ``download_bytes`` counts float32 values: the client's rank-r adapter (svd / truncate),
+        ``download_bytes`` counts float32 values: the client's rank-r adapter (svd / truncate;
+        the factors the method's protocol sends, :class:`FactorPlan`),
         the averaged dense extras, and under the merge protocol every merged update the client
         has not received yet (all of them since it last trained, not only the last one), per
         module at most one dense matrix (a client far behind is sent the dense difference).
@@ -204,8 +208,8 @@ class FederatedServer:
             base_delta=self.base_total.as_dict(),
         )
         total = tensor_bytes(self.dense.values())
-        if start.factors:
-            total += tensor_bytes(t for pair in start.factors.values() for t in pair)
+        if start.factors:  # only the factors the method's protocol sends down
+            total += tensor_bytes(self.plan.travels(start.factors))
         missed = sum(self._merge_widths[self._synced.get(client_id, 0) :])
         if missed:
             for delta in start.base_delta.values():
@@ -222,7 +226,7 @@ class FederatedServer:
         not grow with them. ValueError naming the client for a reply that does not fit."""
         if self._round is None:
             self._round = self._open_round()
-        self._round.add(update)
+        self._round.add(self.plan.restore(update))  # a frozen factor is the server's own draw
 
     def aggregate(self, updates: list[ClientUpdate] | None = None) -> GlobalUpdate:
         """The round's global update from what :meth:`fold` took (or from ``updates``, folded
@@ -253,9 +257,11 @@ class FederatedServer:
         if self._dp is not None:
             return PrivateRoundSum(
                 self.method, replace(self._dp, clip=self.clip), reduction=self.reduction,
-                shapes=self.layout.modules, dense_shapes=self.layout.dense,
+                shapes=self.layout.modules, dense_shapes=self.layout.dense, frozen=self.plan.init,
             )  # fmt: skip
-        return open_round(self.method, self.reduction, ranks=[c.rank for c in self.clients])
+        return open_round(
+            self.method, self.reduction, ranks=[c.rank for c in self.clients], frozen=self.plan.init
+        )
 
     def privacy_record(self) -> tuple[dict, dict]:
         """Under DP, the round record's privacy fields after the round just closed, as
