@@ -182,3 +182,39 @@ def test_fedit_averages_factors_by_hand():
     (a, b) = g.for_client(2, 2.0)[M]  # truncate at the common rank, s_r = 1: the averages
     torch.testing.assert_close(a, t([[1.0, 0.75], [0.0, 1.0]]))
     torch.testing.assert_close(b, t([[1.25, 1.5], [2.25, 3.5], [4.25, 5.0]]))
+
+
+def ffa_clients():
+    """FFA-LoRA's clients share one frozen A, ``[[1, 2], [0, 1]]``; client 1 holds its first
+    row. Client 1: rank 1, alpha 2 (s = 2), n = 1, B1 = [[1], [0], [2]] -> Bh1 = [[2], [0], [4]].
+    Client 2: rank 2, alpha 2 (s = 1), n = 3, B2 = [[1, 2], [3, 4], [5, 6]]."""
+    shared = t([[1.0, 2.0], [0.0, 1.0]])
+    return [
+        ClientUpdate(1, 2.0, {M: (shared[:1].clone(), t([[1.0], [0.0], [2.0]]))}),
+        ClientUpdate(3, 2.0, {M: (shared.clone(), t([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))}),
+    ]
+
+
+def test_ffa_lora_averages_b_per_component_over_its_holders_by_hand():
+    """Column 0 is held by both: 1/4 [2, 0, 4] + 3/4 [1, 3, 5] = [1.25, 2.25, 4.75]; column 1 by
+    client 2 alone: [2, 4, 6]. A is the shared [[1, 2], [0, 1]], never averaged:
+    dW = [[1.25, 2], [2.25, 4], [4.75, 6]] @ [[1, 2], [0, 1]] = [[1.25, 4.5], [2.25, 8.5],
+    [4.75, 15.5]]. A client of rank 1 (s = 2) gets A = [[1, 2]], B = [1.25, 2.25, 4.75] / 2."""
+    g = aggregate("FFA-LoRA", ffa_clients())
+    a_g, b_g = g.factors(M)
+    torch.testing.assert_close(a_g, t([[1.0, 2.0], [0.0, 1.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(b_g, t([[1.25, 2.0], [2.25, 4.0], [4.75, 6.0]]))
+    torch.testing.assert_close(g.delta(M), t([[1.25, 4.5], [2.25, 8.5], [4.75, 15.5]]))
+    (a, b) = g.for_client(1, 2.0)[M]
+    torch.testing.assert_close(a, t([[1.0, 2.0]]), rtol=0, atol=0)  # the frozen row, bitwise
+    torch.testing.assert_close(b, t([[0.625], [1.125], [2.375]]))
+
+
+def test_ffa_lora_refuses_clients_without_a_shared_a_and_any_other_redistribution():
+    first, second = ffa_clients()
+    other = ClientUpdate(3, 2.0, {M: (t([[1.0, 2.5], [0.0, 1.0]]), second.factors[M][1])})
+    with pytest.raises(ValueError, match=r"^client 1, module .layer.q.: its frozen A is not"):
+        aggregate("FFA-LoRA", [first, other])
+    for reduction in ("svd", "merge"):
+        with pytest.raises(ValueError, match="its A stays frozen at the shared initialisation"):
+            aggregate("ffa_lora", ffa_clients(), reduction=reduction)

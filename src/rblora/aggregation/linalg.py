@@ -43,13 +43,16 @@ def padded_component_sum(
     return a_g, b_g
 
 
-def held_rows(As: Sequence[Tensor], width: int, held: Tensor | None = None) -> Tensor:
+def held_rows(
+    As: Sequence[Tensor], width: int, held: Tensor | None = None, who: Sequence[str] | None = None
+) -> Tensor:
     """The one matrix every client's frozen A is a prefix of, ``(width, d_in)``: the widest
     ``A_k`` (or ``held``, rows found earlier), zero rows beyond. A new tensor.
 
     Raises:
         ValueError: an ``A_k`` that is not, bitwise, the first ``r_k`` rows of the others (the
-            clients do not share one frozen initialisation).
+            clients do not share one frozen initialisation), named by ``who[k]`` (default
+            ``client k``).
     """
     known = ([] if held is None else [held]) + list(As)
     widest = max(known, key=len)
@@ -57,8 +60,9 @@ def held_rows(As: Sequence[Tensor], width: int, held: Tensor | None = None) -> T
         if not torch.equal(a, widest[: a.shape[0]].to(a.dtype)) or not torch.equal(
             known[0][: a.shape[0]].to(a.dtype), a[: known[0].shape[0]]
         ):
+            label = f"client {k}" if who is None else who[k]
             raise ValueError(
-                f"client {k}: its frozen A is not the shared initialisation every client holds "
+                f"{label}: its frozen A is not the shared initialisation every client holds "
                 "a prefix of (a frozen-A method averages B only: give every client the first "
                 "r_k rows of one matrix)"
             )

@@ -151,7 +151,9 @@ class RoundSum:
                     self.method.form, self._shapes[module], self._bands(), self._dense_allowed(),
                     self._frozen_rows(module),
                 )  # fmt: skip
-            target.add(a, bh, weights.to(self._work), "A" in self.method.protocol.frozen)
+            frozen_a = "A" in self.method.protocol.frozen
+            who = f"{update.describe(index)}, module {module!r}"
+            target.add(a, bh, weights.to(self._work), frozen_a, who)
         for name in sorted(self._dense_shapes or {}):
             value = update.dense[name].detach().to("cpu", self._work)
             total = self._extras.get(name)
@@ -295,15 +297,16 @@ class _ModuleSum:
         if self.held_a is not None:
             self.held_a = self.held_a.to(dtype)
 
-    def add(self, a: Tensor, bh: Tensor, w: Tensor, frozen_a: bool = False) -> None:
+    def add(self, a: Tensor, bh: Tensor, w: Tensor, frozen_a: bool = False, who: str = "") -> None:
         r = a.shape[0]
         if self.form == "padded":
             self._grow_padded(r, a.dtype)
             if self.hold_a:  # the run's frozen A: the client's must be its prefix
-                held_rows([a], r, self._frozen(r).to(a.dtype))
+                held_rows([a], r, self._frozen(r).to(a.dtype), [who])
             elif frozen_a:  # no run init known: hold the widest client's
                 held = self.held_a
-                self.held_a = held_rows([a], max(r, 0 if held is None else len(held)), held)
+                width = max(r, 0 if held is None else len(held))
+                self.held_a = held_rows([a], width, held, [who])
             else:
                 self.pad_a[:r] += w[:, None] * a
             self.pad_b[:, :r] += bh * w[None, :]
