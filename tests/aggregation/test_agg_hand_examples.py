@@ -218,3 +218,46 @@ def test_ffa_lora_refuses_clients_without_a_shared_a_and_any_other_redistributio
     for reduction in ("svd", "merge"):
         with pytest.raises(ValueError, match="its A stays frozen at the shared initialisation"):
             aggregate("ffa_lora", ffa_clients(), reduction=reduction)
+
+
+def threshold_clients():
+    """Two clients whose updates are orthogonal: client 1 (rank 1, alpha 1, n = 1) gives
+    dW1 = 3 e1 e1^T, client 2 (rank 2, alpha 2, n = 1) dW2 = 2 e2 e2^T + e3 e3^T. FlexLoRA's
+    dW = (dW1 + dW2) / 2 = diag(1.5, 1, 0.5): sigma^2 = (2.25, 1, 0.25), total 3.5."""
+    e = torch.eye(3)
+    return [
+        ClientUpdate(1, 1.0, {M: (e[:1].clone(), t([[3.0], [0.0], [0.0]]))}),
+        ClientUpdate(1, 2.0, {M: (e[1:].clone(), t([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0]]))}),
+    ]
+
+
+@pytest.mark.parametrize(
+    "energy, kept",
+    [(0.6, 1), (0.64, 1), (0.65, 2), (0.9, 2), (0.92, 2), (0.93, 3), (1.0, 3)],
+)
+def test_threshold_keeps_the_fewest_directions_holding_the_energy_by_hand(energy, kept):
+    """FLoRIST: k = the smallest with sigma_1^2 + ... + sigma_k^2 >= energy * 3.5 (2.25 reaches
+    0.64 * 3.5 = 2.24 but not 0.65 * 3.5 = 2.275; 3.25 reaches 0.92 * 3.5 = 3.22 but not
+    0.93 * 3.5 = 3.255)."""
+    g = aggregate("FlexLoRA", threshold_clients(), "threshold", svd_energy=energy)
+    assert g.kept_rank(M) == kept
+    diag = [1.5, 1.0, 0.5]
+    for rank in (1, 2, 3):  # each client gets min(k, r) directions; s_r = 1 with alpha = r
+        a, b = g.for_client(rank, float(rank))[M]
+        assert a.shape == (rank, 3) and b.shape == (3, rank)
+        expected = torch.diag(t([d if i < min(kept, rank) else 0.0 for i, d in enumerate(diag)]))
+        torch.testing.assert_close(b @ a, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a @ a.T, torch.eye(rank), rtol=1e-6, atol=1e-6)  # trainable
+    torch.testing.assert_close(g.delta(M), torch.diag(t(diag)))  # the global update is exact
+
+
+def test_threshold_is_for_the_stack_methods_and_its_energy_is_a_fraction():
+    for method in ("RB-LoRA", "FLoRA", "FlexLoRA"):
+        g = aggregate(method, threshold_clients(), "threshold", svd_energy=0.9)
+        assert g.reduction == "threshold" and g.kept_rank(M) >= 1
+    for method in ("Uniform HETLoRA", "Weighted HETLoRA", "RB-LoRA (factor)", "FFA-LoRA"):
+        with pytest.raises(ValueError, match=r"threshold, FLoRIST's, cuts the SVD of the stack"):
+            aggregate(method, two_clients(), "threshold")
+    for energy in (0.0, -0.5, 1.01, float("nan"), True):
+        with pytest.raises(ValueError, match=rf"^svd_energy {energy!r} must be a fraction in"):
+            aggregate("FlexLoRA", threshold_clients(), "threshold", svd_energy=energy)

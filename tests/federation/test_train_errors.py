@@ -31,6 +31,15 @@ from rblora.federation import cli
         ),
         (["--method", "RB-LoRA", "--reduction_method", "truncate"], "does not support"),
         (
+            ["--reduction_method", "threshold", "--svd_energy", "1.5"],
+            "svd_energy 1.5 must be a fraction in (0, 1]",
+        ),
+        (["--svd_energy", "0"], "svd_energy 0.0 must be a fraction in (0, 1]"),
+        (
+            ["--method", "FedIT", "--client_ranks", "2,2,2", "--reduction_method", "threshold"],
+            "(threshold, FLoRIST's, cuts the SVD of the stacked client updates;",
+        ),
+        (
             ["--method", "FFA-LoRA", "--reduction_method", "svd"],
             "(its A stays frozen at the shared initialisation; svd or merge would replace it)",
         ),

@@ -108,6 +108,26 @@ def orthonormal_complement_rows(rows: Tensor, count: int) -> Tensor:
     return torch.ormqr(reflectors, tau, picks).T.contiguous()
 
 
+def energy_rank(sigma: Tensor, energy: float, total: float | None = None) -> int:
+    """FLoRIST's thresholded rank: the smallest ``k >= 1`` with
+    ``sigma_1^2 + ... + sigma_k^2 >= energy * total``, ``total`` the update's whole energy
+    (default ``sum sigma^2``; give ``||dW||_F^2`` when ``sigma`` holds only the top values).
+    ``len(sigma)`` when the values given do not reach it.
+
+    Source: Ramesh, Dass, "FLoRIST: Singular Value Thresholding for Efficient and Accurate
+    Federated Fine-Tuning of Large Language Models" (MLSys 2026, arXiv 2506.09199): the SVD of
+    the stacked client adapters is computed in the compact space of the stacks (what
+    :class:`FactoredSVD` does), and "tunable singular value thresholding" picks one rank per
+    module for the global adapters every client receives. The paper's full text was not
+    available to us beyond its abstract; the energy read here, squared singular values against
+    the whole (``||dW||_F^2``, the share of the update's Frobenius norm kept), is our reading
+    of its threshold."""
+    squares = sigma.double().square()
+    whole = float(squares.sum()) if total is None else float(total)
+    reached = torch.nonzero(squares.cumsum(0) >= energy * whole).flatten()
+    return int(reached[0]) + 1 if len(reached) else max(1, len(sigma))
+
+
 def _fix_signs(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Flip singular-vector pairs so the largest-magnitude entry of each ``u`` column is positive.
 

@@ -68,7 +68,7 @@ from .frozen import FrozenInit
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
 from .streaming import RoundSum
-from .types import ClientUpdate, Method, ModuleDelta
+from .types import DEFAULT_SVD_ENERGY, ClientUpdate, Method, ModuleDelta
 from .validation import validate_update
 
 KEY_BYTES = 32
@@ -284,6 +284,7 @@ class PrivateRoundSum:
         shapes: Mapping[str, tuple[int, int]] | None = None,
         dense_shapes: Mapping[str, Sequence[int]] | None = None,
         frozen: FrozenInit | None = None,
+        svd_energy: float = DEFAULT_SVD_ENERGY,
     ) -> None:
         self.spec = check_private(method, reduction)
         self.reduction = resolve_reduction(self.spec, reduction)
@@ -292,7 +293,7 @@ class PrivateRoundSum:
         self.total_n = float(sum(dp.num_examples))
         self.sum = RoundSum(
             self.spec, self.reduction, ranks=dp.ranks, normalise=False, shapes=shapes,
-            dense_shapes=dense_shapes, frozen=frozen,
+            dense_shapes=dense_shapes, frozen=frozen, svd_energy=svd_energy,
         )  # fmt: skip
         self.norms: list[float] = []
         self.factors: list[float] = []
@@ -359,7 +360,7 @@ class PrivateRoundSum:
         report = ClipReport(self.dp.clip, tuple(self.norms), tuple(self.factors))
         release = GlobalUpdate(
             self.spec.name, self.reduction, held, self.sum.out_dtype, dense,
-            sketch_seed=sketch_seed, noised=std > 0,
+            sketch_seed=sketch_seed, noised=std > 0, svd_energy=self.sum.svd_energy,
         )  # fmt: skip
         return release, report
 
@@ -376,6 +377,7 @@ def private_aggregate(
     dense_shapes: Mapping[str, Sequence[int]] | None = None,
     sketch_seed: int = 0,
     frozen: FrozenInit | None = None,
+    svd_energy: float = DEFAULT_SVD_ENERGY,
 ) -> tuple[GlobalUpdate, ClipReport]:
     """Aggregate with client-level DP: fixed weights, per-client clipping, Gaussian noise.
 
@@ -395,6 +397,7 @@ def private_aggregate(
             not be secret).
         frozen: the run's frozen initialisation (a frozen-A method: the released A is its
             rows at the population's width; see :class:`.streaming.RoundSum`).
+        svd_energy: the ``threshold`` redistribution's energy (as ``aggregate``'s).
 
     Returns:
         The noised global update (``stack`` methods: one dense ``(d_out, d_in)`` per module) and
@@ -402,8 +405,9 @@ def private_aggregate(
         folding ``updates`` into a :class:`PrivateRoundSum` one by one.
     """
     total = PrivateRoundSum(
-        method, dp, reduction=reduction, shapes=shapes, dense_shapes=dense_shapes, frozen=frozen
-    )
+        method, dp, reduction=reduction, shapes=shapes, dense_shapes=dense_shapes, frozen=frozen,
+        svd_energy=svd_energy,
+    )  # fmt: skip
     for update in updates:
         total.add(update)
     return total.finish(noise, sketch_seed=sketch_seed)

@@ -32,6 +32,8 @@ def register(method: Method) -> Method:
     known = set(method.reductions) <= set(REDUCTIONS)
     if method.default_reduction not in method.reductions or not known:
         raise ValueError(f"{method.name}: bad reductions {method.reductions}; valid: {REDUCTIONS}")
+    if "threshold" in method.reductions and method.form != "stack":
+        raise ValueError(f"{method.name}: threshold cuts the SVD of a stack: stack form only")
     if method.protocol.frozen and method.form != "padded":
         raise ValueError(f"{method.name}: a frozen factor is held as it is: padded form only")
     for name in (method.name, *method.aliases):
@@ -86,6 +88,11 @@ def resolve_reduction(method: Method, reduction: str | None) -> str:
         raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)} or None")
     if reduction not in method.reductions:
         why = f" ({method.reduction_note})" if method.reduction_note else ""
+        if reduction == "threshold" and method.form != "stack":
+            why = (
+                " (threshold, FLoRIST's, cuts the SVD of the stacked client updates; this "
+                "method averages factors and has no stack)"
+            )
         raise ValueError(
             f"{method.name} does not support reduction {reduction!r}{why}; "
             f"valid: {', '.join(method.reductions)}"

@@ -37,7 +37,7 @@ from .frozen import FrozenInit
 from .global_update import GlobalUpdate
 from .linalg import held_rows
 from .registry import resolve_reduction
-from .types import ClientUpdate, Method, ModuleDelta
+from .types import DEFAULT_SVD_ENERGY, ClientUpdate, Method, ModuleDelta, check_svd_energy
 from .validation import first_shapes, validate_update
 
 
@@ -57,6 +57,8 @@ class RoundSum:
         frozen: the run's frozen initialisation, for a method whose protocol freezes A: the
             global A is then its rows, as wide as the sums (a client's A must be their prefix);
             None: the widest client's A, zero rows beyond it.
+        svd_energy: the ``threshold`` redistribution's energy (see
+            :func:`rblora.aggregation.aggregate`).
 
     A frozen A (:attr:`.types.ClientProtocol.frozen`) is held, never summed or weighted: every
     client's A is a prefix of the same matrix, so ``dW = B_g @ A`` with ``B_g`` the weighted sum
@@ -73,6 +75,7 @@ class RoundSum:
         shapes: Mapping[str, tuple[int, int]] | None = None,
         dense_shapes: Mapping[str, Sequence[int]] | None = None,
         frozen: FrozenInit | None = None,
+        svd_energy: float = DEFAULT_SVD_ENERGY,
     ) -> None:
         if normalise and method.share is None:
             raise ValueError(
@@ -86,6 +89,7 @@ class RoundSum:
             method.weights(ranks, [1] * len(ranks))  # its own error for mixed ranks
         self.method = method
         self.frozen = frozen
+        self.svd_energy = check_svd_energy(svd_energy)
         self.reduction = resolve_reduction(method, reduction)
         self.normalise = normalise
         self.count = 0
@@ -205,8 +209,9 @@ class RoundSum:
         if self.normalise and self.count == 0:
             raise ValueError("no client updates to aggregate (empty list); pass at least one")
         return GlobalUpdate(
-            self.method.name, self.reduction, self.held(), self.out_dtype, self.dense_extras()
-        )
+            self.method.name, self.reduction, self.held(), self.out_dtype, self.dense_extras(),
+            svd_energy=self.svd_energy,
+        )  # fmt: skip
 
     @property
     def out_dtype(self) -> torch.dtype:

@@ -8,6 +8,7 @@ Shapes follow PEFT: for a module with weight ``W0: (d_out, d_in)`` a rank-``r`` 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -27,8 +28,31 @@ scale folded into B (``dW = B @ A``)."""
 ModuleDelta = FactorPair | Tensor
 """One module's update ``B @ A`` held as factors ``(A, B)`` or as a dense ``(d_out, d_in)``."""
 
-REDUCTIONS = ("svd", "truncate", "merge")
-"""Redistribution rules: global update -> the adapter a client starts its next round from."""
+REDUCTIONS = ("svd", "truncate", "merge", "threshold")
+"""Redistribution rules: global update -> the adapter a client starts its next round from.
+
+``threshold`` (FLoRIST, Ramesh and Dass, MLSys 2026; stack methods only): the SVD of the
+update, ``dW = U diag(sigma) V^T`` (factored, as ``svd``), then per module one rank
+``k = min{k : sigma_1^2 + ... + sigma_k^2 >= svd_energy * sum_i sigma_i^2}``
+(:func:`.linalg.energy_rank`); a client of rank r starts from the first ``min(k, r)``
+directions, ``A = V[:, :r]^T``, ``B = U[:, :min(k, r)] diag(sigma) / s_r`` and zero columns
+beyond (its extra rows of A orthonormal and trainable). Clients of rank >= k thus all hold the
+same rank-k adapter, the paper's global adapters shared by every client; a client of smaller
+rank holds its best rank-r approximation, as under ``svd``."""
+
+DEFAULT_SVD_ENERGY = 0.99
+"""The fraction of an update's energy ``threshold`` keeps unless told (FLoRIST's default)."""
+
+
+def check_svd_energy(energy: object) -> float:
+    """``energy`` as a float in (0, 1]; ValueError naming the value otherwise."""
+    ok = isinstance(energy, numbers.Real) and not isinstance(energy, bool)
+    if not (ok and math.isfinite(energy) and 0 < energy <= 1):
+        raise ValueError(
+            f"svd_energy {energy!r} must be a fraction in (0, 1]: the share of each module's "
+            "energy (sum of squared singular values) the threshold redistribution keeps"
+        )
+    return float(energy)
 
 
 def lora_scale(lora_alpha: float, rank: int, use_rslora: bool = False) -> float:

@@ -82,7 +82,8 @@ def train_client(
     ``private``: the run has client-level DP, so after round 1 the start carries the noise.
     ``plan``: the method's client protocol: the start's frozen factors are set to the run's
     initialisation and only the factors it trains are trained (both engines call this)."""
-    start = plan.client_start(spec, start, task.update_layout().modules)
+    if not plan.is_default:  # the layout's modules: none when no LoRA is trained (head only)
+        start = plan.client_start(spec, start, task.update_layout().modules)
     try:
         return task.train_client(spec, start, seed=seed, round_=round_)
     except TrainingDiverged as err:

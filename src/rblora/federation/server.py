@@ -45,7 +45,7 @@ from rblora.aggregation.privacy import (
 )
 from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
 from rblora.aggregation.starts import StartBasis
-from rblora.aggregation.types import Factors
+from rblora.aggregation.types import DEFAULT_SVD_ENERGY, Factors, check_svd_energy
 from rblora.federation.options import selection_count
 from rblora.federation.privacy import PrivacySettings
 from rblora.protocol.codec import (
@@ -111,6 +111,7 @@ class FederatedServer:
             ``num_examples`` (the weights' fixed denominator).
         layout: the shapes of every client's update (the task's); needed under DP, where an
             empty round releases noise of those shapes.
+        svd_energy: the ``threshold`` redistribution's energy (FLoRIST), in (0, 1].
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class FederatedServer:
         seed: int = 0,
         privacy: PrivacySettings | None = None,
         layout: UpdateLayout | None = None,
+        svd_energy: float = DEFAULT_SVD_ENERGY,
     ):
         if [c.client_id for c in clients] != list(range(len(clients))):
             raise ValueError("clients must be given in order with ids 0..K-1")
@@ -156,6 +158,7 @@ class FederatedServer:
         self.last_clip: ClipReport | None = None  # what DP clipping did in the last aggregation
         self._round = None  # the running sums of the round in progress (fold, aggregate)
         self.layout = layout
+        self.svd_energy = check_svd_energy(svd_energy)
         self.plan = FactorPlan.for_method(method, seed)
         """The method's client protocol with the run's seed (what clients train and send)."""
         self.method = method
@@ -258,10 +261,12 @@ class FederatedServer:
             return PrivateRoundSum(
                 self.method, replace(self._dp, clip=self.clip), reduction=self.reduction,
                 shapes=self.layout.modules, dense_shapes=self.layout.dense, frozen=self.plan.init,
+                svd_energy=self.svd_energy,
             )  # fmt: skip
         return open_round(
-            self.method, self.reduction, ranks=[c.rank for c in self.clients], frozen=self.plan.init
-        )
+            self.method, self.reduction, ranks=[c.rank for c in self.clients],
+            frozen=self.plan.init, svd_energy=self.svd_energy,
+        )  # fmt: skip
 
     def privacy_record(self) -> tuple[dict, dict]:
         """Under DP, the round record's privacy fields after the round just closed, as

@@ -134,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     task = client_task(args, clients)
     spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)
     plan = FactorPlan.for_method(args.method, args.seed)  # what this method's clients train, send
-    start = decode_start(tensors, meta, plan.filler(spec.rank, task.update_layout().modules))
+    start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes()))
     task.set_base(start.base_delta, {})  # merge protocol: W0 + every merged round
     result = train_client(
         task,
