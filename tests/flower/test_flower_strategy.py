@@ -678,3 +678,18 @@ def test_ffa_lora_sends_no_a_either_way_and_gives_the_in_process_adapters(worksp
     assert factors and all(k.endswith("/B") for k in factors)
     clients = [r for r in metrics(tmp_path / "flower" / "3") if r["type"] == "client"]
     assert len({c["round"] for c in clients}) == 2 and all(c["bytes_up"] > 0 for c in clients)
+
+
+def test_the_threshold_redistribution_gives_the_in_process_adapters(workspace, tmp_path):
+    """FLoRIST's threshold is the server's: on Flower the global adapters and every client's
+    round-2 adapter are the in-process engine's."""
+    extra = ("--method", "FlexLoRA", "--reduction_method", "threshold", "--svd_energy", "0.5")
+    _serve(workspace, tmp_path / "flower", _grid(), *extra)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *extra)) == 0
+    for sub in ("round_1/global", "round_2/global", "round_2/client_2"):
+        a = adapter_tensors(tmp_path / "flower" / "3" / sub)
+        b = adapter_tensors(tmp_path / "inprocess" / "3" / sub)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    rounds = [r for r in metrics(tmp_path / "flower" / "3") if r["type"] == "round"]
+    assert {r["reduction"] for r in rounds} == {"threshold"}
