@@ -4,7 +4,7 @@ frozen at the run's shared initialisation and send B alone."""
 from __future__ import annotations
 
 import torch
-from run_helpers import adapter_tensors, lm_argv, metrics
+from run_helpers import adapter_tensors, killed_in_round_2, lm_argv, metrics
 
 from rblora.aggregation.frozen import FrozenInit
 from rblora.federation import cli
@@ -42,3 +42,17 @@ def test_ffa_lora_keeps_a_frozen_and_sends_b_alone(workspace, tmp_path):
         assert records[1, k]["bytes_up"] == records[2, k]["bytes_up"] == b_bytes
         assert records[1, k]["bytes_down"] == 0 and records[2, k]["bytes_down"] == b_bytes
         assert a_bytes > 0
+
+
+def test_a_ffa_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
+    workspace, tmp_path, monkeypatch
+):
+    """Nothing of the protocol is state: the frozen A is drawn again from the seed after a
+    resume, B's starts come from the checkpointed start basis."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli.main(lm_argv(workspace, full, "--method", "FFA-LoRA")) == 0
+    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", "FFA-LoRA")) == 130
+    assert cli.main(lm_argv(workspace, cut, "--method", "FFA-LoRA", "--resume")) == 0
+    for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
+        x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
