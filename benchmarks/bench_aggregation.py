@@ -64,14 +64,22 @@ QUICK = BenchConfig(
 DENSE = "dense (official)"
 
 
-def make_clients(cfg: BenchConfig) -> list[ClientUpdate]:
-    """Random factors: ``A ~ N(0, 1/d_in)``, ``B ~ N(0, 0.01^2)``, from ``cfg.seed``."""
+def make_clients(cfg: BenchConfig, method: str | None = None) -> list[ClientUpdate]:
+    """Random factors: ``A ~ N(0, 1/d_in)``, ``B ~ N(0, 0.01^2)``, from ``cfg.seed``. For a
+    method whose client protocol freezes A (FFA-LoRA), every client's A is the first r rows
+    of one shared draw per module, as in a run."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    shared = None
+    if method is not None and method != DENSE and "A" in get_method(method).protocol.frozen:
+        shared = {m: torch.randn(max(cfg.ranks), d_in, generator=gen) / d_in**0.5
+                  for m, (_, d_in) in cfg.shapes.items()}  # fmt: skip
     clients = []
     for k, (r, n) in enumerate(zip(cfg.ranks, cfg.sizes, strict=True)):
         factors = {
             m: (
-                torch.randn(r, d_in, generator=gen) / d_in**0.5,
+                torch.randn(r, d_in, generator=gen) / d_in**0.5
+                if shared is None
+                else shared[m][:r].clone(),
                 torch.randn(d_out, r, generator=gen) * 0.01,
             )
             for m, (d_out, d_in) in cfg.shapes.items()
@@ -149,7 +157,7 @@ def run_dense(clients: list[ClientUpdate], cfg: BenchConfig) -> dict:
 
 def child(name: str, cfg: BenchConfig, repeat: int, reference: bool) -> None:
     """Run one method in this process and print its figures as one JSON line."""
-    clients = make_clients(cfg)
+    clients = make_clients(cfg, name)
     warm_up()
     base = rss_mb()
     if name == DENSE:  # one dense SVD per module is already the slow thing being measured

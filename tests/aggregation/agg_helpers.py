@@ -19,16 +19,29 @@ def make_clients(
     shapes=None,
     seed=0,
     dtype=torch.float64,
+    method=None,
 ):
-    """One ClientUpdate per rank: A ~ N(0, 1/d_in), B ~ N(0, 1) so every update is generic."""
+    """One ClientUpdate per rank: A ~ N(0, 1/d_in), B ~ N(0, 1) so every update is generic.
+    ``method``: if its client protocol freezes A, every client's A is the first r_k rows of one
+    shared draw per module (as a run gives them); else each client draws its own."""
+    from rblora.aggregation import get_method
+
     gen = torch.Generator().manual_seed(seed)
     shapes = SHAPES if shapes is None else shapes
+    shared = None
+    if method is not None and "A" in get_method(method).protocol.frozen:
+        shared = {
+            m: torch.randn(max(ranks), d_in, generator=gen, dtype=dtype) / d_in**0.5
+            for m, (_, d_in) in shapes.items()
+        }
     alphas = [16.0] * len(ranks) if alphas is None else alphas
     clients = []
     for k, (r, n, alpha) in enumerate(zip(ranks, sizes, alphas, strict=True)):
         factors = {
             m: (
-                torch.randn(r, d_in, generator=gen, dtype=dtype) / d_in**0.5,
+                torch.randn(r, d_in, generator=gen, dtype=dtype) / d_in**0.5
+                if shared is None
+                else shared[m][:r].clone(),
                 torch.randn(d_out, r, generator=gen, dtype=dtype),
             )
             for m, (d_out, d_in) in shapes.items()

@@ -22,7 +22,7 @@ def test_an_exported_global_update_is_no_stack_of_client_blocks(method):
     sum r_k), the same global update; and no block of B is a client's own (scaled) factor, as
     it was when a stack was written as it is (ranks 2, 4, 8: columns 2-6 were 2 B_1)."""
     ranks = fit(method, [2, 4, 8])
-    clients = make_clients(ranks, [10, 20, 30], shapes={"m": (24, 20)})
+    clients = make_clients(ranks, [10, 20, 30], shapes={"m": (24, 20)}, method=method)
     g = aggregate(method, clients)
     a, b = orthonormal_form(g.factors("m"))
     _orthonormal_rows(a)

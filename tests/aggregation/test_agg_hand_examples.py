@@ -182,3 +182,82 @@ def test_fedit_averages_factors_by_hand():
     (a, b) = g.for_client(2, 2.0)[M]  # truncate at the common rank, s_r = 1: the averages
     torch.testing.assert_close(a, t([[1.0, 0.75], [0.0, 1.0]]))
     torch.testing.assert_close(b, t([[1.25, 1.5], [2.25, 3.5], [4.25, 5.0]]))
+
+
+def ffa_clients():
+    """FFA-LoRA's clients share one frozen A, ``[[1, 2], [0, 1]]``; client 1 holds its first
+    row. Client 1: rank 1, alpha 2 (s = 2), n = 1, B1 = [[1], [0], [2]] -> Bh1 = [[2], [0], [4]].
+    Client 2: rank 2, alpha 2 (s = 1), n = 3, B2 = [[1, 2], [3, 4], [5, 6]]."""
+    shared = t([[1.0, 2.0], [0.0, 1.0]])
+    return [
+        ClientUpdate(1, 2.0, {M: (shared[:1].clone(), t([[1.0], [0.0], [2.0]]))}),
+        ClientUpdate(3, 2.0, {M: (shared.clone(), t([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))}),
+    ]
+
+
+def test_ffa_lora_averages_b_per_component_over_its_holders_by_hand():
+    """Column 0 is held by both: 1/4 [2, 0, 4] + 3/4 [1, 3, 5] = [1.25, 2.25, 4.75]; column 1 by
+    client 2 alone: [2, 4, 6]. A is the shared [[1, 2], [0, 1]], never averaged:
+    dW = [[1.25, 2], [2.25, 4], [4.75, 6]] @ [[1, 2], [0, 1]] = [[1.25, 4.5], [2.25, 8.5],
+    [4.75, 15.5]]. A client of rank 1 (s = 2) gets A = [[1, 2]], B = [1.25, 2.25, 4.75] / 2."""
+    g = aggregate("FFA-LoRA", ffa_clients())
+    a_g, b_g = g.factors(M)
+    torch.testing.assert_close(a_g, t([[1.0, 2.0], [0.0, 1.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(b_g, t([[1.25, 2.0], [2.25, 4.0], [4.75, 6.0]]))
+    torch.testing.assert_close(g.delta(M), t([[1.25, 4.5], [2.25, 8.5], [4.75, 15.5]]))
+    (a, b) = g.for_client(1, 2.0)[M]
+    torch.testing.assert_close(a, t([[1.0, 2.0]]), rtol=0, atol=0)  # the frozen row, bitwise
+    torch.testing.assert_close(b, t([[0.625], [1.125], [2.375]]))
+
+
+def test_ffa_lora_refuses_clients_without_a_shared_a_and_any_other_redistribution():
+    first, second = ffa_clients()
+    other = ClientUpdate(3, 2.0, {M: (t([[1.0, 2.5], [0.0, 1.0]]), second.factors[M][1])})
+    with pytest.raises(ValueError, match=r"^client 1, module .layer.q.: its frozen A is not"):
+        aggregate("FFA-LoRA", [first, other])
+    for reduction in ("svd", "merge"):
+        with pytest.raises(ValueError, match="its A stays frozen at the shared initialisation"):
+            aggregate("ffa_lora", ffa_clients(), reduction=reduction)
+
+
+def threshold_clients():
+    """Two clients whose updates are orthogonal: client 1 (rank 1, alpha 1, n = 1) gives
+    dW1 = 3 e1 e1^T, client 2 (rank 2, alpha 2, n = 1) dW2 = 2 e2 e2^T + e3 e3^T. FlexLoRA's
+    dW = (dW1 + dW2) / 2 = diag(1.5, 1, 0.5): sigma^2 = (2.25, 1, 0.25), total 3.5."""
+    e = torch.eye(3)
+    return [
+        ClientUpdate(1, 1.0, {M: (e[:1].clone(), t([[3.0], [0.0], [0.0]]))}),
+        ClientUpdate(1, 2.0, {M: (e[1:].clone(), t([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0]]))}),
+    ]
+
+
+@pytest.mark.parametrize(
+    "energy, kept",
+    [(0.6, 1), (0.64, 1), (0.65, 2), (0.9, 2), (0.92, 2), (0.93, 3), (1.0, 3)],
+)
+def test_threshold_keeps_the_fewest_directions_holding_the_energy_by_hand(energy, kept):
+    """FLoRIST: k = the smallest with sigma_1^2 + ... + sigma_k^2 >= energy * 3.5 (2.25 reaches
+    0.64 * 3.5 = 2.24 but not 0.65 * 3.5 = 2.275; 3.25 reaches 0.92 * 3.5 = 3.22 but not
+    0.93 * 3.5 = 3.255)."""
+    g = aggregate("FlexLoRA", threshold_clients(), "threshold", svd_energy=energy)
+    assert g.kept_rank(M) == kept
+    diag = [1.5, 1.0, 0.5]
+    for rank in (1, 2, 3):  # each client gets min(k, r) directions; s_r = 1 with alpha = r
+        a, b = g.for_client(rank, float(rank))[M]
+        assert a.shape == (rank, 3) and b.shape == (3, rank)
+        expected = torch.diag(t([d if i < min(kept, rank) else 0.0 for i, d in enumerate(diag)]))
+        torch.testing.assert_close(b @ a, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a @ a.T, torch.eye(rank), rtol=1e-6, atol=1e-6)  # trainable
+    torch.testing.assert_close(g.delta(M), torch.diag(t(diag)))  # the global update is exact
+
+
+def test_threshold_is_for_the_stack_methods_and_its_energy_is_a_fraction():
+    for method in ("RB-LoRA", "FLoRA", "FlexLoRA"):
+        g = aggregate(method, threshold_clients(), "threshold", svd_energy=0.9)
+        assert g.reduction == "threshold" and g.kept_rank(M) >= 1
+    for method in ("Uniform HETLoRA", "Weighted HETLoRA", "RB-LoRA (factor)", "FFA-LoRA"):
+        with pytest.raises(ValueError, match=r"threshold, FLoRIST's, cuts the SVD of the stack"):
+            aggregate(method, two_clients(), "threshold")
+    for energy in (0.0, -0.5, 1.01, float("nan"), True):
+        with pytest.raises(ValueError, match=rf"^svd_energy {energy!r} must be a fraction in"):
+            aggregate("FlexLoRA", threshold_clients(), "threshold", svd_energy=energy)

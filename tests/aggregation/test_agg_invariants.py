@@ -33,6 +33,7 @@ def test_all_methods_registered_with_defaults():
         "FLoRA",
         "FlexLoRA",
         "FedIT",
+        "FFA-LoRA",
     ]
     defaults = {m: supported_reductions(m)[0] for m in available_methods()}
     assert defaults == {
@@ -43,6 +44,7 @@ def test_all_methods_registered_with_defaults():
         "FLoRA": "merge",
         "FlexLoRA": "svd",
         "FedIT": "truncate",
+        "FFA-LoRA": "truncate",
     }
 
 
@@ -72,7 +74,9 @@ def test_single_client_returns_its_own_update(method, reduction, use_rslora):
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 def test_client_order_does_not_matter(method, reduction):
-    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60], alphas=[8.0, 16.0, 4.0])
+    clients = make_clients(
+        fit(method, [1, 2, 4]), [10, 30, 60], alphas=[8.0, 16.0, 4.0], method=method
+    )
     g1 = aggregate(method, clients, reduction=reduction)
     g2 = aggregate(method, clients[::-1], reduction=reduction)
     for m in MODULES:
@@ -89,7 +93,7 @@ def test_client_order_does_not_matter(method, reduction):
 
 @pytest.mark.parametrize("method", available_methods())
 def test_equal_ranks_and_sizes_exact_mean_where_promised(method):
-    clients = make_clients([3, 3, 3], [50, 50, 50])
+    clients = make_clients([3, 3, 3], [50, 50, 50], method=method)
     g = aggregate(method, clients)
     for m in MODULES:
         mean = sum(client_delta(u, m) for u in clients) / 3
@@ -102,7 +106,7 @@ def test_equal_ranks_and_sizes_exact_mean_where_promised(method):
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 @pytest.mark.parametrize("rank", [1, 2, 4, 7, 10, 16])
 def test_for_client_gives_exactly_the_asked_rank(method, reduction, rank):
-    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60])
+    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60], method=method)
     g = aggregate(method, clients, reduction=reduction)
     sent = g.for_client(rank=rank, lora_alpha=16.0)
     if reduction == "merge":
@@ -124,7 +128,9 @@ def test_for_client_gives_exactly_the_asked_rank(method, reduction, rank):
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 def test_rslora_scaling(method, reduction):
-    rs = make_clients(fit(method, [2, 4]), [10, 30], alphas=[8.0, 16.0], use_rslora=True)
+    rs = make_clients(
+        fit(method, [2, 4]), [10, 30], alphas=[8.0, 16.0], use_rslora=True, method=method
+    )
     # The same updates as plain-LoRA clients: B * sqrt(r) under alpha/r equals B under alpha/sqrt(r)
     plain = [
         ClientUpdate(
@@ -137,7 +143,9 @@ def test_rslora_scaling(method, reduction):
     g_rs = aggregate(method, rs, reduction=reduction)
     g_plain = aggregate(method, plain, reduction=reduction)
     no_rs = aggregate(
-        method, make_clients(fit(method, [2, 4]), [10, 30], alphas=[8.0, 16.0]), reduction
+        method,
+        make_clients(fit(method, [2, 4]), [10, 30], alphas=[8.0, 16.0], method=method),
+        reduction,
     )
     for m in MODULES:
         torch.testing.assert_close(g_rs.delta(m), g_plain.delta(m), rtol=1e-10, atol=1e-12)
@@ -158,7 +166,7 @@ def test_rslora_scaling(method, reduction):
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 def test_global_update_object(method, reduction):
-    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60], dtype=torch.float32)
+    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60], dtype=torch.float32, method=method)
     g = aggregate(method, clients, reduction=reduction)
     assert g.method == method and g.reduction == reduction and g.modules == MODULES
     assert g.merges_into_base == (reduction == "merge")
@@ -175,7 +183,7 @@ def test_global_update_object(method, reduction):
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
 def test_inputs_never_modified_and_outputs_not_shared(method, reduction):
-    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60])
+    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60], method=method)
     before = [{m: (a.clone(), b.clone()) for m, (a, b) in u.factors.items()} for u in clients]
     g = aggregate(method, clients, reduction=reduction)
     for m in MODULES:
@@ -196,7 +204,7 @@ def test_inputs_never_modified_and_outputs_not_shared(method, reduction):
 
 @pytest.mark.parametrize("method", available_methods())
 def test_live_parameters_are_fine_and_later_changes_do_not_leak(method):
-    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60])
+    clients = make_clients(fit(method, [1, 2, 4]), [10, 30, 60], method=method)
     params = [
         ClientUpdate(
             u.num_examples,

@@ -32,9 +32,10 @@ def noise(round_=0):
     return secret_generator(KEY, round_)
 
 
-def population(ranks, sizes, seed=0, shapes=None):
-    """Client updates whose client_id is their population index, as the server sends them."""
-    clients = make_clients(ranks, sizes, seed=seed, shapes=shapes)
+def population(ranks, sizes, seed=0, shapes=None, method=None):
+    """Client updates whose client_id is their population index, as the server sends them
+    (``method``: shaped for its client protocol, see ``make_clients``)."""
+    clients = make_clients(ranks, sizes, seed=seed, shapes=shapes, method=method)
     return [dataclasses.replace(u, client_id=k) for k, u in enumerate(clients)]
 
 
@@ -51,7 +52,7 @@ def released(g, module):
 def test_without_clip_or_noise_and_everyone_selected_it_is_the_method_itself(method):
     ranks = fit(method, [2, 3, 5])
     sizes = [10, 30, 60]
-    clients = population(ranks, sizes)
+    clients = population(ranks, sizes, method=method)
     reduction = "svd" if get_method(method).form == "stack" else None
     plain = aggregate(method, clients, reduction=reduction)
     private, report = private_aggregate(
@@ -373,3 +374,49 @@ def test_quick_privacy_benchmark_runs():
     assert re.search(r"private aggregation .*: [\d.]+ s", proc.stdout)
     excess = [float(x) for x in re.findall(r"excess error ([\d.e+-]+)", proc.stdout)]
     assert len(excess) == 2 and all(0 <= x < 1e-2 for x in excess)
+
+
+def test_ffa_lora_term_is_its_b_alone_and_only_b_is_noised():
+    # population ranks (1, 1), sizes (1, 3), q = 1: client 1's weight is 3/4. A = [[3, 0]] is
+    # frozen (public), not released: the term is 3/4 Bh = [[0], [3]], norm 3 (Weighted HETLoRA
+    # would count A too: 3.75). Clipped to 1.5: B_g = 3/4 * 1.5/3 * [[0], [4]] = [[0], [1.5]].
+    u = _update(1, [[3.0, 0.0]], [[0.0], [4.0]], 3, 1.0)
+    g, report = private_aggregate("FFA-LoRA", [u], dp_of([1, 1], [1, 3], clip=1.5), noise=noise(0))
+    assert report.norms == (pytest.approx(3.0),)
+    a, b = g.factors("m")
+    torch.testing.assert_close(a, torch.tensor([[3.0, 0.0]], dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(b, torch.tensor([[0.0], [1.5]], dtype=torch.float64))
+    noisy, _ = private_aggregate(
+        "FFA-LoRA", [u], dp_of([1, 1], [1, 3], clip=1.5, z=2.0), noise=noise(0)
+    )
+    a_noisy, b_noisy = noisy.factors("m")
+    assert torch.equal(a_noisy, a) and not torch.allclose(b_noisy, b)
+
+
+def test_ffa_lora_one_client_moves_the_released_b_by_at_most_c():
+    from rblora.aggregation.frozen import FrozenInit
+
+    ranks, sizes = [2, 3, 5, 5], [10, 20, 30, 40]
+    init = FrozenInit(7)
+    clients = [
+        dataclasses.replace(
+            u, factors={m: (init.rows(m, a.shape[0], a.shape[1]).double(), b)
+                        for m, (a, b) in u.factors.items()},
+        )
+        for u in population(ranks, sizes, method="FFA-LoRA")
+    ]  # fmt: skip
+    dp = dp_of(ranks, sizes, clip=0.3, q=0.75)
+    run = {"frozen": init, "noise": noise(0)}
+    with_, _ = private_aggregate("FFA-LoRA", clients[:3], dp, **run)
+    without, _ = private_aggregate("FFA-LoRA", clients[:2], dp, **run)
+    alone, _ = private_aggregate("FFA-LoRA", clients[2:3], dp, **run)
+    diff = []
+    for m in with_.modules:
+        (a1, b1), (a2, b2), (a3, b3) = with_.factors(m), without.factors(m), alone.factors(m)
+        # A is the run's frozen initialisation at the population's width, whoever took part
+        for a in (a1, a2, a3):
+            assert torch.equal(a, init.rows(m, 5, a.shape[1]).double())
+        torch.testing.assert_close(b1 - b2, b3, rtol=1e-9, atol=1e-12)
+        diff.append(b1 - b2)
+    moved = math.sqrt(sum(float(d.square().sum()) for d in diff))
+    assert 0 < moved <= 0.3 * (1 + 1e-9)

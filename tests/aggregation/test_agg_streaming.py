@@ -41,7 +41,7 @@ def _reference(method, clients):
 @pytest.mark.parametrize("method", available_methods())
 def test_running_sums_equal_the_list_aggregation_in_any_order(method, shapes):
     ranks = _ranks(method, [2, 3, 5, 8, 3, 2])
-    clients = make_clients(ranks, [10, 40, 25, 7, 13, 31], shapes=shapes, seed=4)
+    clients = make_clients(ranks, [10, 40, 25, 7, 13, 31], shapes=shapes, seed=4, method=method)
     clients = [
         type(u)(u.num_examples, u.lora_alpha, u.factors, client_id=k,
                 dense={"head": torch.full((3,), float(k), dtype=torch.float64)})

@@ -362,3 +362,35 @@ def test_evaluate_refuses_an_adapter_of_another_model(workspace, tmp_path, capsy
     assert err.startswith(f"rblora evaluate: error: adapter {adapter} does not fit: module ")
     assert "self_attn.q_proj is (32, 32) (d_out, d_in) in the adapter but (64, 32)" in err
     assert "merge_into_base" not in err
+
+
+def test_compare_runs_a_method_with_its_own_client_protocol(workspace, tmp_path):
+    """FFA-LoRA (A frozen, B alone sent) is a cell like any other, and its clients send fewer
+    bytes than RB-LoRA's (B alone: d_out r values a module instead of (d_in + d_out) r)."""
+    root = tmp_path / "cmp"
+    argv = ["compare", "--methods", "RB-LoRA,FFA-LoRA", "--seeds", "1"]
+    argv += ["--rank_settings", "heterogeneous", "--output_dir", str(root), "--"]
+    assert rblora([*argv, *_base(workspace, tmp_path)]) == 0
+    index = json.loads((root / "compare.json").read_text())
+    assert len(index["cells"]) == 2
+    up = {}
+    for cell in index["cells"]:
+        lines = metrics(root / cell["path"] / "3")
+        method = {r["method"] for r in lines if r["type"] == "round" and r["round"] > 0}
+        up[method.pop()] = sum(r["bytes_up"] for r in lines if r["type"] == "client")
+    assert 0 < up["FFA-LoRA"] < up["RB-LoRA"]
+    assert "| heterogeneous | FFA-LoRA | 1 |" in (root / "comparison.md").read_text()
+
+
+def test_compare_runs_the_stack_methods_with_the_threshold_redistribution(workspace, tmp_path):
+    root = tmp_path / "cmp"
+    argv = ["compare", "--methods", "RB-LoRA,FlexLoRA", "--seeds", "1"]
+    argv += ["--rank_settings", "heterogeneous", "--output_dir", str(root), "--"]
+    argv += [*_base(workspace, tmp_path), "--reduction_method", "threshold", "--svd_energy", "0.9"]
+    assert rblora(argv) == 0
+    index = json.loads((root / "compare.json").read_text())
+    assert len(index["cells"]) == 2
+    for cell in index["cells"]:
+        rounds = [r for r in metrics(root / cell["path"] / "3") if r["type"] == "round"]
+        assert {r["reduction"] for r in rounds if r["round"] > 0} == {"threshold"}
+    assert "| heterogeneous | FlexLoRA | 1 |" in (root / "comparison.md").read_text()

@@ -30,6 +30,19 @@ from rblora.federation import cli
             "does not match",
         ),
         (["--method", "RB-LoRA", "--reduction_method", "truncate"], "does not support"),
+        (
+            ["--reduction_method", "threshold", "--svd_energy", "1.5"],
+            "svd_energy 1.5 must be a fraction in (0, 1]",
+        ),
+        (["--svd_energy", "0"], "svd_energy 0.0 must be a fraction in (0, 1]"),
+        (
+            ["--method", "FedIT", "--client_ranks", "2,2,2", "--reduction_method", "threshold"],
+            "(threshold, FLoRIST's, cuts the SVD of the stacked client updates;",
+        ),
+        (
+            ["--method", "FFA-LoRA", "--reduction_method", "svd"],
+            "(its A stays frozen at the shared initialisation; svd or merge would replace it)",
+        ),
         (["--method", "FLoRA", "--reduction_method", "zip"], "zip"),
         (["--client_lora_rank_dict", '{"client_0": 2, "client_1": 4, "client_2": 2.7}'], "2.7"),
         (["--cutoff_len", "1"], "cutoff_len=1"),

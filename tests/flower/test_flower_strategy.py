@@ -649,3 +649,47 @@ def test_fixed_selection_on_flower_is_accounted_at_q_1(workspace, tmp_path):
         assert r["dp_epsilon"] == pytest.approx(_opacus_epsilon(0.8, 1.0, r["round"]))
     private = [json.loads(x) for x in (tmp_path / "3" / "private" / "metrics.jsonl").open()]
     assert [len(r["selected"]) for r in private if r["type"] == "round"] == [2, 2]
+
+
+def test_ffa_lora_sends_no_a_either_way_and_gives_the_in_process_adapters(workspace, tmp_path):
+    """FFA-LoRA's protocol on Flower: a start carries B alone (A is drawn by the node from the
+    run's seed), a reply carries B alone (the server draws A itself), and the global adapters
+    are the in-process engine's."""
+    carried = []
+
+    def app(msg, context):
+        train = msg.metadata.message_type == "train"
+        if train:
+            carried.extend(msg.content.array_records["arrays"].keys())
+        reply = client_app.app(msg, context)
+        if train and reply.has_content():
+            carried.extend(reply.content.array_records["arrays"].keys())
+        return reply
+
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    _serve(workspace, tmp_path / "flower", TestGrid(nodes, app=app), "--method", "FFA-LoRA")
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", "--method", "FFA-LoRA")) == 0
+    for t in (1, 2):
+        a = adapter_tensors(tmp_path / "flower" / "3" / f"round_{t}" / "global")
+        b = adapter_tensors(tmp_path / "inprocess" / "3" / f"round_{t}" / "global")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    factors = [k for k in carried if "/lora/" in k]
+    assert factors and all(k.endswith("/B") for k in factors)
+    clients = [r for r in metrics(tmp_path / "flower" / "3") if r["type"] == "client"]
+    assert len({c["round"] for c in clients}) == 2 and all(c["bytes_up"] > 0 for c in clients)
+
+
+def test_the_threshold_redistribution_gives_the_in_process_adapters(workspace, tmp_path):
+    """FLoRIST's threshold is the server's: on Flower the global adapters and every client's
+    round-2 adapter are the in-process engine's."""
+    extra = ("--method", "FlexLoRA", "--reduction_method", "threshold", "--svd_energy", "0.5")
+    _serve(workspace, tmp_path / "flower", _grid(), *extra)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *extra)) == 0
+    for sub in ("round_1/global", "round_2/global", "round_2/client_2"):
+        a = adapter_tensors(tmp_path / "flower" / "3" / sub)
+        b = adapter_tensors(tmp_path / "inprocess" / "3" / sub)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    rounds = [r for r in metrics(tmp_path / "flower" / "3") if r["type"] == "round"]
+    assert {r["reduction"] for r in rounds} == {"threshold"}

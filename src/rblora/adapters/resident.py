@@ -99,9 +99,14 @@ class LoraHost:
         init: Factors | None = None,
         dense: dict[str, torch.Tensor] | None = None,
         seed: int,
+        trains: tuple[str, ...] = ("A", "B"),
     ) -> PeftModel:
         """``attach_lora(self.model, spec, init=init, dense=dense, seed=seed)``, reusing the
-        wrappers of an earlier attach of the same shape when they still fit the model."""
+        wrappers of an earlier attach of the same shape when they still fit the model.
+        ``trains``: the LoRA factors that train (``"A"``, ``"B"``); the others are frozen at
+        their start (a method's client protocol, e.g. FFA-LoRA's frozen A)."""
+        if not set(trains) <= {"A", "B"}:
+            raise ValueError(f"attach: trains {trains!r} must name LoRA factors A and/or B")
         if self._attached is not None:
             raise ValueError("a LoRA is attached to this model; detach it before attaching another")
         key = _shape_key(spec)
@@ -114,6 +119,9 @@ class LoraHost:
             self._built[key] = built
         else:
             self._reattach(built, spec, init=init, dense=dense, seed=seed)
+        for layer in built.layers.values():
+            layer.lora_A[_ADAPTER].weight.requires_grad_("A" in trains)
+            layer.lora_B[_ADAPTER].weight.requires_grad_("B" in trains)
         self._built.move_to_end(key)
         self._attached, self._spec = built, spec
         self._evict()

@@ -6,16 +6,21 @@ from collections.abc import Sequence
 
 import torch
 
+from .frozen import FrozenInit
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
 from .streaming import RoundSum
-from .types import ClientUpdate, FactorPair
+from .types import DEFAULT_SVD_ENERGY, ClientUpdate, FactorPair, check_svd_energy
 from .validation import validate_updates
 
 
 @torch.no_grad()
 def aggregate(
-    method: str, updates: Sequence[ClientUpdate], reduction: str | None = None
+    method: str,
+    updates: Sequence[ClientUpdate],
+    reduction: str | None = None,
+    *,
+    svd_energy: float = DEFAULT_SVD_ENERGY,
 ) -> GlobalUpdate:
     """Aggregate the clients' LoRA adapters with ``method``.
 
@@ -24,7 +29,9 @@ def aggregate(
         updates: one :class:`ClientUpdate` per client, all with the same module names and shapes;
             ranks and ``lora_alpha`` may differ. Never modified.
         reduction: redistribution rule, ``None`` for the method's default, or ``"svd"``,
-            ``"truncate"``, ``"merge"`` where the method allows it.
+            ``"truncate"``, ``"merge"``, ``"threshold"`` where the method allows it.
+        svd_energy: under ``"threshold"`` (FLoRIST), the fraction of each module's energy a
+            client's start keeps, in (0, 1].
 
     Returns:
         The global update. Work happens in float32 (float64 if any input is float64); returned
@@ -40,10 +47,11 @@ def aggregate(
     """
     spec = get_method(method)
     reduction = resolve_reduction(spec, reduction)
+    svd_energy = check_svd_energy(svd_energy)
     shapes = validate_updates(updates)
     if spec.share is not None:  # the same running sums a streamed round folds its replies into
         ranks = [r for u in updates for r in {u.rank(m) for m in u.factors}] or [1]
-        total = RoundSum(spec, reduction, ranks=ranks)
+        total = RoundSum(spec, reduction, ranks=ranks, svd_energy=svd_energy)
         for u in updates:
             total.add(u)
         return total.finish()
@@ -54,7 +62,8 @@ def aggregate(
     for module in shapes:
         pairs = [u.scaled_factors(module, work) for u in updates]
         factors[module] = spec.combine([a for a, _ in pairs], [bh for _, bh in pairs], num_examples)
-    return GlobalUpdate(spec.name, reduction, factors, out_dtype, average_dense(updates))
+    dense = average_dense(updates)
+    return GlobalUpdate(spec.name, reduction, factors, out_dtype, dense, svd_energy=svd_energy)
 
 
 class CollectedRound:
@@ -62,27 +71,35 @@ class CollectedRound:
     updates are kept and aggregated together at the end; the same ``add``/``finish`` as
     :class:`.streaming.RoundSum`."""
 
-    def __init__(self, method: str, reduction: str | None = None) -> None:
-        self.method, self.reduction = method, reduction
+    def __init__(
+        self, method: str, reduction: str | None = None, svd_energy: float = DEFAULT_SVD_ENERGY
+    ) -> None:
+        self.method, self.reduction, self.svd_energy = method, reduction, svd_energy
         self.updates: list[ClientUpdate] = []
 
     def add(self, update: ClientUpdate) -> None:
         self.updates.append(update)
 
     def finish(self) -> GlobalUpdate:
-        return aggregate(self.method, self.updates, self.reduction)
+        return aggregate(self.method, self.updates, self.reduction, svd_energy=self.svd_energy)
 
 
 def open_round(
-    method: str, reduction: str | None = None, *, ranks: Sequence[int]
+    method: str,
+    reduction: str | None = None,
+    *,
+    ranks: Sequence[int],
+    frozen: FrozenInit | None = None,
+    svd_energy: float = DEFAULT_SVD_ENERGY,
 ) -> RoundSum | CollectedRound:
     """Where one round's updates are folded in as they arrive: running sums
-    (:class:`.streaming.RoundSum`, for the population's ``ranks``) when the method has a
-    ``share``, else a list aggregated at the end."""
+    (:class:`.streaming.RoundSum`, for the population's ``ranks``; ``frozen``: the run's
+    frozen initialisation, for a frozen-A method) when the method has a ``share``, else a list
+    aggregated at the end. ``svd_energy``: as :func:`aggregate`."""
     spec = get_method(method)
     if spec.share is None:
-        return CollectedRound(spec.name, reduction)
-    return RoundSum(spec, reduction, ranks=ranks)
+        return CollectedRound(spec.name, reduction, svd_energy)
+    return RoundSum(spec, reduction, ranks=ranks, frozen=frozen, svd_energy=svd_energy)
 
 
 def average_dense(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:

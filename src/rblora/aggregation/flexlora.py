@@ -23,7 +23,7 @@ METHOD = Method(
     share=flora.data_share,
     form="stack",  # only the redistribution differs
     default_reduction="svd",
-    reductions=("svd",),
+    reductions=("svd", "threshold"),
     exact_mean=True,
     ordered_components=False,
 )

@@ -26,7 +26,7 @@ METHOD = Method(
     share=data_share,
     form="stack",  # the data-weighted stack (A_s: (S, d_in), B_s: (d_out, S))
     default_reduction="merge",
-    reductions=("merge", "svd", "truncate"),
+    reductions=("merge", "svd", "truncate", "threshold"),
     exact_mean=True,
     ordered_components=False,
 )

@@ -8,9 +8,9 @@ import numbers
 import torch
 from torch import Tensor
 
-from .linalg import FactoredSVD, orthonormal_complement_rows, randomized_svd
+from .linalg import FactoredSVD, energy_rank, orthonormal_complement_rows, randomized_svd
 from .starts import StartBasis
-from .types import FactorPair, ModuleDelta
+from .types import DEFAULT_SVD_ENERGY, FactorPair, ModuleDelta, check_svd_energy
 
 
 class GlobalUpdate:
@@ -26,7 +26,8 @@ class GlobalUpdate:
 
     Attributes:
         method: canonical name of the method that produced it.
-        reduction: ``"svd"``, ``"truncate"`` or ``"merge"`` (how :meth:`for_client` redistributes).
+        reduction: ``"svd"``, ``"truncate"``, ``"merge"`` or ``"threshold"`` (how
+            :meth:`for_client` redistributes).
         modules: sorted module names.
 
     Tensors returned by any method are new (safe to modify) and in the clients' dtype.
@@ -41,11 +42,13 @@ class GlobalUpdate:
         dense: dict[str, Tensor] | None = None,
         sketch_seed: int = 0,
         noised: bool = False,
+        svd_energy: float = DEFAULT_SVD_ENERGY,
     ) -> None:
         """``factors``: module -> ``(A_g: (k, d_in), B_g: (d_out, k))`` (or a dense
         ``(d_out, d_in)``) in the working dtype; ``dtype``: the dtype of returned tensors;
         ``dense``: the averaged dense extra parameters; ``sketch_seed``: seeds the random test
-        matrices of the randomized SVD of dense modules. Built by
+        matrices of the randomized SVD of dense modules; ``svd_energy``: the fraction of each
+        module's energy the ``threshold`` redistribution keeps. Built by
         :func:`rblora.aggregation.aggregate` (or :func:`.privacy.private_aggregate`)."""
         self.dense: dict[str, Tensor] = dict(dense or {})
         """Example-weighted mean of the clients' dense extra parameters (every client starts its
@@ -58,6 +61,8 @@ class GlobalUpdate:
         self._sketch_seed = int(sketch_seed)
         self.noised = noised
         """True if DP noise was added: a dense module is full rank, cut by the range finder."""
+        self.svd_energy = check_svd_energy(svd_energy)
+        """``threshold``: the fraction of each module's energy its start components keep."""
         self._svd: dict[str, FactoredSVD] = {}
         self._sketches: dict[tuple[str, int], FactorPair] = {}  # (dense module, width) -> SVD
 
@@ -158,7 +163,7 @@ class GlobalUpdate:
         """Top-``width`` SVD factors of a dense module: the exact dense SVD, or for a noised
         update a randomized range finder seeded from ``sketch_seed`` and the module's index (so
         the same update gives the same factors)."""
-        if self.reduction != "svd":
+        if self.reduction not in ("svd", "threshold"):
             raise ValueError(
                 f"module {module!r} is dense: only the svd redistribution can cut it to a "
                 f"client's rank, not {self.reduction!r}"
@@ -176,6 +181,21 @@ class GlobalUpdate:
                 self._get(module), width, generator=generator
             )
         return self._sketches[module, width]
+
+    def kept_rank(self, module: str, width: int | None = None) -> int:
+        """``threshold``: the rank ``k`` FLoRIST keeps on ``module``, the smallest with
+        ``sigma_1^2 + ... + sigma_k^2 >= svd_energy * ||dW||_F^2`` (:func:`.linalg.energy_rank`);
+        every client of rank r starts from its first ``min(k, r)`` SVD components. For a
+        DP-noised module the singular values come from the range finder of ``width``
+        components (default: all), and ``k`` is at most ``width``."""
+        if self.is_dense(module) and self.noised:
+            width = min(self.shape(module)) if width is None else width
+            sigma = self._dense_basis(module, width)[1].norm(dim=0)  # B_W = U diag(sigma)
+            total = float(self._get(module).double().square().sum())
+            return energy_rank(sigma, self.svd_energy, total)
+        if module not in self._svd:
+            self._svd[module] = FactoredSVD(*self._get_factors(module))
+        return energy_rank(self._svd[module].sigma, self.svd_energy)
 
     def _get_factors(self, module: str) -> FactorPair:
         """:meth:`factors` in the working dtype (no copy of a factored module)."""
@@ -209,7 +229,7 @@ class GlobalUpdate:
         factors or of the SVD cache, so the basis keeps nothing else alive)."""
         if self.is_dense(module):
             a, b = self._dense_basis(module, width)
-        elif self.reduction == "svd":
+        elif self.reduction in ("svd", "threshold"):
             if module not in self._svd:
                 self._svd[module] = FactoredSVD(*self._get(module))
             svd = self._svd[module]
@@ -217,6 +237,9 @@ class GlobalUpdate:
         else:
             a_g, b_g = self._get(module)
             a, b = a_g[:width], b_g[:, :width]
+        if self.reduction == "threshold":  # FLoRIST: the module's thresholded rank, at most
+            keep = self.kept_rank(module, width)
+            a, b = a[: min(keep, len(a))], b[:, : min(keep, b.shape[1])]
         if a.shape[0] < width:
             a = torch.cat([a, orthonormal_complement_rows(a, width - a.shape[0])], dim=0)
         own = torch.contiguous_format

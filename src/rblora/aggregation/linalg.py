@@ -43,6 +43,36 @@ def padded_component_sum(
     return a_g, b_g
 
 
+def held_rows(
+    As: Sequence[Tensor], width: int, held: Tensor | None = None, who: Sequence[str] | None = None
+) -> Tensor:
+    """The one matrix every client's frozen A is a prefix of, ``(width, d_in)``: the widest
+    ``A_k`` (or ``held``, rows found earlier), zero rows beyond. A new tensor.
+
+    Raises:
+        ValueError: an ``A_k`` that is not, bitwise, the first ``r_k`` rows of the others (the
+            clients do not share one frozen initialisation), named by ``who[k]`` (default
+            ``client k``).
+    """
+    known = ([] if held is None else [held]) + list(As)
+    widest = max(known, key=len)
+    for k, a in enumerate(As):
+        if not torch.equal(a, widest[: a.shape[0]].to(a.dtype)) or not torch.equal(
+            known[0][: a.shape[0]].to(a.dtype), a[: known[0].shape[0]]
+        ):
+            label = f"client {k}" if who is None else who[k]
+            raise ValueError(
+                f"{label}: its frozen A is not the shared initialisation every client holds "
+                "a prefix of (a frozen-A method averages B only: give every client the first "
+                "r_k rows of one matrix)"
+            )
+    held = widest
+    out = held.new_zeros(width, held.shape[1])
+    rows = min(width, held.shape[0])
+    out[:rows] = held[:rows]
+    return out
+
+
 def weighted_stack(
     As: Sequence[Tensor], Bhs: Sequence[Tensor], gamma: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -76,6 +106,26 @@ def orthonormal_complement_rows(rows: Tensor, count: int) -> Tensor:
     picks = rows.new_zeros(d, count)
     picks[k : k + count] = torch.eye(count, dtype=rows.dtype, device=rows.device)
     return torch.ormqr(reflectors, tau, picks).T.contiguous()
+
+
+def energy_rank(sigma: Tensor, energy: float, total: float | None = None) -> int:
+    """FLoRIST's thresholded rank: the smallest ``k >= 1`` with
+    ``sigma_1^2 + ... + sigma_k^2 >= energy * total``, ``total`` the update's whole energy
+    (default ``sum sigma^2``; give ``||dW||_F^2`` when ``sigma`` holds only the top values).
+    ``len(sigma)`` when the values given do not reach it.
+
+    Source: Ramesh, Dass, "FLoRIST: Singular Value Thresholding for Efficient and Accurate
+    Federated Fine-Tuning of Large Language Models" (MLSys 2026, arXiv 2506.09199): the SVD of
+    the stacked client adapters is computed in the compact space of the stacks (what
+    :class:`FactoredSVD` does), and "tunable singular value thresholding" picks one rank per
+    module for the global adapters every client receives. The paper's full text was not
+    available to us beyond its abstract; the energy read here, squared singular values against
+    the whole (``||dW||_F^2``, the share of the update's Frobenius norm kept), is our reading
+    of its threshold."""
+    squares = sigma.double().square()
+    whole = float(squares.sum()) if total is None else float(total)
+    reached = torch.nonzero(squares.cumsum(0) >= energy * whole).flatten()
+    return int(reached[0]) + 1 if len(reached) else max(1, len(sigma))
 
 
 def _fix_signs(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

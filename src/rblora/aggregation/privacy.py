@@ -20,7 +20,11 @@ convention of clipping the whole update):
   ``B_g`` are sums of per-client terms ``(diag(g_k) A_k, Bh_k diag(g_k))``; those are clipped and
   the two factors released with noise (then ``B_g @ A_g`` is post-processing). Width: the
   population's largest rank, so the released shape does not depend on who took part;
-- dense extras (a classification head): ``w_k X_k``, ``w_k = n_k / (q N)``.
+- dense extras (a classification head): ``w_k X_k``, ``w_k = n_k / (q N)``;
+- only the factors the method's client protocol sends are released
+  (:attr:`.types.ClientProtocol.sends`): a frozen A (FFA-LoRA) is the run's public seeded
+  initialisation, held as it is, so a client's term is ``Bh_k diag(g_k)`` alone, and only
+  ``B_g`` is noised.
 
 Clipping multiplies the whole term by ``min(1, C / ||term||)``.
 
@@ -60,10 +64,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .frozen import FrozenInit
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
 from .streaming import RoundSum
-from .types import ClientUpdate, Method, ModuleDelta
+from .types import DEFAULT_SVD_ENERGY, ClientUpdate, Method, ModuleDelta
 from .validation import validate_update
 
 KEY_BYTES = 32
@@ -242,16 +247,24 @@ def fixed_weights(spec: Method, dp: ClientDP) -> Tensor:
     return spec.weights(list(dp.ranks), list(dp.num_examples)) / dp.sample_rate
 
 
-def term_norm_sq(form: str, a: Tensor, bh: Tensor, g: Tensor) -> float:
+def term_norm_sq(
+    form: str, a: Tensor, bh: Tensor, g: Tensor, sends: Sequence[str] = ("A", "B")
+) -> float:
     """Squared Frobenius norm of one module's term of one client, from ``r x r`` products.
 
     ``a: (r, d_in)``, ``bh: (d_out, r)``, ``g: (r,)`` weights. ``stack``: ``||bh diag(g) a||^2``;
-    ``padded``: ``||diag(g) a||^2 + ||bh diag(g)||^2``."""
+    ``padded``: the sum over the factors released (``sends``) of ``||diag(g) a||^2`` and
+    ``||bh diag(g)||^2``."""
     a, bh, g = a.double(), bh.double(), g.double()
     if form == "stack":
         bg = bh * g[None, :]
         return float(((bg.T @ bg) * (a @ a.T)).sum())
-    return float((g.square() * (a.square().sum(dim=1) + bh.square().sum(dim=0))).sum())
+    per_component = torch.zeros_like(g)
+    if "A" in sends:
+        per_component += a.square().sum(dim=1)
+    if "B" in sends:
+        per_component += bh.square().sum(dim=0)
+    return float((g.square() * per_component).sum())
 
 
 class PrivateRoundSum:
@@ -270,6 +283,8 @@ class PrivateRoundSum:
         reduction: str | None = None,
         shapes: Mapping[str, tuple[int, int]] | None = None,
         dense_shapes: Mapping[str, Sequence[int]] | None = None,
+        frozen: FrozenInit | None = None,
+        svd_energy: float = DEFAULT_SVD_ENERGY,
     ) -> None:
         self.spec = check_private(method, reduction)
         self.reduction = resolve_reduction(self.spec, reduction)
@@ -278,7 +293,7 @@ class PrivateRoundSum:
         self.total_n = float(sum(dp.num_examples))
         self.sum = RoundSum(
             self.spec, self.reduction, ranks=dp.ranks, normalise=False, shapes=shapes,
-            dense_shapes=dense_shapes,
+            dense_shapes=dense_shapes, frozen=frozen, svd_energy=svd_energy,
         )  # fmt: skip
         self.norms: list[float] = []
         self.factors: list[float] = []
@@ -299,7 +314,7 @@ class PrivateRoundSum:
         sq = 0.0
         for module in update.factors:
             a, bh = update.scaled_factors(module, work)
-            sq += term_norm_sq(self.spec.form, a, bh, g[: a.shape[0]])
+            sq += term_norm_sq(self.spec.form, a, bh, g[: a.shape[0]], self.spec.protocol.sends)
         sq += sum(w * w * float(t.double().square().sum()) for t in update.dense.values())
         norm = math.sqrt(sq)
         clip = min(1.0, self.dp.clip / norm) if norm > 0 else 1.0
@@ -332,8 +347,9 @@ class PrivateRoundSum:
                     value += std * gaussian(noise, value.shape, value.dtype)
             else:
                 a_g, b_g = value
-                if std > 0:
+                if std > 0 and "A" in self.spec.protocol.sends:
                     a_g += std * gaussian(noise, a_g.shape, a_g.dtype)
+                if std > 0 and "B" in self.spec.protocol.sends:
                     b_g += std * gaussian(noise, b_g.shape, b_g.dtype)
                 value = (a_g, b_g)
             held[module] = value
@@ -344,7 +360,7 @@ class PrivateRoundSum:
         report = ClipReport(self.dp.clip, tuple(self.norms), tuple(self.factors))
         release = GlobalUpdate(
             self.spec.name, self.reduction, held, self.sum.out_dtype, dense,
-            sketch_seed=sketch_seed, noised=std > 0,
+            sketch_seed=sketch_seed, noised=std > 0, svd_energy=self.sum.svd_energy,
         )  # fmt: skip
         return release, report
 
@@ -360,6 +376,8 @@ def private_aggregate(
     shapes: Mapping[str, tuple[int, int]] | None = None,
     dense_shapes: Mapping[str, Sequence[int]] | None = None,
     sketch_seed: int = 0,
+    frozen: FrozenInit | None = None,
+    svd_energy: float = DEFAULT_SVD_ENERGY,
 ) -> tuple[GlobalUpdate, ClipReport]:
     """Aggregate with client-level DP: fixed weights, per-client clipping, Gaussian noise.
 
@@ -377,6 +395,9 @@ def private_aggregate(
         dense_shapes: dense extra -> shape, likewise.
         sketch_seed: seeds the randomized SVD of the noised update (post-processing: it need
             not be secret).
+        frozen: the run's frozen initialisation (a frozen-A method: the released A is its
+            rows at the population's width; see :class:`.streaming.RoundSum`).
+        svd_energy: the ``threshold`` redistribution's energy (as ``aggregate``'s).
 
     Returns:
         The noised global update (``stack`` methods: one dense ``(d_out, d_in)`` per module) and
@@ -384,8 +405,9 @@ def private_aggregate(
         folding ``updates`` into a :class:`PrivateRoundSum` one by one.
     """
     total = PrivateRoundSum(
-        method, dp, reduction=reduction, shapes=shapes, dense_shapes=dense_shapes
-    )
+        method, dp, reduction=reduction, shapes=shapes, dense_shapes=dense_shapes, frozen=frozen,
+        svd_energy=svd_energy,
+    )  # fmt: skip
     for update in updates:
         total.add(update)
     return total.finish(noise, sketch_seed=sketch_seed)

@@ -29,7 +29,7 @@ METHOD = Method(
     share=holder_share,
     form="stack",  # the rank-balanced weighted stack (A_s: (S, d_in), B_s: (d_out, S))
     default_reduction="svd",
-    reductions=("svd",),
+    reductions=("svd", "threshold"),
     exact_mean=True,
     ordered_components=False,
 )

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import re
 
-from . import fedit, flexlora, flora, rb_lora, rb_lora_factor, uniform_hetlora, weighted_hetlora
+from . import (
+    fedit,
+    ffa_lora,
+    flexlora,
+    flora,
+    rb_lora,
+    rb_lora_factor,
+    uniform_hetlora,
+    weighted_hetlora,
+)
 from .types import REDUCTIONS, Method
 
 _METHODS: dict[str, Method] = {}  # normalised name -> method, filled once below
@@ -23,6 +32,10 @@ def register(method: Method) -> Method:
     known = set(method.reductions) <= set(REDUCTIONS)
     if method.default_reduction not in method.reductions or not known:
         raise ValueError(f"{method.name}: bad reductions {method.reductions}; valid: {REDUCTIONS}")
+    if "threshold" in method.reductions and method.form != "stack":
+        raise ValueError(f"{method.name}: threshold cuts the SVD of a stack: stack form only")
+    if method.protocol.frozen and method.form != "padded":
+        raise ValueError(f"{method.name}: a frozen factor is held as it is: padded form only")
     for name in (method.name, *method.aliases):
         key = _key(name)
         if key in _METHODS and _METHODS[key] is not method:
@@ -38,6 +51,7 @@ register(weighted_hetlora.METHOD)
 register(flora.METHOD)
 register(flexlora.METHOD)
 register(fedit.METHOD)
+register(ffa_lora.METHOD)
 
 
 def available_methods() -> list[str]:
@@ -73,8 +87,14 @@ def resolve_reduction(method: Method, reduction: str | None) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)} or None")
     if reduction not in method.reductions:
+        why = f" ({method.reduction_note})" if method.reduction_note else ""
+        if reduction == "threshold" and method.form != "stack":
+            why = (
+                " (threshold, FLoRIST's, cuts the SVD of the stacked client updates; this "
+                "method averages factors and has no stack)"
+            )
         raise ValueError(
-            f"{method.name} does not support reduction {reduction!r}; "
+            f"{method.name} does not support reduction {reduction!r}{why}; "
             f"valid: {', '.join(method.reductions)}"
         )
     return reduction

@@ -33,9 +33,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .frozen import FrozenInit
 from .global_update import GlobalUpdate
+from .linalg import held_rows
 from .registry import resolve_reduction
-from .types import ClientUpdate, Method, ModuleDelta
+from .types import DEFAULT_SVD_ENERGY, ClientUpdate, Method, ModuleDelta, check_svd_energy
 from .validation import first_shapes, validate_update
 
 
@@ -52,6 +54,15 @@ class RoundSum:
             weights are final, see :meth:`add`).
         shapes, dense_shapes: module -> ``(d_out, d_in)``, dense extra -> shape, if known before
             any update (a release with no client, under DP); else the first update's.
+        frozen: the run's frozen initialisation, for a method whose protocol freezes A: the
+            global A is then its rows, as wide as the sums (a client's A must be their prefix);
+            None: the widest client's A, zero rows beyond it.
+        svd_energy: the ``threshold`` redistribution's energy (see
+            :func:`rblora.aggregation.aggregate`).
+
+    A frozen A (:attr:`.types.ClientProtocol.frozen`) is held, never summed or weighted: every
+    client's A is a prefix of the same matrix, so ``dW = B_g @ A`` with ``B_g`` the weighted sum
+    of the clients' ``Bh_k``.
     """
 
     def __init__(
@@ -63,6 +74,8 @@ class RoundSum:
         normalise: bool = True,
         shapes: Mapping[str, tuple[int, int]] | None = None,
         dense_shapes: Mapping[str, Sequence[int]] | None = None,
+        frozen: FrozenInit | None = None,
+        svd_energy: float = DEFAULT_SVD_ENERGY,
     ) -> None:
         if normalise and method.share is None:
             raise ValueError(
@@ -75,6 +88,8 @@ class RoundSum:
         if method.homogeneous_ranks:
             method.weights(ranks, [1] * len(ranks))  # its own error for mixed ranks
         self.method = method
+        self.frozen = frozen
+        self.svd_energy = check_svd_energy(svd_energy)
         self.reduction = resolve_reduction(method, reduction)
         self.normalise = normalise
         self.count = 0
@@ -137,9 +152,12 @@ class RoundSum:
             target = self._modules.get(module)
             if target is None:
                 target = self._modules[module] = _ModuleSum(
-                    self.method.form, self._shapes[module], self._bands(), self._dense_allowed()
-                )
-            target.add(a, bh, weights.to(self._work))
+                    self.method.form, self._shapes[module], self._bands(), self._dense_allowed(),
+                    self._frozen_rows(module),
+                )  # fmt: skip
+            frozen_a = "A" in self.method.protocol.frozen
+            who = f"{update.describe(index)}, module {module!r}"
+            target.add(a, bh, weights.to(self._work), frozen_a, who)
         for name in sorted(self._dense_shapes or {}):
             value = update.dense[name].detach().to("cpu", self._work)
             total = self._extras.get(name)
@@ -164,10 +182,11 @@ class RoundSum:
                 if self.method.form == "stack":
                     out[module] = torch.zeros(d_out, d_in, dtype=self._work)
                 else:
-                    out[module] = (
-                        torch.zeros(width, d_in, dtype=self._work),
-                        torch.zeros(d_out, width, dtype=self._work),
-                    )
+                    rows = self._frozen_rows(module)
+                    a = torch.zeros(width, d_in, dtype=self._work)
+                    if rows is not None:
+                        a = rows(width).to(self._work)
+                    out[module] = (a, torch.zeros(d_out, width, dtype=self._work))
                 continue
             out[module] = target.result(width, den)
         return out
@@ -190,8 +209,9 @@ class RoundSum:
         if self.normalise and self.count == 0:
             raise ValueError("no client updates to aggregate (empty list); pass at least one")
         return GlobalUpdate(
-            self.method.name, self.reduction, self.held(), self.out_dtype, self.dense_extras()
-        )
+            self.method.name, self.reduction, self.held(), self.out_dtype, self.dense_extras(),
+            svd_energy=self.svd_energy,
+        )  # fmt: skip
 
     @property
     def out_dtype(self) -> torch.dtype:
@@ -224,6 +244,14 @@ class RoundSum:
                 target.to(work)
             self._extras = {n: t.to(work) for n, t in self._extras.items()}
 
+    def _frozen_rows(self, module: str):
+        """``rows(count) -> (count, d_in)``: the module's frozen A when the method's protocol
+        freezes A and the run's initialisation is known; None otherwise."""
+        if "A" not in self.method.protocol.frozen or self.frozen is None:
+            return None
+        d_in = self._shapes[module][1]
+        return lambda count: self.frozen.rows(module, count, d_in)
+
     def _bands(self) -> list[int]:
         """Band starts: the components ``j`` where some client's mass may change (0 and each
         rank where the method's mass is not flat; only 0 when nothing is divided)."""
@@ -245,8 +273,11 @@ class RoundSum:
 class _ModuleSum:
     """One module's running sum: padded numerators, a weighted stack, or dense band sums."""
 
-    def __init__(self, form: str, shape: tuple[int, int], bands, dense_allowed: bool):
+    def __init__(
+        self, form: str, shape: tuple[int, int], bands, dense_allowed: bool, frozen_rows=None
+    ):
         self.form = form
+        self.frozen_rows = frozen_rows  # the run's frozen A (rows(count)), or None
         self.d_out, self.d_in = shape
         self.bands = bands  # component index where each band starts
         self.dense_allowed = dense_allowed
@@ -257,6 +288,9 @@ class _ModuleSum:
         self.dense: list[Tensor] | None = None  # one (d_out, d_in) per band, once wider
         self.pad_a: Tensor | None = None
         self.pad_b: Tensor | None = None
+        self.hold_a = form == "padded" and frozen_rows is not None
+        self.held_a: Tensor | None = None  # a frozen A held from the clients (no run init)
+        self._frozen_cache: Tensor | None = None
 
     def to(self, dtype: torch.dtype) -> None:
         self.a_rows = [t.to(dtype) for t in self.a_rows]
@@ -265,12 +299,21 @@ class _ModuleSum:
             self.dense = [t.to(dtype) for t in self.dense]
         if self.pad_a is not None:
             self.pad_a, self.pad_b = self.pad_a.to(dtype), self.pad_b.to(dtype)
+        if self.held_a is not None:
+            self.held_a = self.held_a.to(dtype)
 
-    def add(self, a: Tensor, bh: Tensor, w: Tensor) -> None:
+    def add(self, a: Tensor, bh: Tensor, w: Tensor, frozen_a: bool = False, who: str = "") -> None:
         r = a.shape[0]
         if self.form == "padded":
             self._grow_padded(r, a.dtype)
-            self.pad_a[:r] += w[:, None] * a
+            if self.hold_a:  # the run's frozen A: the client's must be its prefix
+                held_rows([a], r, self._frozen(r).to(a.dtype), [who])
+            elif frozen_a:  # no run init known: hold the widest client's
+                held = self.held_a
+                width = max(r, 0 if held is None else len(held))
+                self.held_a = held_rows([a], width, held, [who])
+            else:
+                self.pad_a[:r] += w[:, None] * a
             self.pad_b[:, :r] += bh * w[None, :]
             return
         weighted = w[:, None] * a
@@ -286,6 +329,12 @@ class _ModuleSum:
             self.a_rows, self.b_cols, self.comps = [], [], []
             self.dense = [a_s.new_zeros(self.d_out, self.d_in) for _ in self.bands]
             self._add_dense(a_s, b_s, comps)
+
+    def _frozen(self, count: int) -> Tensor:
+        """The first ``count`` rows of the run's frozen A (drawn once, as wide as asked)."""
+        if self._frozen_cache is None or len(self._frozen_cache) < count:
+            self._frozen_cache = self.frozen_rows(count)
+        return self._frozen_cache[:count]
 
     def _band_of(self, comps: Tensor) -> Tensor:
         return torch.bucketize(comps, torch.tensor(self.bands), right=True) - 1
@@ -318,6 +367,10 @@ class _ModuleSum:
                 inv = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
                 a *= inv.to(a)[:, None]
                 b *= inv.to(b)[None, :]
+            if self.hold_a:
+                a = self._frozen(width).to(a.dtype)
+            elif self.held_a is not None:
+                a = held_rows([], width, self.held_a)
             return a, b
         if self.dense is None:
             a_s, b_s, comps = self._stack()

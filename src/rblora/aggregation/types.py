@@ -8,13 +8,14 @@ Shapes follow PEFT: for a module with weight ``W0: (d_out, d_in)`` a rank-``r`` 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .linalg import padded_component_sum, weighted_stack
+from .linalg import held_rows, padded_component_sum, weighted_stack
 
 FactorPair = tuple[Tensor, Tensor]
 """One module's LoRA factors ``(A, B)`` with ``A: (r, d_in)`` and ``B: (d_out, r)``."""
@@ -27,8 +28,31 @@ scale folded into B (``dW = B @ A``)."""
 ModuleDelta = FactorPair | Tensor
 """One module's update ``B @ A`` held as factors ``(A, B)`` or as a dense ``(d_out, d_in)``."""
 
-REDUCTIONS = ("svd", "truncate", "merge")
-"""Redistribution rules: global update -> the adapter a client starts its next round from."""
+REDUCTIONS = ("svd", "truncate", "merge", "threshold")
+"""Redistribution rules: global update -> the adapter a client starts its next round from.
+
+``threshold`` (FLoRIST, Ramesh and Dass, MLSys 2026; stack methods only): the SVD of the
+update, ``dW = U diag(sigma) V^T`` (factored, as ``svd``), then per module one rank
+``k = min{k : sigma_1^2 + ... + sigma_k^2 >= svd_energy * sum_i sigma_i^2}``
+(:func:`.linalg.energy_rank`); a client of rank r starts from the first ``min(k, r)``
+directions, ``A = V[:, :r]^T``, ``B = U[:, :min(k, r)] diag(sigma) / s_r`` and zero columns
+beyond (its extra rows of A orthonormal and trainable). Clients of rank >= k thus all hold the
+same rank-k adapter, the paper's global adapters shared by every client; a client of smaller
+rank holds its best rank-r approximation, as under ``svd``."""
+
+DEFAULT_SVD_ENERGY = 0.99
+"""The fraction of an update's energy ``threshold`` keeps unless told (FLoRIST's default)."""
+
+
+def check_svd_energy(energy: object) -> float:
+    """``energy`` as a float in (0, 1]; ValueError naming the value otherwise."""
+    ok = isinstance(energy, numbers.Real) and not isinstance(energy, bool)
+    if not (ok and math.isfinite(energy) and 0 < energy <= 1):
+        raise ValueError(
+            f"svd_energy {energy!r} must be a fraction in (0, 1]: the share of each module's "
+            "energy (sum of squared singular values) the threshold redistribution keeps"
+        )
+    return float(energy)
 
 
 def lora_scale(lora_alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -130,6 +154,68 @@ def count_share(rank: int, num_examples: int, width: int) -> tuple[Tensor, Tenso
     return (torch.arange(width) < rank).double(), torch.ones(width, dtype=torch.float64)
 
 
+FACTORS = ("A", "B")
+"""The two LoRA factors, by PEFT's names: ``A: (r, d_in)`` (``lora_A``), ``B: (d_out, r)``."""
+
+ROLES = ("shared", "frozen")
+"""What a client does with one LoRA factor under a method (:class:`ClientProtocol`)."""
+
+
+@dataclass(frozen=True)
+class ClientProtocol:
+    """What a client trains, sends and keeps, factor by factor: the one declaration the round
+    core, both engines, client-level DP and the checks read (no code branches on a method's
+    name).
+
+    Each factor has a role:
+
+    - ``"shared"``: trained locally, sent to the server, aggregated, sent back (every method of
+      the seed, for A and B);
+    - ``"frozen"``: never trained and never sent, in either direction: fixed at a shared random
+      initialisation drawn from the run's seed, the same for every client (a client of rank r
+      holds its first r rows; :mod:`.frozen`), which the server and each client draw for
+      themselves. Only A may be frozen (a frozen zero B would keep every update at zero).
+    """
+
+    A: str = "shared"
+    """The role of ``A: (r, d_in)``."""
+    B: str = "shared"
+    """The role of ``B: (d_out, r)``."""
+
+    def __post_init__(self) -> None:
+        for name in FACTORS:
+            role = getattr(self, name)
+            if role not in ROLES:
+                raise ValueError(f"client protocol: {name} has role {role!r}; valid: {ROLES}")
+        if self.B != "shared":
+            raise ValueError("client protocol: only A may be frozen (a frozen B stays zero)")
+
+    @property
+    def trains(self) -> tuple[str, ...]:
+        """The factors local training updates (the others keep their start values)."""
+        return tuple(f for f in FACTORS if getattr(self, f) == "shared")
+
+    @property
+    def sends(self) -> tuple[str, ...]:
+        """The factors a client uploads and the server sends back (and, under DP, clips and
+        noises): the released part of the global update."""
+        return tuple(f for f in FACTORS if getattr(self, f) == "shared")
+
+    @property
+    def keeps(self) -> tuple[str, ...]:
+        """The factors that stay on the client: never uploaded nor downloaded."""
+        return tuple(f for f in FACTORS if f not in self.sends)
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """The factors fixed at the run's seeded shared initialisation (:mod:`.frozen`)."""
+        return tuple(f for f in FACTORS if getattr(self, f) == "frozen")
+
+
+DEFAULT_PROTOCOL = ClientProtocol()
+"""Train and send both factors: every method of the seed."""
+
+
 FORMS = ("stack", "padded")
 """How a method assembles weighted components into the global factors (:meth:`Method.combine`):
 
@@ -171,6 +257,13 @@ class Method:
     """The weights as per-client raw weights and denominator masses (:data:`Share`), so a round
     can be aggregated as its updates arrive (:class:`.streaming.RoundSum`); None: the method is
     aggregated from the round's whole list (its weights need every client at once)."""
+    protocol: ClientProtocol = DEFAULT_PROTOCOL
+    """Which factors a client trains, sends and keeps (:class:`ClientProtocol`). A frozen A is
+    held by the aggregation as it is (every client's A is a prefix of the same matrix), never
+    summed: ``padded`` form only."""
+    reduction_note: str = ""
+    """Why the redistributions left out of :attr:`reductions` are not defined for this method
+    (said when one is asked for)."""
 
     def combine(
         self, As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]
@@ -179,13 +272,19 @@ class Method:
         k gives ``A_k: (r_k, d_in)`` and ``Bh_k = s_k * B_k: (d_out, r_k)``; the global update is
         ``B_g @ A_g``. Inputs are never modified; the result holds new tensors."""
         gamma = self.weights([a.shape[0] for a in As], num_examples)
-        return assemble(self.form, As, Bhs, gamma)
+        return assemble(self.form, As, Bhs, gamma, hold_a="A" in self.protocol.frozen)
 
 
-def assemble(form: str, As: Sequence[Tensor], Bhs: Sequence[Tensor], gamma: Tensor) -> FactorPair:
-    """Weighted components in ``form`` (see :data:`FORMS`); ``gamma: (K, >= max r_k)``."""
+def assemble(
+    form: str, As: Sequence[Tensor], Bhs: Sequence[Tensor], gamma: Tensor, hold_a: bool = False
+) -> FactorPair:
+    """Weighted components in ``form`` (see :data:`FORMS`); ``gamma: (K, >= max r_k)``.
+    ``hold_a``: A is frozen (the same matrix for every client), held, not summed (``padded``)."""
     if form == "stack":
         return weighted_stack(As, Bhs, gamma)
     if form == "padded":
-        return padded_component_sum(As, Bhs, gamma)
+        a_g, b_g = padded_component_sum(As, Bhs, gamma)
+        if hold_a:
+            a_g = held_rows(As, a_g.shape[0])
+        return a_g, b_g
     raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")

@@ -83,12 +83,14 @@ def run_rounds(
             start = server.deliver(k)
             seed = derive_seed(options.seed, t, k)
             result = rounds.train_client(
-                task, spec, start, seed=seed, round_=t, private=server.privacy is not None
-            )
+                task, spec, start, seed=seed, round_=t, private=server.privacy is not None,
+                plan=server.plan,
+            )  # fmt: skip
             update = rounds.client_update(spec, result)
             if options.save_client_adapters and saving.saves(t):
                 rounds.save_client_adapter(task, folder, t, spec, update)
-            record = rounds.client_record(t, spec, result, start, rounds.upload_bytes(update))
+            up = rounds.upload_bytes(update, server.plan)
+            record = rounds.client_record(t, spec, result, start, up)
             server.fold(update)  # into the round's running sums; the update can go
             rounds.keep_client_record(folder, record, tally, options.record_clients)
         record = rounds.close_round(

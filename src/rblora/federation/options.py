@@ -23,6 +23,7 @@ from typing import Any
 from rblora.aggregation import default_reduction, get_method
 from rblora.aggregation.privacy import check_private
 from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
+from rblora.aggregation.types import check_svd_energy
 from rblora.federation.engines import available_engines
 from rblora.federation.privacy import PrivacySettings, privacy_settings
 from rblora.utils.device import BASE_DTYPES, check_device_name
@@ -62,8 +63,15 @@ class RunOptions:
     method: str = option("RB-LoRA", "aggregation method (see `--method list`)")
     reduction_method: str | None = option(
         None,
-        "redistribution to each client's rank: svd | truncate | merge "
-        "(default: the method's own; RB-LoRA always uses svd)",
+        "redistribution to each client's rank: svd | truncate | merge | threshold "
+        "(default: the method's own; RB-LoRA uses svd or threshold; threshold: FLoRIST's "
+        "energy threshold, for the stack methods)",
+    )
+    svd_energy: float = option(
+        0.99,
+        "--reduction_method threshold (FLoRIST): per module, keep the fewest singular "
+        "directions of the update holding this fraction of its energy (sum of squared singular "
+        "values), in (0, 1]; each client starts from min(that rank, its own)",
     )
     global_model: str | None = option(
         None,
@@ -402,6 +410,7 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         # the registry is the judge of names (it accepts aliases) and of method/reduction pairs
         method = get_method(self.method)
         reduction = resolve_reduction(method, self.reduction_method)
+        check_svd_energy(self.svd_energy)
         if self.head_only and reduction == "merge":
             # no LoRA is trained, so there is nothing to merge into the base (it crashed after
             # round 1); the head is averaged the same way under every redistribution

@@ -39,6 +39,7 @@ from rblora.aggregation.types import Factors
 from rblora.federation.rundir import RunFolder
 from rblora.federation.server import FederatedServer, GlobalModel
 from rblora.federation.tracking import Trackers
+from rblora.protocol.factors import DEFAULT_PLAN, FactorPlan
 from rblora.protocol.types import (
     ClientResult,
     ClientSpec,
@@ -75,9 +76,14 @@ def train_client(
     seed: int,
     round_: int,
     private: bool = False,
+    plan: FactorPlan = DEFAULT_PLAN,
 ) -> ClientResult:
     """The task's local training of one client; divergence stops the run naming the client.
-    ``private``: the run has client-level DP, so after round 1 the start carries the noise."""
+    ``private``: the run has client-level DP, so after round 1 the start carries the noise.
+    ``plan``: the method's client protocol: the start's frozen factors are set to the run's
+    initialisation and only the factors it trains are trained (both engines call this)."""
+    if not plan.is_default:  # the layout's modules: none when no LoRA is trained (head only)
+        start = plan.client_start(spec, start, task.update_layout().modules)
     try:
         return task.train_client(spec, start, seed=seed, round_=round_)
     except TrainingDiverged as err:
@@ -112,10 +118,10 @@ def client_update(spec: ClientSpec, result: ClientResult) -> ClientUpdate:
     )
 
 
-def upload_bytes(update: ClientUpdate) -> int:
-    """Bytes of a client's update as stored (factors and dense extras)."""
-    pairs = update.factors.values()
-    return tensor_bytes([t for pair in pairs for t in pair] + list(update.dense.values()))
+def upload_bytes(update: ClientUpdate, plan: FactorPlan = DEFAULT_PLAN) -> int:
+    """Bytes of a client's update as stored: the factors its method's protocol sends, and the
+    dense extras."""
+    return tensor_bytes(plan.travels(update.factors) + list(update.dense.values()))
 
 
 def client_record(

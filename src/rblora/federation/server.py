@@ -45,7 +45,7 @@ from rblora.aggregation.privacy import (
 )
 from rblora.aggregation.running import ModuleDelta, UpdateSum, delta_shape
 from rblora.aggregation.starts import StartBasis
-from rblora.aggregation.types import Factors
+from rblora.aggregation.types import DEFAULT_SVD_ENERGY, Factors, check_svd_energy
 from rblora.federation.options import selection_count
 from rblora.federation.privacy import PrivacySettings
 from rblora.protocol.codec import (
@@ -56,6 +56,7 @@ from rblora.protocol.codec import (
     encode,
     encode_basis,
 )
+from rblora.protocol.factors import FactorPlan
 from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout, tensor_bytes
 
 BYTES_PER_VALUE = 4  # float32, as the server keeps and sends every tensor
@@ -110,6 +111,7 @@ class FederatedServer:
             ``num_examples`` (the weights' fixed denominator).
         layout: the shapes of every client's update (the task's); needed under DP, where an
             empty round releases noise of those shapes.
+        svd_energy: the ``threshold`` redistribution's energy (FLoRIST), in (0, 1].
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class FederatedServer:
         seed: int = 0,
         privacy: PrivacySettings | None = None,
         layout: UpdateLayout | None = None,
+        svd_energy: float = DEFAULT_SVD_ENERGY,
     ):
         if [c.client_id for c in clients] != list(range(len(clients))):
             raise ValueError("clients must be given in order with ids 0..K-1")
@@ -155,6 +158,9 @@ class FederatedServer:
         self.last_clip: ClipReport | None = None  # what DP clipping did in the last aggregation
         self._round = None  # the running sums of the round in progress (fold, aggregate)
         self.layout = layout
+        self.svd_energy = check_svd_energy(svd_energy)
+        self.plan = FactorPlan.for_method(method, seed)
+        """The method's client protocol with the run's seed (what clients train and send)."""
         self.method = method
         self.reduction = reduction
         self.clients = clients
@@ -193,7 +199,8 @@ class FederatedServer:
     def deliver(self, client_id: int) -> ClientStart:
         """What ``client_id`` starts this round from; records that it now has the current state.
 
-        ``download_bytes`` counts float32 values: the client's rank-r adapter (svd / truncate),
+        ``download_bytes`` counts float32 values: the client's rank-r adapter (svd / truncate;
+        the factors the method's protocol sends, :class:`FactorPlan`),
         the averaged dense extras, and under the merge protocol every merged update the client
         has not received yet (all of them since it last trained, not only the last one), per
         module at most one dense matrix (a client far behind is sent the dense difference).
@@ -204,8 +211,8 @@ class FederatedServer:
             base_delta=self.base_total.as_dict(),
         )
         total = tensor_bytes(self.dense.values())
-        if start.factors:
-            total += tensor_bytes(t for pair in start.factors.values() for t in pair)
+        if start.factors:  # only the factors the method's protocol sends down
+            total += tensor_bytes(self.plan.travels(start.factors))
         missed = sum(self._merge_widths[self._synced.get(client_id, 0) :])
         if missed:
             for delta in start.base_delta.values():
@@ -222,7 +229,7 @@ class FederatedServer:
         not grow with them. ValueError naming the client for a reply that does not fit."""
         if self._round is None:
             self._round = self._open_round()
-        self._round.add(update)
+        self._round.add(self.plan.restore(update))  # a frozen factor is the server's own draw
 
     def aggregate(self, updates: list[ClientUpdate] | None = None) -> GlobalUpdate:
         """The round's global update from what :meth:`fold` took (or from ``updates``, folded
@@ -253,9 +260,13 @@ class FederatedServer:
         if self._dp is not None:
             return PrivateRoundSum(
                 self.method, replace(self._dp, clip=self.clip), reduction=self.reduction,
-                shapes=self.layout.modules, dense_shapes=self.layout.dense,
+                shapes=self.layout.modules, dense_shapes=self.layout.dense, frozen=self.plan.init,
+                svd_energy=self.svd_energy,
             )  # fmt: skip
-        return open_round(self.method, self.reduction, ranks=[c.rank for c in self.clients])
+        return open_round(
+            self.method, self.reduction, ranks=[c.rank for c in self.clients],
+            frozen=self.plan.init, svd_energy=self.svd_energy,
+        )  # fmt: skip
 
     def privacy_record(self) -> tuple[dict, dict]:
         """Under DP, the round record's privacy fields after the round just closed, as

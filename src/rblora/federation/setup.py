@@ -161,6 +161,7 @@ def prepare_run(
         seed=args.seed,
         privacy=privacy,
         layout=task.update_layout(),
+        svd_energy=args.svd_energy,
     )
     if args.resume:
         if privacy is not None and checkpoint is None:

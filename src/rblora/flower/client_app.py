@@ -32,6 +32,7 @@ from rblora.federation.options import TrainArgs
 from rblora.federation.rounds import client_update, train_client
 from rblora.flower.records import CONFIG, from_content, to_content
 from rblora.protocol.codec import decode_start, encode_update
+from rblora.protocol.factors import FactorPlan
 from rblora.protocol.types import ClientSpec, clean_metrics
 
 app = ClientApp()
@@ -131,9 +132,10 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"message for client {client} reached a node of partitions {clients}")
     args = client_args(json.loads(meta["train-args"]), context)
     task = client_task(args, clients)
-    start = decode_start(tensors, meta)
-    task.set_base(start.base_delta, {})  # merge protocol: W0 + every merged round
     spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)
+    plan = FactorPlan.for_method(args.method, args.seed)  # what this method's clients train, send
+    start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes()))
+    task.set_base(start.base_delta, {})  # merge protocol: W0 + every merged round
     result = train_client(
         task,
         spec,
@@ -141,7 +143,8 @@ def train(msg: Message, context: Context) -> Message:
         seed=int(meta["seed"]),
         round_=int(meta["round"]),
         private=args.private,
+        plan=plan,
     )
-    update_tensors, update_meta = encode_update(client_update(spec, result))
+    update_tensors, update_meta = encode_update(client_update(spec, result), plan.sends)
     reply = {**update_meta, "metrics": clean_metrics(result.metrics)[0]}
     return Message(to_content(update_tensors, reply), reply_to=msg)

@@ -322,7 +322,7 @@ class HeteroRankStrategy(Strategy):
                 self._round["missing"][k] = "no node has answered for this client"
                 continue
             start = server.deliver(k)
-            tensors, meta = encode_start(start)
+            tensors, meta = encode_start(start, server.plan.sends)
             meta.update(
                 {
                     "train-args": self._options,
@@ -370,8 +370,10 @@ class HeteroRankStrategy(Strategy):
             return
         spec = run.server.clients[k]
         try:
-            tensors, meta = from_content(reply.content, update_shapes(spec, self._layout))
-            update, metrics = decode_update(tensors, meta, spec, self._layout)
+            plan = run.server.plan  # the method's client protocol: what a reply carries
+            shapes = update_shapes(spec, self._layout, plan.sends)
+            tensors, meta = from_content(reply.content, shapes)
+            update, metrics = decode_update(tensors, meta, spec, self._layout, plan)
             result = ClientResult(
                 dict(update.factors), update.num_examples, dense=dict(update.dense),
                 metrics=metrics,

@@ -25,6 +25,7 @@ from rblora.aggregation import ClientUpdate
 from rblora.aggregation.running import ModuleDelta, is_dense
 from rblora.aggregation.starts import StartBasis
 from rblora.aggregation.types import Factors
+from rblora.protocol.factors import DEFAULT_PLAN, FactorPlan
 from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout
 
 
@@ -38,11 +39,15 @@ def encode(
     factors: Factors | None = None,
     dense: dict[str, torch.Tensor] | None = None,
     deltas: dict[str, ModuleDelta] | None = None,
+    sends: tuple[str, ...] = ("A", "B"),
 ) -> dict[str, torch.Tensor]:
-    """Flat tensors of factors, dense extras and deltas under ``prefix``."""
+    """Flat tensors of factors, dense extras and deltas under ``prefix``; of the factors only
+    those named in ``sends`` (the method's protocol: a frozen A does not travel)."""
     out: dict[str, torch.Tensor] = {}
-    for module, (a, b) in (factors or {}).items():
-        out[f"{prefix}/lora/{module}/A"], out[f"{prefix}/lora/{module}/B"] = _t(a), _t(b)
+    for module, pair in (factors or {}).items():
+        for name, t in zip("AB", pair, strict=True):
+            if name in sends:
+                out[f"{prefix}/lora/{module}/{name}"] = _t(t)
     for name, t in (dense or {}).items():
         out[f"{prefix}/dense/{name}"] = _t(t)
     for module, delta in (deltas or {}).items():
@@ -69,13 +74,18 @@ def _parts(tensors: dict[str, torch.Tensor], prefix: str, kind: str) -> dict[str
     return parts
 
 
-def decode_factors(tensors: dict[str, torch.Tensor], prefix: str) -> Factors:
-    """The LoRA factors under ``prefix``; ValueError if a module lacks A or B."""
+def decode_factors(tensors: dict[str, torch.Tensor], prefix: str, fill=None) -> Factors:
+    """The LoRA factors under ``prefix``; ValueError if a module lacks A or B. ``fill``
+    (``fill(module) -> A``): the message carries B alone (a frozen A, drawn by the receiver;
+    :meth:`rblora.protocol.factors.FactorPlan.filler`)."""
     out: Factors = {}
+    expected = {"B"} if fill is not None else {"A", "B"}
     for module, p in sorted(_parts(tensors, prefix, "lora").items()):
-        if set(p) != {"A", "B"}:
-            raise ValueError(f"{prefix}: module {module!r} has {sorted(p)}, expected A and B")
-        out[module] = (p["A"], p["B"])
+        if set(p) != expected:
+            raise ValueError(
+                f"{prefix}: module {module!r} has {sorted(p)}, expected {sorted(expected)}"
+            )
+        out[module] = (p["A"], p["B"]) if fill is None else (fill(module), p["B"])
     return out
 
 
@@ -117,9 +127,11 @@ def decode_basis(tensors: dict[str, torch.Tensor], prefix: str, meta: dict) -> S
 
 
 # ---------------------------------------------------------------------- messages
-def encode_update(update: ClientUpdate) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A client update as (tensors, metadata)."""
-    tensors = encode("update", factors=dict(update.factors), dense=dict(update.dense))
+def encode_update(
+    update: ClientUpdate, sends: tuple[str, ...] = ("A", "B")
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A client update as (tensors, metadata): the factors its method's protocol sends."""
+    tensors = encode("update", factors=dict(update.factors), dense=dict(update.dense), sends=sends)
     meta = {
         "num-examples": int(update.num_examples),
         "lora-alpha": float(update.lora_alpha),
@@ -135,13 +147,18 @@ METRICS_MAX_KEYS = 32
 """... and hold at most this many names, each a flat value (no nesting)."""
 
 
-def update_shapes(spec: ClientSpec, layout: UpdateLayout) -> dict[str, tuple[int, ...]]:
-    """The arrays a reply of client ``spec`` must hold, name -> shape: its factors at the
-    server's rank for the client on every module of ``layout``, and the dense extras."""
+def update_shapes(
+    spec: ClientSpec, layout: UpdateLayout, sends: tuple[str, ...] = ("A", "B")
+) -> dict[str, tuple[int, ...]]:
+    """The arrays a reply of client ``spec`` must hold, name -> shape: the factors its method
+    sends (``sends``) at the server's rank for the client on every module of ``layout``, and
+    the dense extras."""
     shapes: dict[str, tuple[int, ...]] = {}
     for module, (d_out, d_in) in layout.modules.items():
-        shapes[f"update/lora/{module}/A"] = (spec.rank, d_in)
-        shapes[f"update/lora/{module}/B"] = (d_out, spec.rank)
+        if "A" in sends:
+            shapes[f"update/lora/{module}/A"] = (spec.rank, d_in)
+        if "B" in sends:
+            shapes[f"update/lora/{module}/B"] = (d_out, spec.rank)
     for name, shape in layout.dense.items():
         shapes[f"update/dense/{name}"] = tuple(int(d) for d in shape)
     return shapes
@@ -220,7 +237,11 @@ def _json_depth(text: str) -> int:
 
 
 def decode_update(
-    tensors: dict[str, torch.Tensor], meta: dict[str, Any], spec: ClientSpec, layout: UpdateLayout
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    spec: ClientSpec,
+    layout: UpdateLayout,
+    plan: FactorPlan = DEFAULT_PLAN,
 ) -> tuple[ClientUpdate, dict[str, Any]]:
     """A client's reply checked against what the server knows (DESIGN.md section 6): returns its
     :class:`ClientUpdate`, built from the server's own ``spec`` (rank, scaling, examples), and
@@ -232,7 +253,8 @@ def decode_update(
     missing or unexpected (a LoRA reply without factors, a head-only reply with them); factors
     whose shape is not ``spec.rank`` on the module's ``(d_out, d_in)`` (a reply shaped for
     another client); dense parameters of another shape; any dtype but float32; NaN or inf;
-    metrics beyond their bounds.
+    metrics beyond their bounds. ``plan``: the method's client protocol; a factor it does not
+    send must be absent, and the server's own draw of it (a frozen A) takes its place.
     """
     unknown = sorted(str(k)[:64] for k in set(meta) - _UPDATE_META)
     if unknown:
@@ -255,7 +277,7 @@ def decode_update(
               tuple(getattr(value, "shape", ())))
         for key, value in tensors.items()
     }  # fmt: skip
-    check_arrays(described, update_shapes(spec, layout))
+    check_arrays(described, update_shapes(spec, layout, plan.sends))
     for key, value in sorted(tensors.items()):
         if not torch.isfinite(value).all():
             raise ValueError(f"{key} holds NaN or inf")
@@ -263,7 +285,7 @@ def decode_update(
     update = ClientUpdate(
         num_examples=spec.num_examples,
         lora_alpha=spec.lora_alpha,
-        factors=decode_factors(tensors, "update"),
+        factors=decode_factors(tensors, "update", plan.filler(spec.rank, layout.modules)),
         use_rslora=spec.use_rslora,
         client_id=spec.client_id,
         dense=decode_dense(tensors, "update"),
@@ -294,17 +316,22 @@ def _few(keys: list[str], limit: int = 4) -> str:
     return f"[{shown}]"
 
 
-def encode_start(start: ClientStart) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A :class:`ClientStart` as (tensors, metadata)."""
+def encode_start(
+    start: ClientStart, sends: tuple[str, ...] = ("A", "B")
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A :class:`ClientStart` as (tensors, metadata): of its factors those the method's
+    protocol sends (``sends``)."""
     tensors = encode(
-        "start", factors=start.factors or {}, dense=start.dense, deltas=start.base_delta
-    )
+        "start", factors=start.factors or {}, dense=start.dense, deltas=start.base_delta,
+        sends=sends,
+    )  # fmt: skip
     return tensors, {"fresh": start.factors is None, "download-bytes": int(start.download_bytes)}
 
 
-def decode_start(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> ClientStart:
-    """Inverse of :func:`encode_start`."""
-    factors = decode_factors(tensors, "start")
+def decode_start(tensors: dict[str, torch.Tensor], meta: dict[str, Any], fill=None) -> ClientStart:
+    """Inverse of :func:`encode_start`; ``fill(module) -> A``: A did not travel (a frozen A,
+    :meth:`rblora.protocol.factors.FactorPlan.filler`)."""
+    factors = decode_factors(tensors, "start", None if meta.get("fresh") else fill)
     return ClientStart(
         factors=None if meta.get("fresh") else factors,
         dense=decode_dense(tensors, "start"),

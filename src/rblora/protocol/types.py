@@ -43,13 +43,17 @@ class ClientStart:
     every round of the merge protocol). ``dense``: the dense extra parameters to start from ({}:
     the task's initial ones). ``base_delta``: under the merge protocol, the running total the base
     weights must hold (``W0 + base_delta``; {} otherwise). ``download_bytes``: what the client
-    must receive that it does not have yet (see ``FederatedServer.deliver``).
+    must receive that it does not have yet (see ``FederatedServer.deliver``); a factor the
+    method's protocol does not send (a frozen A) is not counted: the client draws it itself.
     """
 
     factors: Factors | None
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     base_delta: dict[str, ModuleDelta] = field(default_factory=dict)
     download_bytes: int = 0
+    trains: tuple[str, ...] = ("A", "B")
+    """The LoRA factors local training updates (the method's client protocol,
+    :class:`rblora.protocol.factors.FactorPlan`); the others keep their start values."""
 
 
 @dataclass

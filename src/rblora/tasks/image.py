@@ -300,7 +300,9 @@ class ImageTask:
                 use_rslora=spec.use_rslora,
                 modules_to_save=self.modules_to_save,
             )
-            peft_model = self._lora.attach(lora, init=start.factors, dense=dense, seed=seed)
+            peft_model = self._lora.attach(
+                lora, init=start.factors, dense=dense, seed=seed, trains=start.trains
+            )
             try:
                 result = train_local(
                     peft_model, examples, config, loss_fn=self._loss_fn(k), progress=self.progress

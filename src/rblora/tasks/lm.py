@@ -228,7 +228,9 @@ class CausalLMTask:
         self, spec: ClientSpec, start: ClientStart, *, seed: int, round_: int
     ) -> ClientResult:
         examples = self._client_data(self._train, spec.client_id)
-        peft_model = self._lora.attach(self.lora_spec(spec), init=start.factors, seed=seed)
+        peft_model = self._lora.attach(
+            self.lora_spec(spec), init=start.factors, seed=seed, trains=start.trains
+        )
         try:
             config = replace(self.train_config, seed=seed)
             result = train_local(
