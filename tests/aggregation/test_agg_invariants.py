@@ -34,6 +34,7 @@ def test_all_methods_registered_with_defaults():
         "FlexLoRA",
         "FedIT",
         "FFA-LoRA",
+        "RoLoRA",
     ]
     defaults = {m: supported_reductions(m)[0] for m in available_methods()}
     assert defaults == {
@@ -45,6 +46,7 @@ def test_all_methods_registered_with_defaults():
         "FlexLoRA": "svd",
         "FedIT": "truncate",
         "FFA-LoRA": "truncate",
+        "RoLoRA": "truncate",
     }
 
 
@@ -54,6 +56,7 @@ def test_aliases(alias):
     assert get_method("uniform_hetlora").name == "Uniform HETLoRA"
     assert get_method("flora").name == "FLoRA"
     assert get_method("rb_lora_factor").name == "RB-LoRA (factor)"
+    assert get_method("ro_lora").name == get_method("Ro-LoRA").name == "RoLoRA"
 
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)

@@ -1,7 +1,9 @@
 """A method's client protocol in a whole run (in-process engine): FFA-LoRA's clients keep A
-frozen at the run's shared initialisation and send B alone."""
+frozen at the run's shared initialisation and send B alone; RoLoRA's alternate."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 from run_helpers import adapter_tensors, killed_in_round_2, lm_argv, metrics
@@ -53,6 +55,81 @@ def test_a_ffa_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
     assert cli.main(lm_argv(workspace, full, "--method", "FFA-LoRA")) == 0
     assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", "FFA-LoRA")) == 130
     assert cli.main(lm_argv(workspace, cut, "--method", "FFA-LoRA", "--resume")) == 0
+    for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
+        x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
+
+
+def _alpha(folder) -> float:
+    return float(json.loads((folder / "adapter_config.json").read_text())["lora_alpha"])
+
+
+def _component_mean(factors, sizes, take):
+    """Per module, the per-component mean over holders (RoLoRA's rule) of each client's
+    ``take(a, b, k)`` (components as rows), weights the clients' example counts."""
+    out = {}
+    for module in factors[0]:
+        rows = [take(*factors[k][module], k) for k in range(len(factors))]
+        width = max(len(r) for r in rows)
+        num = torch.zeros(width, rows[0].shape[1], dtype=torch.float64)
+        den = torch.zeros(width, dtype=torch.float64)
+        for k, r in enumerate(rows):
+            num[: len(r)] += sizes[k] * r.double()
+            den[: len(r)] += sizes[k]
+        out[module] = num / den[:, None]
+    return out
+
+
+def test_rolora_trains_b_then_a_and_its_global_model_is_the_hand_rule(workspace, tmp_path):
+    """Round 1 trains B with A at the seeded initialisation, round 2 A with B held at round 1's
+    global B: each client's held factor is bitwise what it started from, what travels up is the
+    trained factor alone, and the exported global updates are the per-component means of the
+    clients' trained factors times the held one."""
+    assert cli.main(lm_argv(workspace, tmp_path, "--method", "RoLoRA")) == 0
+    run = tmp_path / "3"
+    init = FrozenInit(SEED)
+    records = {(r["round"], r["client"]): r for r in metrics(run) if r["type"] == "client"}
+    ranks = (2, 4, 8)
+    sizes = [records[1, k]["num_examples"] for k in range(3)]
+    clients = {t: [run / f"round_{t}" / f"client_{k}" for k in range(3)] for t in (1, 2)}
+    trained = {t: [_factors(f) for f in clients[t]] for t in (1, 2)}
+    scales = [_alpha(clients[1][k]) / r for k, r in enumerate(ranks)]
+    # round 1: B averaged per component (Bh = s B, columns as rows), A the seeded one
+    b_bar = _component_mean(trained[1], sizes, lambda a, b, k: (scales[k] * b.double()).T)
+    for k, rank in enumerate(ranks):
+        for module, (a, b) in trained[1][k].items():
+            assert torch.equal(a, init.rows(module, rank, a.shape[1]))
+            assert float(b.abs().max()) > 0
+        for module, (a, b) in trained[2][k].items():  # round 2: B held at round 1's global B
+            held = (b_bar[module][:rank].T / scales[k]).float()
+            torch.testing.assert_close(b, held, rtol=1e-5, atol=1e-7)
+            assert not torch.equal(a, init.rows(module, rank, a.shape[1]))  # A trained
+        a_bytes = sum(a.numel() * 4 for a, _ in trained[1][k].values())
+        b_bytes = sum(b.numel() * 4 for _, b in trained[1][k].values())
+        assert (records[1, k]["bytes_up"], records[1, k]["bytes_down"]) == (b_bytes, 0)
+        assert (records[2, k]["bytes_up"], records[2, k]["bytes_down"]) == (a_bytes, a_bytes
+                                                                             + b_bytes)  # fmt: skip
+    a_bar = _component_mean(trained[2], sizes, lambda a, b, k: a)
+    for t, expected in (
+        (1, {m: b_bar[m].T @ init.rows(m, 8, a.shape[1]).double()
+             for m, (a, _) in trained[1][2].items()}),
+        (2, {m: b_bar[m].T @ a_bar[m] for m in a_bar}),
+    ):  # fmt: skip
+        exported = _factors(run / f"round_{t}" / "global")  # scale 1: the delta is B @ A
+        for m, want in expected.items():
+            a, b = exported[m]
+            torch.testing.assert_close((b @ a).double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_rolora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
+    workspace, tmp_path, monkeypatch
+):
+    """Round 2 holds B at round 1's global factors: after a resume they come from the
+    checkpointed start basis, so the resumed run is the uninterrupted one to the bit."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli.main(lm_argv(workspace, full, "--method", "RoLoRA")) == 0
+    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", "RoLoRA")) == 130
+    assert cli.main(lm_argv(workspace, cut, "--method", "RoLoRA", "--resume")) == 0
     for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
         x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub

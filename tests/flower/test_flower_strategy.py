@@ -680,6 +680,41 @@ def test_ffa_lora_sends_no_a_either_way_and_gives_the_in_process_adapters(worksp
     assert len({c["round"] for c in clients}) == 2 and all(c["bytes_up"] > 0 for c in clients)
 
 
+def test_rolora_sends_the_round_s_trained_factor_up_and_gives_the_in_process_adapters(
+    workspace, tmp_path
+):
+    """RoLoRA's alternating protocol on Flower: round 1's replies carry B alone, round 2's A
+    alone (the node reads the round from the message), round 2's starts carry both factors (B
+    is held at round 1's global B), and the global adapters and a client's round-2 adapter are
+    the in-process engine's."""
+    carried = {}  # (round, "start" | "reply") -> factor names seen
+
+    def app(msg, context):
+        train = msg.metadata.message_type == "train"
+        reply = client_app.app(msg, context)
+        if train:
+            round_ = int(msg.metadata.group_id)
+            for kind, m in (("start", msg), ("reply", reply)):
+                if m.has_content():
+                    keys = m.content.array_records["arrays"].keys()
+                    names = {k.rsplit("/", 1)[1] for k in keys if "/lora/" in k}
+                    carried.setdefault((round_, kind), set()).update(names)
+        return reply
+
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    extra = ("--method", "RoLoRA")
+    _serve(workspace, tmp_path / "flower", TestGrid(nodes, app=app), *extra)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *extra)) == 0
+    assert carried[1, "reply"] == {"B"} and carried[2, "reply"] == {"A"}
+    assert carried.get((1, "start"), set()) == set() and carried[2, "start"] == {"A", "B"}
+    for sub in ("round_1/global", "round_2/global", "round_2/client_2"):
+        a = adapter_tensors(tmp_path / "flower" / "3" / sub)
+        b = adapter_tensors(tmp_path / "inprocess" / "3" / sub)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
 def test_the_threshold_redistribution_gives_the_in_process_adapters(workspace, tmp_path):
     """FLoRIST's threshold is the server's: on Flower the global adapters and every client's
     round-2 adapter are the in-process engine's."""

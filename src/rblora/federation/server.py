@@ -211,8 +211,8 @@ class FederatedServer:
             base_delta=self.base_total.as_dict(),
         )
         total = tensor_bytes(self.dense.values())
-        if start.factors:  # only the factors the method's protocol sends down
-            total += tensor_bytes(self.plan.travels(start.factors))
+        if start.factors:  # only the factors the method's protocol sends down this round
+            total += tensor_bytes(self.round_plan.travels(start.factors, down=True))
         missed = sum(self._merge_widths[self._synced.get(client_id, 0) :])
         if missed:
             for delta in start.base_delta.values():
@@ -222,14 +222,20 @@ class FederatedServer:
         self._synced[client_id] = self.completed_rounds
         return start
 
-    def fold(self, update: ClientUpdate) -> None:
+    def fold(self, update: ClientUpdate) -> ClientUpdate:
         """Fold one reply of the round in progress (round ``completed_rounds + 1``) into its
         running sums as it arrives (:mod:`rblora.aggregation.streaming`; under DP clipped
         first): the server never holds the round's client updates, only sums whose size does
-        not grow with them. ValueError naming the client for a reply that does not fit."""
+        not grow with them. ValueError naming the client for a reply that does not fit.
+        Returns the update as folded: a factor the client did not send (frozen or held) is the
+        server's own (:meth:`FactorPlan.restore`), so it is the client's whole adapter."""
         if self._round is None:
             self._round = self._open_round()
-        self._round.add(self.plan.restore(update))  # a frozen factor is the server's own draw
+        plan = self.round_plan
+        start = self._start_of(update.client_id) if plan.protocol.held else None
+        update = plan.restore(update, start)  # a frozen or held factor: the server's
+        self._round.add(update)
+        return update
 
     def aggregate(self, updates: list[ClientUpdate] | None = None) -> GlobalUpdate:
         """The round's global update from what :meth:`fold` took (or from ``updates``, folded
@@ -255,17 +261,31 @@ class FederatedServer:
             self.clip = adaptive.next_clip(self.clip, self.last_clip.unclipped, draw)
         return global_update
 
+    @property
+    def round_plan(self) -> FactorPlan:
+        """The client protocol of the round in progress (``completed_rounds + 1``)."""
+        return self.plan.at(self.completed_rounds + 1)
+
+    def _held_source(self):
+        """Where the round in progress takes its fixed factors from: the current global
+        factors (the start basis) for a held factor once they exist, else the run's frozen
+        initialisation (None when the method's protocol fixes no factor)."""
+        if self.round_plan.protocol.held and self._basis is not None:
+            return self._basis
+        return self.plan.init
+
     def _open_round(self):
         """The running sums of a new round: private (the clip of this round), or the method's."""
+        round_, held = self.completed_rounds + 1, self._held_source()
         if self._dp is not None:
             return PrivateRoundSum(
                 self.method, replace(self._dp, clip=self.clip), reduction=self.reduction,
-                shapes=self.layout.modules, dense_shapes=self.layout.dense, frozen=self.plan.init,
-                svd_energy=self.svd_energy,
+                shapes=self.layout.modules, dense_shapes=self.layout.dense, held=held,
+                svd_energy=self.svd_energy, round_=round_,
             )  # fmt: skip
         return open_round(
             self.method, self.reduction, ranks=[c.rank for c in self.clients],
-            frozen=self.plan.init, svd_energy=self.svd_energy,
+            held=held, svd_energy=self.svd_energy, round_=round_,
         )  # fmt: skip
 
     def privacy_record(self) -> tuple[dict, dict]:
