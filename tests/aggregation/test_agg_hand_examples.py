@@ -275,6 +275,30 @@ def test_rolora_holds_the_servers_b_never_a_clients_copy():
             aggregate("rolora", ffa_clients(), reduction=reduction)
 
 
+def test_fedex_lora_averages_the_factors_and_folds_the_residual_by_hand():
+    """FedEx-LoRA: the factors are Weighted HETLoRA's, Bbar = [[1.25, 1.5], [2.25, 3],
+    [4.75, 4.5]], Abar = [[1, .5], [0, .75]], Bbar Abar = [[1.25, 1.75], [2.25, 3.375],
+    [4.75, 5.75]]; the exact mean is FLoRA's dW1/4 + 3 dW2/4 = [[1.25, 2.5], [2.25, 3],
+    [4.75, 6.5]], so the residual folded into the base is [[0, .75], [0, -.375], [0, .75]]. A
+    client of rank 1 (s = 2) starts from A = [[1, .5]], B = [1.25, 2.25, 4.75] / 2."""
+    g = aggregate("FedEx-LoRA", two_clients())
+    assert g.folds_residual
+    a_g, b_g = g.factors(M)
+    torch.testing.assert_close(a_g, t([[1.0, 0.5], [0.0, 0.75]]))
+    torch.testing.assert_close(b_g, t([[1.25, 1.5], [2.25, 3.0], [4.75, 4.5]]))
+    residual = g.residual(M)
+    residual = residual if torch.is_tensor(residual) else residual[1] @ residual[0]
+    torch.testing.assert_close(residual, t([[0.0, 0.75], [0.0, -0.375], [0.0, 0.75]]))
+    torch.testing.assert_close(g.delta(M), t([[1.25, 2.5], [2.25, 3.0], [4.75, 6.5]]))
+    a, b = g.for_client(1, 2.0)[M]
+    torch.testing.assert_close(a, t([[1.0, 0.5]]))
+    torch.testing.assert_close(b, t([[0.625], [1.125], [2.375]]))
+    for reduction in ("svd", "merge"):
+        with pytest.raises(ValueError, match="its residual is computed against the averaged"):
+            aggregate("fedex", two_clients(), reduction=reduction)
+    assert not aggregate("Weighted HETLoRA", two_clients()).folds_residual
+
+
 def threshold_clients():
     """Two clients whose updates are orthogonal: client 1 (rank 1, alpha 1, n = 1) gives
     dW1 = 3 e1 e1^T, client 2 (rank 2, alpha 2, n = 1) dW2 = 2 e2 e2^T + e3 e3^T. FlexLoRA's

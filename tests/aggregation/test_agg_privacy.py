@@ -493,3 +493,41 @@ def test_rolora_one_client_moves_the_released_factor_by_at_most_c(round_):
         diff.append(x[trained] - y[trained])
     moved = math.sqrt(sum(float(d.square().sum()) for d in diff))
     assert 0 < moved <= 0.3 * (1 + 1e-9)
+
+
+def test_fedex_lora_term_counts_both_factors_and_the_update():
+    # population ranks (1, 1), sizes (1, 3), q = 1: client 1's weight is 3/4. A = [[1, 0]],
+    # B = [[0], [4]], s = 1: the factor terms 3/4 A (norm .75), 3/4 B (norm 3) and the update
+    # term 3/4 B A (norm 3) are released together: norm sqrt(.5625 + 9 + 9).
+    u = _update(1, [[1.0, 0.0]], [[0.0], [4.0]], 3, 1.0)
+    g, report = private_aggregate("FedEx-LoRA", [u], dp_of([1, 1], [1, 3]), noise=noise(0))
+    assert report.norms == (pytest.approx(math.sqrt(18.5625)),)
+    # unclipped, noiseless: the released sum is 3/4 B A, the factors 3/4 A and 3/4 B
+    torch.testing.assert_close(g.delta("m"), 0.75 * torch.tensor([[0.0, 0.0], [4.0, 0.0]],
+                                                                 dtype=torch.float64))  # fmt: skip
+    assert g.folds_residual
+
+
+def test_fedex_lora_one_client_moves_the_release_by_at_most_c():
+    """The release is the two averaged factors and the dense sum of the updates (the residual
+    is computed from them): one client moves the three together by at most C."""
+    ranks, sizes = [2, 3, 5, 5], [10, 20, 30, 40]
+    clients = population(ranks, sizes)
+    dp = dp_of(ranks, sizes, clip=0.3, q=0.75)
+    with_, _ = private_aggregate("FedEx-LoRA", clients[:3], dp, noise=noise(0))
+    without, _ = private_aggregate("FedEx-LoRA", clients[:2], dp, noise=noise(0))
+    alone, _ = private_aggregate("FedEx-LoRA", clients[2:3], dp, noise=noise(0))
+    diff = []
+    for m in with_.modules:
+        x = (*with_.factors(m), with_.delta(m))  # delta: the released sum of the updates
+        y = (*without.factors(m), without.delta(m))
+        z = (*alone.factors(m), alone.delta(m))
+        for p, q, r in zip(x, y, z, strict=True):
+            torch.testing.assert_close(p - q, r, rtol=1e-9, atol=1e-12)
+            diff.append(p - q)
+    moved = math.sqrt(sum(float(d.square().sum()) for d in diff))
+    assert 0 < moved <= 0.3 * (1 + 1e-9)
+    # with noise the residual is dense: the base total of a private FedEx-LoRA run is dense
+    noised = dataclasses.replace(dp, noise_multiplier=1.0)
+    noisy, _ = private_aggregate("FedEx-LoRA", clients[:3], noised, noise=noise(0))
+    assert all(torch.is_tensor(noisy.residual(m)) for m in noisy.modules)

@@ -1,5 +1,6 @@
 """A method's client protocol in a whole run (in-process engine): FFA-LoRA's clients keep A
-frozen at the run's shared initialisation and send B alone; RoLoRA's alternate."""
+frozen at the run's shared initialisation and send B alone; RoLoRA's alternate; FedEx-LoRA
+folds its residual into the base."""
 
 from __future__ import annotations
 
@@ -130,6 +131,78 @@ def test_a_rolora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
     assert cli.main(lm_argv(workspace, full, "--method", "RoLoRA")) == 0
     assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", "RoLoRA")) == 130
     assert cli.main(lm_argv(workspace, cut, "--method", "RoLoRA", "--resume")) == 0
+    for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
+        x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
+
+
+def _weighted_update(factors, scales, sizes, padded):
+    """Per module ``sum_k p_k Bh_k A_k`` (FedEx-LoRA's exact mean) or, ``padded``, the product
+    of the zero-padded weighted factors ``Bbar @ Abar`` (float64)."""
+    p = [n / sum(sizes) for n in sizes]
+    out = {}
+    for module in factors[0]:
+        pairs = [(a.double(), scales[k] * b.double()) for k, f in enumerate(factors)
+                 for a, b in [f[module]]]  # fmt: skip
+        if not padded:
+            out[module] = sum(w * bh @ a for w, (a, bh) in zip(p, pairs, strict=True))
+            continue
+        width = max(a.shape[0] for a, _ in pairs)
+        a_bar = torch.zeros(width, pairs[0][0].shape[1], dtype=torch.float64)
+        b_bar = torch.zeros(pairs[0][1].shape[0], width, dtype=torch.float64)
+        for w, (a, bh) in zip(p, pairs, strict=True):
+            a_bar[: len(a)] += w * a
+            b_bar[:, : len(a)] += w * bh
+        out[module] = b_bar @ a_bar
+    return out
+
+
+def test_fedex_lora_global_model_is_the_exact_mean_and_its_residual_travels(workspace, tmp_path):
+    """Round 1's global model is exactly sum_k p_k dW_k; round 2's is the base's residual
+    (round 1's exact mean minus the product of its averaged factors) plus round 2's exact
+    mean, as exported (a PEFT folder on the original base); a round-2 client downloads the
+    factors and the residual, counted as FLoRA's merged total is."""
+    assert cli.main(lm_argv(workspace, tmp_path, "--method", "FedEx-LoRA")) == 0
+    run = tmp_path / "3"
+    records = {(r["round"], r["client"]): r for r in metrics(run) if r["type"] == "client"}
+    ranks = (2, 4, 8)
+    sizes = [records[1, k]["num_examples"] for k in range(3)]
+    folders = {t: [run / f"round_{t}" / f"client_{k}" for k in range(3)] for t in (1, 2)}
+    trained = {t: [_factors(f) for f in folders[t]] for t in (1, 2)}
+    scales = [_alpha(folders[1][k]) / r for k, r in enumerate(ranks)]
+    exact = {t: _weighted_update(trained[t], scales, sizes, padded=False) for t in (1, 2)}
+    product_1 = _weighted_update(trained[1], scales, sizes, padded=True)
+    expected = {1: exact[1], 2: {m: exact[1][m] - product_1[m] + exact[2][m] for m in exact[2]}}
+    for t in (1, 2):
+        exported = _factors(run / f"round_{t}" / "global")  # scale 1: the delta is B @ A
+        assert exported.keys() == expected[t].keys()
+        for m, want in expected[t].items():
+            a, b = exported[m]
+            scale = float(want.norm())
+            torch.testing.assert_close((b @ a).double() / scale, want / scale, rtol=0,
+                                       atol=1e-5)  # fmt: skip
+            assert float((exact[1][m] - product_1[m]).norm()) > 1e-4 * scale  # a real residual
+    # round 2's download: the rank-r factors, and the residual at most as a dense matrix
+    shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b) in trained[1][2].items()}
+    width = max(min(sum(ranks) + max(ranks), *shape) for shape in shapes.values())
+    residual = sum(min(width * (d_out + d_in), d_out * d_in) * 4 for d_out, d_in in shapes.values())
+    for k, rank in enumerate(ranks):
+        factors = sum((d_out + d_in) * rank * 4 for d_out, d_in in shapes.values())
+        assert records[1, k]["bytes_down"] == 0
+        assert records[2, k]["bytes_down"] == factors + residual
+        assert records[2, k]["bytes_up"] == factors
+
+
+def test_a_fedex_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
+    workspace, tmp_path, monkeypatch
+):
+    """The residual folded into the base is the checkpointed running total: a resumed run is
+    the uninterrupted one to the bit."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    argv = ("--method", "FedEx-LoRA")
+    assert cli.main(lm_argv(workspace, full, *argv)) == 0
+    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, *argv)) == 130
+    assert cli.main(lm_argv(workspace, cut, *argv, "--resume")) == 0
     for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
         x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from run_helpers import adapter_tensors, lm_argv, metrics, tb_scalars
+from run_helpers import adapter_tensors, assert_same_global_updates, lm_argv, metrics, tb_scalars
 
 from rblora.federation import cli
 from rblora.federation.options import parse_args
@@ -713,6 +713,29 @@ def test_rolora_sends_the_round_s_trained_factor_up_and_gives_the_in_process_ada
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_fedex_lora_sends_its_residual_and_gives_the_in_process_adapters(workspace, tmp_path):
+    """FedEx-LoRA on Flower: round 2's starts carry the residual the base holds (as FLoRA's
+    merged total travels) and the averaged factors; the global adapters (the base's residual
+    plus the factors) and a client's round-2 adapter are the in-process engine's."""
+    deltas = []
+
+    def app(msg, context):
+        if msg.metadata.message_type == "train" and int(msg.metadata.group_id) == 2:
+            deltas.extend(k for k in msg.content.array_records["arrays"] if "/delta/" in k)
+        return client_app.app(msg, context)
+
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    _serve(workspace, tmp_path / "flower", TestGrid(nodes, app=app), "--method", "FedEx-LoRA")
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", "--method", "FedEx-LoRA")) == 0
+    assert deltas  # every round-2 start carries the residual
+    assert_same_global_updates(tmp_path / "flower" / "3", tmp_path / "inprocess" / "3")
+    a = adapter_tensors(tmp_path / "flower" / "3" / "round_2" / "client_2")
+    b = adapter_tensors(tmp_path / "inprocess" / "3" / "round_2" / "client_2")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 def test_the_threshold_redistribution_gives_the_in_process_adapters(workspace, tmp_path):

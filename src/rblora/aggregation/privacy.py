@@ -20,6 +20,10 @@ convention of clipping the whole update):
   ``B_g`` are sums of per-client terms ``(diag(g_k) A_k, Bh_k diag(g_k))``; those are clipped and
   the two factors released with noise (then ``B_g @ A_g`` is post-processing). Width: the
   population's largest rank, so the released shape does not depend on who took part;
+- a method that folds a residual into the base (FedEx-LoRA, ``padded``): its term is the pair
+  of factor terms and its weighted update ``Bh_k diag(g_k) A_k``; the two factors and the
+  dense sum of the updates are released with noise, and the residual (sum minus the product
+  of the noised factors) is computed from them: post-processing, and dense;
 - dense extras (a classification head): ``w_k X_k``, ``w_k = n_k / (q N)``;
 - only the factors the method's client protocol sends in the round are released
   (:attr:`.types.ClientProtocol.sends`): a frozen A (FFA-LoRA) is the run's public seeded
@@ -68,7 +72,7 @@ from torch import Tensor
 
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
-from .streaming import RoundSum
+from .streaming import RoundSum, residual_of
 from .types import DEFAULT_SVD_ENERGY, ClientUpdate, HeldSource, Method, ModuleDelta
 from .validation import validate_update
 
@@ -319,6 +323,8 @@ class PrivateRoundSum:
         for module in update.factors:
             a, bh = update.scaled_factors(module, work)
             sq += term_norm_sq(self.spec.form, a, bh, g[: a.shape[0]], self.protocol.sends)
+            if self.spec.residual:  # the weighted update itself is released too (dense)
+                sq += term_norm_sq("stack", a, bh, g[: a.shape[0]])
         sq += sum(w * w * float(t.double().square().sum()) for t in update.dense.values())
         norm = math.sqrt(sq)
         clip = min(1.0, self.dp.clip / norm) if norm > 0 else 1.0
@@ -343,6 +349,8 @@ class PrivateRoundSum:
                 "(shapes, dense_shapes)"
             )
         held: dict[str, ModuleDelta] = {}
+        sums = self.sum.stack_sums() if self.spec.residual else {}
+        residual: dict[str, ModuleDelta] = {}
         for module, value in self.sum.held().items():
             if self.spec.form == "stack":
                 if not torch.is_tensor(value):  # a stack narrower than the matrix: its sum
@@ -356,6 +364,13 @@ class PrivateRoundSum:
                 if std > 0 and "B" in self.protocol.sends:
                     b_g += std * gaussian(noise, b_g.shape, b_g.dtype)
                 value = (a_g, b_g)
+                if module in sums:  # the released sum of updates, then the residual from it
+                    total = sums[module]
+                    if not torch.is_tensor(total):
+                        total = total[1] @ total[0]
+                    if std > 0:
+                        total += std * gaussian(noise, total.shape, total.dtype)
+                    residual[module] = residual_of(total, a_g, b_g)
             held[module] = value
         dense = self.sum.dense_extras()
         for name in sorted(dense):
@@ -365,6 +380,7 @@ class PrivateRoundSum:
         release = GlobalUpdate(
             self.spec.name, self.reduction, held, self.sum.out_dtype, dense,
             sketch_seed=sketch_seed, noised=std > 0, svd_energy=self.sum.svd_energy,
+            residual=residual or None,
         )  # fmt: skip
         return release, report
 

@@ -125,6 +125,7 @@ class RoundSum:
         self._den = torch.zeros(ranks[-1], dtype=torch.float64)  # (R,) denominators
         self._dense_den = 0.0  # the dense extras' denominator (sum of examples)
         self._modules: dict[str, _ModuleSum] = {}
+        self._stacks: dict[str, _ModuleSum] = {}  # a residual method's stack of the same weights
         self._extras: dict[str, Tensor] = {}
         self._ids: set = set()
 
@@ -174,6 +175,13 @@ class RoundSum:
                 )  # fmt: skip
             who = f"{update.describe(index)}, module {module!r}"
             target.add(a, bh, weights.to(self._work), who)
+            if self.method.residual:  # sum_k Bh_k diag(w_k) A_k beside the factors' sums
+                stack = self._stacks.get(module)
+                if stack is None:
+                    stack = self._stacks[module] = _ModuleSum(
+                        "stack", self._shapes[module], self._bands(), True
+                    )
+                stack.add(a, bh, weights.to(self._work), who)
         for name in sorted(self._dense_shapes or {}):
             value = update.dense[name].detach().to("cpu", self._work)
             total = self._extras.get(name)
@@ -210,6 +218,22 @@ class RoundSum:
             out[module] = target.result(width, den)
         return out
 
+    def stack_sums(self, width: int | None = None) -> dict[str, ModuleDelta]:
+        """A residual method's weighted sum of the clients' updates per module,
+        ``sum_k Bh_k diag(gamma_k) A_k`` (divided by the denominators when normalising), as a
+        stack ``(A_s, B_s)`` or dense; zeros where nobody took part. ``width``: as :meth:`held`."""
+        if width is None:
+            width = self._widest if self.normalise else self._ranks[-1]
+        den = self._den[:width] if self.normalise else None
+        out: dict[str, ModuleDelta] = {}
+        for module in sorted(self._shapes or {}):
+            stack = self._stacks.get(module)
+            if stack is None:
+                out[module] = torch.zeros(self._shapes[module], dtype=self._work)
+            else:
+                out[module] = stack.result(width, den)
+        return out
+
     def dense_extras(self) -> dict[str, Tensor]:
         """Each dense extra's weighted sum (divided by the examples when normalising)."""
         shapes = self._dense_shapes or {}
@@ -227,9 +251,13 @@ class RoundSum:
         """The round's :class:`GlobalUpdate` (normalising: ValueError if nothing was added)."""
         if self.normalise and self.count == 0:
             raise ValueError("no client updates to aggregate (empty list); pass at least one")
+        held = self.held()
+        residual = None
+        if self.method.residual:
+            residual = {m: residual_of(t, *held[m]) for m, t in self.stack_sums().items()}
         return GlobalUpdate(
-            self.method.name, self.reduction, self.held(), self.out_dtype, self.dense_extras(),
-            svd_energy=self.svd_energy,
+            self.method.name, self.reduction, held, self.out_dtype, self.dense_extras(),
+            svd_energy=self.svd_energy, residual=residual,
         )  # fmt: skip
 
     @property
@@ -259,7 +287,7 @@ class RoundSum:
         work = torch.float64 if self._dtype == torch.float64 else torch.float32
         if work != self._work:
             self._work = work
-            for target in self._modules.values():
+            for target in [*self._modules.values(), *self._stacks.values()]:
                 target.to(work)
             self._extras = {n: t.to(work) for n, t in self._extras.items()}
 
@@ -293,6 +321,19 @@ class RoundSum:
     def _dense_allowed(self) -> bool:
         """A stack may become dense sums unless its order matters (FLoRA's truncate)."""
         return not (self.method.form == "stack" and self.reduction == "truncate")
+
+
+def residual_of(total: ModuleDelta, a_g: Tensor, b_g: Tensor) -> ModuleDelta:
+    """``total - b_g @ a_g`` (``total``: a stack ``(A_s, B_s)`` or a dense ``(d_out, d_in)``;
+    ``a_g: (R, d_in)``, ``b_g: (d_out, R)``): the residual a FedEx-style method folds into the
+    base. Exact as the stack ``([A_s; a_g], [B_s, -b_g])`` while no wider than the matrix,
+    dense beyond. New tensors."""
+    if isinstance(total, Tensor):
+        return total - b_g.to(total) @ a_g.to(total)
+    a_s, b_s = total
+    if a_s.shape[0] + a_g.shape[0] > min(b_s.shape[0], a_s.shape[1]):
+        return b_s @ a_s - b_g.to(b_s) @ a_g.to(a_s)
+    return torch.cat([a_s, a_g.to(a_s)]), torch.cat([b_s, -b_g.to(b_s)], dim=1)
 
 
 class _ModuleSum:

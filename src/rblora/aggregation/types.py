@@ -339,6 +339,12 @@ class Method:
     reduction_note: str = ""
     """Why the redistributions left out of :attr:`reductions` are not defined for this method
     (said when one is asked for)."""
+    residual: bool = False
+    """True if the method also folds its residual into the frozen base weights (FedEx-LoRA):
+    the weighted sum of the clients' updates, ``sum_k Bh_k diag(gamma_k) A_k`` (the ``stack``
+    form of the same weights), minus the product of the global factors ``B_g @ A_g``, so that
+    the global model is the exact weighted sum while clients start from the factors (``padded``
+    form only; :attr:`.global_update.GlobalUpdate.folds_residual`)."""
 
     def combine(
         self, As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]

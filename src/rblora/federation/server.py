@@ -12,7 +12,10 @@ What the global model is after round t (the delta from the ORIGINAL base weights
   every one a prefix of one :class:`~rblora.aggregation.starts.StartBasis` as wide as the largest
   rank, which is all the server keeps of them (:meth:`FederatedServer.deliver` cuts each start);
 - ``merge`` (FLoRA): ``W0 + D_t`` with ``D_t = dW_1 + ... + dW_t`` (:class:`UpdateSum`, whose size
-  is bounded by one dense matrix per module); clients start from a fresh LoRA on that base.
+  is bounded by one dense matrix per module); clients start from a fresh LoRA on that base;
+- a method that folds a residual (FedEx-LoRA): ``W0 + D_t + B_t @ A_t`` with ``D_t`` the sum of
+  the rounds' residuals (the same :class:`UpdateSum`, sent to clients as the merged total is)
+  and ``(A_t, B_t)`` the factors every client starts from a prefix of.
 
 Dense extra parameters (a classification head) are replaced by their example-weighted mean every
 round, whatever the redistribution, and every client starts from that mean.
@@ -77,6 +80,12 @@ class GlobalModel:
     delta: dict[str, ModuleDelta]
     merged: bool
     dense: dict[str, torch.Tensor]
+
+
+def _width(delta: ModuleDelta) -> int:
+    """Components of a factored delta, ``min(d_out, d_in)`` of a dense one (what a client that
+    has not received it downloads, at most: see :meth:`FederatedServer.deliver`)."""
+    return min(delta_shape(delta)) if torch.is_tensor(delta) else int(delta[0].shape[0])
 
 
 def derive_seed(seed: int, *parts: int) -> int:
@@ -320,6 +329,13 @@ class FederatedServer:
             self.base_total.add(update)
             self._merge_widths.append(max(global_update.rank(m) for m in update))
             model = GlobalModel(self.base_total.as_dict(), merged=True, dense=dict(self.dense))
+        elif global_update.folds_residual:  # FedEx-LoRA: the residual into the base, the
+            residual = {m: global_update.residual(m) for m in update}  # factors to clients
+            self.base_total.add(residual)
+            self._merge_widths.append(max(_width(d) for d in residual.values()))
+            whole = UpdateSum.from_dict(self.base_total.as_dict())
+            whole.add(update)  # the global model: the base's total and the factors' product
+            model = GlobalModel(whole.as_dict(), merged=True, dense=dict(self.dense))
         else:
             self._merge_widths.append(0)
             model = GlobalModel(update, merged=False, dense=dict(self.dense))
