@@ -66,11 +66,11 @@ DENSE = "dense (official)"
 
 def make_clients(cfg: BenchConfig, method: str | None = None) -> list[ClientUpdate]:
     """Random factors: ``A ~ N(0, 1/d_in)``, ``B ~ N(0, 0.01^2)``, from ``cfg.seed``. For a
-    method whose client protocol freezes A (FFA-LoRA), every client's A is the first r rows
-    of one shared draw per module, as in a run."""
+    method whose client protocol fixes A in round 1 (FFA-LoRA, RoLoRA), every client's A is
+    the first r rows of one shared draw per module, as in a run."""
     gen = torch.Generator().manual_seed(cfg.seed)
     shared = None
-    if method is not None and method != DENSE and "A" in get_method(method).protocol.frozen:
+    if method is not None and method != DENSE and "A" in get_method(method).protocol.at(1).fixed:
         shared = {m: torch.randn(max(cfg.ranks), d_in, generator=gen) / d_in**0.5
                   for m, (_, d_in) in cfg.shapes.items()}  # fmt: skip
     clients = []

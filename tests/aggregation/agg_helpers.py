@@ -22,14 +22,15 @@ def make_clients(
     method=None,
 ):
     """One ClientUpdate per rank: A ~ N(0, 1/d_in), B ~ N(0, 1) so every update is generic.
-    ``method``: if its client protocol freezes A, every client's A is the first r_k rows of one
-    shared draw per module (as a run gives them); else each client draws its own."""
+    ``method``: if its client protocol fixes A in round 1 (FFA-LoRA, RoLoRA), every client's A
+    is the first r_k rows of one shared draw per module (as a run gives them); else each client
+    draws its own."""
     from rblora.aggregation import get_method
 
     gen = torch.Generator().manual_seed(seed)
     shapes = SHAPES if shapes is None else shapes
     shared = None
-    if method is not None and "A" in get_method(method).protocol.frozen:
+    if method is not None and "A" in get_method(method).protocol.at(1).fixed:
         shared = {
             m: torch.randn(max(ranks), d_in, generator=gen, dtype=dtype) / d_in**0.5
             for m, (_, d_in) in shapes.items()

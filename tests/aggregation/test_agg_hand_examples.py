@@ -220,6 +220,85 @@ def test_ffa_lora_refuses_clients_without_a_shared_a_and_any_other_redistributio
             aggregate("ffa_lora", ffa_clients(), reduction=reduction)
 
 
+def test_rolora_round_1_holds_a_and_averages_b_as_ffa_lora_does_by_hand():
+    """An odd RoLoRA round holds A (round 1: the shared initialisation, here the clients' own
+    common prefix) and averages B per component over its holders: FFA-LoRA's numbers."""
+    g = aggregate("RoLoRA", ffa_clients())
+    a_g, b_g = g.factors(M)
+    torch.testing.assert_close(a_g, t([[1.0, 2.0], [0.0, 1.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(b_g, t([[1.25, 2.0], [2.25, 4.0], [4.75, 6.0]]))
+    assert aggregate("RoLoRA", ffa_clients(), round_=3).factors(M)[1].equal(b_g)
+
+
+def rolora_even_clients(b1=None):
+    """An even RoLoRA round: the clients hold the global Bh = [[1, 2], [3, 4], [5, 6]] (client
+    1, rank 1, s = 2: B1 = Bh[:, :1] / 2 = [[.5], [1.5], [2.5]]; client 2, rank 2, s = 1:
+    B2 = Bh) and trained A1 = [[1, 0]] (n = 1), A2 = [[3, 4], [1, 2]] (n = 3)."""
+    b1 = t([[0.5], [1.5], [2.5]]) if b1 is None else b1
+    return [
+        ClientUpdate(1, 2.0, {M: (t([[1.0, 0.0]]), b1)}),
+        ClientUpdate(3, 2.0, {M: (t([[3.0, 4.0], [1.0, 2.0]]), t([[1.0, 2.0], [3.0, 4.0],
+                                                                  [5.0, 6.0]]))}),
+    ]  # fmt: skip
+
+
+def test_rolora_round_2_holds_b_and_averages_a_per_component_by_hand():
+    """Row 0 of A is held by both: 1/4 [1, 0] + 3/4 [3, 4] = [2.5, 3]; row 1 by client 2
+    alone: [1, 2]. Bh is held: dW = [[1, 2], [3, 4], [5, 6]] @ [[2.5, 3], [1, 2]] =
+    [[4.5, 7], [11.5, 17], [18.5, 27]]. A client of rank 1 (s = 2) gets A = [[2.5, 3]] and
+    B = [[1], [3], [5]] / 2."""
+    g = aggregate("RoLoRA", rolora_even_clients(), round_=2)
+    a_g, b_g = g.factors(M)
+    torch.testing.assert_close(a_g, t([[2.5, 3.0], [1.0, 2.0]]))
+    torch.testing.assert_close(b_g, t([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(g.delta(M), t([[4.5, 7.0], [11.5, 17.0], [18.5, 27.0]]))
+    a, b = g.for_client(1, 2.0)[M]
+    torch.testing.assert_close(a, t([[2.5, 3.0]]))
+    torch.testing.assert_close(b, t([[0.5], [1.5], [2.5]]))
+
+
+def test_rolora_holds_the_servers_b_never_a_clients_copy():
+    """With the server's global factors given (its start basis), a client's held B is not
+    read: a forged one changes nothing; without them, a client whose B is not the shared
+    prefix is refused, named."""
+    from rblora.aggregation.starts import StartBasis
+
+    basis = StartBasis(2, {M: (torch.eye(2), t([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))},
+                       torch.float32)  # fmt: skip
+    forged = rolora_even_clients(b1=t([[9.0], [9.0], [9.0]]))
+    g = aggregate("RoLoRA", forged, round_=2, held=basis)
+    torch.testing.assert_close(g.delta(M), t([[4.5, 7.0], [11.5, 17.0], [18.5, 27.0]]))
+    with pytest.raises(ValueError, match=r"^client 1, module .layer.q.: its held B is not"):
+        aggregate("RoLoRA", forged, round_=2)
+    for reduction in ("svd", "merge"):
+        with pytest.raises(ValueError, match="its rounds hold one factor at the last global"):
+            aggregate("rolora", ffa_clients(), reduction=reduction)
+
+
+def test_fedex_lora_averages_the_factors_and_folds_the_residual_by_hand():
+    """FedEx-LoRA: the factors are Weighted HETLoRA's, Bbar = [[1.25, 1.5], [2.25, 3],
+    [4.75, 4.5]], Abar = [[1, .5], [0, .75]], Bbar Abar = [[1.25, 1.75], [2.25, 3.375],
+    [4.75, 5.75]]; the exact mean is FLoRA's dW1/4 + 3 dW2/4 = [[1.25, 2.5], [2.25, 3],
+    [4.75, 6.5]], so the residual folded into the base is [[0, .75], [0, -.375], [0, .75]]. A
+    client of rank 1 (s = 2) starts from A = [[1, .5]], B = [1.25, 2.25, 4.75] / 2."""
+    g = aggregate("FedEx-LoRA", two_clients())
+    assert g.folds_residual
+    a_g, b_g = g.factors(M)
+    torch.testing.assert_close(a_g, t([[1.0, 0.5], [0.0, 0.75]]))
+    torch.testing.assert_close(b_g, t([[1.25, 1.5], [2.25, 3.0], [4.75, 4.5]]))
+    residual = g.residual(M)
+    residual = residual if torch.is_tensor(residual) else residual[1] @ residual[0]
+    torch.testing.assert_close(residual, t([[0.0, 0.75], [0.0, -0.375], [0.0, 0.75]]))
+    torch.testing.assert_close(g.delta(M), t([[1.25, 2.5], [2.25, 3.0], [4.75, 6.5]]))
+    a, b = g.for_client(1, 2.0)[M]
+    torch.testing.assert_close(a, t([[1.0, 0.5]]))
+    torch.testing.assert_close(b, t([[0.625], [1.125], [2.375]]))
+    for reduction in ("svd", "merge"):
+        with pytest.raises(ValueError, match="its residual is computed against the averaged"):
+            aggregate("fedex", two_clients(), reduction=reduction)
+    assert not aggregate("Weighted HETLoRA", two_clients()).folds_residual
+
+
 def threshold_clients():
     """Two clients whose updates are orthogonal: client 1 (rank 1, alpha 1, n = 1) gives
     dW1 = 3 e1 e1^T, client 2 (rank 2, alpha 2, n = 1) dW2 = 2 e2 e2^T + e3 e3^T. FlexLoRA's

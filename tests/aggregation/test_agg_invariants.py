@@ -34,6 +34,8 @@ def test_all_methods_registered_with_defaults():
         "FlexLoRA",
         "FedIT",
         "FFA-LoRA",
+        "RoLoRA",
+        "FedEx-LoRA",
     ]
     defaults = {m: supported_reductions(m)[0] for m in available_methods()}
     assert defaults == {
@@ -45,6 +47,8 @@ def test_all_methods_registered_with_defaults():
         "FlexLoRA": "svd",
         "FedIT": "truncate",
         "FFA-LoRA": "truncate",
+        "RoLoRA": "truncate",
+        "FedEx-LoRA": "truncate",
     }
 
 
@@ -54,6 +58,8 @@ def test_aliases(alias):
     assert get_method("uniform_hetlora").name == "Uniform HETLoRA"
     assert get_method("flora").name == "FLoRA"
     assert get_method("rb_lora_factor").name == "RB-LoRA (factor)"
+    assert get_method("ro_lora").name == get_method("Ro-LoRA").name == "RoLoRA"
+    assert get_method("fedex").name == get_method("fedex_lora").name == "FedEx-LoRA"
 
 
 @pytest.mark.parametrize(("method", "reduction"), COMBOS)
@@ -118,11 +124,12 @@ def test_for_client_gives_exactly_the_asked_rank(method, reduction, rank):
         d_out, d_in = SHAPES[m]
         assert a.shape == (rank, d_in) and b.shape == (d_out, rank)
         assert torch.linalg.matrix_rank(a) == rank  # every component is trainable
-        expected = min(rank, torch.linalg.matrix_rank(g.delta(m)).item())
+        a_g, b_g = g.factors(m)  # what is redistributed: the update, but a residual (FedEx)
+        expected = min(rank, torch.linalg.matrix_rank(b_g @ a_g).item())
         assert torch.linalg.matrix_rank(b @ a) == expected
         if rank >= g.rank(m):  # everything fits: the delta is the global update itself
             torch.testing.assert_close(
-                peft_delta((a, b), rank, 16.0), g.delta(m), rtol=1e-9, atol=1e-12
+                peft_delta((a, b), rank, 16.0), b_g @ a_g, rtol=1e-9, atol=1e-12
             )
 
 
@@ -174,7 +181,12 @@ def test_global_update_object(method, reduction):
         a, b = g.factors(m)
         assert a.dtype == b.dtype == g.delta(m).dtype == torch.float32
         assert a.shape[0] == b.shape[1] == g.rank(m)
-        torch.testing.assert_close(b @ a, g.delta(m))
+        if g.folds_residual:  # FedEx-LoRA: the update is the factors' product and the residual
+            r = g.residual(m)
+            torch.testing.assert_close(b @ a + (r if torch.is_tensor(r) else r[1] @ r[0]),
+                                       g.delta(m))  # fmt: skip
+        else:
+            torch.testing.assert_close(b @ a, g.delta(m))
         stacked = method in ("RB-LoRA", "FLoRA", "FlexLoRA")
         assert g.rank(m) == (7 if stacked else 4)
     if reduction != "merge":

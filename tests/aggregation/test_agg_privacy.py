@@ -406,7 +406,7 @@ def test_ffa_lora_one_client_moves_the_released_b_by_at_most_c():
         for u in population(ranks, sizes, method="FFA-LoRA")
     ]  # fmt: skip
     dp = dp_of(ranks, sizes, clip=0.3, q=0.75)
-    run = {"frozen": init, "noise": noise(0)}
+    run = {"held": init, "noise": noise(0)}
     with_, _ = private_aggregate("FFA-LoRA", clients[:3], dp, **run)
     without, _ = private_aggregate("FFA-LoRA", clients[:2], dp, **run)
     alone, _ = private_aggregate("FFA-LoRA", clients[2:3], dp, **run)
@@ -420,3 +420,114 @@ def test_ffa_lora_one_client_moves_the_released_b_by_at_most_c():
         diff.append(b1 - b2)
     moved = math.sqrt(sum(float(d.square().sum()) for d in diff))
     assert 0 < moved <= 0.3 * (1 + 1e-9)
+
+
+def _rolora_basis(width, shapes, seed=5):
+    """The server's global factors (a start basis) an even RoLoRA round holds B from."""
+    from rblora.aggregation.starts import StartBasis
+
+    gen = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(width, d_in, generator=gen, dtype=torch.float64),
+                   torch.randn(d_out, width, generator=gen, dtype=torch.float64))
+               for m, (d_out, d_in) in shapes.items()}  # fmt: skip
+    return StartBasis(width, factors, torch.float64)
+
+
+def test_rolora_even_round_term_is_its_a_alone_and_only_a_is_noised():
+    # population ranks (1, 1), sizes (1, 3), q = 1: client 1's weight is 3/4. B is held at the
+    # server's global Bh = [[0], [4]] (public, not released; the client's own copy is not
+    # read): the term is 3/4 A = [[3, 0]], norm 3. Clipped to 1.5: A_g = [[1.5, 0]].
+    from rblora.aggregation.starts import StartBasis
+
+    basis = StartBasis(1, {"m": (torch.zeros(1, 2, dtype=torch.float64),
+                                 torch.tensor([[0.0], [4.0]], dtype=torch.float64))},
+                       torch.float64)  # fmt: skip
+    u = _update(1, [[4.0, 0.0]], [[7.0], [7.0]], 3, 1.0)
+    run = {"held": basis, "round_": 2}
+    g, report = private_aggregate("RoLoRA", [u], dp_of([1, 1], [1, 3], clip=1.5), noise=noise(0),
+                                  **run)  # fmt: skip
+    assert report.norms == (pytest.approx(3.0),)
+    a, b = g.factors("m")
+    torch.testing.assert_close(a, torch.tensor([[1.5, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(b, torch.tensor([[0.0], [4.0]], dtype=torch.float64), rtol=0,
+                               atol=0)  # fmt: skip
+    noisy, _ = private_aggregate("RoLoRA", [u], dp_of([1, 1], [1, 3], clip=1.5, z=2.0),
+                                 noise=noise(0), **run)  # fmt: skip
+    a_noisy, b_noisy = noisy.factors("m")
+    assert torch.equal(b_noisy, b) and not torch.allclose(a_noisy, a)
+    # an odd round releases B alone: A (here the client's shared prefix) is not noised
+    odd, _ = private_aggregate("RoLoRA", [u], dp_of([1, 1], [1, 3], clip=1.5, z=2.0),
+                               noise=noise(0))  # fmt: skip
+    assert torch.equal(odd.factors("m")[0], torch.tensor([[4.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_rolora_one_client_moves_the_released_factor_by_at_most_c(round_):
+    """Odd rounds release B (A held), even rounds A (B held at the server's global factors):
+    adding or removing one client moves the released factor by at most C, and the held one not
+    at all."""
+    from agg_helpers import SHAPES
+
+    from rblora.aggregation.frozen import FrozenInit
+
+    ranks, sizes = [2, 3, 5, 5], [10, 20, 30, 40]
+    clients = population(ranks, sizes, method="RoLoRA")  # A: prefixes of one matrix per module
+    basis = _rolora_basis(5, SHAPES)
+    dp = dp_of(ranks, sizes, clip=0.3, q=0.75)
+    # round 1 holds A at the run's seeded initialisation, round 2 B at the server's global Bh
+    held = basis if round_ == 2 else FrozenInit(7)
+    run = {"noise": noise(0), "round_": round_, "held": held}
+    with_, _ = private_aggregate("RoLoRA", clients[:3], dp, **run)
+    without, _ = private_aggregate("RoLoRA", clients[:2], dp, **run)
+    alone, _ = private_aggregate("RoLoRA", clients[2:3], dp, **run)
+    trained = 1 if round_ == 1 else 0  # index of the released factor in (A, B)
+    diff = []
+    for m in with_.modules:
+        x, y, z = with_.factors(m), without.factors(m), alone.factors(m)
+        held_at = 1 - trained
+        assert torch.equal(x[held_at], y[held_at]) and torch.equal(x[held_at], z[held_at])
+        d_in = SHAPES[m][1]
+        expected = basis.factors[m][1] if round_ == 2 else FrozenInit(7).rows(m, 5, d_in)
+        assert torch.equal(x[held_at], expected.double())  # at the population's width
+        torch.testing.assert_close(x[trained] - y[trained], z[trained], rtol=1e-9, atol=1e-12)
+        diff.append(x[trained] - y[trained])
+    moved = math.sqrt(sum(float(d.square().sum()) for d in diff))
+    assert 0 < moved <= 0.3 * (1 + 1e-9)
+
+
+def test_fedex_lora_term_counts_both_factors_and_the_update():
+    # population ranks (1, 1), sizes (1, 3), q = 1: client 1's weight is 3/4. A = [[1, 0]],
+    # B = [[0], [4]], s = 1: the factor terms 3/4 A (norm .75), 3/4 B (norm 3) and the update
+    # term 3/4 B A (norm 3) are released together: norm sqrt(.5625 + 9 + 9).
+    u = _update(1, [[1.0, 0.0]], [[0.0], [4.0]], 3, 1.0)
+    g, report = private_aggregate("FedEx-LoRA", [u], dp_of([1, 1], [1, 3]), noise=noise(0))
+    assert report.norms == (pytest.approx(math.sqrt(18.5625)),)
+    # unclipped, noiseless: the released sum is 3/4 B A, the factors 3/4 A and 3/4 B
+    torch.testing.assert_close(g.delta("m"), 0.75 * torch.tensor([[0.0, 0.0], [4.0, 0.0]],
+                                                                 dtype=torch.float64))  # fmt: skip
+    assert g.folds_residual
+
+
+def test_fedex_lora_one_client_moves_the_release_by_at_most_c():
+    """The release is the two averaged factors and the dense sum of the updates (the residual
+    is computed from them): one client moves the three together by at most C."""
+    ranks, sizes = [2, 3, 5, 5], [10, 20, 30, 40]
+    clients = population(ranks, sizes)
+    dp = dp_of(ranks, sizes, clip=0.3, q=0.75)
+    with_, _ = private_aggregate("FedEx-LoRA", clients[:3], dp, noise=noise(0))
+    without, _ = private_aggregate("FedEx-LoRA", clients[:2], dp, noise=noise(0))
+    alone, _ = private_aggregate("FedEx-LoRA", clients[2:3], dp, noise=noise(0))
+    diff = []
+    for m in with_.modules:
+        x = (*with_.factors(m), with_.delta(m))  # delta: the released sum of the updates
+        y = (*without.factors(m), without.delta(m))
+        z = (*alone.factors(m), alone.delta(m))
+        for p, q, r in zip(x, y, z, strict=True):
+            torch.testing.assert_close(p - q, r, rtol=1e-9, atol=1e-12)
+            diff.append(p - q)
+    moved = math.sqrt(sum(float(d.square().sum()) for d in diff))
+    assert 0 < moved <= 0.3 * (1 + 1e-9)
+    # with noise the residual is dense: the base total of a private FedEx-LoRA run is dense
+    noised = dataclasses.replace(dp, noise_multiplier=1.0)
+    noisy, _ = private_aggregate("FedEx-LoRA", clients[:3], noised, noise=noise(0))
+    assert all(torch.is_tensor(noisy.residual(m)) for m in noisy.modules)

@@ -32,7 +32,9 @@ def _reference(method, clients):
     out = {}
     for m in clients[0].factors:
         pairs = [u.scaled_factors(m, torch.float64) for u in clients]
-        a, b = assemble(spec.form, [p[0] for p in pairs], [p[1] for p in pairs], gamma)
+        # a residual method's whole update (factors and residual) is the weighted stack's
+        form = "stack" if spec.residual else spec.form
+        a, b = assemble(form, [p[0] for p in pairs], [p[1] for p in pairs], gamma)
         out[m] = b @ a
     return out, average_dense(clients)
 

@@ -365,21 +365,29 @@ def test_evaluate_refuses_an_adapter_of_another_model(workspace, tmp_path, capsy
 
 
 def test_compare_runs_a_method_with_its_own_client_protocol(workspace, tmp_path):
-    """FFA-LoRA (A frozen, B alone sent) is a cell like any other, and its clients send fewer
-    bytes than RB-LoRA's (B alone: d_out r values a module instead of (d_in + d_out) r)."""
+    """FFA-LoRA (A frozen, B alone sent), RoLoRA (B then A, one factor sent a round) and
+    FedEx-LoRA (a residual folded into the base) are cells like any other; the first two's
+    clients send fewer bytes than RB-LoRA's (one factor: d_out r or d_in r values a module
+    instead of (d_in + d_out) r)."""
     root = tmp_path / "cmp"
-    argv = ["compare", "--methods", "RB-LoRA,FFA-LoRA", "--seeds", "1"]
+    argv = ["compare", "--methods", "RB-LoRA,FFA-LoRA,RoLoRA,FedEx-LoRA", "--seeds", "1"]
     argv += ["--rank_settings", "heterogeneous", "--output_dir", str(root), "--"]
     assert rblora([*argv, *_base(workspace, tmp_path)]) == 0
     index = json.loads((root / "compare.json").read_text())
-    assert len(index["cells"]) == 2
-    up = {}
+    assert len(index["cells"]) == 4
+    up, down = {}, {}
     for cell in index["cells"]:
         lines = metrics(root / cell["path"] / "3")
         method = {r["method"] for r in lines if r["type"] == "round" and r["round"] > 0}
-        up[method.pop()] = sum(r["bytes_up"] for r in lines if r["type"] == "client")
-    assert 0 < up["FFA-LoRA"] < up["RB-LoRA"]
-    assert "| heterogeneous | FFA-LoRA | 1 |" in (root / "comparison.md").read_text()
+        method = method.pop()
+        up[method] = sum(r["bytes_up"] for r in lines if r["type"] == "client")
+        down[method] = sum(r["bytes_down"] for r in lines if r["type"] == "client")
+    assert 0 < up["FFA-LoRA"] < up["RB-LoRA"] and 0 < up["RoLoRA"] < up["RB-LoRA"]
+    # FedEx-LoRA sends the factors up as RB-LoRA does, and its dense residual down besides
+    assert up["FedEx-LoRA"] == up["RB-LoRA"] and down["FedEx-LoRA"] > down["RB-LoRA"]
+    table = (root / "comparison.md").read_text()
+    for method in ("FFA-LoRA", "RoLoRA", "FedEx-LoRA"):
+        assert f"| heterogeneous | {method} | 1 |" in table
 
 
 def test_compare_runs_the_stack_methods_with_the_threshold_redistribution(workspace, tmp_path):

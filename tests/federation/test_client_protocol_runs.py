@@ -1,7 +1,10 @@
 """A method's client protocol in a whole run (in-process engine): FFA-LoRA's clients keep A
-frozen at the run's shared initialisation and send B alone."""
+frozen at the run's shared initialisation and send B alone; RoLoRA's alternate; FedEx-LoRA
+folds its residual into the base."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 from run_helpers import adapter_tensors, killed_in_round_2, lm_argv, metrics
@@ -53,6 +56,153 @@ def test_a_ffa_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
     assert cli.main(lm_argv(workspace, full, "--method", "FFA-LoRA")) == 0
     assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", "FFA-LoRA")) == 130
     assert cli.main(lm_argv(workspace, cut, "--method", "FFA-LoRA", "--resume")) == 0
+    for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
+        x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
+
+
+def _alpha(folder) -> float:
+    return float(json.loads((folder / "adapter_config.json").read_text())["lora_alpha"])
+
+
+def _component_mean(factors, sizes, take):
+    """Per module, the per-component mean over holders (RoLoRA's rule) of each client's
+    ``take(a, b, k)`` (components as rows), weights the clients' example counts."""
+    out = {}
+    for module in factors[0]:
+        rows = [take(*factors[k][module], k) for k in range(len(factors))]
+        width = max(len(r) for r in rows)
+        num = torch.zeros(width, rows[0].shape[1], dtype=torch.float64)
+        den = torch.zeros(width, dtype=torch.float64)
+        for k, r in enumerate(rows):
+            num[: len(r)] += sizes[k] * r.double()
+            den[: len(r)] += sizes[k]
+        out[module] = num / den[:, None]
+    return out
+
+
+def test_rolora_trains_b_then_a_and_its_global_model_is_the_hand_rule(workspace, tmp_path):
+    """Round 1 trains B with A at the seeded initialisation, round 2 A with B held at round 1's
+    global B: each client's held factor is bitwise what it started from, what travels up is the
+    trained factor alone, and the exported global updates are the per-component means of the
+    clients' trained factors times the held one."""
+    assert cli.main(lm_argv(workspace, tmp_path, "--method", "RoLoRA")) == 0
+    run = tmp_path / "3"
+    init = FrozenInit(SEED)
+    records = {(r["round"], r["client"]): r for r in metrics(run) if r["type"] == "client"}
+    ranks = (2, 4, 8)
+    sizes = [records[1, k]["num_examples"] for k in range(3)]
+    clients = {t: [run / f"round_{t}" / f"client_{k}" for k in range(3)] for t in (1, 2)}
+    trained = {t: [_factors(f) for f in clients[t]] for t in (1, 2)}
+    scales = [_alpha(clients[1][k]) / r for k, r in enumerate(ranks)]
+    # round 1: B averaged per component (Bh = s B, columns as rows), A the seeded one
+    b_bar = _component_mean(trained[1], sizes, lambda a, b, k: (scales[k] * b.double()).T)
+    for k, rank in enumerate(ranks):
+        for module, (a, b) in trained[1][k].items():
+            assert torch.equal(a, init.rows(module, rank, a.shape[1]))
+            assert float(b.abs().max()) > 0
+        for module, (a, b) in trained[2][k].items():  # round 2: B held at round 1's global B
+            held = (b_bar[module][:rank].T / scales[k]).float()
+            torch.testing.assert_close(b, held, rtol=1e-5, atol=1e-7)
+            assert not torch.equal(a, init.rows(module, rank, a.shape[1]))  # A trained
+        a_bytes = sum(a.numel() * 4 for a, _ in trained[1][k].values())
+        b_bytes = sum(b.numel() * 4 for _, b in trained[1][k].values())
+        assert (records[1, k]["bytes_up"], records[1, k]["bytes_down"]) == (b_bytes, 0)
+        assert (records[2, k]["bytes_up"], records[2, k]["bytes_down"]) == (a_bytes, a_bytes
+                                                                             + b_bytes)  # fmt: skip
+    a_bar = _component_mean(trained[2], sizes, lambda a, b, k: a)
+    for t, expected in (
+        (1, {m: b_bar[m].T @ init.rows(m, 8, a.shape[1]).double()
+             for m, (a, _) in trained[1][2].items()}),
+        (2, {m: b_bar[m].T @ a_bar[m] for m in a_bar}),
+    ):  # fmt: skip
+        exported = _factors(run / f"round_{t}" / "global")  # scale 1: the delta is B @ A
+        for m, want in expected.items():
+            a, b = exported[m]
+            torch.testing.assert_close((b @ a).double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_rolora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
+    workspace, tmp_path, monkeypatch
+):
+    """Round 2 holds B at round 1's global factors: after a resume they come from the
+    checkpointed start basis, so the resumed run is the uninterrupted one to the bit."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli.main(lm_argv(workspace, full, "--method", "RoLoRA")) == 0
+    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", "RoLoRA")) == 130
+    assert cli.main(lm_argv(workspace, cut, "--method", "RoLoRA", "--resume")) == 0
+    for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
+        x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
+
+
+def _weighted_update(factors, scales, sizes, padded):
+    """Per module ``sum_k p_k Bh_k A_k`` (FedEx-LoRA's exact mean) or, ``padded``, the product
+    of the zero-padded weighted factors ``Bbar @ Abar`` (float64)."""
+    p = [n / sum(sizes) for n in sizes]
+    out = {}
+    for module in factors[0]:
+        pairs = [(a.double(), scales[k] * b.double()) for k, f in enumerate(factors)
+                 for a, b in [f[module]]]  # fmt: skip
+        if not padded:
+            out[module] = sum(w * bh @ a for w, (a, bh) in zip(p, pairs, strict=True))
+            continue
+        width = max(a.shape[0] for a, _ in pairs)
+        a_bar = torch.zeros(width, pairs[0][0].shape[1], dtype=torch.float64)
+        b_bar = torch.zeros(pairs[0][1].shape[0], width, dtype=torch.float64)
+        for w, (a, bh) in zip(p, pairs, strict=True):
+            a_bar[: len(a)] += w * a
+            b_bar[:, : len(a)] += w * bh
+        out[module] = b_bar @ a_bar
+    return out
+
+
+def test_fedex_lora_global_model_is_the_exact_mean_and_its_residual_travels(workspace, tmp_path):
+    """Round 1's global model is exactly sum_k p_k dW_k; round 2's is the base's residual
+    (round 1's exact mean minus the product of its averaged factors) plus round 2's exact
+    mean, as exported (a PEFT folder on the original base); a round-2 client downloads the
+    factors and the residual, counted as FLoRA's merged total is."""
+    assert cli.main(lm_argv(workspace, tmp_path, "--method", "FedEx-LoRA")) == 0
+    run = tmp_path / "3"
+    records = {(r["round"], r["client"]): r for r in metrics(run) if r["type"] == "client"}
+    ranks = (2, 4, 8)
+    sizes = [records[1, k]["num_examples"] for k in range(3)]
+    folders = {t: [run / f"round_{t}" / f"client_{k}" for k in range(3)] for t in (1, 2)}
+    trained = {t: [_factors(f) for f in folders[t]] for t in (1, 2)}
+    scales = [_alpha(folders[1][k]) / r for k, r in enumerate(ranks)]
+    exact = {t: _weighted_update(trained[t], scales, sizes, padded=False) for t in (1, 2)}
+    product_1 = _weighted_update(trained[1], scales, sizes, padded=True)
+    expected = {1: exact[1], 2: {m: exact[1][m] - product_1[m] + exact[2][m] for m in exact[2]}}
+    for t in (1, 2):
+        exported = _factors(run / f"round_{t}" / "global")  # scale 1: the delta is B @ A
+        assert exported.keys() == expected[t].keys()
+        for m, want in expected[t].items():
+            a, b = exported[m]
+            scale = float(want.norm())
+            torch.testing.assert_close((b @ a).double() / scale, want / scale, rtol=0,
+                                       atol=1e-5)  # fmt: skip
+            assert float((exact[1][m] - product_1[m]).norm()) > 1e-4 * scale  # a real residual
+    # round 2's download: the rank-r factors, and the residual at most as a dense matrix
+    shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b) in trained[1][2].items()}
+    width = max(min(sum(ranks) + max(ranks), *shape) for shape in shapes.values())
+    residual = sum(min(width * (d_out + d_in), d_out * d_in) * 4 for d_out, d_in in shapes.values())
+    for k, rank in enumerate(ranks):
+        factors = sum((d_out + d_in) * rank * 4 for d_out, d_in in shapes.values())
+        assert records[1, k]["bytes_down"] == 0
+        assert records[2, k]["bytes_down"] == factors + residual
+        assert records[2, k]["bytes_up"] == factors
+
+
+def test_a_fedex_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
+    workspace, tmp_path, monkeypatch
+):
+    """The residual folded into the base is the checkpointed running total: a resumed run is
+    the uninterrupted one to the bit."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    argv = ("--method", "FedEx-LoRA")
+    assert cli.main(lm_argv(workspace, full, *argv)) == 0
+    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, *argv)) == 130
+    assert cli.main(lm_argv(workspace, cut, *argv, "--resume")) == 0
     for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
         x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub

@@ -140,7 +140,14 @@ def private_metrics(run):
 
 
 @pytest.mark.parametrize(
-    "method, reduction", [("RB-LoRA", "svd"), ("FLoRA", "merge"), ("Uniform HETLoRA", "truncate")]
+    "method, reduction",
+    [
+        ("RB-LoRA", "svd"),
+        ("FLoRA", "merge"),
+        ("Uniform HETLoRA", "truncate"),
+        ("RoLoRA", "truncate"),  # a held factor, one released a round
+        ("FedEx-LoRA", "truncate"),  # a dense residual folded into the base
+    ],
 )
 def test_dp_run_records_epsilon_and_its_global_folders_load_with_peft(
     workspace, tmp_path, monkeypatch, method, reduction

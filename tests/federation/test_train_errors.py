@@ -43,6 +43,14 @@ from rblora.federation import cli
             ["--method", "FFA-LoRA", "--reduction_method", "svd"],
             "(its A stays frozen at the shared initialisation; svd or merge would replace it)",
         ),
+        (
+            ["--method", "RoLoRA", "--reduction_method", "merge"],
+            "(its rounds hold one factor at the last global one; svd or merge would replace it)",
+        ),
+        (
+            ["--method", "FedEx-LoRA", "--reduction_method", "svd"],
+            "(its residual is computed against the averaged factors clients start from;",
+        ),
         (["--method", "FLoRA", "--reduction_method", "zip"], "zip"),
         (["--client_lora_rank_dict", '{"client_0": 2, "client_1": 4, "client_2": 2.7}'], "2.7"),
         (["--cutoff_len", "1"], "cutoff_len=1"),

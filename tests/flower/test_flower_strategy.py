@@ -15,7 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from run_helpers import adapter_tensors, lm_argv, metrics, tb_scalars
+from run_helpers import adapter_tensors, assert_same_global_updates, lm_argv, metrics, tb_scalars
 
 from rblora.federation import cli
 from rblora.federation.options import parse_args
@@ -678,6 +678,64 @@ def test_ffa_lora_sends_no_a_either_way_and_gives_the_in_process_adapters(worksp
     assert factors and all(k.endswith("/B") for k in factors)
     clients = [r for r in metrics(tmp_path / "flower" / "3") if r["type"] == "client"]
     assert len({c["round"] for c in clients}) == 2 and all(c["bytes_up"] > 0 for c in clients)
+
+
+def test_rolora_sends_the_round_s_trained_factor_up_and_gives_the_in_process_adapters(
+    workspace, tmp_path
+):
+    """RoLoRA's alternating protocol on Flower: round 1's replies carry B alone, round 2's A
+    alone (the node reads the round from the message), round 2's starts carry both factors (B
+    is held at round 1's global B), and the global adapters and a client's round-2 adapter are
+    the in-process engine's."""
+    carried = {}  # (round, "start" | "reply") -> factor names seen
+
+    def app(msg, context):
+        train = msg.metadata.message_type == "train"
+        reply = client_app.app(msg, context)
+        if train:
+            round_ = int(msg.metadata.group_id)
+            for kind, m in (("start", msg), ("reply", reply)):
+                if m.has_content():
+                    keys = m.content.array_records["arrays"].keys()
+                    names = {k.rsplit("/", 1)[1] for k in keys if "/lora/" in k}
+                    carried.setdefault((round_, kind), set()).update(names)
+        return reply
+
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    extra = ("--method", "RoLoRA")
+    _serve(workspace, tmp_path / "flower", TestGrid(nodes, app=app), *extra)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *extra)) == 0
+    assert carried[1, "reply"] == {"B"} and carried[2, "reply"] == {"A"}
+    assert carried.get((1, "start"), set()) == set() and carried[2, "start"] == {"A", "B"}
+    for sub in ("round_1/global", "round_2/global", "round_2/client_2"):
+        a = adapter_tensors(tmp_path / "flower" / "3" / sub)
+        b = adapter_tensors(tmp_path / "inprocess" / "3" / sub)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_fedex_lora_sends_its_residual_and_gives_the_in_process_adapters(workspace, tmp_path):
+    """FedEx-LoRA on Flower: round 2's starts carry the residual the base holds (as FLoRA's
+    merged total travels) and the averaged factors; the global adapters (the base's residual
+    plus the factors) and a client's round-2 adapter are the in-process engine's."""
+    deltas = []
+
+    def app(msg, context):
+        if msg.metadata.message_type == "train" and int(msg.metadata.group_id) == 2:
+            deltas.extend(k for k in msg.content.array_records["arrays"] if "/delta/" in k)
+        return client_app.app(msg, context)
+
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    _serve(workspace, tmp_path / "flower", TestGrid(nodes, app=app), "--method", "FedEx-LoRA")
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", "--method", "FedEx-LoRA")) == 0
+    assert deltas  # every round-2 start carries the residual
+    assert_same_global_updates(tmp_path / "flower" / "3", tmp_path / "inprocess" / "3")
+    a = adapter_tensors(tmp_path / "flower" / "3" / "round_2" / "client_2")
+    b = adapter_tensors(tmp_path / "inprocess" / "3" / "round_2" / "client_2")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 def test_the_threshold_redistribution_gives_the_in_process_adapters(workspace, tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from rblora.aggregation import ClientUpdate, available_methods, get_method
 from rblora.aggregation.frozen import FrozenInit
-from rblora.aggregation.types import ClientProtocol
+from rblora.aggregation.types import ClientProtocol, ProtocolCycle
 from rblora.protocol.codec import decode_start, decode_update, encode_start, encode_update
 from rblora.protocol.factors import FactorPlan
 from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout
@@ -19,22 +19,85 @@ from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout
 LAYOUT = UpdateLayout({"q": (6, 5), "v": (4, 5)})
 
 
-def test_every_method_declares_a_protocol_and_only_ffa_lora_freezes_a():
+def test_every_method_declares_a_protocol_and_only_ffa_lora_and_rolora_fix_a_factor():
     declared = {m: get_method(m).protocol for m in available_methods()}
     default = ClientProtocol()
     assert (default.trains, default.sends, default.keeps) == (("A", "B"), ("A", "B"), ())
     ffa = declared.pop("FFA-LoRA")
     assert (ffa.trains, ffa.sends, ffa.keeps, ffa.frozen) == (("B",), ("B",), ("A",), ("A",))
+    assert ffa.receives == ("B",) and ffa.at(2) is ffa
+    rolora = declared.pop("RoLoRA")
+    odd, even = rolora.at(1), rolora.at(2)
+    assert (odd.trains, odd.sends, odd.receives, odd.held) == (("B",), ("B",), ("A", "B"), ("A",))
+    assert (even.trains, even.sends, even.receives, even.held) == (
+        ("A",), ("A",), ("A", "B"), ("B",),
+    )  # fmt: skip
+    assert rolora.at(3) == odd and rolora.at(4) == even and not odd.frozen
     assert all(p == default for p in declared.values())
 
 
 @pytest.mark.parametrize(
     "roles, fragment",
-    [({"A": "local"}, "A has role 'local'"), ({"B": "frozen"}, "only A may be frozen")],
+    [
+        ({"A": "local"}, "A has role 'local'"),
+        ({"B": "frozen"}, "only A may be frozen"),
+        ({"A": "held", "B": "held"}, "at least one factor must be trained"),
+    ],
 )
 def test_a_protocol_the_round_core_cannot_run_is_refused(roles, fragment):
     with pytest.raises(ValueError, match=fragment):
         ClientProtocol(**roles)
+
+
+def test_a_cycle_cannot_hold_b_first_and_its_rounds_start_at_1():
+    with pytest.raises(ValueError, match="round 1 cannot hold B"):
+        ProtocolCycle((ClientProtocol(B="held"), ClientProtocol(A="held")))
+    cycle = ProtocolCycle((ClientProtocol(A="held"), ClientProtocol(B="held")))
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            cycle.at(bad)
+
+
+def test_a_rolora_client_trains_b_from_the_seeded_a_then_a_from_the_servers_b():
+    plan = FactorPlan.for_method("RoLoRA", 3)
+    spec = ClientSpec(1, 2, 4.0, num_examples=5)
+    fresh = plan.client_start(spec, ClientStart(None), LAYOUT.modules)  # round 1: A held
+    assert fresh.trains == ("B",)
+    for m, (d_out, d_in) in LAYOUT.modules.items():
+        assert torch.equal(fresh.factors[m][0], FrozenInit(3).rows(m, 2, d_in))
+        assert torch.equal(fresh.factors[m][1], torch.zeros(d_out, 2))
+    given = {m: (torch.ones(2, d_in), torch.full((d_out, 2), 0.5)) for m, (d_out, d_in) in
+             LAYOUT.modules.items()}  # fmt: skip
+    for round_, trains in ((2, ("A",)), (3, ("B",))):  # the server's factors, one trained
+        start = plan.at(round_).client_start(spec, ClientStart(given), LAYOUT.modules)
+        assert start.trains == trains
+        for m in LAYOUT.modules:
+            assert all(torch.equal(x, y) for x, y in zip(start.factors[m], given[m], strict=True))
+
+
+def test_a_rolora_reply_carries_the_trained_factor_and_the_server_holds_its_own_copy():
+    plan = FactorPlan.for_method("RoLoRA", 3).at(2)  # an even round: A trained, B held
+    spec = ClientSpec(1, 2, 4.0, num_examples=5)
+    update = _update(2, a_value=7.0)
+    tensors, meta = encode_update(update, plan.sends)
+    assert sorted(tensors) == ["update/lora/q/A", "update/lora/v/A"]
+    decoded, _ = decode_update(tensors, meta, spec, LAYOUT, plan)
+    server_start = {m: (torch.zeros(2, d_in), torch.full((d_out, 2), 3.0)) for m, (d_out, d_in)
+                    in LAYOUT.modules.items()}  # fmt: skip
+    for m in LAYOUT.modules:
+        assert torch.equal(decoded.factors[m][0], update.factors[m][0])
+        restored = plan.restore(decoded, server_start).factors[m]
+        assert torch.equal(restored[0], update.factors[m][0])  # the trained A, as sent
+        assert torch.equal(restored[1], server_start[m][1])  # B: the server's, not the client's
+    full, meta = encode_update(update)
+    with pytest.raises(ValueError, match="unexpected arrays.*update/lora/q/B"):
+        decode_update(full, meta, spec, LAYOUT, plan)
+    # down: both factors (the held one changed last round); up: A alone
+    start_tensors, _ = encode_start(ClientStart(dict(update.factors)), plan.receives)
+    assert sorted(start_tensors) == [f"start/lora/{m}/{f}" for m in "qv" for f in "AB"]
+    a_size = sum(d_in * 2 for _, d_in in LAYOUT.modules.values())
+    assert sum(t.numel() for t in plan.travels(update.factors)) == a_size
+    assert sum(t.numel() for t in plan.travels(update.factors, down=True)) == a_size + 2 * 10
 
 
 def test_the_frozen_initialisation_is_seeded_and_a_client_of_rank_r_holds_its_first_rows():

@@ -12,11 +12,12 @@ The mathematics is in DESIGN.md section 2; each method's file names its source.
 from .api import aggregate
 from .global_update import GlobalUpdate
 from .registry import available_methods, default_reduction, get_method, supported_reductions
-from .types import REDUCTIONS, ClientProtocol, ClientUpdate, Method, lora_scale
+from .types import REDUCTIONS, ClientProtocol, ClientUpdate, Method, ProtocolCycle, lora_scale
 
 __all__ = [
     "REDUCTIONS",
     "ClientProtocol",
+    "ProtocolCycle",
     "ClientUpdate",
     "GlobalUpdate",
     "Method",

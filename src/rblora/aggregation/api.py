@@ -6,11 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .frozen import FrozenInit
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
 from .streaming import RoundSum
-from .types import DEFAULT_SVD_ENERGY, ClientUpdate, FactorPair, check_svd_energy
+from .types import DEFAULT_SVD_ENERGY, ClientUpdate, FactorPair, HeldSource, check_svd_energy
 from .validation import validate_updates
 
 
@@ -21,6 +20,8 @@ def aggregate(
     reduction: str | None = None,
     *,
     svd_energy: float = DEFAULT_SVD_ENERGY,
+    round_: int = 1,
+    held: HeldSource | None = None,
 ) -> GlobalUpdate:
     """Aggregate the clients' LoRA adapters with ``method``.
 
@@ -32,6 +33,10 @@ def aggregate(
             ``"truncate"``, ``"merge"``, ``"threshold"`` where the method allows it.
         svd_energy: under ``"threshold"`` (FLoRIST), the fraction of each module's energy a
             client's start keeps, in (0, 1].
+        round_: the round (1-based) of the updates, for a method whose client protocol
+            changes with the round (RoLoRA: odd rounds average B, even rounds A).
+        held: the source of the factors the round holds fixed (:data:`.types.HeldSource`);
+            None: the widest client's copy (each client's must be its prefix).
 
     Returns:
         The global update. Work happens in float32 (float64 if any input is float64); returned
@@ -51,7 +56,9 @@ def aggregate(
     shapes = validate_updates(updates)
     if spec.share is not None:  # the same running sums a streamed round folds its replies into
         ranks = [r for u in updates for r in {u.rank(m) for m in u.factors}] or [1]
-        total = RoundSum(spec, reduction, ranks=ranks, svd_energy=svd_energy)
+        total = RoundSum(
+            spec, reduction, ranks=ranks, svd_energy=svd_energy, round_=round_, held=held
+        )
         for u in updates:
             total.add(u)
         return total.finish()
@@ -89,17 +96,18 @@ def open_round(
     reduction: str | None = None,
     *,
     ranks: Sequence[int],
-    frozen: FrozenInit | None = None,
+    held: HeldSource | None = None,
     svd_energy: float = DEFAULT_SVD_ENERGY,
+    round_: int = 1,
 ) -> RoundSum | CollectedRound:
     """Where one round's updates are folded in as they arrive: running sums
-    (:class:`.streaming.RoundSum`, for the population's ``ranks``; ``frozen``: the run's
-    frozen initialisation, for a frozen-A method) when the method has a ``share``, else a list
+    (:class:`.streaming.RoundSum`, for the population's ``ranks``; ``held``: where the round's
+    fixed factors come from, ``round_`` the round) when the method has a ``share``, else a list
     aggregated at the end. ``svd_energy``: as :func:`aggregate`."""
     spec = get_method(method)
     if spec.share is None:
         return CollectedRound(spec.name, reduction, svd_energy)
-    return RoundSum(spec, reduction, ranks=ranks, frozen=frozen, svd_energy=svd_energy)
+    return RoundSum(spec, reduction, ranks=ranks, held=held, svd_energy=svd_energy, round_=round_)
 
 
 def average_dense(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:

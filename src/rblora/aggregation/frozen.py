@@ -42,6 +42,14 @@ class FrozenInit:
             out[j] = torch.rand(d_in, generator=gen, dtype=torch.float32) * (2 * bound) - bound
         return out
 
+    def factor(self, name: str, module: str, count: int, size: int) -> Tensor:
+        """A held factor's source before any global factor exists (as
+        :meth:`.starts.StartBasis.factor`): A's first ``count`` rows (``size = d_in``); a frozen
+        or not yet aggregated B has no initialisation but zero, so B is refused."""
+        if name != "A":
+            raise ValueError(f"the run's frozen initialisation has no {name} (only A is drawn)")
+        return self.rows(module, count, size)
+
     def factors(self, shapes: Mapping[str, tuple[int, int]], rank: int) -> dict[str, Tensor]:
         """Module -> its frozen ``A: (rank, d_in)`` for every module of ``shapes``
         (module -> ``(d_out, d_in)``)."""

@@ -43,12 +43,15 @@ class GlobalUpdate:
         sketch_seed: int = 0,
         noised: bool = False,
         svd_energy: float = DEFAULT_SVD_ENERGY,
+        residual: dict[str, ModuleDelta] | None = None,
     ) -> None:
         """``factors``: module -> ``(A_g: (k, d_in), B_g: (d_out, k))`` (or a dense
         ``(d_out, d_in)``) in the working dtype; ``dtype``: the dtype of returned tensors;
         ``dense``: the averaged dense extra parameters; ``sketch_seed``: seeds the random test
         matrices of the randomized SVD of dense modules; ``svd_energy``: the fraction of each
-        module's energy the ``threshold`` redistribution keeps. Built by
+        module's energy the ``threshold`` redistribution keeps; ``residual``: module -> the part
+        of the update the driver folds into the base weights beside ``factors`` (FedEx-LoRA),
+        factored or dense. Built by
         :func:`rblora.aggregation.aggregate` (or :func:`.privacy.private_aggregate`)."""
         self.dense: dict[str, Tensor] = dict(dense or {})
         """Example-weighted mean of the clients' dense extra parameters (every client starts its
@@ -63,6 +66,7 @@ class GlobalUpdate:
         """True if DP noise was added: a dense module is full rank, cut by the range finder."""
         self.svd_energy = check_svd_energy(svd_energy)
         """``threshold``: the fraction of each module's energy its start components keep."""
+        self._residual: dict[str, ModuleDelta] = dict(residual or {})
         self._svd: dict[str, FactoredSVD] = {}
         self._sketches: dict[tuple[str, int], FactorPair] = {}  # (dense module, width) -> SVD
 
@@ -78,6 +82,24 @@ class GlobalUpdate:
         the frozen base weights and every client restarts from a fresh LoRA, so
         :meth:`for_client` returns ``{}``."""
         return self.reduction == "merge"
+
+    @property
+    def folds_residual(self) -> bool:
+        """True if part of the update goes into the base weights while clients start from the
+        factors (FedEx-LoRA): the driver adds :meth:`residual` to the base, and the global
+        model is the base plus :meth:`factors`' product (:meth:`delta` is their sum)."""
+        return bool(self._residual)
+
+    def residual(self, module: str) -> ModuleDelta:
+        """The part of ``module``'s update folded into the base weights: ``(A, B)`` (scale
+        folded in) or a dense ``(d_out, d_in)``, new tensors; ValueError if there is none."""
+        self._get(module)
+        if module not in self._residual:
+            raise ValueError(f"this {self.method} update folds no residual into the base")
+        value = self._residual[module]
+        if isinstance(value, Tensor):
+            return value.to(self._dtype, copy=True)
+        return value[0].to(self._dtype, copy=True), value[1].to(self._dtype, copy=True)
 
     def is_dense(self, module: str) -> bool:
         """True if ``module`` is held as a dense ``(d_out, d_in)`` (a wide stack, or DP noise)."""
@@ -112,11 +134,17 @@ class GlobalUpdate:
         return self.factors(module)
 
     def delta(self, module: str) -> Tensor:
-        """Dense global update ``(d_out, d_in)`` of ``module``, scaling included."""
+        """Dense global update ``(d_out, d_in)`` of ``module``, scaling included (and the
+        residual folded into the base, if any: the whole update)."""
         if self.is_dense(module):
-            return self._get(module).to(self._dtype, copy=True)
-        a, b = self._get(module)
-        return (b @ a).to(self._dtype)
+            out = self._get(module).clone()
+        else:
+            a, b = self._get(module)
+            out = b @ a
+        extra = self._residual.get(module)
+        if extra is not None:
+            out = out + (extra if isinstance(extra, Tensor) else extra[1] @ extra[0]).to(out)
+        return out.to(self._dtype)
 
     @torch.no_grad()
     def for_client(

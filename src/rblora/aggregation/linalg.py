@@ -44,27 +44,38 @@ def padded_component_sum(
 
 
 def held_rows(
-    As: Sequence[Tensor], width: int, held: Tensor | None = None, who: Sequence[str] | None = None
+    As: Sequence[Tensor],
+    width: int,
+    held: Tensor | None = None,
+    who: Sequence[str] | None = None,
+    rtol: float = 0.0,
+    what: str = "frozen A",
 ) -> Tensor:
     """The one matrix every client's frozen A is a prefix of, ``(width, d_in)``: the widest
-    ``A_k`` (or ``held``, rows found earlier), zero rows beyond. A new tensor.
+    ``A_k`` (or ``held``, rows found earlier), zero rows beyond. A new tensor. Also serves a
+    held B, transposed (``Bh^T``), whose scale-folded copies agree to ``rtol`` only.
 
     Raises:
-        ValueError: an ``A_k`` that is not, bitwise, the first ``r_k`` rows of the others (the
-            clients do not share one frozen initialisation), named by ``who[k]`` (default
-            ``client k``).
+        ValueError: an ``A_k`` that is not, bitwise (or to ``rtol``), the first ``r_k`` rows of
+            the others (the clients do not share one frozen initialisation), named by
+            ``who[k]`` (default ``client k``); ``what`` names the factor in the message.
     """
+
+    def same(x: Tensor, y: Tensor) -> bool:
+        y = y.to(x.dtype)
+        return torch.equal(x, y) if rtol == 0 else torch.allclose(x, y, rtol=rtol, atol=0.0)
+
     known = ([] if held is None else [held]) + list(As)
     widest = max(known, key=len)
     for k, a in enumerate(As):
-        if not torch.equal(a, widest[: a.shape[0]].to(a.dtype)) or not torch.equal(
-            known[0][: a.shape[0]].to(a.dtype), a[: known[0].shape[0]]
+        if not same(a, widest[: a.shape[0]]) or not same(
+            known[0][: a.shape[0]], a[: known[0].shape[0]]
         ):
             label = f"client {k}" if who is None else who[k]
             raise ValueError(
-                f"{label}: its frozen A is not the shared initialisation every client holds "
-                "a prefix of (a frozen-A method averages B only: give every client the first "
-                "r_k rows of one matrix)"
+                f"{label}: its {what} is not the shared one every client holds a prefix of "
+                "(a method that holds a factor fixed averages the other only: give every client "
+                "the first r_k components of one matrix)"
             )
     held = widest
     out = held.new_zeros(width, held.shape[1])

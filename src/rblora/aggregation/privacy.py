@@ -20,11 +20,17 @@ convention of clipping the whole update):
   ``B_g`` are sums of per-client terms ``(diag(g_k) A_k, Bh_k diag(g_k))``; those are clipped and
   the two factors released with noise (then ``B_g @ A_g`` is post-processing). Width: the
   population's largest rank, so the released shape does not depend on who took part;
+- a method that folds a residual into the base (FedEx-LoRA, ``padded``): its term is the pair
+  of factor terms and its weighted update ``Bh_k diag(g_k) A_k``; the two factors and the
+  dense sum of the updates are released with noise, and the residual (sum minus the product
+  of the noised factors) is computed from them: post-processing, and dense;
 - dense extras (a classification head): ``w_k X_k``, ``w_k = n_k / (q N)``;
-- only the factors the method's client protocol sends are released
+- only the factors the method's client protocol sends in the round are released
   (:attr:`.types.ClientProtocol.sends`): a frozen A (FFA-LoRA) is the run's public seeded
   initialisation, held as it is, so a client's term is ``Bh_k diag(g_k)`` alone, and only
-  ``B_g`` is noised.
+  ``B_g`` is noised; a held factor (RoLoRA) is the last release, public too, so in a round
+  that trains B the term is ``Bh_k diag(g_k)`` and in one that trains A it is
+  ``diag(g_k) A_k``, and only that factor is noised.
 
 Clipping multiplies the whole term by ``min(1, C / ||term||)``.
 
@@ -64,11 +70,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .frozen import FrozenInit
 from .global_update import GlobalUpdate
 from .registry import get_method, resolve_reduction
-from .streaming import RoundSum
-from .types import DEFAULT_SVD_ENERGY, ClientUpdate, Method, ModuleDelta
+from .streaming import RoundSum, residual_of
+from .types import DEFAULT_SVD_ENERGY, ClientUpdate, HeldSource, Method, ModuleDelta
 from .validation import validate_update
 
 KEY_BYTES = 32
@@ -283,17 +288,20 @@ class PrivateRoundSum:
         reduction: str | None = None,
         shapes: Mapping[str, tuple[int, int]] | None = None,
         dense_shapes: Mapping[str, Sequence[int]] | None = None,
-        frozen: FrozenInit | None = None,
+        held: HeldSource | None = None,
         svd_energy: float = DEFAULT_SVD_ENERGY,
+        round_: int = 1,
     ) -> None:
         self.spec = check_private(method, reduction)
+        self.protocol = self.spec.protocol.at(round_)
+        """The method's client protocol of this round: what its clients send is released."""
         self.reduction = resolve_reduction(self.spec, reduction)
         self.dp = dp
         self.gamma = fixed_weights(self.spec, dp)
         self.total_n = float(sum(dp.num_examples))
         self.sum = RoundSum(
             self.spec, self.reduction, ranks=dp.ranks, normalise=False, shapes=shapes,
-            dense_shapes=dense_shapes, frozen=frozen, svd_energy=svd_energy,
+            dense_shapes=dense_shapes, held=held, svd_energy=svd_energy, round_=round_,
         )  # fmt: skip
         self.norms: list[float] = []
         self.factors: list[float] = []
@@ -314,7 +322,9 @@ class PrivateRoundSum:
         sq = 0.0
         for module in update.factors:
             a, bh = update.scaled_factors(module, work)
-            sq += term_norm_sq(self.spec.form, a, bh, g[: a.shape[0]], self.spec.protocol.sends)
+            sq += term_norm_sq(self.spec.form, a, bh, g[: a.shape[0]], self.protocol.sends)
+            if self.spec.residual:  # the weighted update itself is released too (dense)
+                sq += term_norm_sq("stack", a, bh, g[: a.shape[0]])
         sq += sum(w * w * float(t.double().square().sum()) for t in update.dense.values())
         norm = math.sqrt(sq)
         clip = min(1.0, self.dp.clip / norm) if norm > 0 else 1.0
@@ -339,6 +349,8 @@ class PrivateRoundSum:
                 "(shapes, dense_shapes)"
             )
         held: dict[str, ModuleDelta] = {}
+        sums = self.sum.stack_sums() if self.spec.residual else {}
+        residual: dict[str, ModuleDelta] = {}
         for module, value in self.sum.held().items():
             if self.spec.form == "stack":
                 if not torch.is_tensor(value):  # a stack narrower than the matrix: its sum
@@ -347,11 +359,18 @@ class PrivateRoundSum:
                     value += std * gaussian(noise, value.shape, value.dtype)
             else:
                 a_g, b_g = value
-                if std > 0 and "A" in self.spec.protocol.sends:
+                if std > 0 and "A" in self.protocol.sends:
                     a_g += std * gaussian(noise, a_g.shape, a_g.dtype)
-                if std > 0 and "B" in self.spec.protocol.sends:
+                if std > 0 and "B" in self.protocol.sends:
                     b_g += std * gaussian(noise, b_g.shape, b_g.dtype)
                 value = (a_g, b_g)
+                if module in sums:  # the released sum of updates, then the residual from it
+                    total = sums[module]
+                    if not torch.is_tensor(total):
+                        total = total[1] @ total[0]
+                    if std > 0:
+                        total += std * gaussian(noise, total.shape, total.dtype)
+                    residual[module] = residual_of(total, a_g, b_g)
             held[module] = value
         dense = self.sum.dense_extras()
         for name in sorted(dense):
@@ -361,6 +380,7 @@ class PrivateRoundSum:
         release = GlobalUpdate(
             self.spec.name, self.reduction, held, self.sum.out_dtype, dense,
             sketch_seed=sketch_seed, noised=std > 0, svd_energy=self.sum.svd_energy,
+            residual=residual or None,
         )  # fmt: skip
         return release, report
 
@@ -376,8 +396,9 @@ def private_aggregate(
     shapes: Mapping[str, tuple[int, int]] | None = None,
     dense_shapes: Mapping[str, Sequence[int]] | None = None,
     sketch_seed: int = 0,
-    frozen: FrozenInit | None = None,
+    held: HeldSource | None = None,
     svd_energy: float = DEFAULT_SVD_ENERGY,
+    round_: int = 1,
 ) -> tuple[GlobalUpdate, ClipReport]:
     """Aggregate with client-level DP: fixed weights, per-client clipping, Gaussian noise.
 
@@ -395,9 +416,11 @@ def private_aggregate(
         dense_shapes: dense extra -> shape, likewise.
         sketch_seed: seeds the randomized SVD of the noised update (post-processing: it need
             not be secret).
-        frozen: the run's frozen initialisation (a frozen-A method: the released A is its
-            rows at the population's width; see :class:`.streaming.RoundSum`).
+        held: where the round's fixed factors come from (a frozen-A method: the run's frozen
+            initialisation, and the released A is its rows at the population's width; a held
+            factor: the server's start basis; see :class:`.streaming.RoundSum`).
         svd_energy: the ``threshold`` redistribution's energy (as ``aggregate``'s).
+        round_: the round (1-based), for a protocol that changes with it (RoLoRA).
 
     Returns:
         The noised global update (``stack`` methods: one dense ``(d_out, d_in)`` per module) and
@@ -405,8 +428,8 @@ def private_aggregate(
         folding ``updates`` into a :class:`PrivateRoundSum` one by one.
     """
     total = PrivateRoundSum(
-        method, dp, reduction=reduction, shapes=shapes, dense_shapes=dense_shapes, frozen=frozen,
-        svd_energy=svd_energy,
+        method, dp, reduction=reduction, shapes=shapes, dense_shapes=dense_shapes, held=held,
+        svd_energy=svd_energy, round_=round_,
     )  # fmt: skip
     for update in updates:
         total.add(update)

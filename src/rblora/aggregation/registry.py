@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 
 from . import (
+    fedex_lora,
     fedit,
     ffa_lora,
     flexlora,
     flora,
     rb_lora,
     rb_lora_factor,
+    rolora,
     uniform_hetlora,
     weighted_hetlora,
 )
@@ -34,8 +36,10 @@ def register(method: Method) -> Method:
         raise ValueError(f"{method.name}: bad reductions {method.reductions}; valid: {REDUCTIONS}")
     if "threshold" in method.reductions and method.form != "stack":
         raise ValueError(f"{method.name}: threshold cuts the SVD of a stack: stack form only")
-    if method.protocol.frozen and method.form != "padded":
-        raise ValueError(f"{method.name}: a frozen factor is held as it is: padded form only")
+    if method.residual and (method.form != "padded" or "merge" in method.reductions):
+        raise ValueError(f"{method.name}: a residual is what factors leave out: padded, no merge")
+    if any(p.fixed for p in method.protocol.cycle) and method.form != "padded":
+        raise ValueError(f"{method.name}: a frozen or held factor is held as it is: padded only")
     for name in (method.name, *method.aliases):
         key = _key(name)
         if key in _METHODS and _METHODS[key] is not method:
@@ -52,6 +56,8 @@ register(flora.METHOD)
 register(flexlora.METHOD)
 register(fedit.METHOD)
 register(ffa_lora.METHOD)
+register(rolora.METHOD)
+register(fedex_lora.METHOD)
 
 
 def available_methods() -> list[str]:

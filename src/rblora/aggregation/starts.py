@@ -70,6 +70,20 @@ class StartBasis:
         scale = lora_scale(lora_alpha, int(rank), use_rslora)
         return {m: _cut(a, b, int(rank), scale, self.dtype) for m, (a, b) in self.factors.items()}
 
+    def factor(self, name: str, module: str, count: int, size: int) -> Tensor:
+        """The first ``count`` components of ``module``'s factor ``name`` as the aggregation
+        holds it (a held factor, :class:`~.types.ClientProtocol`): ``A: (count, size)`` or, scale
+        folded in, ``B: (size, count)`` (zero columns beyond the stored ones). A new tensor."""
+        a_w, b_w = self.factors[module]
+        if count > self.width:
+            raise ValueError(f"start basis: {count} components asked, width {self.width}")
+        if name == "A":
+            return a_w[:count].clone()
+        out = b_w.new_zeros(b_w.shape[0], count)
+        have = min(count, b_w.shape[1])
+        out[:, :have] = b_w[:, :have]
+        return out
+
 
 def _cut(a_w: Tensor, b_w: Tensor, rank: int, scale: float, dtype: torch.dtype) -> FactorPair:
     """``(A_W[:rank], B_W[:, :rank] / scale)`` in ``dtype``, B zero-padded to ``rank`` columns.

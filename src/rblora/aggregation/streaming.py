@@ -33,11 +33,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .frozen import FrozenInit
 from .global_update import GlobalUpdate
 from .linalg import held_rows
 from .registry import resolve_reduction
-from .types import DEFAULT_SVD_ENERGY, ClientUpdate, Method, ModuleDelta, check_svd_energy
+from .types import (
+    DEFAULT_SVD_ENERGY,
+    ClientUpdate,
+    HeldSource,
+    Method,
+    ModuleDelta,
+    check_svd_energy,
+)
 from .validation import first_shapes, validate_update
 
 
@@ -54,15 +60,22 @@ class RoundSum:
             weights are final, see :meth:`add`).
         shapes, dense_shapes: module -> ``(d_out, d_in)``, dense extra -> shape, if known before
             any update (a release with no client, under DP); else the first update's.
-        frozen: the run's frozen initialisation, for a method whose protocol freezes A: the
-            global A is then its rows, as wide as the sums (a client's A must be their prefix);
-            None: the widest client's A, zero rows beyond it.
+        held: where the round's fixed factors come from (:data:`.types.HeldSource`): the
+            run's frozen initialisation (:class:`.frozen.FrozenInit`) for a frozen A or a held
+            A before any global one exists, the server's start basis
+            (:class:`.starts.StartBasis`) for a held factor; the global factor is then its
+            first components, as wide as the sums (a frozen A of a client must be their
+            prefix; a held factor of a client is not read). None: the widest client's copy,
+            zero components beyond it.
         svd_energy: the ``threshold`` redistribution's energy (see
             :func:`rblora.aggregation.aggregate`).
+        round_: the round (1-based) the updates belong to: the method's protocol of that round
+            (``method.protocol.at(round_)``) says which factors are summed and which held.
 
-    A frozen A (:attr:`.types.ClientProtocol.frozen`) is held, never summed or weighted: every
-    client's A is a prefix of the same matrix, so ``dW = B_g @ A`` with ``B_g`` the weighted sum
-    of the clients' ``Bh_k``.
+    A fixed factor (:attr:`.types.ClientProtocol.fixed`: frozen or held) is held, never summed
+    or weighted: every client's is a prefix of the same matrix, so with A fixed
+    ``dW = B_g @ A`` with ``B_g`` the weighted sum of the clients' ``Bh_k``, and with B fixed
+    ``dW = Bh @ A_g`` with ``A_g`` the weighted sum of the clients' ``A_k``.
     """
 
     def __init__(
@@ -74,8 +87,9 @@ class RoundSum:
         normalise: bool = True,
         shapes: Mapping[str, tuple[int, int]] | None = None,
         dense_shapes: Mapping[str, Sequence[int]] | None = None,
-        frozen: FrozenInit | None = None,
+        held: HeldSource | None = None,
         svd_energy: float = DEFAULT_SVD_ENERGY,
+        round_: int = 1,
     ) -> None:
         if normalise and method.share is None:
             raise ValueError(
@@ -88,7 +102,10 @@ class RoundSum:
         if method.homogeneous_ranks:
             method.weights(ranks, [1] * len(ranks))  # its own error for mixed ranks
         self.method = method
-        self.frozen = frozen
+        self.protocol = method.protocol.at(round_)
+        """The method's client protocol of this round."""
+        self.held_source = held
+        """Where this round's fixed factors come from (None: the widest client's copy)."""
         self.svd_energy = check_svd_energy(svd_energy)
         self.reduction = resolve_reduction(method, reduction)
         self.normalise = normalise
@@ -108,6 +125,7 @@ class RoundSum:
         self._den = torch.zeros(ranks[-1], dtype=torch.float64)  # (R,) denominators
         self._dense_den = 0.0  # the dense extras' denominator (sum of examples)
         self._modules: dict[str, _ModuleSum] = {}
+        self._stacks: dict[str, _ModuleSum] = {}  # a residual method's stack of the same weights
         self._extras: dict[str, Tensor] = {}
         self._ids: set = set()
 
@@ -153,11 +171,17 @@ class RoundSum:
             if target is None:
                 target = self._modules[module] = _ModuleSum(
                     self.method.form, self._shapes[module], self._bands(), self._dense_allowed(),
-                    self._frozen_rows(module),
+                    self.protocol.fixed, self._source(module), check_a=self._checks_a(),
                 )  # fmt: skip
-            frozen_a = "A" in self.method.protocol.frozen
             who = f"{update.describe(index)}, module {module!r}"
-            target.add(a, bh, weights.to(self._work), frozen_a, who)
+            target.add(a, bh, weights.to(self._work), who)
+            if self.method.residual:  # sum_k Bh_k diag(w_k) A_k beside the factors' sums
+                stack = self._stacks.get(module)
+                if stack is None:
+                    stack = self._stacks[module] = _ModuleSum(
+                        "stack", self._shapes[module], self._bands(), True
+                    )
+                stack.add(a, bh, weights.to(self._work), who)
         for name in sorted(self._dense_shapes or {}):
             value = update.dense[name].detach().to("cpu", self._work)
             total = self._extras.get(name)
@@ -182,13 +206,32 @@ class RoundSum:
                 if self.method.form == "stack":
                     out[module] = torch.zeros(d_out, d_in, dtype=self._work)
                 else:
-                    rows = self._frozen_rows(module)
+                    source = self._source(module)
                     a = torch.zeros(width, d_in, dtype=self._work)
-                    if rows is not None:
-                        a = rows(width).to(self._work)
-                    out[module] = (a, torch.zeros(d_out, width, dtype=self._work))
+                    b = torch.zeros(d_out, width, dtype=self._work)
+                    if source is not None and "A" in self.protocol.fixed:
+                        a = source("A", width).to(self._work)
+                    if source is not None and "B" in self.protocol.fixed:
+                        b = source("B", width).to(self._work)
+                    out[module] = (a, b)
                 continue
             out[module] = target.result(width, den)
+        return out
+
+    def stack_sums(self, width: int | None = None) -> dict[str, ModuleDelta]:
+        """A residual method's weighted sum of the clients' updates per module,
+        ``sum_k Bh_k diag(gamma_k) A_k`` (divided by the denominators when normalising), as a
+        stack ``(A_s, B_s)`` or dense; zeros where nobody took part. ``width``: as :meth:`held`."""
+        if width is None:
+            width = self._widest if self.normalise else self._ranks[-1]
+        den = self._den[:width] if self.normalise else None
+        out: dict[str, ModuleDelta] = {}
+        for module in sorted(self._shapes or {}):
+            stack = self._stacks.get(module)
+            if stack is None:
+                out[module] = torch.zeros(self._shapes[module], dtype=self._work)
+            else:
+                out[module] = stack.result(width, den)
         return out
 
     def dense_extras(self) -> dict[str, Tensor]:
@@ -208,9 +251,13 @@ class RoundSum:
         """The round's :class:`GlobalUpdate` (normalising: ValueError if nothing was added)."""
         if self.normalise and self.count == 0:
             raise ValueError("no client updates to aggregate (empty list); pass at least one")
+        held = self.held()
+        residual = None
+        if self.method.residual:
+            residual = {m: residual_of(t, *held[m]) for m, t in self.stack_sums().items()}
         return GlobalUpdate(
-            self.method.name, self.reduction, self.held(), self.out_dtype, self.dense_extras(),
-            svd_energy=self.svd_energy,
+            self.method.name, self.reduction, held, self.out_dtype, self.dense_extras(),
+            svd_energy=self.svd_energy, residual=residual,
         )  # fmt: skip
 
     @property
@@ -240,17 +287,23 @@ class RoundSum:
         work = torch.float64 if self._dtype == torch.float64 else torch.float32
         if work != self._work:
             self._work = work
-            for target in self._modules.values():
+            for target in [*self._modules.values(), *self._stacks.values()]:
                 target.to(work)
             self._extras = {n: t.to(work) for n, t in self._extras.items()}
 
-    def _frozen_rows(self, module: str):
-        """``rows(count) -> (count, d_in)``: the module's frozen A when the method's protocol
-        freezes A and the run's initialisation is known; None otherwise."""
-        if "A" not in self.method.protocol.frozen or self.frozen is None:
+    def _source(self, module: str):
+        """``source(name, count)``: the module's fixed factor ``name`` (``A: (count, d_in)``,
+        ``B: (d_out, count)``) from :attr:`held_source` when this round fixes a factor and its
+        source is known; None otherwise."""
+        if not self.protocol.fixed or self.held_source is None:
             return None
-        d_in = self._shapes[module][1]
-        return lambda count: self.frozen.rows(module, count, d_in)
+        d_out, d_in = self._shapes[module]
+        held = self.held_source
+        return lambda name, count: held.factor(name, module, count, d_in if name == "A" else d_out)
+
+    def _checks_a(self) -> bool:
+        """A client's frozen A must be the shared one (bitwise); a held factor is not read."""
+        return "A" in self.protocol.frozen
 
     def _bands(self) -> list[int]:
         """Band starts: the components ``j`` where some client's mass may change (0 and each
@@ -270,14 +323,30 @@ class RoundSum:
         return not (self.method.form == "stack" and self.reduction == "truncate")
 
 
+def residual_of(total: ModuleDelta, a_g: Tensor, b_g: Tensor) -> ModuleDelta:
+    """``total - b_g @ a_g`` (``total``: a stack ``(A_s, B_s)`` or a dense ``(d_out, d_in)``;
+    ``a_g: (R, d_in)``, ``b_g: (d_out, R)``): the residual a FedEx-style method folds into the
+    base. Exact as the stack ``([A_s; a_g], [B_s, -b_g])`` while no wider than the matrix,
+    dense beyond. New tensors."""
+    if isinstance(total, Tensor):
+        return total - b_g.to(total) @ a_g.to(total)
+    a_s, b_s = total
+    if a_s.shape[0] + a_g.shape[0] > min(b_s.shape[0], a_s.shape[1]):
+        return b_s @ a_s - b_g.to(b_s) @ a_g.to(a_s)
+    return torch.cat([a_s, a_g.to(a_s)]), torch.cat([b_s, -b_g.to(b_s)], dim=1)
+
+
 class _ModuleSum:
     """One module's running sum: padded numerators, a weighted stack, or dense band sums."""
 
     def __init__(
-        self, form: str, shape: tuple[int, int], bands, dense_allowed: bool, frozen_rows=None
-    ):
+        self, form: str, shape: tuple[int, int], bands, dense_allowed: bool, fixed=(),
+        source=None, check_a: bool = True,
+    ):  # fmt: skip
         self.form = form
-        self.frozen_rows = frozen_rows  # the run's frozen A (rows(count)), or None
+        self.fixed = tuple(fixed) if form == "padded" else ()  # factors held, never summed
+        self.source = source  # source(name, count): the round's fixed factors, or None
+        self.check_a = check_a  # a client's fixed A must be the source's prefix (frozen A)
         self.d_out, self.d_in = shape
         self.bands = bands  # component index where each band starts
         self.dense_allowed = dense_allowed
@@ -288,9 +357,9 @@ class _ModuleSum:
         self.dense: list[Tensor] | None = None  # one (d_out, d_in) per band, once wider
         self.pad_a: Tensor | None = None
         self.pad_b: Tensor | None = None
-        self.hold_a = form == "padded" and frozen_rows is not None
-        self.held_a: Tensor | None = None  # a frozen A held from the clients (no run init)
-        self._frozen_cache: Tensor | None = None
+        self.held_a: Tensor | None = None  # a fixed A held from the clients (no source)
+        self.held_bt: Tensor | None = None  # a fixed B (transposed, Bh^T) held from the clients
+        self._cache: dict[str, Tensor] = {}  # fixed factor -> widest drawn from the source
 
     def to(self, dtype: torch.dtype) -> None:
         self.a_rows = [t.to(dtype) for t in self.a_rows]
@@ -301,20 +370,24 @@ class _ModuleSum:
             self.pad_a, self.pad_b = self.pad_a.to(dtype), self.pad_b.to(dtype)
         if self.held_a is not None:
             self.held_a = self.held_a.to(dtype)
+        if self.held_bt is not None:
+            self.held_bt = self.held_bt.to(dtype)
 
-    def add(self, a: Tensor, bh: Tensor, w: Tensor, frozen_a: bool = False, who: str = "") -> None:
+    def add(self, a: Tensor, bh: Tensor, w: Tensor, who: str = "") -> None:
         r = a.shape[0]
         if self.form == "padded":
             self._grow_padded(r, a.dtype)
-            if self.hold_a:  # the run's frozen A: the client's must be its prefix
-                held_rows([a], r, self._frozen(r).to(a.dtype), [who])
-            elif frozen_a:  # no run init known: hold the widest client's
-                held = self.held_a
-                width = max(r, 0 if held is None else len(held))
-                self.held_a = held_rows([a], width, held, [who])
-            else:
+            if "A" not in self.fixed:
                 self.pad_a[:r] += w[:, None] * a
-            self.pad_b[:, :r] += bh * w[None, :]
+            elif self.source is not None:  # the source's A; a frozen one must be the client's
+                if self.check_a:
+                    held_rows([a], r, self._fixed("A", r).to(a.dtype), [who])
+            else:  # no source known: hold the widest client's
+                self.held_a = self._hold(self.held_a, a, who)
+            if "B" not in self.fixed:
+                self.pad_b[:, :r] += bh * w[None, :]
+            elif self.source is None:  # scale-folded Bh_k = s_k B_k: equal up to rounding
+                self.held_bt = self._hold(self.held_bt, bh.T, who, 1e-5, "held B")
             return
         weighted = w[:, None] * a
         if self.dense is not None:
@@ -330,11 +403,23 @@ class _ModuleSum:
             self.dense = [a_s.new_zeros(self.d_out, self.d_in) for _ in self.bands]
             self._add_dense(a_s, b_s, comps)
 
-    def _frozen(self, count: int) -> Tensor:
-        """The first ``count`` rows of the run's frozen A (drawn once, as wide as asked)."""
-        if self._frozen_cache is None or len(self._frozen_cache) < count:
-            self._frozen_cache = self.frozen_rows(count)
-        return self._frozen_cache[:count]
+    @staticmethod
+    def _hold(
+        held: Tensor | None, rows: Tensor, who: str, rtol: float = 0.0, what: str = "frozen A"
+    ) -> Tensor:
+        """The widest of ``held`` and a client's ``rows`` (a fixed factor, components as
+        rows), each the other's prefix (:func:`.linalg.held_rows`)."""
+        width = max(rows.shape[0], 0 if held is None else len(held))
+        return held_rows([rows], width, held, [who], rtol=rtol, what=what)
+
+    def _fixed(self, name: str, count: int) -> Tensor:
+        """The first ``count`` components of the source's fixed factor ``name`` (drawn once,
+        as wide as asked)."""
+        have = self._cache.get(name)
+        size = None if have is None else (have.shape[0] if name == "A" else have.shape[1])
+        if size is None or size < count:
+            have = self._cache[name] = self.source(name, count)
+        return have[:count] if name == "A" else have[:, :count]
 
     def _band_of(self, comps: Tensor) -> Tensor:
         return torch.bucketize(comps, torch.tensor(self.bands), right=True) - 1
@@ -343,7 +428,8 @@ class _ModuleSum:
         band = self._band_of(comps)
         for b in torch.unique(band).tolist():
             pick = band == b
-            self.dense[b].addmm_(b_cols[:, pick], a_rows[pick])  # in place: no (d_out, d_in) temporary
+            # in place: no (d_out, d_in) temporary
+            self.dense[b].addmm_(b_cols[:, pick], a_rows[pick])
 
     def _stack(self) -> tuple[Tensor, Tensor, Tensor]:
         return torch.cat(self.a_rows), torch.cat(self.b_cols, dim=1), torch.cat(self.comps)
@@ -367,10 +453,14 @@ class _ModuleSum:
                 inv = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
                 a *= inv.to(a)[:, None]
                 b *= inv.to(b)[None, :]
-            if self.hold_a:
-                a = self._frozen(width).to(a.dtype)
+            if "A" in self.fixed and self.source is not None:
+                a = self._fixed("A", width).to(a.dtype)
             elif self.held_a is not None:
                 a = held_rows([], width, self.held_a)
+            if "B" in self.fixed and self.source is not None:
+                b = self._fixed("B", width).to(b.dtype)
+            elif self.held_bt is not None:
+                b = held_rows([], width, self.held_bt).T.contiguous()
             return a, b
         if self.dense is None:
             a_s, b_s, comps = self._stack()

@@ -11,6 +11,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -157,15 +158,16 @@ def count_share(rank: int, num_examples: int, width: int) -> tuple[Tensor, Tenso
 FACTORS = ("A", "B")
 """The two LoRA factors, by PEFT's names: ``A: (r, d_in)`` (``lora_A``), ``B: (d_out, r)``."""
 
-ROLES = ("shared", "frozen")
+ROLES = ("shared", "frozen", "held")
 """What a client does with one LoRA factor under a method (:class:`ClientProtocol`)."""
 
 
 @dataclass(frozen=True)
 class ClientProtocol:
-    """What a client trains, sends and keeps, factor by factor: the one declaration the round
-    core, both engines, client-level DP and the checks read (no code branches on a method's
-    name).
+    """What a client trains, sends and keeps in a round, factor by factor: the one declaration
+    the round core, both engines, client-level DP and the checks read (no code branches on a
+    method's name). A method whose protocol changes from round to round declares a
+    :class:`ProtocolCycle` of them.
 
     Each factor has a role:
 
@@ -174,7 +176,11 @@ class ClientProtocol:
     - ``"frozen"``: never trained and never sent, in either direction: fixed at a shared random
       initialisation drawn from the run's seed, the same for every client (a client of rank r
       holds its first r rows; :mod:`.frozen`), which the server and each client draw for
-      themselves. Only A may be frozen (a frozen zero B would keep every update at zero).
+      themselves. Only A may be frozen (a frozen zero B would keep every update at zero);
+    - ``"held"``: kept fixed for the round at the server's current global factor, the same for
+      every client (a client of rank r holds its prefix; before any global factor exists, the
+      run's seeded initialisation of a frozen A): sent down, not trained, not sent up; the
+      server aggregates its own copy, never a client's (RoLoRA's alternating rounds).
     """
 
     A: str = "shared"
@@ -187,8 +193,10 @@ class ClientProtocol:
             role = getattr(self, name)
             if role not in ROLES:
                 raise ValueError(f"client protocol: {name} has role {role!r}; valid: {ROLES}")
-        if self.B != "shared":
+        if self.B == "frozen":
             raise ValueError("client protocol: only A may be frozen (a frozen B stays zero)")
+        if not self.trains:
+            raise ValueError("client protocol: at least one factor must be trained")
 
     @property
     def trains(self) -> tuple[str, ...]:
@@ -197,19 +205,85 @@ class ClientProtocol:
 
     @property
     def sends(self) -> tuple[str, ...]:
-        """The factors a client uploads and the server sends back (and, under DP, clips and
-        noises): the released part of the global update."""
+        """The factors a client uploads (and, under DP, clips and the server noises): the
+        released part of the global update."""
         return tuple(f for f in FACTORS if getattr(self, f) == "shared")
 
     @property
+    def receives(self) -> tuple[str, ...]:
+        """The factors the server sends a client (its start): the shared and the held ones."""
+        return tuple(f for f in FACTORS if getattr(self, f) != "frozen")
+
+    @property
     def keeps(self) -> tuple[str, ...]:
-        """The factors that stay on the client: never uploaded nor downloaded."""
+        """The factors a client does not upload (frozen or held)."""
         return tuple(f for f in FACTORS if f not in self.sends)
 
     @property
     def frozen(self) -> tuple[str, ...]:
         """The factors fixed at the run's seeded shared initialisation (:mod:`.frozen`)."""
         return tuple(f for f in FACTORS if getattr(self, f) == "frozen")
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """The factors held this round at the server's current global factor."""
+        return tuple(f for f in FACTORS if getattr(self, f) == "held")
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """The factors the aggregation holds as they are (frozen or held), never sums: every
+        client's is a prefix of the same matrix."""
+        return tuple(f for f in FACTORS if getattr(self, f) != "shared")
+
+    @property
+    def cycle(self) -> tuple[ClientProtocol, ...]:
+        """Every round's protocol: this one alone."""
+        return (self,)
+
+    def at(self, round_: int) -> ClientProtocol:
+        """The protocol of round ``round_`` (1-based): this one, whatever the round."""
+        return self
+
+
+@dataclass(frozen=True)
+class ProtocolCycle:
+    """A client protocol that changes with the round: round ``t`` (1-based) follows
+    ``rounds[(t - 1) % len(rounds)]``. Read through :meth:`at` only (:class:`ClientProtocol`
+    has the same method), so whoever reads a method's protocol reads it for a round.
+
+    The first round cannot hold B: no global B exists yet and a fresh B is zero, which would
+    keep the first round's update at zero."""
+
+    rounds: tuple[ClientProtocol, ...]
+    """The protocols of one cycle of rounds, in order."""
+
+    def __post_init__(self) -> None:
+        if not self.rounds or not all(isinstance(p, ClientProtocol) for p in self.rounds):
+            raise ValueError("protocol cycle: give one ClientProtocol per round of the cycle")
+        if "B" in self.rounds[0].held:
+            raise ValueError("protocol cycle: round 1 cannot hold B (no global B exists yet)")
+
+    @property
+    def cycle(self) -> tuple[ClientProtocol, ...]:
+        """Every round's protocol, in order."""
+        return self.rounds
+
+    def at(self, round_: int) -> ClientProtocol:
+        """The protocol of round ``round_`` (1-based)."""
+        if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 1:
+            raise ValueError(f"protocol cycle: round {round_!r} must be an integer >= 1")
+        return self.rounds[(round_ - 1) % len(self.rounds)]
+
+
+class HeldSource(Protocol):
+    """Where the aggregation takes a round's fixed factors from (frozen or held): the run's
+    frozen initialisation (:class:`.frozen.FrozenInit`, A only) or the server's start basis
+    (:class:`.starts.StartBasis`, the current global factors)."""
+
+    def factor(self, name: str, module: str, count: int, size: int) -> Tensor:
+        """``module``'s factor ``name``, first ``count`` components: ``A: (count, size)`` or,
+        scale folded in, ``B: (size, count)``."""
+        ...
 
 
 DEFAULT_PROTOCOL = ClientProtocol()
@@ -257,13 +331,20 @@ class Method:
     """The weights as per-client raw weights and denominator masses (:data:`Share`), so a round
     can be aggregated as its updates arrive (:class:`.streaming.RoundSum`); None: the method is
     aggregated from the round's whole list (its weights need every client at once)."""
-    protocol: ClientProtocol = DEFAULT_PROTOCOL
-    """Which factors a client trains, sends and keeps (:class:`ClientProtocol`). A frozen A is
-    held by the aggregation as it is (every client's A is a prefix of the same matrix), never
-    summed: ``padded`` form only."""
+    protocol: ClientProtocol | ProtocolCycle = DEFAULT_PROTOCOL
+    """Which factors a client trains, sends and keeps (:class:`ClientProtocol`), or a cycle of
+    them when that changes with the round (:class:`ProtocolCycle`; read it with
+    ``protocol.at(round_)``). A frozen or held factor is held by the aggregation as it is
+    (every client's is a prefix of the same matrix), never summed: ``padded`` form only."""
     reduction_note: str = ""
     """Why the redistributions left out of :attr:`reductions` are not defined for this method
     (said when one is asked for)."""
+    residual: bool = False
+    """True if the method also folds its residual into the frozen base weights (FedEx-LoRA):
+    the weighted sum of the clients' updates, ``sum_k Bh_k diag(gamma_k) A_k`` (the ``stack``
+    form of the same weights), minus the product of the global factors ``B_g @ A_g``, so that
+    the global model is the exact weighted sum while clients start from the factors (``padded``
+    form only; :attr:`.global_update.GlobalUpdate.folds_residual`)."""
 
     def combine(
         self, As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]
@@ -272,7 +353,7 @@ class Method:
         k gives ``A_k: (r_k, d_in)`` and ``Bh_k = s_k * B_k: (d_out, r_k)``; the global update is
         ``B_g @ A_g``. Inputs are never modified; the result holds new tensors."""
         gamma = self.weights([a.shape[0] for a in As], num_examples)
-        return assemble(self.form, As, Bhs, gamma, hold_a="A" in self.protocol.frozen)
+        return assemble(self.form, As, Bhs, gamma, hold_a="A" in self.protocol.at(1).fixed)
 
 
 def assemble(

@@ -84,12 +84,12 @@ def run_rounds(
             seed = derive_seed(options.seed, t, k)
             result = rounds.train_client(
                 task, spec, start, seed=seed, round_=t, private=server.privacy is not None,
-                plan=server.plan,
+                plan=server.round_plan,
             )  # fmt: skip
             update = rounds.client_update(spec, result)
             if options.save_client_adapters and saving.saves(t):
                 rounds.save_client_adapter(task, folder, t, spec, update)
-            up = rounds.upload_bytes(update, server.plan)
+            up = rounds.upload_bytes(update, server.round_plan)
             record = rounds.client_record(t, spec, result, start, up)
             server.fold(update)  # into the round's running sums; the update can go
             rounds.keep_client_record(folder, record, tally, options.record_clients)

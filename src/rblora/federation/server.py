@@ -12,7 +12,10 @@ What the global model is after round t (the delta from the ORIGINAL base weights
   every one a prefix of one :class:`~rblora.aggregation.starts.StartBasis` as wide as the largest
   rank, which is all the server keeps of them (:meth:`FederatedServer.deliver` cuts each start);
 - ``merge`` (FLoRA): ``W0 + D_t`` with ``D_t = dW_1 + ... + dW_t`` (:class:`UpdateSum`, whose size
-  is bounded by one dense matrix per module); clients start from a fresh LoRA on that base.
+  is bounded by one dense matrix per module); clients start from a fresh LoRA on that base;
+- a method that folds a residual (FedEx-LoRA): ``W0 + D_t + B_t @ A_t`` with ``D_t`` the sum of
+  the rounds' residuals (the same :class:`UpdateSum`, sent to clients as the merged total is)
+  and ``(A_t, B_t)`` the factors every client starts from a prefix of.
 
 Dense extra parameters (a classification head) are replaced by their example-weighted mean every
 round, whatever the redistribution, and every client starts from that mean.
@@ -77,6 +80,12 @@ class GlobalModel:
     delta: dict[str, ModuleDelta]
     merged: bool
     dense: dict[str, torch.Tensor]
+
+
+def _width(delta: ModuleDelta) -> int:
+    """Components of a factored delta, ``min(d_out, d_in)`` of a dense one (what a client that
+    has not received it downloads, at most: see :meth:`FederatedServer.deliver`)."""
+    return min(delta_shape(delta)) if torch.is_tensor(delta) else int(delta[0].shape[0])
 
 
 def derive_seed(seed: int, *parts: int) -> int:
@@ -211,8 +220,8 @@ class FederatedServer:
             base_delta=self.base_total.as_dict(),
         )
         total = tensor_bytes(self.dense.values())
-        if start.factors:  # only the factors the method's protocol sends down
-            total += tensor_bytes(self.plan.travels(start.factors))
+        if start.factors:  # only the factors the method's protocol sends down this round
+            total += tensor_bytes(self.round_plan.travels(start.factors, down=True))
         missed = sum(self._merge_widths[self._synced.get(client_id, 0) :])
         if missed:
             for delta in start.base_delta.values():
@@ -222,14 +231,20 @@ class FederatedServer:
         self._synced[client_id] = self.completed_rounds
         return start
 
-    def fold(self, update: ClientUpdate) -> None:
+    def fold(self, update: ClientUpdate) -> ClientUpdate:
         """Fold one reply of the round in progress (round ``completed_rounds + 1``) into its
         running sums as it arrives (:mod:`rblora.aggregation.streaming`; under DP clipped
         first): the server never holds the round's client updates, only sums whose size does
-        not grow with them. ValueError naming the client for a reply that does not fit."""
+        not grow with them. ValueError naming the client for a reply that does not fit.
+        Returns the update as folded: a factor the client did not send (frozen or held) is the
+        server's own (:meth:`FactorPlan.restore`), so it is the client's whole adapter."""
         if self._round is None:
             self._round = self._open_round()
-        self._round.add(self.plan.restore(update))  # a frozen factor is the server's own draw
+        plan = self.round_plan
+        start = self._start_of(update.client_id) if plan.protocol.held else None
+        update = plan.restore(update, start)  # a frozen or held factor: the server's
+        self._round.add(update)
+        return update
 
     def aggregate(self, updates: list[ClientUpdate] | None = None) -> GlobalUpdate:
         """The round's global update from what :meth:`fold` took (or from ``updates``, folded
@@ -255,17 +270,31 @@ class FederatedServer:
             self.clip = adaptive.next_clip(self.clip, self.last_clip.unclipped, draw)
         return global_update
 
+    @property
+    def round_plan(self) -> FactorPlan:
+        """The client protocol of the round in progress (``completed_rounds + 1``)."""
+        return self.plan.at(self.completed_rounds + 1)
+
+    def _held_source(self):
+        """Where the round in progress takes its fixed factors from: the current global
+        factors (the start basis) for a held factor once they exist, else the run's frozen
+        initialisation (None when the method's protocol fixes no factor)."""
+        if self.round_plan.protocol.held and self._basis is not None:
+            return self._basis
+        return self.plan.init
+
     def _open_round(self):
         """The running sums of a new round: private (the clip of this round), or the method's."""
+        round_, held = self.completed_rounds + 1, self._held_source()
         if self._dp is not None:
             return PrivateRoundSum(
                 self.method, replace(self._dp, clip=self.clip), reduction=self.reduction,
-                shapes=self.layout.modules, dense_shapes=self.layout.dense, frozen=self.plan.init,
-                svd_energy=self.svd_energy,
+                shapes=self.layout.modules, dense_shapes=self.layout.dense, held=held,
+                svd_energy=self.svd_energy, round_=round_,
             )  # fmt: skip
         return open_round(
             self.method, self.reduction, ranks=[c.rank for c in self.clients],
-            frozen=self.plan.init, svd_energy=self.svd_energy,
+            held=held, svd_energy=self.svd_energy, round_=round_,
         )  # fmt: skip
 
     def privacy_record(self) -> tuple[dict, dict]:
@@ -300,6 +329,13 @@ class FederatedServer:
             self.base_total.add(update)
             self._merge_widths.append(max(global_update.rank(m) for m in update))
             model = GlobalModel(self.base_total.as_dict(), merged=True, dense=dict(self.dense))
+        elif global_update.folds_residual:  # FedEx-LoRA: the residual into the base, the
+            residual = {m: global_update.residual(m) for m in update}  # factors to clients
+            self.base_total.add(residual)
+            self._merge_widths.append(max(_width(d) for d in residual.values()))
+            whole = UpdateSum.from_dict(self.base_total.as_dict())
+            whole.add(update)  # the global model: the base's total and the factors' product
+            model = GlobalModel(whole.as_dict(), merged=True, dense=dict(self.dense))
         else:
             self._merge_widths.append(0)
             model = GlobalModel(update, merged=False, dense=dict(self.dense))

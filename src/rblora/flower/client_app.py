@@ -133,8 +133,9 @@ def train(msg: Message, context: Context) -> Message:
     args = client_args(json.loads(meta["train-args"]), context)
     task = client_task(args, clients)
     spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)
-    plan = FactorPlan.for_method(args.method, args.seed)  # what this method's clients train, send
-    start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes()))
+    # what this method's clients train and send in this round
+    plan = FactorPlan.for_method(args.method, args.seed, int(meta["round"]))
+    start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes(), down=True))
     task.set_base(start.base_delta, {})  # merge protocol: W0 + every merged round
     result = train_client(
         task,

@@ -322,7 +322,7 @@ class HeteroRankStrategy(Strategy):
                 self._round["missing"][k] = "no node has answered for this client"
                 continue
             start = server.deliver(k)
-            tensors, meta = encode_start(start, server.plan.sends)
+            tensors, meta = encode_start(start, server.plan.at(server_round).receives)
             meta.update(
                 {
                     "train-args": self._options,
@@ -370,7 +370,7 @@ class HeteroRankStrategy(Strategy):
             return
         spec = run.server.clients[k]
         try:
-            plan = run.server.plan  # the method's client protocol: what a reply carries
+            plan = run.server.plan.at(server_round)  # the client protocol: what a reply carries
             shapes = update_shapes(spec, self._layout, plan.sends)
             tensors, meta = from_content(reply.content, shapes)
             update, metrics = decode_update(tensors, meta, spec, self._layout, plan)
@@ -382,7 +382,7 @@ class HeteroRankStrategy(Strategy):
                 server_round, spec, result, ClientStart(None, download_bytes=down),
                 content_bytes(reply.content),
             )  # fmt: skip
-            run.server.fold(update)
+            update = run.server.fold(update)  # a factor not sent: the server's own
         except Exception as err:  # no reply, however built, stops the server
             reason = str(err) if isinstance(err, ValueError) else type(err).__name__
             state["missing"][k] = f"node {node}: reply dropped: {_short(reason)}"

@@ -25,7 +25,7 @@ from rblora.aggregation import ClientUpdate
 from rblora.aggregation.running import ModuleDelta, is_dense
 from rblora.aggregation.starts import StartBasis
 from rblora.aggregation.types import Factors
-from rblora.protocol.factors import DEFAULT_PLAN, FactorPlan
+from rblora.protocol.factors import DEFAULT_PLAN, FactorPlan, Fill
 from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout
 
 
@@ -74,18 +74,24 @@ def _parts(tensors: dict[str, torch.Tensor], prefix: str, kind: str) -> dict[str
     return parts
 
 
-def decode_factors(tensors: dict[str, torch.Tensor], prefix: str, fill=None) -> Factors:
-    """The LoRA factors under ``prefix``; ValueError if a module lacks A or B. ``fill``
-    (``fill(module) -> A``): the message carries B alone (a frozen A, drawn by the receiver;
-    :meth:`rblora.protocol.factors.FactorPlan.filler`)."""
+def decode_factors(
+    tensors: dict[str, torch.Tensor], prefix: str, fill: Fill | None = None
+) -> Factors:
+    """The LoRA factors under ``prefix``; ValueError if a module lacks A or B. ``fill``: the
+    message does not carry the factors ``fill.absent`` (a frozen A, drawn by the receiver; a
+    held factor in a reply; :meth:`rblora.protocol.factors.FactorPlan.filler`), which
+    ``fill.make(module, name)`` gives."""
     out: Factors = {}
-    expected = {"B"} if fill is not None else {"A", "B"}
+    absent = () if fill is None else fill.absent
+    expected = {"A", "B"} - set(absent)
     for module, p in sorted(_parts(tensors, prefix, "lora").items()):
         if set(p) != expected:
             raise ValueError(
                 f"{prefix}: module {module!r} has {sorted(p)}, expected {sorted(expected)}"
             )
-        out[module] = (p["A"], p["B"]) if fill is None else (fill(module), p["B"])
+        a = fill.make(module, "A") if "A" in absent else p["A"]
+        b = fill.make(module, "B") if "B" in absent else p["B"]
+        out[module] = (a, b)
     return out
 
 
@@ -253,8 +259,9 @@ def decode_update(
     missing or unexpected (a LoRA reply without factors, a head-only reply with them); factors
     whose shape is not ``spec.rank`` on the module's ``(d_out, d_in)`` (a reply shaped for
     another client); dense parameters of another shape; any dtype but float32; NaN or inf;
-    metrics beyond their bounds. ``plan``: the method's client protocol; a factor it does not
-    send must be absent, and the server's own draw of it (a frozen A) takes its place.
+    metrics beyond their bounds. ``plan``: the method's client protocol of the round; a factor
+    it does not send must be absent, and the server's own draw of it (a frozen A) takes its
+    place (a held factor: zeros, until the server puts its own copy there).
     """
     unknown = sorted(str(k)[:64] for k in set(meta) - _UPDATE_META)
     if unknown:
@@ -320,7 +327,7 @@ def encode_start(
     start: ClientStart, sends: tuple[str, ...] = ("A", "B")
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A :class:`ClientStart` as (tensors, metadata): of its factors those the method's
-    protocol sends (``sends``)."""
+    protocol sends down this round (``sends``: ``FactorPlan.receives``)."""
     tensors = encode(
         "start", factors=start.factors or {}, dense=start.dense, deltas=start.base_delta,
         sends=sends,
@@ -328,9 +335,11 @@ def encode_start(
     return tensors, {"fresh": start.factors is None, "download-bytes": int(start.download_bytes)}
 
 
-def decode_start(tensors: dict[str, torch.Tensor], meta: dict[str, Any], fill=None) -> ClientStart:
-    """Inverse of :func:`encode_start`; ``fill(module) -> A``: A did not travel (a frozen A,
-    :meth:`rblora.protocol.factors.FactorPlan.filler`)."""
+def decode_start(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], fill: Fill | None = None
+) -> ClientStart:
+    """Inverse of :func:`encode_start`; ``fill``: the factors that did not travel (a frozen A,
+    :meth:`rblora.protocol.factors.FactorPlan.filler` with ``down=True``)."""
     factors = decode_factors(tensors, "start", None if meta.get("fresh") else fill)
     return ClientStart(
         factors=None if meta.get("fresh") else factors,

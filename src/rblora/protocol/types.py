@@ -42,7 +42,8 @@ class ClientStart:
     ``factors``: raw PEFT factors of the client's rank, or None for a fresh LoRA (round 1, and
     every round of the merge protocol). ``dense``: the dense extra parameters to start from ({}:
     the task's initial ones). ``base_delta``: under the merge protocol, the running total the base
-    weights must hold (``W0 + base_delta``; {} otherwise). ``download_bytes``: what the client
+    weights must hold (``W0 + base_delta``), and likewise the residuals a method folds into the
+    base (FedEx-LoRA); {} otherwise. ``download_bytes``: what the client
     must receive that it does not have yet (see ``FederatedServer.deliver``); a factor the
     method's protocol does not send (a frozen A) is not counted: the client draws it itself.
     """
