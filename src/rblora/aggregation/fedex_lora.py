@@ -1,7 +1,8 @@
 """FedEx-LoRA: FedAvg of A and B, and the residual that makes it exact folded into the base.
 
 Source: Singhal, Ponkshe, Vepakomma, "FedEx-LoRA: Exact Aggregation for Federated and
-Efficient Fine-Tuning of Foundation Models" (ACL 2025). The server averages the factors as
+Efficient Fine-Tuning of Large Language Models" (ACL 2025; the arXiv version ends "of
+Foundation Models"). The server averages the factors as
 FedIT does, ``Bbar = sum_k p_k Bh_k``, ``Abar = sum_k p_k A_k`` (``Bh_k = s_k B_k``,
 ``p_k = n_k / N``), sends them back, and adds what their product misses,
 

@@ -1,6 +1,6 @@
 """RoLoRA: alternating rounds, B trained and averaged with A held, then A with B held.
 
-Source: Chen, Guo, Ju, Dalal, Khisti, "Robust Federated Finetuning of LLMs via Alternating
+Source: Chen et al., "Robust Federated Finetuning of LLMs via Alternating
 Optimization of LoRA" (NeurIPS 2025, arXiv 2502.01755). The clients optimise the two LoRA
 factors in turn; in a round only one of them is trained, uploaded and averaged, the other is
 the global factor every client received, the same for all (``p_k = n_k / N``,
