@@ -206,3 +206,38 @@ def test_a_fedex_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_on
     for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
         x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
+
+
+def test_hetlora_global_model_is_the_sparsity_weighted_padded_mean(workspace, tmp_path):
+    """HETLoRA as published (a round aggregated from its list): each round's exported global
+    model is, per module, ``Bbar @ Abar`` of the zero-padded factors weighted by
+    ``||Bh_k A_k||_F / sum_k' ||Bh_k' A_k'||_F``, computed densely from the saved adapters."""
+    assert cli.main(lm_argv(workspace, tmp_path, "--method", "HETLoRA")) == 0
+    run = tmp_path / "3"
+    ranks = (2, 4, 8)
+    for t in (1, 2):
+        folders = [run / f"round_{t}" / f"client_{k}" for k in range(3)]
+        trained = [_factors(f) for f in folders]
+        scales = [_alpha(folders[k]) / r for k, r in enumerate(ranks)]
+        exported = _factors(run / f"round_{t}" / "global")
+        assert exported.keys() == trained[0].keys()
+        for m in trained[0]:
+            pairs = [
+                (f[m][0].double(), s * f[m][1].double())
+                for f, s in zip(trained, scales, strict=True)
+            ]
+            norms = torch.tensor([float(torch.linalg.norm(bh @ a)) for a, bh in pairs])
+            w = norms / norms.sum()
+            a_bar = torch.zeros(max(ranks), pairs[0][0].shape[1], dtype=torch.float64)
+            b_bar = torch.zeros(pairs[0][1].shape[0], max(ranks), dtype=torch.float64)
+            for wk, (a, bh) in zip(w.tolist(), pairs, strict=True):
+                a_bar[: len(a)] += wk * a
+                b_bar[:, : len(a)] += wk * bh
+            want = b_bar @ a_bar
+            a, b = exported[m]
+            scale = float(want.norm())
+            torch.testing.assert_close((b @ a).double() / scale, want / scale, rtol=0, atol=1e-5)
+    # the round records name the method
+    assert {r["method"] for r in metrics(run) if r["type"] == "round" and r["round"] > 0} == {
+        "HETLoRA"
+    }

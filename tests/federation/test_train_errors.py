@@ -51,6 +51,10 @@ from rblora.federation import cli
             ["--method", "FedEx-LoRA", "--reduction_method", "svd"],
             "(its residual is computed against the averaged factors clients start from;",
         ),
+        (
+            ["--method", "HETLoRA", "--dp_clip", "1", "--dp_noise_multiplier", "1"],
+            "HETLoRA cannot be made differentially private: its sparsity weights",
+        ),
         (["--method", "FLoRA", "--reduction_method", "zip"], "zip"),
         (["--client_lora_rank_dict", '{"client_0": 2, "client_1": 4, "client_2": 2.7}'], "2.7"),
         (["--cutoff_len", "1"], "cutoff_len=1"),

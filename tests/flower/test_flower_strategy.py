@@ -738,6 +738,21 @@ def test_fedex_lora_sends_its_residual_and_gives_the_in_process_adapters(workspa
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
+def test_hetlora_sparsity_weights_give_the_in_process_adapters(workspace, tmp_path):
+    """HETLoRA as published (its weights need the whole round, aggregated from the round's
+    list): on Flower the global adapters and a client's round-2 adapter are the in-process
+    engine's."""
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    _serve(workspace, tmp_path / "flower", TestGrid(nodes), "--method", "HETLoRA")
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", "--method", "HETLoRA")) == 0
+    assert_same_global_updates(tmp_path / "flower" / "3", tmp_path / "inprocess" / "3")
+    a = adapter_tensors(tmp_path / "flower" / "3" / "round_2" / "client_2")
+    b = adapter_tensors(tmp_path / "inprocess" / "3" / "round_2" / "client_2")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
 def test_the_threshold_redistribution_gives_the_in_process_adapters(workspace, tmp_path):
     """FLoRIST's threshold is the server's: on Flower the global adapters and every client's
     round-2 adapter are the in-process engine's."""
