@@ -21,8 +21,10 @@ configs ``uniform_hetlora.yaml``, ``weighted_hetlora.yaml``) are the zero-paddin
 uniform or data-size weights and no sparsity weighting.
 
 The paper's other half, the clients' local rank self-pruning (a regulariser on the norm of the
-last components of the LoRA and a pruning rule), is local training, not aggregation: its
-functions are in :mod:`rblora.training.rank_pruning`.
+last components of the LoRA and a pruning rule), is local training, not aggregation: our
+reading of it (the exact rule was not available to us) is :mod:`rblora.training.rank_pruning`,
+on with ``--hetlora_lambda > 0``. The method declares it (``local_rank_pruning``), so a pruned
+client's reply of smaller rank is accepted, and aggregated at its own rank and scale.
 
 Client-level DP: refused (:attr:`~.types.Method.dp_note`). The weights ``S_k / Z`` are
 computed from the updates themselves, so removing one client changes every other client's
@@ -70,6 +72,7 @@ METHOD = Method(
     reductions=("truncate", "svd", "merge"),
     exact_mean=False,
     ordered_components=True,
+    local_rank_pruning=True,
     aliases=("HetLoRA-published", "HETLoRA (published)", "Sparsity HETLoRA"),
     dp_note=(
         "its sparsity weights ||dW_k|| / sum_k' ||dW_k'|| depend on every client's update, so "

@@ -357,6 +357,11 @@ class Method:
     and sizes (HETLoRA's sparsity weights ``||dW_k||_F / sum_k' ||dW_k'||_F``): given, it
     replaces :attr:`weights` in :meth:`combine`, module by module, and the method must have no
     ``share`` (its weights need every client of the round at once)."""
+    local_rank_pruning: bool = False
+    """True if the method's clients may prune their own rank in local training (HETLoRA's rank
+    self-pruning, :mod:`rblora.training.rank_pruning`): a reply may then hold a smaller rank
+    than the client's, never a larger one, which the server accepts for this method only
+    (:attr:`rblora.protocol.factors.FactorPlan.prunes`)."""
     dp_note: str = ""
     """Non-empty: client-level DP is not defined for this method, and this says why (the one
     line a DP run of it is refused with, :func:`.privacy.check_private`)."""

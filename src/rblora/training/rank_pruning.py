@@ -28,8 +28,13 @@ justify from those sources, and are marked as ours:
 
 The functions here are local training only (no federation): :func:`tail_norm` on factors,
 :func:`tail_penalty` on a PEFT model (a ``penalty`` for :func:`rblora.training.train_local`),
-:func:`should_prune` and :func:`prune_factors`. Wiring them into a federated run (the
-options, a reply of smaller rank accepted by the server) is not done yet.
+:func:`should_prune` and :func:`prune_factors`, and :class:`RoundPruning`, what a task does
+with them over one round. In a run they are ``--hetlora_lambda`` and ``--hetlora_prune_gamma``
+(``TrainConfig.prune_lambda`` / ``prune_gamma``; lambda 0 turns pruning off) for a method that
+declares ``local_rank_pruning`` (HETLoRA): a pruned client replies at its smaller rank, which
+the server accepts for that method only (:meth:`rblora.protocol.factors.FactorPlan.check_rank`).
+The pruning lasts one round (ours: no state between rounds): the next round starts again at
+the client's rank.
 """
 
 from __future__ import annotations
@@ -128,3 +133,37 @@ def prune_factors(
         keep = kept_rank(rank, gamma)
         out[module] = (a[:keep].clone(), b[:, :keep] * (float(scale(rank)) / float(scale(keep))))
     return out
+
+
+class RoundPruning:
+    """One client's rank self-pruning over one round of local training: :meth:`begin` reads
+    the tail's norm of the adapter it starts from, :attr:`penalty` goes to ``train_local``,
+    :meth:`finish` applies the pruning rule to the trained factors."""
+
+    def __init__(self, lam: float, gamma: float, start: float) -> None:
+        self.lam, self.gamma, self.start = lam, gamma, start
+        self.penalty = tail_penalty(lam, gamma)
+        self.end: float | None = None
+
+    @classmethod
+    def begin(cls, model: nn.Module, lam: float, gamma: float) -> RoundPruning | None:
+        """None when ``lam`` is 0 (no penalty, no pruning)."""
+        if check_lambda(lam) == 0:
+            return None
+        with torch.no_grad():
+            start = float(tail_norm(model_factors(model), gamma))
+        return cls(lam, check_gamma(gamma), start)
+
+    def finish(
+        self,
+        model: nn.Module,
+        factors: Mapping[str, tuple[Tensor, Tensor]],
+        scale: Callable[[int], float],
+    ) -> Mapping[str, tuple[Tensor, Tensor]]:
+        """``factors`` (the trained ones, read from ``model``) pruned to the kept rank when
+        :func:`should_prune` says so, else as they are."""
+        with torch.no_grad():
+            self.end = float(tail_norm(model_factors(model), self.gamma))
+        if should_prune(self.start, self.end):
+            return prune_factors(factors, self.gamma, scale)
+        return factors
