@@ -67,4 +67,24 @@ def test_names_and_dp_refusal():
     assert get_method("Weighted HETLoRA").name == "Weighted HETLoRA"
     with pytest.raises(ValueError, match="HETLoRA cannot be made differentially private") as e:
         check_private("HETLoRA", None)
-    assert "\n" not in str(e.value) and "sensitivity" in str(e.value)
+    assert "\n" not in str(e.value) and "up to 2C" in str(e.value)
+
+
+def test_one_client_moves_the_sparsity_weighted_release_by_more_than_its_clip():
+    """Why DP is refused. The release of a padded method is the pair (Abar, Bbar); client-level
+    DP clips each client's term (A_k, Bh_k) to C and calibrates the noise to "one client moves
+    the release by at most C", which holds for fixed weights. HETLoRA's weights are normalised
+    by the round's own norms: here client 1's term sits at the clip C = sqrt(2), client 2's is
+    under it, and removing client 1 moves the release by about sqrt(5) > C (every other
+    client's weight changes with it). The move stays below 2C (weights on the simplex), but the
+    mechanism's noise and accounting are for C."""
+    eps = 1e-3
+    one = ClientUpdate(num_examples=1, lora_alpha=1.0, factors={M: (t([[1.0]]), t([[1.0]]))})
+    two = ClientUpdate(num_examples=1, lora_alpha=1.0, factors={M: (t([[-1.0]]), t([[-eps]]))})
+    clip = 2**0.5
+    assert float(torch.cat([t([1.0]), t([1.0])]).norm()) == pytest.approx(clip)
+    both = aggregate("HETLoRA", [one, two]).factors(M)
+    alone = aggregate("HETLoRA", [two]).factors(M)
+    move = float(torch.cat([(x - y).flatten() for x, y in zip(both, alone, strict=True)]).norm())
+    assert clip < move < 2 * clip
+    assert move == pytest.approx(5**0.5, rel=1e-2)

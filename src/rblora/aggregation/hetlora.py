@@ -26,11 +26,13 @@ reading of it (the exact rule was not available to us) is :mod:`rblora.training.
 on with ``--hetlora_lambda > 0``. The method declares it (``local_rank_pruning``), so a pruned
 client's reply of smaller rank is accepted, and aggregated at its own rank and scale.
 
-Client-level DP: refused (:attr:`~.types.Method.dp_note`). The weights ``S_k / Z`` are
-computed from the updates themselves, so removing one client changes every other client's
-weight through ``Z``: a client whose clipped update is small can be given weight close to 1
-when the others vanish, and the bound "one client moves the sum by at most C" of the fixed
-population weights no longer holds.
+Client-level DP: refused (:attr:`~.types.Method.dp_note`). rblora's mechanism clips each
+client's term to C and calibrates noise and accounting to "one client moves the release by at
+most C", which fixed population weights give. The weights ``S_k / Z`` are normalised by the
+round's own norms, so removing client j also moves every other client's weight (they grow by
+``w_j`` in total): with terms clipped to C the release moves by up to ``2 w_j C <= 2C``, not C
+(a test shows a move of sqrt(5) C / sqrt(2) > C). A mechanism calibrated to 2C (noise on the
+normalised mean, the norms kept private) would be sound but is not implemented.
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ METHOD = Method(
     local_rank_pruning=True,
     aliases=("HetLoRA-published", "HETLoRA (published)", "Sparsity HETLoRA"),
     dp_note=(
-        "its sparsity weights ||dW_k|| / sum_k' ||dW_k'|| depend on every client's update, so "
-        "one client changes all the weights and the release's sensitivity is not bounded by the "
-        "clip; use Weighted HETLoRA (fixed weights) for DP"
+        "its sparsity weights ||dW_k|| / sum_k' ||dW_k'|| are normalised by the round's own "
+        "norms, so one client moves every weight and the release by up to 2C, while the DP "
+        "noise and accounting assume C (fixed weights); use Weighted HETLoRA for DP"
     ),
 )
