@@ -64,10 +64,6 @@ from rblora.federation import cli
             ["--method", "RB-LoRA", "--hetlora_lambda", "0.1"],
             "--hetlora_lambda 0.1: RB-LoRA's clients do not prune their rank",
         ),
-        (
-            ["--method", "HETLoRA", "--hetlora_lambda", "0.1", "--engine", "flower"],
-            "runs on the in-process engine only",
-        ),
         (["--method", "FLoRA", "--reduction_method", "zip"], "zip"),
         (["--client_lora_rank_dict", '{"client_0": 2, "client_1": 4, "client_2": 2.7}'], "2.7"),
         (["--cutoff_len", "1"], "cutoff_len=1"),

@@ -205,7 +205,7 @@ class RunOptions:
         0.0,
         "HETLoRA's local rank self-pruning (our reading, docs/local-training.md): weight of the "
         "penalty on the norm of the LoRA's last components; 0 (default) turns pruning off; "
-        "methods that declare rank pruning only (HETLoRA), in-process engine only",
+        "methods that declare rank pruning only (HETLoRA)",
     )
     hetlora_prune_gamma: float = option(
         0.5,
@@ -429,11 +429,6 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             raise ValueError(
                 f"--hetlora_lambda {self.hetlora_lambda:g}: {method.name}'s clients do not prune "
                 "their rank; it applies to --method HETLoRA"
-            )
-        if self.hetlora_lambda > 0 and self.engine != "inprocess":
-            raise ValueError(
-                f"--hetlora_lambda {self.hetlora_lambda:g} (rank self-pruning) runs on the "
-                f"in-process engine only: a {self.engine} reply is checked at the client's rank"
             )
         if self.head_only and reduction == "merge":
             # no LoRA is trained, so there is nothing to merge into the base (it crashed after
