@@ -285,3 +285,18 @@ def test_hetlora_clients_prune_their_rank_and_the_server_takes_the_smaller_reply
         a, b = exported[m]
         scale = float(want.norm())
         torch.testing.assert_close((b @ a).double() / scale, want / scale, rtol=0, atol=1e-5)
+
+
+def test_a_pruning_hetlora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
+    workspace, tmp_path, monkeypatch
+):
+    """Rank self-pruning keeps no state between rounds (ours), so a resumed run prunes the same
+    clients and ends as the uninterrupted one, to the bit."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    argv = ("--method", "HETLoRA", "--hetlora_lambda", "50")
+    assert cli.main(lm_argv(workspace, full, *argv)) == 0
+    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, *argv)) == 130
+    assert cli.main(lm_argv(workspace, cut, *argv, "--resume")) == 0
+    for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
+        x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
