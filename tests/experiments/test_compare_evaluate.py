@@ -365,16 +365,17 @@ def test_evaluate_refuses_an_adapter_of_another_model(workspace, tmp_path, capsy
 
 
 def test_compare_runs_a_method_with_its_own_client_protocol(workspace, tmp_path):
-    """FFA-LoRA (A frozen, B alone sent), RoLoRA (B then A, one factor sent a round) and
-    FedEx-LoRA (a residual folded into the base) are cells like any other; the first two's
+    """FFA-LoRA (A frozen, B alone sent), RoLoRA (B then A, one factor sent a round),
+    FedEx-LoRA (a residual folded into the base) and HETLoRA (weights from the updates) are
+    cells like any other; the first two's
     clients send fewer bytes than RB-LoRA's (one factor: d_out r or d_in r values a module
     instead of (d_in + d_out) r)."""
     root = tmp_path / "cmp"
-    argv = ["compare", "--methods", "RB-LoRA,FFA-LoRA,RoLoRA,FedEx-LoRA", "--seeds", "1"]
+    argv = ["compare", "--methods", "RB-LoRA,FFA-LoRA,RoLoRA,FedEx-LoRA,HETLoRA", "--seeds", "1"]
     argv += ["--rank_settings", "heterogeneous", "--output_dir", str(root), "--"]
     assert rblora([*argv, *_base(workspace, tmp_path)]) == 0
     index = json.loads((root / "compare.json").read_text())
-    assert len(index["cells"]) == 4
+    assert len(index["cells"]) == 5
     up, down = {}, {}
     for cell in index["cells"]:
         lines = metrics(root / cell["path"] / "3")
@@ -386,7 +387,9 @@ def test_compare_runs_a_method_with_its_own_client_protocol(workspace, tmp_path)
     # FedEx-LoRA sends the factors up as RB-LoRA does, and its dense residual down besides
     assert up["FedEx-LoRA"] == up["RB-LoRA"] and down["FedEx-LoRA"] > down["RB-LoRA"]
     table = (root / "comparison.md").read_text()
-    for method in ("FFA-LoRA", "RoLoRA", "FedEx-LoRA"):
+    # HETLoRA (a round aggregated from its list) sends and receives both factors, as RB-LoRA
+    assert up["HETLoRA"] == up["RB-LoRA"]
+    for method in ("FFA-LoRA", "RoLoRA", "FedEx-LoRA", "HETLoRA"):
         assert f"| heterogeneous | {method} | 1 |" in table
 
 

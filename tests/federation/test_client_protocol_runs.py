@@ -206,3 +206,97 @@ def test_a_fedex_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_on
     for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
         x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
+
+
+def test_hetlora_global_model_is_the_sparsity_weighted_padded_mean(workspace, tmp_path):
+    """HETLoRA as published (a round aggregated from its list): each round's exported global
+    model is, per module, ``Bbar @ Abar`` of the zero-padded factors weighted by
+    ``||Bh_k A_k||_F / sum_k' ||Bh_k' A_k'||_F``, computed densely from the saved adapters."""
+    assert cli.main(lm_argv(workspace, tmp_path, "--method", "HETLoRA")) == 0
+    run = tmp_path / "3"
+    ranks = (2, 4, 8)
+    for t in (1, 2):
+        folders = [run / f"round_{t}" / f"client_{k}" for k in range(3)]
+        trained = [_factors(f) for f in folders]
+        scales = [_alpha(folders[k]) / r for k, r in enumerate(ranks)]
+        exported = _factors(run / f"round_{t}" / "global")
+        assert exported.keys() == trained[0].keys()
+        for m in trained[0]:
+            pairs = [
+                (f[m][0].double(), s * f[m][1].double())
+                for f, s in zip(trained, scales, strict=True)
+            ]
+            norms = torch.tensor([float(torch.linalg.norm(bh @ a)) for a, bh in pairs])
+            w = norms / norms.sum()
+            a_bar = torch.zeros(max(ranks), pairs[0][0].shape[1], dtype=torch.float64)
+            b_bar = torch.zeros(pairs[0][1].shape[0], max(ranks), dtype=torch.float64)
+            for wk, (a, bh) in zip(w.tolist(), pairs, strict=True):
+                a_bar[: len(a)] += wk * a
+                b_bar[:, : len(a)] += wk * bh
+            want = b_bar @ a_bar
+            a, b = exported[m]
+            scale = float(want.norm())
+            torch.testing.assert_close((b @ a).double() / scale, want / scale, rtol=0, atol=1e-5)
+    # the round records name the method
+    assert {r["method"] for r in metrics(run) if r["type"] == "round" and r["round"] > 0} == {
+        "HETLoRA"
+    }
+
+
+def test_hetlora_clients_prune_their_rank_and_the_server_takes_the_smaller_reply(
+    workspace, tmp_path
+):
+    """With --hetlora_lambda a client prunes to max(1, floor(r / 2)) when its tail ends the round
+    smaller than it started, and replies at that rank (bytes up in proportion, its saved adapter
+    at that rank); round 1 starts from B = 0, so nobody prunes; here (seeded) the rank-2 client
+    prunes in round 2 (under Adam, tails far smaller than a step need not shrink). The global
+    model is the sparsity-weighted padded mean of what the clients sent, at their ranks."""
+    argv = ("--method", "HETLoRA", "--hetlora_lambda", "50", "--hetlora_prune_gamma", "0.5")
+    assert cli.main(lm_argv(workspace, tmp_path, *argv)) == 0
+    run = tmp_path / "3"
+    records = {(r["round"], r["client"]): r for r in metrics(run) if r["type"] == "client"}
+    ranks, kept = (2, 4, 8), (1, 2, 4)
+    sent = []
+    for k in range(3):
+        f1 = _factors(run / "round_1" / f"client_{k}")
+        f2 = _factors(run / "round_2" / f"client_{k}")
+        assert {a.shape[0] for a, _ in f1.values()} == {ranks[k]}
+        (rank,) = {a.shape[0] for a, _ in f2.values()}
+        assert rank in (ranks[k], kept[k])
+        sent.append(rank)
+        assert records[2, k]["bytes_up"] * ranks[k] == records[1, k]["bytes_up"] * rank
+        assert records[2, k]["rank"] == ranks[k]  # the server's rank of the client stays
+    assert sent[0] == kept[0]  # the rank-2 client pruned
+    folders = [run / "round_2" / f"client_{k}" for k in range(3)]
+    trained = [_factors(f) for f in folders]
+    exported = _factors(run / "round_2" / "global")
+    for m in trained[0]:
+        pairs = [(f[m][0].double(), _alpha(folders[k]) / sent[k] * f[m][1].double())
+                 for k, f in enumerate(trained)]  # fmt: skip
+        norms = torch.tensor([float(torch.linalg.norm(bh @ a)) for a, bh in pairs])
+        w = (norms / norms.sum()).tolist()
+        width = max(sent)
+        a_bar = torch.zeros(width, pairs[0][0].shape[1], dtype=torch.float64)
+        b_bar = torch.zeros(pairs[0][1].shape[0], width, dtype=torch.float64)
+        for wk, (a, bh) in zip(w, pairs, strict=True):
+            a_bar[: len(a)] += wk * a
+            b_bar[:, : len(a)] += wk * bh
+        want = b_bar @ a_bar
+        a, b = exported[m]
+        scale = float(want.norm())
+        torch.testing.assert_close((b @ a).double() / scale, want / scale, rtol=0, atol=1e-5)
+
+
+def test_a_pruning_hetlora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
+    workspace, tmp_path, monkeypatch
+):
+    """Rank self-pruning keeps no state between rounds (ours), so a resumed run prunes the same
+    clients and ends as the uninterrupted one, to the bit."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    argv = ("--method", "HETLoRA", "--hetlora_lambda", "50")
+    assert cli.main(lm_argv(workspace, full, *argv)) == 0
+    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, *argv)) == 130
+    assert cli.main(lm_argv(workspace, cut, *argv, "--resume")) == 0
+    for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
+        x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub

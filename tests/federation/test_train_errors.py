@@ -51,6 +51,19 @@ from rblora.federation import cli
             ["--method", "FedEx-LoRA", "--reduction_method", "svd"],
             "(its residual is computed against the averaged factors clients start from;",
         ),
+        (
+            ["--method", "HETLoRA", "--dp_clip", "1", "--dp_noise_multiplier", "1"],
+            "HETLoRA cannot be made differentially private: its sparsity weights",
+        ),
+        (["--method", "HETLoRA", "--hetlora_lambda", "-1"], "hetlora_lambda -1.0 must be a finite"),
+        (
+            ["--method", "HETLoRA", "--hetlora_prune_gamma", "1.5"],
+            "hetlora_prune_gamma 1.5 must be a fraction in (0, 1)",
+        ),
+        (
+            ["--method", "RB-LoRA", "--hetlora_lambda", "0.1"],
+            "--hetlora_lambda 0.1: RB-LoRA's clients do not prune their rank",
+        ),
         (["--method", "FLoRA", "--reduction_method", "zip"], "zip"),
         (["--client_lora_rank_dict", '{"client_0": 2, "client_1": 4, "client_2": 2.7}'], "2.7"),
         (["--cutoff_len", "1"], "cutoff_len=1"),

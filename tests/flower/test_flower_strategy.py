@@ -738,6 +738,69 @@ def test_fedex_lora_sends_its_residual_and_gives_the_in_process_adapters(workspa
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
+def test_hetlora_sparsity_weights_give_the_in_process_adapters(workspace, tmp_path):
+    """HETLoRA as published (its weights need the whole round, aggregated from the round's
+    list): on Flower the global adapters and a client's round-2 adapter are the in-process
+    engine's."""
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    _serve(workspace, tmp_path / "flower", TestGrid(nodes), "--method", "HETLoRA")
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", "--method", "HETLoRA")) == 0
+    assert_same_global_updates(tmp_path / "flower" / "3", tmp_path / "inprocess" / "3")
+    a = adapter_tensors(tmp_path / "flower" / "3" / "round_2" / "client_2")
+    b = adapter_tensors(tmp_path / "inprocess" / "3" / "round_2" / "client_2")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_hetlora_pruned_replies_travel_and_give_the_in_process_adapters(workspace, tmp_path):
+    """HETLoRA with rank self-pruning on Flower: a node that pruned replies at its smaller rank,
+    the server checks it against its own rank of the client (never larger) and takes it; the
+    global adapters and the clients' round-2 adapters (the rank-2 client's pruned to 1) are the
+    in-process engine's."""
+    argv = ("--method", "HETLoRA", "--hetlora_lambda", "50", "--hetlora_prune_gamma", "0.5")
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    _serve(workspace, tmp_path / "flower", TestGrid(nodes), *argv)
+    assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *argv)) == 0
+    assert_same_global_updates(tmp_path / "flower" / "3", tmp_path / "inprocess" / "3")
+    for k in range(3):
+        a = adapter_tensors(tmp_path / "flower" / "3" / "round_2" / f"client_{k}")
+        b = adapter_tensors(tmp_path / "inprocess" / "3" / "round_2" / f"client_{k}")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].shape == b[key].shape
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    pruned = adapter_tensors(tmp_path / "flower" / "3" / "round_2" / "client_0")
+    assert {v.shape[0] for key, v in pruned.items() if key.endswith("lora_A.weight")} == {1}
+
+
+def test_a_pruned_reply_above_the_client_rank_is_dropped(workspace, tmp_path):
+    """A node may reply smaller than its rank under HETLoRA, never larger: a reply widened to
+    rank 3 for the rank-2 client is dropped, named in the round's missing clients."""
+
+    def widen(client, reply):
+        if client != 0:
+            return reply
+        from flwr.app import ArrayRecord
+
+        tensors = dict(reply.content.array_records["arrays"].to_torch_state_dict())
+        for key in [k for k in tensors if k.startswith("update/lora/")]:
+            t = tensors[key]
+            tensors[key] = torch.cat([t, t[:1]]) if key.endswith("/A") else torch.cat(
+                [t, t[:, :1]], dim=1)  # fmt: skip
+        reply.content.array_records["arrays"] = ArrayRecord(tensors)
+        return reply
+
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    grid = TestGrid(nodes, tamper=widen)
+    _serve(workspace, tmp_path, grid, "--method", "HETLoRA", "--min_replies", "2")
+    rounds = [r for r in metrics(tmp_path / "3") if r["type"] == "round" and r["round"] > 0]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert list(r["missing"]) == ["0"]
+        assert "client 0 replied at rank 3; the server expects at most 2" in r["missing"]["0"]
+
+
 def test_the_threshold_redistribution_gives_the_in_process_adapters(workspace, tmp_path):
     """FLoRIST's threshold is the server's: on Flower the global adapters and every client's
     round-2 adapter are the in-process engine's."""

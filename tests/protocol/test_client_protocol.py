@@ -166,3 +166,26 @@ def test_a_frozen_a_never_travels_and_the_server_uses_its_own():
     assert torch.equal(start.factors["q"][0], FrozenInit(3).rows("q", 2, 5))
     # bytes: B alone
     assert sum(t.numel() for t in plan.travels(update.factors)) == (6 + 4) * 2
+
+
+def test_a_reply_of_smaller_rank_only_where_the_method_prunes_and_never_larger():
+    """The server checks a reply's rank against its own word: HETLoRA's clients may reply at a
+    smaller rank (rank self-pruning), every other method's at exactly the client's rank, and no
+    reply above it."""
+    from rblora.federation.rounds import RunError, client_update
+    from rblora.protocol.factors import FactorPlan
+    from rblora.protocol.types import ClientResult, ClientSpec
+
+    spec = ClientSpec(0, rank=4, lora_alpha=8.0, num_examples=3)
+
+    def result(rank):
+        return ClientResult({"q": (torch.zeros(rank, 5), torch.zeros(6, rank))}, 3)
+
+    hetlora, rb = FactorPlan.for_method("HETLoRA", 0), FactorPlan.for_method("RB-LoRA", 0)
+    assert hetlora.prunes and not rb.prunes and hetlora.at(2).prunes
+    assert client_update(spec, result(2), hetlora).rank("q") == 2
+    assert client_update(spec, result(4), rb).rank("q") == 4
+    with pytest.raises(RunError, match=r"client 0 replied at rank 2; the server expects 4 "):
+        client_update(spec, result(2), rb)
+    with pytest.raises(RunError, match=r"rank 5; the server expects at most 4 \(its rank"):
+        client_update(spec, result(5), hetlora)

@@ -256,3 +256,19 @@ def test_a_bf16_body_keeps_a_float32_head_and_reloads_to_the_evaluated_model(
     with torch.no_grad():
         logits = reloaded(pixel_values=probe).logits.float()
     torch.testing.assert_close(logits, evaluated[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hetlora_rank_self_pruning_on_the_image_task(vision, tmp_path):
+    """The image task prunes as the language-model one does: with --hetlora_lambda each client
+    replies in round 2 at its rank or at max(1, floor(r / 2)) (round 1 starts from B = 0: nobody
+    prunes), the head trained in full beside it, and the run completes."""
+    from safetensors.torch import load_file
+
+    argv = _argv(vision, tmp_path, "--method", "HETLoRA", "--hetlora_lambda", "50")
+    assert cli.main(argv) == 0
+    for t, allowed in ((1, lambda r: {r}), (2, lambda r: {r, max(1, r // 2)})):
+        for k, r in enumerate(RANKS):
+            tensors = load_file(str(tmp_path / "3" / f"round_{t}" / f"client_{k}" /
+                                    "adapter_model.safetensors"))  # fmt: skip
+            ranks = {v.shape[0] for key, v in tensors.items() if key.endswith("lora_A.weight")}
+            assert len(ranks) == 1 and ranks <= allowed(r), (t, k, ranks)

@@ -236,6 +236,8 @@ def check_private(method: str, reduction: str | None) -> Method:
     A ``stack`` method's noised update is dense, so its ``truncate`` redistribution (the first r
     stacked components) has nothing to cut: refused (use ``svd`` or ``merge``)."""
     spec = get_method(method)
+    if spec.dp_note:
+        raise ValueError(f"{spec.name} cannot be made differentially private: {spec.dp_note}")
     reduction = resolve_reduction(spec, reduction)
     if spec.form == "stack" and reduction == "truncate":
         raise ValueError(

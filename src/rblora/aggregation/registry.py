@@ -14,6 +14,7 @@ from . import (
     ffa_lora,
     flexlora,
     flora,
+    hetlora,
     rb_lora,
     rb_lora_factor,
     rolora,
@@ -40,6 +41,8 @@ def register(method: Method) -> Method:
         raise ValueError(f"{method.name}: a residual is what factors leave out: padded, no merge")
     if any(p.fixed for p in method.protocol.cycle) and method.form != "padded":
         raise ValueError(f"{method.name}: a frozen or held factor is held as it is: padded only")
+    if method.update_weights is not None and method.share is not None:
+        raise ValueError(f"{method.name}: weights from the updates need the whole round: no share")
     for name in (method.name, *method.aliases):
         key = _key(name)
         if key in _METHODS and _METHODS[key] is not method:
@@ -52,6 +55,7 @@ register(rb_lora.METHOD)
 register(rb_lora_factor.METHOD)
 register(uniform_hetlora.METHOD)
 register(weighted_hetlora.METHOD)
+register(hetlora.METHOD)
 register(flora.METHOD)
 register(flexlora.METHOD)
 register(fedit.METHOD)

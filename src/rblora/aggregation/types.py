@@ -110,6 +110,12 @@ component j (row j of ``A_k``, column j of ``Bh_k``) of client k; entries with `
 ignored. Computed from the clients given (normalised over them); client-level DP calls it on the
 whole configured population instead (:mod:`.privacy`)."""
 
+UpdateWeights = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
+"""``update_weights(As, Bhs) -> w: (K,)`` float64: one weight per client of one module, computed
+from the clients' own factors ``A_k: (r_k, d_in)`` and ``Bh_k = s_k B_k: (d_out, r_k)`` (every
+component of client k weighs ``w[k]``): weights that depend on what the clients learned, not
+only on their ranks and sizes (:attr:`Method.update_weights`)."""
+
 Share = Callable[[int, int, int], tuple[Tensor, Tensor]]
 """``share(rank, num_examples, width) -> (raw, mass)``, each ``(width,)`` float64: a client's
 unnormalised weight of each of its components (0 beyond its rank) and what it adds to each
@@ -346,12 +352,31 @@ class Method:
     the global model is the exact weighted sum while clients start from the factors (``padded``
     form only; :attr:`.global_update.GlobalUpdate.folds_residual`)."""
 
+    update_weights: UpdateWeights | None = None
+    """Client weights that depend on the clients' updates themselves, not only on their ranks
+    and sizes (HETLoRA's sparsity weights ``||dW_k||_F / sum_k' ||dW_k'||_F``): given, it
+    replaces :attr:`weights` in :meth:`combine`, module by module, and the method must have no
+    ``share`` (its weights need every client of the round at once)."""
+    local_rank_pruning: bool = False
+    """True if the method's clients may prune their own rank in local training (HETLoRA's rank
+    self-pruning, :mod:`rblora.training.rank_pruning`): a reply may then hold a smaller rank
+    than the client's, never a larger one, which the server accepts for this method only
+    (:attr:`rblora.protocol.factors.FactorPlan.prunes`)."""
+    dp_note: str = ""
+    """Non-empty: client-level DP is not defined for this method, and this says why (the one
+    line a DP run of it is refused with, :func:`.privacy.check_private`)."""
+
     def combine(
         self, As: Sequence[Tensor], Bhs: Sequence[Tensor], num_examples: Sequence[int]
     ) -> FactorPair:
         """The global factors ``(A_g: (k, d_in), B_g: (d_out, k))`` of one module, where client
         k gives ``A_k: (r_k, d_in)`` and ``Bh_k = s_k * B_k: (d_out, r_k)``; the global update is
         ``B_g @ A_g``. Inputs are never modified; the result holds new tensors."""
+        if self.update_weights is not None:
+            per_client = self.update_weights(As, Bhs)  # (K,) float64
+            width = max(a.shape[0] for a in As)
+            has = torch.stack([torch.arange(width) < a.shape[0] for a in As]).double()
+            return assemble(self.form, As, Bhs, per_client[:, None] * has)
         gamma = self.weights([a.shape[0] for a in As], num_examples)
         return assemble(self.form, As, Bhs, gamma, hold_a="A" in self.protocol.at(1).fixed)
 

@@ -1,7 +1,8 @@
 """Uniform HETLoRA: zero-pad the factors to the largest rank and average them uniformly.
 
 Source: Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of
-On-Device Foundation Models" (EMNLP 2024), zero-padding aggregation, with equal client weights:
+On-Device Foundation Models" (EMNLP 2024), zero-padding aggregation, with equal client weights
+(the seed's variant and its configs; the paper's own sparsity-weighted rule is :mod:`.hetlora`):
 
     Bbar = (1/K) sum_k pad_R(Bh_k),    Abar = (1/K) sum_k pad_R(A_k),    dW = Bbar @ Abar
 

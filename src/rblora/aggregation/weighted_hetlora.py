@@ -1,7 +1,8 @@
 """Weighted HETLoRA: zero-pad the factors to the largest rank and average them by data size.
 
 Source: Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models"
-(EMNLP 2024), zero-padding aggregation with FedAvg weights ``p_k = n_k / N``:
+(EMNLP 2024), zero-padding aggregation with FedAvg weights ``p_k = n_k / N`` (the seed's
+variant and its configs; the paper's own sparsity-weighted rule is :mod:`.hetlora`):
 
     Bbar = sum_k p_k pad_R(Bh_k),    Abar = sum_k p_k pad_R(A_k),    dW = Bbar @ Abar
 

@@ -86,7 +86,7 @@ def run_rounds(
                 task, spec, start, seed=seed, round_=t, private=server.privacy is not None,
                 plan=server.round_plan,
             )  # fmt: skip
-            update = rounds.client_update(spec, result)
+            update = rounds.client_update(spec, result, server.round_plan)
             if options.save_client_adapters and saving.saves(t):
                 rounds.save_client_adapter(task, folder, t, spec, update)
             up = rounds.upload_bytes(update, server.round_plan)

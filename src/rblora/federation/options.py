@@ -26,6 +26,7 @@ from rblora.aggregation.registry import check_ranks_fit, resolve_reduction
 from rblora.aggregation.types import check_svd_energy
 from rblora.federation.engines import available_engines
 from rblora.federation.privacy import PrivacySettings, privacy_settings
+from rblora.training.rank_pruning import check_gamma, check_lambda
 from rblora.utils.device import BASE_DTYPES, check_device_name
 from rblora.utils.options import (
     OptionParser,
@@ -200,6 +201,17 @@ class RunOptions:
         "value projections found in the model for image)",
     )
     use_rslora: bool = option(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
+    hetlora_lambda: float = option(
+        0.0,
+        "HETLoRA's local rank self-pruning (our reading, docs/local-training.md): weight of the "
+        "penalty on the norm of the LoRA's last components; 0 (default) turns pruning off; "
+        "methods that declare rank pruning only (HETLoRA)",
+    )
+    hetlora_prune_gamma: float = option(
+        0.5,
+        "HETLoRA's local rank self-pruning: the share of its rank a client keeps when it prunes "
+        "(rank r -> max(1, floor(gamma r))), in (0, 1); the penalty is on the rest",
+    )
     # client-level differential privacy (docs/privacy.md)
     dp_clip: float | None = option(
         None,
@@ -411,6 +423,13 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
         method = get_method(self.method)
         reduction = resolve_reduction(method, self.reduction_method)
         check_svd_energy(self.svd_energy)
+        check_lambda(self.hetlora_lambda)
+        check_gamma(self.hetlora_prune_gamma)
+        if self.hetlora_lambda > 0 and not method.local_rank_pruning:
+            raise ValueError(
+                f"--hetlora_lambda {self.hetlora_lambda:g}: {method.name}'s clients do not prune "
+                "their rank; it applies to --method HETLoRA"
+            )
         if self.head_only and reduction == "merge":
             # no LoRA is trained, so there is nothing to merge into the base (it crashed after
             # round 1); the head is averaged the same way under every redistribution

@@ -100,9 +100,17 @@ def train_client(
         ) from None
 
 
-def client_update(spec: ClientSpec, result: ClientResult) -> ClientUpdate:
+def client_update(
+    spec: ClientSpec, result: ClientResult, plan: FactorPlan = DEFAULT_PLAN
+) -> ClientUpdate:
     """What a client sends to the server: its factors, dense extras, example count and scaling
-    (the example count is the spec's when the spec knows it: the server's word, not the task's)."""
+    (the example count is the spec's when the spec knows it: the server's word, not the task's).
+    Its rank is the spec's, or smaller where the method's clients prune their rank (``plan``)."""
+    for module, (a, _) in result.factors.items():
+        try:
+            plan.check_rank(int(a.shape[0]), spec.rank, f"client {spec.client_id}")
+        except ValueError as err:
+            raise RunError(f"{err} (module {module})") from None
     if spec.num_examples is not None and result.num_examples != spec.num_examples:
         raise RunError(
             f"client {spec.client_id} trained on {result.num_examples} examples but the run "
@@ -188,11 +196,12 @@ def save_client_adapter(
 ) -> None:
     """``round_<t>/client_<k>`` (``private/round_<t>/client_<k>`` under DP): the client's
     trained adapter at its own rank and alpha."""
+    ranks = {update.rank(m) for m in update.factors}
     task.save_adapter(
         folder.client_dir(round_, spec.client_id),
         dict(update.factors),
         dict(update.dense),
-        rank=spec.rank,
+        rank=ranks.pop() if len(ranks) == 1 else spec.rank,  # a pruned client's, else its own
         lora_alpha=spec.lora_alpha,
         use_rslora=spec.use_rslora,
     )

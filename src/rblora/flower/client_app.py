@@ -146,6 +146,6 @@ def train(msg: Message, context: Context) -> Message:
         private=args.private,
         plan=plan,
     )
-    update_tensors, update_meta = encode_update(client_update(spec, result), plan.sends)
+    update_tensors, update_meta = encode_update(client_update(spec, result, plan), plan.sends)
     reply = {**update_meta, "metrics": clean_metrics(result.metrics)[0]}
     return Message(to_content(update_tensors, reply), reply_to=msg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,22 @@ def from_content(
         check_arrays(described, expected)
         tensors = {key: _float32_tensor(key, array) for key, array in record.items()}
     return tensors, dict(content.config_records[CONFIG])
+
+
+def reply_rank(content: RecordDict, modules: Iterable[str], sends: Iterable[str]) -> int | None:
+    """The rank a reply's LoRA arrays declare (from their metadata, nothing converted): the
+    first sent factor's of the first module, ``A: (r, d_in)`` or ``B: (d_out, r)``; None when the
+    reply holds no such array (the shape check then names what is missing)."""
+    record = content.array_records.get(ARRAYS) if ARRAYS in content.array_records else None
+    sends = tuple(sends)
+    for module in modules:
+        for name in sends:
+            array = None if record is None else record.get(f"update/lora/{module}/{name}")
+            shape = tuple(getattr(array, "shape", ()))
+            if len(shape) == 2:
+                return int(shape[0] if name == "A" else shape[1])
+        return None
+    return None
 
 
 def _float32_tensor(key: str, array) -> torch.Tensor:

@@ -61,7 +61,7 @@ from rblora.federation.saving import plan_for
 from rblora.federation.server import derive_seed
 from rblora.federation.setup import PreparedRun, finish_run, open_run
 from rblora.flower.node_keys import load_node_keys, node_public_keys
-from rblora.flower.records import CONFIG, content_bytes, from_content, to_content
+from rblora.flower.records import CONFIG, content_bytes, from_content, reply_rank, to_content
 from rblora.protocol.codec import decode_update, encode_start, update_shapes
 from rblora.protocol.types import ClientResult, ClientStart
 
@@ -371,9 +371,15 @@ class HeteroRankStrategy(Strategy):
         spec = run.server.clients[k]
         try:
             plan = run.server.plan.at(server_round)  # the client protocol: what a reply carries
-            shapes = update_shapes(spec, self._layout, plan.sends)
+            sent = spec  # a client that pruned its rank (where its method does) replies smaller
+            if plan.prunes:
+                rank = reply_rank(reply.content, self._layout.modules, plan.sends)
+                if rank is not None and rank != spec.rank:
+                    plan.check_rank(rank, spec.rank, f"client {spec.client_id}")
+                    sent = replace(spec, rank=rank)
+            shapes = update_shapes(sent, self._layout, plan.sends)
             tensors, meta = from_content(reply.content, shapes)
-            update, metrics = decode_update(tensors, meta, spec, self._layout, plan)
+            update, metrics = decode_update(tensors, meta, sent, self._layout, plan)
             result = ClientResult(
                 dict(update.factors), update.num_examples, dense=dict(update.dense),
                 metrics=metrics,

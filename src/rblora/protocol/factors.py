@@ -60,7 +60,11 @@ class FactorPlan:
         seed: int,
         round_: int = 1,
         _rows: dict | None = None,
+        prunes: bool = False,
     ) -> None:
+        self.prunes = bool(prunes)
+        """True if the method's clients may reply at a smaller rank than theirs (its declared
+        ``local_rank_pruning``): :meth:`check_rank` allows it."""
         self.declared = protocol
         """The method's declaration (one protocol, or a cycle of them)."""
         self.round = int(round_)
@@ -78,13 +82,22 @@ class FactorPlan:
     def for_method(cls, method: str, seed: int, round_: int = 1) -> FactorPlan:
         """The plan of registered ``method`` (its declared protocol) for round ``round_`` of a
         run of ``seed``."""
-        return cls(get_method(method).protocol, seed, round_)
+        spec = get_method(method)
+        return cls(spec.protocol, seed, round_, prunes=spec.local_rank_pruning)
 
     def at(self, round_: int) -> FactorPlan:
         """The plan of round ``round_`` of the same run (the same frozen draws)."""
         if int(round_) == self.round:
             return self
-        return FactorPlan(self.declared, self.seed, int(round_), self._rows)
+        return FactorPlan(self.declared, self.seed, int(round_), self._rows, self.prunes)
+
+    def check_rank(self, rank: int, known: int, who: str) -> None:
+        """A reply's rank ``rank`` against the server's ``known`` rank of the client: equal, or,
+        for a method whose clients prune their rank, smaller; ValueError naming ``who``."""
+        if rank == known or (self.prunes and 1 <= rank < known):
+            return
+        allowed = f"at most {known} (its rank, pruned or not)" if self.prunes else str(known)
+        raise ValueError(f"{who} replied at rank {rank}; the server expects {allowed}")
 
     @property
     def trains(self) -> tuple[str, ...]:

@@ -34,6 +34,12 @@ class ClientSpec:
     use_rslora: bool = False
     num_examples: int | None = None
 
+    def scale(self, rank: int) -> float:
+        """The client's PEFT scale at ``rank`` (its own, or a smaller one it pruned to)."""
+        from rblora.aggregation.types import lora_scale
+
+        return lora_scale(self.lora_alpha, rank, self.use_rslora)
+
 
 @dataclass
 class ClientStart:

@@ -210,6 +210,8 @@ def train_config(args: TrainArgs, model, *, log=print, **task_fields):
         learning_rate=args.local_learning_rate,
         bf16=args.bf16_setting(),
         seed=args.seed,
+        prune_lambda=getattr(args, "hetlora_lambda", 0.0),
+        prune_gamma=getattr(args, "hetlora_prune_gamma", 0.5),
         **task_fields,
     )
     choice = bf16_decision(config.bf16, model)

@@ -43,6 +43,7 @@ from rblora.tasks.base import (
     train_config,
 )
 from rblora.training import TrainConfig, train_local
+from rblora.training.rank_pruning import RoundPruning
 from rblora.utils.atomic import atomic_dir
 from rblora.utils.device import use_bf16
 
@@ -304,10 +305,14 @@ class ImageTask:
                 lora, init=start.factors, dense=dense, seed=seed, trains=start.trains
             )
             try:
+                pruning = RoundPruning.begin(peft_model, config.prune_lambda, config.prune_gamma)
                 result = train_local(
-                    peft_model, examples, config, loss_fn=self._loss_fn(k), progress=self.progress
-                )
+                    peft_model, examples, config, loss_fn=self._loss_fn(k), progress=self.progress,
+                    penalty=pruning.penalty if pruning else None,
+                )  # fmt: skip
                 factors, trained = self._lora.read_factors(), self._lora.read_dense()
+                if pruning:
+                    factors = pruning.finish(peft_model, factors, spec.scale)
             finally:
                 self.model = self._lora.detach()
         metrics = {

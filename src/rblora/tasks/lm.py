@@ -38,6 +38,7 @@ from rblora.tasks.base import (
 from rblora.training import TrainConfig, check_targets, tokenize_records, train_local
 from rblora.training.batching import sequence_length
 from rblora.training.loss import causal_lm_objective
+from rblora.training.rank_pruning import RoundPruning
 from rblora.utils.device import use_bf16
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -233,6 +234,7 @@ class CausalLMTask:
         )
         try:
             config = replace(self.train_config, seed=seed)
+            pruning = RoundPruning.begin(peft_model, config.prune_lambda, config.prune_gamma)
             result = train_local(
                 peft_model,
                 examples,
@@ -240,8 +242,11 @@ class CausalLMTask:
                 loss_fn=self._loss_fn,
                 length=sequence_length,
                 progress=self.progress,
+                penalty=pruning.penalty if pruning else None,
             )
             factors = self._lora.read_factors()
+            if pruning:
+                factors = pruning.finish(peft_model, factors, spec.scale)
             metrics: dict[str, Any] = {
                 "loss": result.loss,
                 "steps": result.steps,

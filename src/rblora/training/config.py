@@ -54,6 +54,11 @@ class TrainConfig:
     healthy one's noisy steps stay well below (+2.2 at most measured; details there)."""
     seed: int = 42
     """Seed of the data order and of LoRA dropout."""
+    prune_lambda: float = 0.0
+    """HETLoRA's rank self-pruning (:mod:`rblora.training.rank_pruning`, our reading): the
+    penalty's weight on the norm of the LoRA's last components; 0: no penalty, no pruning."""
+    prune_gamma: float = 0.5
+    """The share of its rank a client keeps when it prunes, in (0, 1)."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "batch_size", "num_epochs", "cutoff_len"):
@@ -85,6 +90,10 @@ class TrainConfig:
         for name in ("learning_rate", "weight_decay", "warmup", "max_grad_norm"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        from rblora.training.rank_pruning import check_gamma, check_lambda
+
+        check_lambda(self.prune_lambda)
+        check_gamma(self.prune_gamma)
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"TrainConfig.bf16 must be True, False or 'auto', got {self.bf16!r}")
 

@@ -136,6 +136,7 @@ def train_local(
     length: Callable[[Any], int] | None = None,
     pad_token_id: int = 0,
     progress: Progress = None,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train ``model``'s trainable parameters on ``examples`` (see the module doc).
 
@@ -146,7 +147,10 @@ def train_local(
     for ``group_by_length`` and the ``tokens`` figure (default: ``len(input_ids)`` with the
     default loss, none otherwise). ``progress``: None/False (silent), True or a description (a
     tqdm bar of optimizer steps), or a callable ``(step, total_steps, step_loss)`` (``step_loss`` is
-    None for a step without loss terms). The model is
+    None for a step without loss terms). ``penalty(model) -> 0-d tensor``: a regulariser
+    added to each optimizer step's loss (after the data loss is averaged over the step's terms;
+    e.g. HETLoRA's :func:`rblora.training.rank_pruning.tail_penalty`); the reported losses are
+    the data loss alone. The model is
     left in its previous train/eval mode. Raises :class:`TrainingDiverged` (see the module doc).
     """
     if not examples:
@@ -209,6 +213,13 @@ def train_local(
                 for p in params:
                     if p.grad is not None:
                         p.grad.div_(step_count)
+                if penalty is not None:
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                        reg = penalty(model)
+                    if not math.isfinite(float(reg.detach())):
+                        raise TrainingDiverged(f"diverged at step {i + 1}: the penalty is {reg}")
+                    if reg.requires_grad:
+                        reg.backward()
                 if config.max_grad_norm > 0:
                     norm = torch.nn.utils.clip_grad_norm_(
                         params, config.max_grad_norm, foreach=True
