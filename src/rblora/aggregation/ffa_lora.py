@@ -1,8 +1,8 @@
 """FFA-LoRA: A frozen at a shared random initialisation, only B trained, sent and averaged.
 
 Source: Sun, Li, Li, Ding, "Improving LoRA in Privacy-preserving Federated Learning"
-(ICLR 2024, arXiv 2403.12313). Every client's ``A`` is the same random matrix, fixed for the whole run; clients
-train and upload ``B`` only, and the server averages it (``p_k = n_k / N``):
+(ICLR 2024, arXiv 2403.12313). Every client's ``A`` is the same random matrix, fixed for the
+whole run; clients train and upload ``B`` only, and the server averages it (``p_k = n_k / N``):
 
     Bbar = sum_k p_k Bh_k,    dW = Bbar @ A = sum_k p_k Bh_k @ A = sum_k p_k dW_k
 
