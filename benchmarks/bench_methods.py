@@ -117,6 +117,11 @@ PRESETS["image-privacy"] = {
 # 3), each taking part with probability 0.1 (about 1,000 clients a round), the seed's ranks
 # cycled; every private level clips adaptively (Andrew et al. 2021: the median of the clients'
 # term norms, tracked privately), so no C is read off private norms; delta 1e-6 < 1/10,000.
+# 10 rounds (a round trains about 6,000 images: 10 rounds are 10 passes over a tenth of the
+# data each, where the 10-client image table's 3 rounds over all of it had levelled off) at
+# 56 px (17 tokens an image, less than half of 84 px's 37): a round is about 2 minutes of one
+# core (docs/scale.md measured 270 s at 84 px), so the 24 cells (2 seeds) take about 8 hours
+# of one core; split them with --seeds / --methods over processes or sessions (cells resume).
 LARGE_ROUNDS = "10"
 LARGE_IMAGE_SIZE = "56"
 LARGE_LEVELS = {
