@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/bench_methods.py image --seeds 1,2 --data_seeds 1,2
     .venv/bin/python benchmarks/bench_methods.py image-sweep     # 3 rank spreads x 3 methods x 3
     .venv/bin/python benchmarks/bench_methods.py image-privacy   # no DP + 3 epsilons x 3 x 3
+    .venv/bin/python benchmarks/bench_methods.py image-privacy-large   # 10,000 clients, hours
 
 Prepares the data of the setting under ``<output_dir>/data`` (once), then runs ``rblora
 compare`` (``rblora.experiments.compare``) with the same hyperparameters for every method and
@@ -28,6 +29,10 @@ stopped (finished cells are kept).
   DP and at epsilon inf (clip, no noise), 8 and 2 (delta 1e-5), one comparison per level in
   ``<output_dir>/epsilon_<level>`` (``epsilon_none``: without DP), then a table and
   ``plots/privacy_utility.png``; each level is named by the epsilon its runs recorded.
+- ``image-privacy-large``: the same at cross-device scale (docs/scale.md): 10,000 Dirichlet-0.5
+  clients of about 6 images, Poisson q = 0.1 (about 1,000 a round), 10 rounds at 56 px, every
+  private level with adaptive clipping (the median), delta 1e-6; no DP, clip only, epsilon 8
+  and 2; RB-LoRA, FlexLoRA and Weighted HETLoRA, seeds 1 and 2 (about 8 hours of one core).
 """
 
 from __future__ import annotations
