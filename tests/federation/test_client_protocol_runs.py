@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from run_helpers import adapter_tensors, killed_in_round_2, lm_argv, metrics
 
@@ -47,15 +48,17 @@ def test_ffa_lora_keeps_a_frozen_and_sends_b_alone(workspace, tmp_path):
         assert a_bytes > 0
 
 
-def test_a_ffa_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
-    workspace, tmp_path, monkeypatch
+@pytest.mark.parametrize("method", ["FFA-LoRA", "RoLoRA"])
+def test_a_run_with_a_declared_protocol_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
+    workspace, tmp_path, monkeypatch, method
 ):
-    """Nothing of the protocol is state: the frozen A is drawn again from the seed after a
-    resume, B's starts come from the checkpointed start basis."""
+    """Nothing of the protocol is state: FFA-LoRA's frozen A is drawn again from the seed after
+    a resume, and what RoLoRA's round 2 holds (round 1's global factors) comes from the
+    checkpointed start basis, so the resumed run is the uninterrupted one to the bit."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert cli.main(lm_argv(workspace, full, "--method", "FFA-LoRA")) == 0
-    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", "FFA-LoRA")) == 130
-    assert cli.main(lm_argv(workspace, cut, "--method", "FFA-LoRA", "--resume")) == 0
+    assert cli.main(lm_argv(workspace, full, "--method", method)) == 0
+    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", method)) == 130
+    assert cli.main(lm_argv(workspace, cut, "--method", method, "--resume")) == 0
     for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
         x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
@@ -120,20 +123,6 @@ def test_rolora_trains_b_then_a_and_its_global_model_is_the_hand_rule(workspace,
         for m, want in expected.items():
             a, b = exported[m]
             torch.testing.assert_close((b @ a).double(), want, rtol=1e-4, atol=1e-6)
-
-
-def test_a_rolora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
-    workspace, tmp_path, monkeypatch
-):
-    """Round 2 holds B at round 1's global factors: after a resume they come from the
-    checkpointed start basis, so the resumed run is the uninterrupted one to the bit."""
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert cli.main(lm_argv(workspace, full, "--method", "RoLoRA")) == 0
-    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", "RoLoRA")) == 130
-    assert cli.main(lm_argv(workspace, cut, "--method", "RoLoRA", "--resume")) == 0
-    for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
-        x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
 
 
 def _weighted_update(factors, scales, sizes, padded):
