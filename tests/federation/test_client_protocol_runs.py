@@ -84,6 +84,17 @@ def _component_mean(factors, sizes, take):
     return out
 
 
+def _two_rounds(run, ranks):
+    """A 2-round run's client lines by ``(round, client)``, the clients' sizes, their trained
+    factors of each round and their LoRA scales."""
+    records = {(r["round"], r["client"]): r for r in metrics(run) if r["type"] == "client"}
+    sizes = [records[1, k]["num_examples"] for k in range(len(ranks))]
+    folders = {t: [run / f"round_{t}" / f"client_{k}" for k in range(len(ranks))] for t in (1, 2)}
+    trained = {t: [_factors(f) for f in folders[t]] for t in (1, 2)}
+    scales = [_alpha(folders[1][k]) / r for k, r in enumerate(ranks)]
+    return records, sizes, trained, scales
+
+
 def test_rolora_trains_b_then_a_and_its_global_model_is_the_hand_rule(workspace, tmp_path):
     """Round 1 trains B with A at the seeded initialisation, round 2 A with B held at round 1's
     global B: each client's held factor is bitwise what it started from, what travels up is the
@@ -92,12 +103,8 @@ def test_rolora_trains_b_then_a_and_its_global_model_is_the_hand_rule(workspace,
     assert cli.main(lm_argv(workspace, tmp_path, "--method", "RoLoRA")) == 0
     run = tmp_path / "3"
     init = FrozenInit(SEED)
-    records = {(r["round"], r["client"]): r for r in metrics(run) if r["type"] == "client"}
     ranks = (2, 4, 8)
-    sizes = [records[1, k]["num_examples"] for k in range(3)]
-    clients = {t: [run / f"round_{t}" / f"client_{k}" for k in range(3)] for t in (1, 2)}
-    trained = {t: [_factors(f) for f in clients[t]] for t in (1, 2)}
-    scales = [_alpha(clients[1][k]) / r for k, r in enumerate(ranks)]
+    records, sizes, trained, scales = _two_rounds(run, ranks)
     # round 1: B averaged per component (Bh = s B, columns as rows), A the seeded one
     b_bar = _component_mean(trained[1], sizes, lambda a, b, k: (scales[k] * b.double()).T)
     for k, rank in enumerate(ranks):
@@ -153,12 +160,8 @@ def test_fedex_lora_global_model_is_the_exact_mean_and_its_residual_travels(work
     factors and the residual, counted as FLoRA's merged total is."""
     assert cli.main(lm_argv(workspace, tmp_path, "--method", "FedEx-LoRA")) == 0
     run = tmp_path / "3"
-    records = {(r["round"], r["client"]): r for r in metrics(run) if r["type"] == "client"}
     ranks = (2, 4, 8)
-    sizes = [records[1, k]["num_examples"] for k in range(3)]
-    folders = {t: [run / f"round_{t}" / f"client_{k}" for k in range(3)] for t in (1, 2)}
-    trained = {t: [_factors(f) for f in folders[t]] for t in (1, 2)}
-    scales = [_alpha(folders[1][k]) / r for k, r in enumerate(ranks)]
+    records, sizes, trained, scales = _two_rounds(run, ranks)
     exact = {t: _weighted_update(trained[t], scales, sizes, padded=False) for t in (1, 2)}
     product_1 = _weighted_update(trained[1], scales, sizes, padded=True)
     expected = {1: exact[1], 2: {m: exact[1][m] - product_1[m] + exact[2][m] for m in exact[2]}}
