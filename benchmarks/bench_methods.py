@@ -126,7 +126,8 @@ PRESETS["image-privacy"] = {
 # data each, where the 10-client image table's 3 rounds over all of it had levelled off) at
 # 56 px (17 tokens an image, less than half of 84 px's 37): a round is about 2 minutes of one
 # core (docs/scale.md measured 270 s at 84 px), so the 24 cells (2 seeds) take about 8 hours
-# of one core; split them with --seeds / --methods over processes or sessions (cells resume).
+# of one core; split them with --seeds / --methods / --levels over processes or sessions
+# (cells resume).
 LARGE_ROUNDS = "10"
 LARGE_IMAGE_SIZE = "56"
 LARGE_LEVELS = {
@@ -205,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         help="partition seeds as replicates too, e.g. 1,2 (rblora compare --data_seeds: one data "
         "folder per seed, prepared with the preset's options)",
     )
+    parser.add_argument(
+        "--levels",
+        help="privacy presets only: run these of the preset's levels, in this order, e.g. none,8 "
+        "(the table reads every level that has results)",
+    )
     ns = parser.parse_args(argv)
     from rblora.data.prepare import main as prepare_main
     from rblora.experiments.compare import main as compare_main
@@ -214,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         quick = QUICK[ns.task]
         preset = {**preset, **{k: v for k, v in quick.items() if k != "train"}}
         preset["train"] = [*preset["train"], *quick["train"]]
+    if ns.levels and "levels" not in preset:
+        parser.error(f"--levels: the preset {ns.task} has no privacy levels")
+    chosen = ns.levels.split(",") if ns.levels else list(preset.get("levels", {}))
+    unknown = [name for name in chosen if name not in preset.get("levels", {})]
+    if unknown:
+        parser.error(f"--levels {ns.levels}: {unknown} not among {list(preset['levels'])}")
     out = ns.output_dir or ROOT / "outputs" / f"bench_{ns.task}{'_quick' if ns.quick else ''}"
     data = out / "data"
     clients = preset["prepare"][0]
@@ -228,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     argv += ["--rank_settings", preset["settings"]]
     train = [*preset["train"], "--data_path", str(data), "--no_progress"]
     if "levels" in preset:  # one comparison per privacy level, on the same data
-        for name, options in preset["levels"].items():
+        for name in chosen:
+            options = preset["levels"][name]
             level = ["--output_dir", str(out / f"epsilon_{name}"), "--", *train, *options]
             code = compare_main([*argv, *level])
             if code:

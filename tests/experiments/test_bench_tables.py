@@ -68,3 +68,19 @@ def test_privacy_utility_tables_each_level_and_names_stopped_seeds(tmp_path, mon
     inf, eight = "0.550 ± 0.071 (0.500 / 0.600)", "0.200 ± 0.000 (0.070 (stopped in r2) / 0.200)"
     assert table[2] == f"| RB-LoRA | {inf} | {eight} |"
     assert (tmp_path / "plots" / "privacy_utility.png").stat().st_size > 1000
+
+
+def test_levels_outside_the_preset_are_refused_before_any_data_is_prepared(tmp_path, capsys):
+    bench = _bench()
+    for argv, said in (
+        (["image-privacy", "--levels", "none,9"], "['9'] not among ['none', 'inf', '8', '2']"),
+        (["image", "--levels", "none"], "the preset image has no privacy levels"),
+    ):
+        try:
+            bench.main([*argv, "--output_dir", str(tmp_path)])
+        except SystemExit as stop:
+            assert stop.code == 2
+        else:
+            raise AssertionError(f"{argv} was accepted")
+        assert said in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing prepared
