@@ -297,3 +297,16 @@ def test_tensor_bytes_counts_stored_elements():
 
     assert tensor_bytes([torch.zeros(4, 32), torch.zeros(16, 4)]) == 4 * (128 + 64)
     assert tensor_bytes([torch.zeros(4, 32, dtype=torch.bfloat16)]) == 2 * 128
+
+
+def test_a_run_header_lists_few_clients_and_summarises_thousands():
+    from rblora.federation.setup import _listing
+
+    assert _listing([4, 8, 16]) == "[4, 8, 16]"
+    ranks = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256] * 1000
+    assert _listing(ranks) == (
+        "4 for 2000 clients, 16 for 2000 clients, 64 for 2000 clients, 128 for 2000 clients, "
+        "256 for 2000 clients"
+    )
+    sizes = [3 + k % 19 for k in range(10_000)]  # 19 distinct sizes
+    assert _listing(sizes) == f"10000 values from 3 to 21 (median 12, total {sum(sizes)})"

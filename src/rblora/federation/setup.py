@@ -12,6 +12,7 @@ the Flower server both run between the two.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -179,12 +180,28 @@ def prepare_run(
             folder.save_checkpoint(tensors, meta)
     log(
         f"{args.method} ({server.reduction or 'default'} redistribution), {args.num_clients} "
-        f"clients, ranks {ranks}, sizes {config['client_sizes']}, "
+        f"clients, ranks {_listing(ranks)}, sizes {_listing(config['client_sizes'])}, "
         f"{args.num_communication_rounds} rounds, engine {args.engine}"
     )
     if privacy is not None:
         log(privacy.describe())
     return PreparedRun(args, task, server, folder, config)
+
+
+def _listing(values: list, shown: int = 20, distinct: int = 8) -> str:
+    """``values`` as a run's header shows them: the list itself when at most ``shown``, else
+    the clients at each value (at most ``distinct`` values) or the range, median and total (a
+    header of 10,000 clients stays one readable line)."""
+    if len(values) <= shown:
+        return str(list(values))
+    counts = Counter(values)
+    if len(counts) <= distinct:
+        return ", ".join(f"{v} for {n} clients" for v, n in sorted(counts.items()))
+    ordered = sorted(values)
+    return (
+        f"{len(values)} values from {ordered[0]} to {ordered[-1]} (median "
+        f"{ordered[len(ordered) // 2]}, total {sum(ordered)})"
+    )
 
 
 def precision_args(args: TrainArgs, recorded: dict | None) -> TrainArgs:
