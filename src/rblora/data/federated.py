@@ -222,6 +222,17 @@ def local_test_size(folder: Path, meta: dict | None, k: int) -> int:
     return -1  # present, size unknown until read
 
 
+def check_local_tests(data_dir: Path | str, num_clients: int, clients: list[int]) -> None:
+    """Before round 1 of a run with ``--eval_personalized``: the folder has local test splits
+    (partition.json's ``local_test_sizes``, or without it each held client's
+    ``local_test_<k>.json``); one ValueError naming ``prepare-data``'s option otherwise. Reads
+    no client file when the folder has partition.json."""
+    folder = resolve_folder(data_dir, num_clients)
+    meta = _read_meta(folder, num_clients, None)
+    for k in clients if meta is None else [0]:
+        local_test_size(folder, meta, k)
+
+
 def _check_local_test(path: Path, expected: int, size: int) -> None:
     if expected >= 0 and size != expected:
         raise ValueError(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rblora.federation import rounds
+from rblora.federation import personal, rounds
 from rblora.federation.rundir import RunFolder
 from rblora.federation.saving import SavePlan, plan_for
 from rblora.federation.server import FederatedServer, derive_seed
@@ -32,6 +32,8 @@ class LoopOptions:
     eval_base: bool = False  # evaluate the untouched base model first, recorded as round 0
     save_every: int = 1  # write round folders every this many rounds and the last (saving.py)
     keep_last: int = 0  # keep the newest this many round folders; 0: all
+    eval_personalized: bool = False  # score each client's own model on its held-out split
+    personalized_clients: int = 0  # at most this many of them a round (seeded sample); 0: all
 
 
 def run_rounds(
@@ -103,6 +105,10 @@ def run_rounds(
             selected=selected,
             export=saving.saves(t),
         )
+        if options.eval_personalized:  # the global model is installed: each client's on top
+            record["eval"]["personalized"] = personal.evaluate_inprocess(
+                task, server, t, cap=options.personalized_clients, seed=options.seed
+            )
         rounds.commit_round(server, folder, record, trackers)
         saving.end_round(folder, t)
         done.append(record)
@@ -128,6 +134,8 @@ def run_inprocess(args, given: set[str] | None = None) -> dict[str, Any]:
             eval_base=args.eval_base,
             save_every=plan.every,
             keep_last=plan.keep_last,
+            eval_personalized=args.eval_personalized,
+            personalized_clients=args.eval_personalized_clients,
         )
         run_rounds(run.task, run.server, run.folder, options, trackers=run.trackers)
         return finish_run(run)

@@ -409,6 +409,9 @@ def round_line(r: dict[str, Any]) -> str:
     for name, value in scalar_evals(r.get("eval")).items():
         if name.endswith(("/accuracy", "/loss")):
             parts.append(f"{name} {value:.4f}")
+    personal = (r.get("eval") or {}).get("personalized")
+    if personal:
+        parts.append(personal_text(personal))
     if r.get("dp_epsilon") is not None:
         parts.append(f"DP epsilon {r['dp_epsilon']:.3g}")
     if r.get("dp_clip") is not None:
@@ -416,3 +419,13 @@ def round_line(r: dict[str, Any]) -> str:
     if r.get("missing"):
         parts.append(f"missing clients {', '.join(r['missing'])}")
     return ", ".join(parts)
+
+
+def personal_text(p: dict[str, Any]) -> str:
+    """``personalized accuracy 0.6100 sd 0.0500, loss ... over 4 clients`` (the round line)."""
+    figures = [
+        f"{name} {p[name + '_mean']:.4f} sd {p[name + '_sd']:.4f}"
+        for name in ("accuracy", "loss")
+        if p.get(name + "_mean") is not None
+    ]
+    return f"personalized {', '.join(figures) or 'none'} over {p.get('clients', 0)} clients"
