@@ -58,6 +58,7 @@ def test_capped_sample_is_seeded_and_within_the_participants():
         ({"loss": -1.0}, "loss -1.0 must be >= 0"),
         ({"secret": 0.1}, "unknown personalised figure 'secret'"),
         ([0.3], "must be a mapping"),
+        ({"examples": 0}, "examples 0 must be an integer >= 1"),
     ],
 )
 def test_a_nodes_figures_are_checked(figures, message):
@@ -75,9 +76,9 @@ def test_each_client_is_scored_with_its_own_rank_of_the_global_update(
     seen = {}
     original = personal.score_client
 
-    def spy(task, spec, factors, *, round_):
-        figures = original(task, spec, factors, round_=round_)
-        seen[round_, spec.client_id] = (spec, factors, figures)
+    def spy(task, spec, start, plan, *, round_):
+        figures = original(task, spec, start, plan, round_=round_)
+        seen[round_, spec.client_id] = (spec, start.factors, figures)
         return figures
 
     monkeypatch.setattr(personal, "score_client", spy)

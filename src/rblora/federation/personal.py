@@ -33,7 +33,8 @@ import numpy as np
 
 from rblora.aggregation.running import ModuleDelta
 from rblora.aggregation.types import Factors
-from rblora.protocol.types import ClientSpec
+from rblora.protocol.factors import FactorPlan
+from rblora.protocol.types import ClientSpec, ClientStart
 
 PERSONAL_METRICS = ("accuracy", "loss")
 """What a client's personalised evaluation reports (and all a node's reply may carry)."""
@@ -49,9 +50,10 @@ def personal_delta(spec: ClientSpec, factors: Factors | None) -> dict[str, Modul
 
 
 def client_figures(evaluation: Mapping[str, Any]) -> dict[str, float]:
-    """``{"accuracy", "loss"}`` of one client's evaluation (as :meth:`Task.evaluate_local`
-    returns it; either may be absent: instruction records without choices have no accuracy)."""
-    out: dict[str, float] = {}
+    """``{"accuracy", "loss", "examples"}`` of one client's evaluation (as
+    :meth:`Task.evaluate_local` returns it; accuracy or loss may be absent: instruction records
+    without choices have no accuracy); ``examples``: the held-out examples scored."""
+    out: dict[str, float] = {"examples": int(evaluation["examples"])}
     suite = (evaluation.get("suites") or {}).get("local") or {}
     if isinstance(suite.get("accuracy"), (int, float)):
         out["accuracy"] = float(suite["accuracy"])
@@ -61,25 +63,38 @@ def client_figures(evaluation: Mapping[str, Any]) -> dict[str, float]:
 
 
 def score_client(
-    task, spec: ClientSpec, factors: Factors | None, *, round_: int
+    task, spec: ClientSpec, start: ClientStart, plan: FactorPlan, *, round_: int
 ) -> dict[str, float] | None:
-    """The personalised figures of client ``spec`` holding ``factors`` (raw PEFT factors of its
-    rank, None: a fresh LoRA) on its own held-out split; None when it holds nothing out. The
-    task's base weights and dense extras must be the global model's (both engines set them)."""
-    evaluation = task.evaluate_local(spec.client_id, personal_delta(spec, factors), round_=round_)
+    """The personalised figures after ``round_`` of client ``spec``, whose next start is
+    ``start`` (as the server builds it; ``plan``: the method's protocol of the next round, which
+    sets a frozen factor the server does not send), on its own held-out split; None when it
+    holds nothing out. The task's base weights and dense extras must be the global model's
+    (both engines set them). The one scoring function of both engines."""
+    if not plan.is_default:
+        start = plan.client_start(spec, start, task.update_layout().modules)
+    delta = personal_delta(spec, start.factors)
+    evaluation = task.evaluate_local(spec.client_id, delta, round_=round_)
     return None if evaluation is None else client_figures(evaluation)
 
 
 def check_figures(figures: Any, who: str) -> dict[str, float]:
     """A node's reported figures as the server counts them: a mapping of the names of
-    :data:`PERSONAL_METRICS` only, finite numbers, accuracy in [0, 1], loss >= 0. ValueError
+    :data:`PERSONAL_METRICS` (finite numbers, accuracy in [0, 1], loss >= 0) and ``examples``
+    (an integer >= 1, which the caller checks against what it knows) only. ValueError
     naming ``who`` and the bad value otherwise (the server then drops the reply's figures)."""
     if not isinstance(figures, Mapping):
         raise ValueError(f"{who}: personalised figures must be a mapping, got {figures!r}")
     out = {}
     for name, value in figures.items():
+        if name == "examples":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{who}: personalised examples {value!r} must be an integer >= 1")
+            out[name] = value
+            continue
         if name not in PERSONAL_METRICS:
-            raise ValueError(f"{who}: unknown personalised figure {name!r}; valid: accuracy, loss")
+            raise ValueError(
+                f"{who}: unknown personalised figure {name!r}; valid: accuracy, loss, examples"
+            )
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok or not math.isfinite(value):
             raise ValueError(f"{who}: personalised {name} {value!r} is not a finite number")
@@ -118,9 +133,10 @@ def evaluate_inprocess(task, server, round_: int, *, cap: int, seed: int) -> dic
     personalised figures, summarised (:func:`summarize`), with the seconds it took."""
     started = time.perf_counter()
     scored = {}
+    plan = server.plan.at(round_ + 1)
     for k in chosen_clients(server.participants(), cap, seed, round_):
-        spec = server.clients[k]
-        figures = score_client(task, spec, server.start_of(k), round_=round_)
+        start = ClientStart(server.start_of(k))  # base and dense: installed (the global model's)
+        figures = score_client(task, server.clients[k], start, plan, round_=round_)
         if figures is not None:
             scored[k] = figures
     return {**summarize(scored), "seconds": round(time.perf_counter() - started, 3)}

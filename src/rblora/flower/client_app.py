@@ -14,10 +14,13 @@ whatever device the server uses). Only the client's own file
 ``<data-path>/<K>/local_training_<partition-id>.json`` is read (for images, its index file and the
 embedded image set it names); the node needs no other client's file and no test set.
 
-Messages: ``query`` (who are you: partition, rank, examples) and ``train`` (start adapter in,
-update out). The run's options travel in every message, so the node needs nothing but its node
-config. The task is built once per process and reused (a simulation worker serves many rounds;
-a deployed SuperNode starts a fresh process per message and rebuilds it).
+Messages: ``query`` (who are you: partition, rank, examples), ``train`` (start adapter in,
+update out) and, with ``--eval_personalized``, ``evaluate`` (the client's model after the round
+in, its figures on its own held-out split out). The run's options travel in every message, so
+the node needs nothing but its node config. The task is built once per process and reused (a
+simulation worker serves many rounds; a deployed SuperNode starts a fresh process per message
+and rebuilds it). The node's own held-out split ``local_test_<partition-id>.json`` is read only
+for ``evaluate``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from rblora.federation.options import TrainArgs
+from rblora.federation.personal import score_client
 from rblora.federation.rounds import client_update, train_client
 from rblora.flower.records import CONFIG, from_content, to_content
 from rblora.protocol.codec import decode_start, encode_update
@@ -149,3 +153,26 @@ def train(msg: Message, context: Context) -> Message:
     update_tensors, update_meta = encode_update(client_update(spec, result, plan), plan.sends)
     reply = {**update_meta, "metrics": clean_metrics(result.metrics)[0]}
     return Message(to_content(update_tensors, reply), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """``--eval_personalized``: score the model this node's client holds after the round (the
+    server's start of its next round, on the global base and dense extras) on the client's own
+    held-out split, with the in-process engine's function; reply with the figures alone
+    (``null`` when the client holds nothing out)."""
+    tensors, meta = from_content(msg.content)
+    clients, _, _ = node_identity(context)
+    client = int(meta["client"])
+    if client not in clients:
+        raise ValueError(f"message for client {client} reached a node of partitions {clients}")
+    args = client_args(json.loads(meta["train-args"]), context)
+    task = client_task(args, clients)
+    spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)
+    round_ = int(meta["round"])
+    plan = FactorPlan.for_method(args.method, args.seed, round_ + 1)  # the next start's
+    start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes(), down=True))
+    task.set_base(start.base_delta, start.dense)  # the global model's base and dense extras
+    figures = score_client(task, spec, start, plan, round_=round_)
+    reply = {"figures": json.dumps(figures), "client": client, "round": round_}
+    return Message(to_content({}, reply), reply_to=msg)

@@ -75,8 +75,9 @@ class Task(Protocol):
     ) -> dict[str, Any] | None:
         """Metrics of the base + ``delta`` on the held-out split of client ``client_id``'s own
         data (``--eval_personalized``), with the code of :meth:`evaluate`, the suite named
-        ``local``; None when the client holds nothing out. ValueError for a client whose data
-        this process does not hold."""
+        ``local``, and under ``"examples"`` how many held-out examples were scored; None when
+        the client holds nothing out. ValueError for a client whose data this process does not
+        hold."""
 
     def save_adapter(
         self,

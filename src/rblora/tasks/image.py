@@ -357,7 +357,8 @@ class ImageTask:
     ) -> dict[str, Any] | None:
         """Metrics of the base + ``delta`` on client ``client_id``'s own held-out images
         (``local_test_<k>.json``), with the global evaluation's code, as the suite ``local``;
-        None when the client holds none out. Read and resized when asked, never kept."""
+        None when the client holds none out. ``"examples"``: the held-out images scored. Read
+        and resized when asked, never kept."""
         from rblora.evaluation.classification import evaluate_classifier
 
         self.num_examples(client_id)  # this task holds the client, or ValueError
@@ -368,7 +369,7 @@ class ImageTask:
             return None
         pixels, labels = split.pixels(self.image_size), torch.as_tensor(split.labels).long()
         with applied_delta(self.model, delta, merged=self._merged):
-            return evaluate_classifier(
+            evaluation = evaluate_classifier(
                 self.model,
                 lambda idx: self.inputs(pixels[idx]),
                 labels,
@@ -377,6 +378,7 @@ class ImageTask:
                 autocast_bf16=use_bf16(self.train_config.bf16, self.model),
                 suite="local",
             )
+        return {**evaluation, "examples": len(labels)}
 
     def save_adapter(
         self,

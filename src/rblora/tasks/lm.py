@@ -290,7 +290,8 @@ class CausalLMTask:
         """Metrics of the base + ``delta`` on client ``client_id``'s own held-out records
         (``local_test_<k>.json``), with the global evaluation's code: the multiple-choice
         records as the suite ``local``, all of them for the held-out loss; None when the client
-        holds none out. Read and encoded when asked, never kept."""
+        holds none out. ``"examples"``: the held-out records scored. Read and encoded when
+        asked, never kept."""
         from rblora.evaluation import EvalConfig, encode_evaluation, evaluate_encoded
         from rblora.evaluation.items import mc_items
         from rblora.evaluation.multiple_choice import context_size
@@ -317,7 +318,7 @@ class CausalLMTask:
             progress=False,
         )
         with applied_delta(self.model, delta, merged=self._merged):
-            return evaluate_encoded(self.model, encoded, config)
+            return {**evaluate_encoded(self.model, encoded, config), "examples": len(records)}
 
     def save_adapter(
         self,
