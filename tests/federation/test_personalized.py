@@ -5,30 +5,16 @@ off, nothing of it runs."""
 from __future__ import annotations
 
 import math
-import shutil
 import statistics
 
 import pytest
 import torch
-from run_helpers import adapter_tensors, lm_argv, metrics, write_dolly
+from run_helpers import adapter_tensors, lm_argv, metrics
 from tiny_models import build_tiny_vit
 
 from rblora.data.prepare import main as prepare_main
 from rblora.federation import cli, personal
 from rblora.federation.results import scalar_evals
-
-
-@pytest.fixture(scope="module")
-def local_ws(workspace, tmp_path_factory):
-    """The tiny LM workspace with a data folder whose clients hold out a quarter each."""
-    root = tmp_path_factory.mktemp("personal")
-    shutil.copytree(workspace / "model", root / "model")
-    shutil.copy(workspace / "dev.json", root / "dev.json")
-    dolly = write_dolly(root / "dolly.jsonl")
-    argv = ["3", "2", "1", "--dolly", str(dolly), "--client_sizes", "8,12,16"]
-    argv += ["--test_per_category", "2", "--local_test_frac", "0.25"]
-    assert prepare_main([*argv, "--output_dir", str(root / "data")]) == 0
-    return root
 
 
 def test_summary_arithmetic_by_hand():
@@ -76,8 +62,9 @@ def test_each_client_is_scored_with_its_own_rank_of_the_global_update(
     seen = {}
     original = personal.score_client
 
-    def spy(task, spec, start, plan, *, round_):
-        figures = original(task, spec, start, plan, round_=round_)
+    def spy(task, spec, start, plan, *, round_, local=None):
+        assert local is None  # RB-LoRA's clients keep no factor of their own
+        figures = original(task, spec, start, plan, round_=round_, local=local)
         seen[round_, spec.client_id] = (spec, start.factors, figures)
         return figures
 

@@ -6,29 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from types import SimpleNamespace
 
 import pytest
 from flwr.app import Message
-from run_helpers import lm_argv, metrics, write_dolly
+from run_helpers import lm_argv, metrics
 
-from rblora.data.prepare import main as prepare_main
 from rblora.federation import cli
 from rblora.flower.records import to_content
 from rblora.flower.server_app import HeteroRankStrategy
-
-
-@pytest.fixture(scope="module")
-def local_ws(workspace, tmp_path_factory):
-    root = tmp_path_factory.mktemp("personal")
-    shutil.copytree(workspace / "model", root / "model")
-    shutil.copy(workspace / "dev.json", root / "dev.json")
-    dolly = write_dolly(root / "dolly.jsonl")
-    argv = ["3", "2", "1", "--dolly", str(dolly), "--client_sizes", "8,12,16"]
-    argv += ["--test_per_category", "2", "--local_test_frac", "0.25"]
-    assert prepare_main([*argv, "--output_dir", str(root / "data")]) == 0
-    return root
 
 
 def _personal(run):

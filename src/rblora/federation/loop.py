@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rblora.federation import personal, rounds
+from rblora.federation.client_state import run_store
 from rblora.federation.rundir import RunFolder
 from rblora.federation.saving import SavePlan, plan_for
 from rblora.federation.server import FederatedServer, derive_seed
@@ -68,6 +69,8 @@ def run_rounds(
         file=sys.stderr,
         position=0,
     )
+    # the clients' own factors (FedSA-LoRA's B): client-side state the server never reads
+    store = run_store(folder.path, server.plan.local)
     for t in bar:
         started = time.perf_counter()
         saving.begin_round(folder, t)
@@ -84,10 +87,13 @@ def run_rounds(
             spec = server.clients[k]
             start = server.deliver(k)
             seed = derive_seed(options.seed, t, k)
+            kept = store.load(k, t) if store else None  # the client's own, not the server's
             result = rounds.train_client(
                 task, spec, start, seed=seed, round_=t, private=server.privacy is not None,
-                plan=server.round_plan,
+                plan=server.round_plan, local=kept,
             )  # fmt: skip
+            if store:
+                store.save(k, t, result.factors)
             update = rounds.client_update(spec, result, server.round_plan)
             if options.save_client_adapters and saving.saves(t):
                 rounds.save_client_adapter(task, folder, t, spec, update)
@@ -107,7 +113,7 @@ def run_rounds(
         )
         if options.eval_personalized:  # the global model is installed: each client's on top
             record["eval"]["personalized"] = personal.evaluate_inprocess(
-                task, server, t, cap=options.personalized_clients, seed=options.seed
+                task, server, t, cap=options.personalized_clients, seed=options.seed, store=store
             )
         rounds.commit_round(server, folder, record, trackers)
         saving.end_round(folder, t)

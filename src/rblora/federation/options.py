@@ -525,6 +525,17 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             raise ValueError(f"client_num_gpus {self.client_num_gpus} must be a number >= 0")
         if self.max_client_examples < 1:
             raise ValueError(f"max_client_examples {self.max_client_examples} must be >= 1")
+        if self.head_only and not method.protocol.has_global_model:
+            raise ValueError(
+                f"--head_only trains no LoRA, so {method.name}'s clients have no B to keep; "
+                "use another --method for the head-only baseline"
+            )
+        if not method.protocol.has_global_model and not self.eval_personalized:
+            raise ValueError(
+                f"{method.name} keeps each client's B on the client, so there is no global "
+                "model to evaluate; give --eval_personalized (and data prepared with "
+                "--local_test_frac) to score each client's own model"
+            )
         if self.eval_personalized_clients < 0:
             raise ValueError(
                 f"eval_personalized_clients {self.eval_personalized_clients} must be >= 0 "

@@ -4,7 +4,8 @@ standard deviation and count over the clients, beside the global model's figures
 
 A client's personalised model is what it holds after the round: the global update as
 redistributed to its own rank (the start of its next round, :meth:`FederatedServer.start_of`;
-under heterogeneous ranks and svd, truncate or threshold it differs from client to client), on
+under heterogeneous ranks and svd, truncate or threshold it differs from client to client),
+with any factor the client keeps of its own (FedSA-LoRA's B, from its last training), on
 the base weights every client holds (under the merge protocol the merged total), with the
 averaged dense extras (a classification head). :func:`score_client` scores it with the task's
 own evaluation code (:meth:`rblora.tasks.base.Task.evaluate_local`); both engines call it: the
@@ -63,15 +64,23 @@ def client_figures(evaluation: Mapping[str, Any]) -> dict[str, float]:
 
 
 def score_client(
-    task, spec: ClientSpec, start: ClientStart, plan: FactorPlan, *, round_: int
+    task,
+    spec: ClientSpec,
+    start: ClientStart,
+    plan: FactorPlan,
+    *,
+    round_: int,
+    local: Mapping[str, Any] | None = None,
 ) -> dict[str, float] | None:
     """The personalised figures after ``round_`` of client ``spec``, whose next start is
     ``start`` (as the server builds it; ``plan``: the method's protocol of the next round, which
     sets a frozen factor the server does not send), on its own held-out split; None when it
-    holds nothing out. The task's base weights and dense extras must be the global model's
-    (both engines set them). The one scoring function of both engines."""
+    holds nothing out. ``local``: the factor the client keeps of its own (FedSA-LoRA's B, as it
+    trained it in its last round; None: none yet), which replaces the start's. The task's base
+    weights and dense extras must be the global model's (both engines set them). The one
+    scoring function of both engines."""
     if not plan.is_default:
-        start = plan.client_start(spec, start, task.update_layout().modules)
+        start = plan.client_start(spec, start, task.update_layout().modules, local)
     delta = personal_delta(spec, start.factors)
     evaluation = task.evaluate_local(spec.client_id, delta, round_=round_)
     return None if evaluation is None else client_figures(evaluation)
@@ -128,15 +137,20 @@ def chosen_clients(participants: list[int], cap: int, seed: int, round_: int) ->
     return sorted(int(participants[i]) for i in rng.choice(len(participants), cap, replace=False))
 
 
-def evaluate_inprocess(task, server, round_: int, *, cap: int, seed: int) -> dict[str, Any]:
+def evaluate_inprocess(
+    task, server, round_: int, *, cap: int, seed: int, store=None
+) -> dict[str, Any]:
     """After ``round_`` closed (the global model installed in ``task``): every chosen client's
-    personalised figures, summarised (:func:`summarize`), with the seconds it took."""
+    personalised figures, summarised (:func:`summarize`), with the seconds it took.
+    ``store``: the clients' own kept factors (:mod:`.client_state`; None: the method keeps
+    none), read on the client's side of the scoring only."""
     started = time.perf_counter()
     scored = {}
     plan = server.plan.at(round_ + 1)
     for k in chosen_clients(server.participants(), cap, seed, round_):
         start = ClientStart(server.start_of(k))  # base and dense: installed (the global model's)
-        figures = score_client(task, server.clients[k], start, plan, round_=round_)
+        kept = store.load(k, round_ + 1) if store else None
+        figures = score_client(task, server.clients[k], start, plan, round_=round_, local=kept)
         if figures is not None:
             scored[k] = figures
     return {**summarize(scored), "seconds": round(time.perf_counter() - started, 3)}

@@ -474,7 +474,7 @@ class HeteroRankStrategy(Strategy):
         (:func:`rblora.federation.personal.score_client`, in the node's ``evaluate``); the
         server counts a reply only from that client's node, with figures it can check
         (:meth:`take_figures`). Clients whose figures did not come are named under
-        ``missing``."""
+        ``missing``; ``bytes_down`` counts what the evaluate messages carried."""
         run = self.run
         server, args, started = run.server, run.args, time.perf_counter()
         chosen = personal.chosen_clients(
@@ -482,7 +482,7 @@ class HeteroRankStrategy(Strategy):
         )
         plan = server.plan.at(server_round + 1)  # what a start of the next round carries
         missing: dict[int, str] = {}
-        sent = []
+        sent, down = [], 0  # down: the bytes of the models sent to be scored
         for k in chosen:
             if k not in self.nodes:
                 missing[k] = "no node has answered for this client"
@@ -493,8 +493,10 @@ class HeteroRankStrategy(Strategy):
             tensors, meta = encode_start(start, plan.receives)
             meta.update({"train-args": self._options, "client": k,
                          "rank": server.clients[k].rank, "round": server_round})  # fmt: skip
+            content = to_content(tensors, meta)
+            down += content_bytes(content)
             msg = Message(
-                to_content(tensors, meta), dst_node_id=self.nodes[k],
+                content, dst_node_id=self.nodes[k],
                 message_type=MessageType.EVALUATE, group_id=f"personal-{server_round}",
             )  # fmt: skip
             sent.append((msg, k))
@@ -524,6 +526,7 @@ class HeteroRankStrategy(Strategy):
             log(f"round {server_round}: personalised evaluation of client {k} missing ({reason})")
         out: dict[str, Any] = {**personal.summarize(scored)}
         out["seconds"] = round(time.perf_counter() - started, 3)
+        out["bytes_down"] = down
         if missing:
             out["missing"] = {str(k): reason for k, reason in sorted(missing.items())}
         return out
