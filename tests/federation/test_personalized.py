@@ -156,3 +156,23 @@ def test_image_task_personalised_figures(tmp_path):
     (line,) = [r for r in metrics(tmp_path / "3") if r["type"] == "round"]
     p = line["eval"]["personalized"]
     assert p["clients"] == 3 and 0 <= p["accuracy_mean"] <= 1 and p["loss_mean"] > 0
+
+
+def test_trackers_get_the_personalised_figures(local_ws, tmp_path):
+    from run_helpers import tb_scalars
+
+    argv = lm_argv(local_ws, tmp_path, "--eval_personalized", "--report_to", "tensorboard")
+    assert cli.main(argv) == 0
+    scalars = tb_scalars(tmp_path / "3" / "tensorboard")
+    rounds = {r["round"]: r for r in metrics(tmp_path / "3") if r["type"] == "round"}
+    for name in ("personalized/loss_mean", "personalized/loss_sd", "personalized/clients"):
+        steps = dict(scalars[name])
+        key = name.split("/")[1]
+        assert steps == pytest.approx({t: rounds[t]["eval"]["personalized"][key] for t in (1, 2)})
+
+
+def test_a_negative_cap_is_refused_in_one_line(local_ws, tmp_path, capsys):
+    extra = ["--eval_personalized", "--eval_personalized_clients", "-1"]
+    assert cli.main(lm_argv(local_ws, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval_personalized_clients -1 must be >= 0" in err[0]

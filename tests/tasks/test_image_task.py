@@ -286,3 +286,13 @@ def test_hetlora_rank_self_pruning_on_the_image_task(vision, tmp_path):
                                     "adapter_model.safetensors"))  # fmt: skip
             ranks = {v.shape[0] for key, v in tensors.items() if key.endswith("lora_A.weight")}
             assert len(ranks) == 1 and ranks <= allowed(r), (t, k, ranks)
+
+
+def test_head_only_with_fedsa_lora_is_refused_up_front(vision, tmp_path, capsys):
+    argv = _argv(
+        vision, tmp_path / "out", "--head_only", "--method", "FedSA", "--eval_personalized"
+    )
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "FedSA-LoRA's clients have no B to keep" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
