@@ -126,18 +126,31 @@ def test_without_local_tests_one_line_names_the_option(workspace, tmp_path, caps
     assert not (tmp_path / "3").exists()
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--dp_clip", "1", "--dp_noise_multiplier", "1"], "statistic of raw client data"),
-        (["--eval_personalized_clients", "2"], "applies to --eval_personalized only"),
-    ],
-)
-def test_refused_combinations_one_line(local_ws, tmp_path, capsys, extra, message):
-    flag = [] if "--eval_personalized_clients" in extra else ["--eval_personalized"]
-    assert cli.main(lm_argv(local_ws, tmp_path, *flag, *extra)) == 2
+def test_the_cap_without_the_option_is_refused_in_one_line(local_ws, tmp_path, capsys):
+    assert cli.main(lm_argv(local_ws, tmp_path, "--eval_personalized_clients", "2")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    assert len(err) == 1 and "applies to --eval_personalized only" in err[0]
+
+
+def test_under_dp_the_figures_stay_in_the_private_records(local_ws, tmp_path):
+    """They are statistics of the clients' own held-out data: a DP run computes them, keeps
+    them in private/metrics.jsonl and releases nothing of them (FedSA-LoRA: its kept B under
+    private/ too)."""
+    import json
+
+    from rblora.federation.rounds import RELEASED
+
+    dp = ["--dp_clip", "0.5", "--dp_noise_multiplier", "0.8", "--method", "FedSA"]
+    assert cli.main(lm_argv(local_ws, tmp_path, "--eval_personalized", *dp)) == 0
+    run = tmp_path / "3"
+    for r in metrics(run):
+        assert set(r) <= set(RELEASED) and "personalized" not in r.get("eval", {})
+    private = [json.loads(x) for x in (run / "private" / "metrics.jsonl").read_text().splitlines()]
+    kept = [r["personalized"] for r in private if r["type"] == "round"]
+    assert [p["clients"] for p in kept] == [3, 3] and all(p["loss_mean"] > 0 for p in kept)
+    assert (run / "private" / "client_state" / "client_0").is_dir()
+    assert not (run / "client_state").exists()
+    assert "personalized" not in (run / "results.json").read_text()
 
 
 def test_image_task_personalised_figures(tmp_path):

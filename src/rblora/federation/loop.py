@@ -70,7 +70,9 @@ def run_rounds(
         position=0,
     )
     # the clients' own factors (FedSA-LoRA's B): client-side state the server never reads
-    store = run_store(folder.path, server.plan.local)
+    # (under DP with the clients' adapters in private/: they are the clients' raw data)
+    local = server.plan.local
+    store = run_store(folder.private_dir() if local and folder.private else folder.path, local)
     for t in bar:
         started = time.perf_counter()
         saving.begin_round(folder, t)
@@ -112,9 +114,10 @@ def run_rounds(
             export=saving.saves(t),
         )
         if options.eval_personalized:  # the global model is installed: each client's on top
-            record["eval"]["personalized"] = personal.evaluate_inprocess(
+            figures = personal.evaluate_inprocess(
                 task, server, t, cap=options.personalized_clients, seed=options.seed, store=store
             )
+            rounds.keep_personal(record, figures, folder.private)
         rounds.commit_round(server, folder, record, trackers)
         saving.end_round(folder, t)
         done.append(record)

@@ -291,7 +291,7 @@ class RunOptions:
         "also score every client that has trained at least once on its own held-out split "
         "(prepare-data --local_test_frac) with the model it holds after the round (the global "
         "update at its rank, and any factor kept on the client); mean, sd and count over the "
-        "clients beside the global figure",
+        "clients beside the global figure (under client-level DP in the private records only)",
         resumable=True,
     )
     eval_personalized_clients: int = option(
@@ -545,11 +545,6 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             raise ValueError("--eval_personalized_clients applies to --eval_personalized only")
         if self.private:
             check_private(self.method, self.reduction_method)
-            if self.eval_personalized:
-                raise ValueError(
-                    "--eval_personalized scores each client's own held-out data, a statistic of "
-                    "raw client data that a DP run keeps private; drop it or the DP options"
-                )
         self.privacy()  # bad DP values, opacus missing, a budget out of reach: refused now
 
     @property

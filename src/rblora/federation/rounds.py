@@ -274,6 +274,17 @@ def close_round(
     return record
 
 
+def keep_personal(record: dict[str, Any], figures: dict[str, Any], private: bool) -> None:
+    """Put a round's personalised figures (``--eval_personalized``) in its ``record``: beside
+    the global figures (``eval.personalized``), or in a DP run (``private``) under
+    ``personalized``, which only the private records keep: they are statistics of the clients'
+    own held-out data, which a DP run does not release."""
+    if private:
+        record["personalized"] = figures
+    else:
+        record["eval"]["personalized"] = figures
+
+
 def split_record(record: dict[str, Any], private: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(released, kept private)`` of a round line: everything is released without DP; under DP
     only the :data:`RELEASED` fields, the rest (with the round) goes to the private records."""

@@ -431,7 +431,7 @@ class HeteroRankStrategy(Strategy):
             export=self.saving.saves(server_round),
         )
         if run.args.eval_personalized:
-            record["eval"]["personalized"] = self.personalised(server_round)
+            rounds.keep_personal(record, self.personalised(server_round), run.folder.private)
         rounds.commit_round(run.server, run.folder, record, run.trackers)
         self.saving.end_round(run.folder, server_round)
         scalars = {"round": server_round, **scalar_evals(record.get("eval"))}
