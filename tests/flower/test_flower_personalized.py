@@ -56,3 +56,17 @@ def test_the_server_checks_a_nodes_figures_against_what_it_knows(figures, messag
     assert HeteroRankStrategy.take_figures(strategy, 1, _reply(None)) is None
     with pytest.raises(ValueError, match="partition.json says 0"):
         HeteroRankStrategy.take_figures(strategy, 1, _reply(good))
+
+
+def test_figures_nested_past_the_parsers_depth_are_refused_as_a_value():
+    strategy = SimpleNamespace(_local_sizes=None)
+    reply = SimpleNamespace(
+        has_error=lambda: False, content=to_content({}, {"figures": "[" * 400 + "]" * 400})
+    )
+    with pytest.raises(ValueError, match="must be a mapping"):
+        HeteroRankStrategy.take_figures(strategy, 0, reply)
+    too_long = SimpleNamespace(
+        has_error=lambda: False, content=to_content({}, {"figures": " " * 2000})
+    )
+    with pytest.raises(ValueError, match="no readable figures"):
+        HeteroRankStrategy.take_figures(strategy, 0, too_long)

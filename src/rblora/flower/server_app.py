@@ -513,8 +513,9 @@ class HeteroRankStrategy(Strategy):
                 continue  # not a reply to this evaluation's message for that client's node
             try:
                 figures = self.take_figures(k, reply)
-            except ValueError as err:
-                missing[k] = f"node {self.nodes[k]}: figures dropped: {_short(err)}"
+            except Exception as err:  # no reply, however built, stops the server
+                reason = str(err) if isinstance(err, ValueError) else type(err).__name__
+                missing[k] = f"node {self.nodes[k]}: figures dropped: {_short(reason)}"
                 continue
             if figures is not None:
                 scored[k] = figures
