@@ -860,6 +860,9 @@ def test_fedsa_lora_sends_a_alone_keeps_b_on_the_node_and_gives_the_in_process_f
     assert not (flower / "client_state").exists()
     kept = sorted(p.name for p in state.rglob("*.safetensors"))
     assert kept == sorted(["round_1.safetensors", "round_2.safetensors"] * 3)
+    # an --overwrite run of the same folder, method and seed keeps nothing of the first one's
+    _serve(local_ws, tmp_path / "flower", TestGrid(nodes), *extra, "--overwrite")
+    assert len(list(state.iterdir())) == 2
 
 
 def test_a_node_whose_personalised_figures_do_not_fit_is_named_and_left_out(local_ws, tmp_path):

@@ -115,12 +115,13 @@ def client_task(args: TrainArgs, clients: list[int]):
     return _TASKS[key]
 
 
-def client_store(args: TrainArgs, context: Context, plan: FactorPlan):
+def client_store(args: TrainArgs, context: Context, plan: FactorPlan, state_id: str = ""):
     """Where this node keeps its clients' own factors (a method's ``local`` role, FedSA-LoRA's
     B) between rounds, on this machine: the node config's ``state-dir``, else
     ``<its data folder>/client_state``, under a folder named by a digest of the run (its
-    output folder, method, seed and client count: the same after a resume). None when the
-    method keeps nothing on the clients. The server never sees it."""
+    output folder, method, seed, client count and ``state_id``, the run's public label from
+    its ``config.json``: the same after a resume, another for an ``--overwrite`` run). None
+    when the method keeps nothing on the clients. The server never sees it."""
     from rblora.data.federated import resolve_folder
 
     if not plan.local:
@@ -128,7 +129,7 @@ def client_store(args: TrainArgs, context: Context, plan: FactorPlan):
     state = context.node_config.get("state-dir")
     root = Path(str(state)) if state else resolve_folder(args.data_path, args.num_clients)
     key = json.dumps([str(args.run_dir()), get_method(args.method).name, args.seed,
-                      args.num_clients])  # fmt: skip
+                      args.num_clients, str(state_id)])  # fmt: skip
     return node_store(root if state else root / "client_state", key, plan.local)
 
 
@@ -163,7 +164,9 @@ def train(msg: Message, context: Context) -> Message:
     plan = FactorPlan.for_method(args.method, args.seed, int(meta["round"]))
     start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes(), down=True))
     task.set_base(start.base_delta, {})  # merge protocol: W0 + every merged round
-    store = client_store(args, context, plan)  # the client's own factors (FedSA-LoRA's B)
+    store = client_store(
+        args, context, plan, str(meta.get("state-id", ""))
+    )  # the client's own factors (FedSA-LoRA's B)
     round_ = int(meta["round"])
     result = train_client(
         task,
@@ -200,7 +203,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     plan = FactorPlan.for_method(args.method, args.seed, round_ + 1)  # the next start's
     start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes(), down=True))
     task.set_base(start.base_delta, start.dense)  # the global model's base and dense extras
-    store = client_store(args, context, plan)
+    store = client_store(args, context, plan, str(meta.get("state-id", "")))
     kept = store.load(client, round_ + 1) if store else None  # as it trained it last
     figures = score_client(task, spec, start, plan, round_=round_, local=kept)
     reply = {"figures": json.dumps(figures), "client": client, "round": round_}

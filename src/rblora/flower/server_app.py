@@ -333,6 +333,7 @@ class HeteroRankStrategy(Strategy):
                     "rank": server.clients[k].rank,
                     "seed": derive_seed(args.seed, server_round, k),
                     "round": server_round,
+                    "state-id": self.run.config.get("client_state_id", ""),
                 }
             )
             content = to_content(tensors, meta)
@@ -492,7 +493,8 @@ class HeteroRankStrategy(Strategy):
             )
             tensors, meta = encode_start(start, plan.receives)
             meta.update({"train-args": self._options, "client": k,
-                         "rank": server.clients[k].rank, "round": server_round})  # fmt: skip
+                         "rank": server.clients[k].rank, "round": server_round,
+                         "state-id": run.config.get("client_state_id", "")})  # fmt: skip
             content = to_content(tensors, meta)
             down += content_bytes(content)
             msg = Message(
