@@ -41,6 +41,23 @@ def lm_workspace(root: Path) -> Path:
     return root
 
 
+def local_test_workspace(workspace: Path, root: Path) -> Path:
+    """``root`` with :func:`lm_workspace`'s model and dev file (copied from ``workspace``) and a
+    data folder of the same three clients whose clients each hold out a quarter of their
+    records (``--local_test_frac 0.25``: 2, 3 and 4; 6, 9 and 12 left to train on), for
+    ``--eval_personalized``."""
+    import shutil
+
+    from rblora.data.prepare import main as prepare_main
+
+    shutil.copytree(workspace / "model", root / "model")
+    shutil.copy(workspace / "dev.json", root / "dev.json")
+    argv = ["3", "2", "1", "--dolly", str(write_dolly(root / "dolly.jsonl"))]
+    argv += ["--client_sizes", "8,12,16", "--test_per_category", "2", "--local_test_frac", "0.25"]
+    assert prepare_main([*argv, "--output_dir", str(root / "data")]) == 0
+    return root
+
+
 def write_dolly(path: Path, count: int = 60) -> Path:
     """``count`` Dolly-format records (JSON lines) over :data:`CATEGORIES` at ``path``."""
     with open(path, "w") as fh:

@@ -340,3 +340,35 @@ def test_threshold_is_for_the_stack_methods_and_its_energy_is_a_fraction():
     for energy in (0.0, -0.5, 1.01, float("nan"), True):
         with pytest.raises(ValueError, match=rf"^svd_energy {energy!r} must be a fraction in"):
             aggregate("FlexLoRA", threshold_clients(), "threshold", svd_energy=energy)
+
+
+def fedsa_clients(b_scale: float = 1.0):
+    """FedSA-LoRA's clients send A; their B stay home (whatever they hold, here multiples of
+    ones). Client 1: rank 1, n = 1, A1 = [[1, 0]]; client 2: rank 2, n = 3,
+    A2 = [[3, 4], [1, 2]]; client 3: rank 2, n = 4, A3 = [[0, 2], [5, 0]]."""
+    ones = torch.ones
+    return [
+        ClientUpdate(1, 2.0, {M: (t([[1.0, 0.0]]), b_scale * ones(3, 1))}),
+        ClientUpdate(3, 2.0, {M: (t([[3.0, 4.0], [1.0, 2.0]]), b_scale * ones(3, 2))}),
+        ClientUpdate(4, 2.0, {M: (t([[0.0, 2.0], [5.0, 0.0]]), -b_scale * ones(3, 2))}),
+    ]
+
+
+def test_fedsa_lora_averages_a_per_component_over_its_holders_and_never_a_b_by_hand():
+    """Row 0 of A, held by all three (N = 8): ([1, 0] + 3 [3, 4] + 4 [0, 2]) / 8 = [1.25, 2.5];
+    row 1, held by clients 2 and 3 (7 examples): (3 [1, 2] + 4 [5, 0]) / 7 = [23/7, 6/7]. B is
+    the clients' own: the server's is zero, whatever they hold, and so is its update (there is
+    no global model). A client of rank 1 starts from A = [[1.25, 2.5]] and a zero B (which it
+    replaces by its own)."""
+    g = aggregate("FedSA", fedsa_clients())
+    a_g, b_g = g.factors(M)
+    torch.testing.assert_close(a_g, t([[1.25, 2.5], [23 / 7, 6 / 7]]))
+    assert b_g.shape == (3, 2) and not b_g.any() and not g.delta(M).any()
+    other = aggregate("FedSALoRA", fedsa_clients(b_scale=-7.0))
+    torch.testing.assert_close(other.factors(M)[0], a_g, rtol=0, atol=0)
+    a, b = g.for_client(1, 2.0)[M]
+    torch.testing.assert_close(a, t([[1.25, 2.5]]))
+    assert b.shape == (3, 1) and not b.any()
+    for reduction in ("svd", "merge"):
+        with pytest.raises(ValueError, match="its clients keep their own B"):
+            aggregate("fedsa_lora", fedsa_clients(), reduction=reduction)

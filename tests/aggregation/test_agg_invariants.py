@@ -19,6 +19,12 @@ COMBOS = [(m, r) for m in available_methods() for r in supported_reductions(m)]
 MODULES = sorted(SHAPES)
 
 
+def shared_only(method: str) -> bool:
+    """A method whose clients keep B (FedSA-LoRA): the server's update is the shared A with a
+    zero B, so the invariants hold for A, and the update itself is zero (no global model)."""
+    return not get_method(method).protocol.has_global_model
+
+
 def peft_delta(factors, rank, alpha, use_rslora=False):
     a, b = factors
     return lora_scale(alpha, rank, use_rslora) * (b @ a)
@@ -37,6 +43,7 @@ def test_all_methods_registered_with_defaults():
         "FFA-LoRA",
         "RoLoRA",
         "FedEx-LoRA",
+        "FedSA-LoRA",
     ]
     defaults = {m: supported_reductions(m)[0] for m in available_methods()}
     assert defaults == {
@@ -51,6 +58,7 @@ def test_all_methods_registered_with_defaults():
         "FFA-LoRA": "truncate",
         "RoLoRA": "truncate",
         "FedEx-LoRA": "truncate",
+        "FedSA-LoRA": "truncate",
     }
 
 
@@ -69,6 +77,15 @@ def test_aliases(alias):
 def test_single_client_returns_its_own_update(method, reduction, use_rslora):
     (u,) = make_clients([3], [7], alphas=[12.0], use_rslora=use_rslora)
     g = aggregate(method, [u], reduction=reduction)
+    if shared_only(method):  # its own A back, B zero: the server never has one
+        for m in MODULES:
+            a, b = g.factors(m)
+            torch.testing.assert_close(a, u.factors[m][0], rtol=1e-10, atol=1e-12)
+            assert not b.any() and not g.delta(m).any()
+            sent = g.for_client(rank=3, lora_alpha=12.0, use_rslora=use_rslora)[m]
+            torch.testing.assert_close(sent[0], u.factors[m][0], rtol=1e-10, atol=1e-12)
+            assert not sent[1].any()
+        return
     for m in MODULES:
         torch.testing.assert_close(g.delta(m), client_delta(u, m), rtol=1e-10, atol=1e-12)
     sent = g.for_client(rank=3, lora_alpha=12.0, use_rslora=use_rslora)
@@ -158,6 +175,9 @@ def test_rslora_scaling(method, reduction):
     )
     for m in MODULES:
         torch.testing.assert_close(g_rs.delta(m), g_plain.delta(m), rtol=1e-10, atol=1e-12)
+        if shared_only(method):  # A carries no scale: the same A whatever the scaling
+            torch.testing.assert_close(g_rs.factors(m)[0], no_rs.factors(m)[0])
+            continue
         assert not torch.allclose(g_rs.delta(m), no_rs.delta(m))
     if reduction == "merge":
         return
@@ -208,9 +228,11 @@ def test_inputs_never_modified_and_outputs_not_shared(method, reduction):
         a.mul_(0), b.mul_(0)
     again = g.for_client(2, 16.0)
     for m in MODULES:
-        assert g.delta(m).abs().sum() > 0 and g.factors(m)[0].abs().sum() > 0
+        assert g.factors(m)[0].abs().sum() > 0
+        assert g.delta(m).abs().sum() > 0 or shared_only(method)  # FedSA-LoRA: no update
         if again:
-            assert again[m][0].abs().sum() > 0 and again[m][1].abs().sum() > 0
+            assert again[m][0].abs().sum() > 0
+            assert again[m][1].abs().sum() > 0 or shared_only(method)
     for u, saved in zip(clients, before, strict=True):
         for m, (a, b) in u.factors.items():
             assert torch.equal(a, saved[m][0]) and torch.equal(b, saved[m][1])

@@ -531,3 +531,42 @@ def test_fedex_lora_one_client_moves_the_release_by_at_most_c():
     noised = dataclasses.replace(dp, noise_multiplier=1.0)
     noisy, _ = private_aggregate("FedEx-LoRA", clients[:3], noised, noise=noise(0))
     assert all(torch.is_tensor(noisy.residual(m)) for m in noisy.modules)
+
+
+def test_fedsa_lora_term_is_its_a_alone_and_only_a_is_noised():
+    # population ranks (1, 1), sizes (1, 3), q = 1: client 1's weight is 3/4. B = [[7], [7]] is
+    # the client's own (never released, never read): the term is 3/4 A = [[3, 0]], norm 3.
+    # Clipped to 1.5: A_g = [[1.5, 0]]; B_g is zero, with or without noise.
+    u = _update(1, [[4.0, 0.0]], [[7.0], [7.0]], 3, 1.0)
+    dp = dp_of([1, 1], [1, 3], clip=1.5)
+    g, report = private_aggregate("FedSA-LoRA", [u], dp, noise=noise(0))
+    assert report.norms == (pytest.approx(3.0),)
+    a, b = g.factors("m")
+    torch.testing.assert_close(a, torch.tensor([[1.5, 0.0]], dtype=torch.float64))
+    assert not b.any()
+    noisy, _ = private_aggregate("FedSA-LoRA", [u], dataclasses.replace(dp, noise_multiplier=2.0),
+                                 noise=noise(0))  # fmt: skip
+    a_noisy, b_noisy = noisy.factors("m")
+    assert not b_noisy.any() and not torch.allclose(a_noisy, a)
+
+
+def test_fedsa_lora_one_client_moves_the_released_a_by_at_most_c():
+    """Adding or removing one client moves the released A by at most C (its clipped term), and
+    the client's B reaches nothing of the release."""
+    ranks, sizes = [2, 3, 5, 5], [10, 20, 30, 40]
+    clients = population(ranks, sizes, method="FedSA-LoRA")
+    dp = dp_of(ranks, sizes, clip=0.3, q=0.75)
+    with_, _ = private_aggregate("FedSA-LoRA", clients[:3], dp, noise=noise(0))
+    without, _ = private_aggregate("FedSA-LoRA", clients[:2], dp, noise=noise(0))
+    alone, _ = private_aggregate("FedSA-LoRA", clients[2:3], dp, noise=noise(0))
+    other_b = [dataclasses.replace(u, factors={m: (a, 9 * b) for m, (a, b) in u.factors.items()})
+               for u in clients[:3]]  # fmt: skip
+    same, _ = private_aggregate("FedSA-LoRA", other_b, dp, noise=noise(0))
+    diff = []
+    for m in with_.modules:
+        (a1, b1), (a2, _), (a3, _) = with_.factors(m), without.factors(m), alone.factors(m)
+        assert not b1.any() and torch.equal(same.factors(m)[0], a1)
+        torch.testing.assert_close(a1 - a2, a3, rtol=1e-9, atol=1e-12)
+        diff.append(a1 - a2)
+    moved = math.sqrt(sum(float(d.square().sum()) for d in diff))
+    assert 0 < moved <= 0.3 * (1 + 1e-9)

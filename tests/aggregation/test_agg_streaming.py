@@ -34,7 +34,10 @@ def _reference(method, clients):
         pairs = [u.scaled_factors(m, torch.float64) for u in clients]
         # a residual method's whole update (factors and residual) is the weighted stack's
         form = "stack" if spec.residual else spec.form
-        a, b = assemble(form, [p[0] for p in pairs], [p[1] for p in pairs], gamma)
+        bs = [p[1] for p in pairs]
+        if "B" in spec.protocol.at(1).local:  # the clients' own B: the server sums none
+            bs = [torch.zeros_like(b) for b in bs]
+        a, b = assemble(form, [p[0] for p in pairs], bs, gamma)
         out[m] = b @ a
     return out, average_dense(clients)
 

@@ -405,3 +405,28 @@ def test_compare_runs_the_stack_methods_with_the_threshold_redistribution(worksp
         rounds = [r for r in metrics(root / cell["path"] / "3") if r["type"] == "round"]
         assert {r["reduction"] for r in rounds if r["round"] > 0} == {"threshold"}
     assert "| heterogeneous | FlexLoRA | 1 |" in (root / "comparison.md").read_text()
+
+
+def test_compare_runs_fedsa_lora_beside_a_method_with_a_global_model(workspace, tmp_path):
+    """FedSA-LoRA (B kept by the clients, A alone sent) is a cell like any other once the
+    cells score each client's own model: its table row has the personalised figures and no
+    global one, and its clients send A alone (fewer bytes than RB-LoRA's)."""
+    from run_helpers import local_test_workspace
+
+    base = _base(local_test_workspace(workspace, tmp_path / "ws"), tmp_path)
+    root = tmp_path / "cmp"
+    argv = ["compare", "--methods", "RB-LoRA,FedSA", "--seeds", "1"]
+    argv += ["--rank_settings", "heterogeneous", "--output_dir", str(root), "--"]
+    assert rblora([*argv, *base, "--eval_personalized"]) == 0
+    index = json.loads((root / "compare.json").read_text())
+    up = {}
+    for cell in index["cells"]:
+        lines = metrics(root / cell["path"] / "3")
+        (method,) = {r["method"] for r in lines if r["type"] == "round" and r["round"] > 0}
+        up[method] = sum(r["bytes_up"] for r in lines if r["type"] == "client")
+    assert 0 < up["FedSA-LoRA"] < up["RB-LoRA"]
+    table = (root / "comparison.md").read_text().splitlines()
+    head = next(line for line in table if line.startswith("| setting |")).split(" | ")
+    (row,) = [line.split(" | ") for line in table if "| heterogeneous | FedSA |" in line]
+    assert row[head.index("personalized/loss_mean r2")] != "-"
+    assert row[head.index("heldout/loss r2")] == "-"  # no global model, no global figure

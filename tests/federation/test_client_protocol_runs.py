@@ -48,17 +48,28 @@ def test_ffa_lora_keeps_a_frozen_and_sends_b_alone(workspace, tmp_path):
         assert a_bytes > 0
 
 
-@pytest.mark.parametrize("method", ["FFA-LoRA", "RoLoRA"])
+@pytest.mark.parametrize("method", ["FFA-LoRA", "RoLoRA", "FedSA-LoRA"])
 def test_a_run_with_a_declared_protocol_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
-    workspace, tmp_path, monkeypatch, method
+    workspace, local_ws, tmp_path, monkeypatch, method
 ):
-    """Nothing of the protocol is state: FFA-LoRA's frozen A is drawn again from the seed after
-    a resume, and what RoLoRA's round 2 holds (round 1's global factors) comes from the
-    checkpointed start basis, so the resumed run is the uninterrupted one to the bit."""
+    """Nothing of the protocol is server state but the checkpoint: FFA-LoRA's frozen A is drawn
+    again from the seed after a resume, what RoLoRA's round 2 holds (round 1's global factors)
+    comes from the checkpointed start basis, and FedSA-LoRA's clients start round 2 again from
+    their own round-1 B (their kept files: the newest before the round), so the resumed run is
+    the uninterrupted one to the bit (FedSA-LoRA's personalised figures too)."""
+    from rblora.aggregation import get_method
+
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert cli.main(lm_argv(workspace, full, "--method", method)) == 0
-    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, "--method", method)) == 130
-    assert cli.main(lm_argv(workspace, cut, "--method", method, "--resume")) == 0
+    ws, extra = workspace, ["--method", method]
+    if not get_method(method).protocol.has_global_model:  # scored per client, on local tests
+        ws, extra = local_ws, [*extra, "--eval_personalized"]
+    assert cli.main(lm_argv(ws, full, *extra)) == 0
+    assert killed_in_round_2(monkeypatch, lm_argv(ws, cut, *extra)) == 130
+    assert cli.main(lm_argv(ws, cut, *extra, "--resume")) == 0
+    if ws is local_ws:
+        last = [{**metrics(run / "3")[-1]["eval"]["personalized"], "seconds": 0}
+                for run in (full, cut)]  # fmt: skip
+        assert last[0] == last[1]
     for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
         x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub

@@ -78,10 +78,13 @@ def _deployment_args(workspace, out, *extra):
 
 def split_folders(prepared: Path, root: Path, count: int) -> Path:
     """``prepared`` (a ``<K>`` folder) cut as a federation holds it: ``root/node<k>/<K>/`` has
-    only client k's file, ``root/server/<K>/`` only global_test.json and partition.json."""
+    only client k's files (its training file and, when prepared, its own test split),
+    ``root/server/<K>/`` only global_test.json and partition.json."""
     for k in range(count):
         (root / f"node{k}" / prepared.name).mkdir(parents=True)
-        shutil.copy(prepared / f"local_training_{k}.json", root / f"node{k}" / prepared.name)
+        for name in (f"local_training_{k}.json", f"local_test_{k}.json"):
+            if (prepared / name).is_file():
+                shutil.copy(prepared / name, root / f"node{k}" / prepared.name)
     (root / "server" / prepared.name).mkdir(parents=True)
     for name in ("global_test.json", "partition.json"):
         shutil.copy(prepared / name, root / "server" / prepared.name)
@@ -267,3 +270,31 @@ def test_client_resources_are_options_checked_against_the_machine(tmp_path):
         backend_config(args)
     with pytest.raises(ValueError, match="client_num_gpus -1.0 must be a number >= 0"):
         parse_args(["--client_num_gpus", "-1"])
+
+
+def test_local_deployment_of_fedsa_lora_keeps_b_and_the_test_split_on_each_node(local_ws, tmp_path):
+    """Real SuperNodes, each holding its own client's training file and test split: FedSA-LoRA's
+    B stays in the node's state folder, each node scores its own client, and the shared A and
+    personalised figures are the in-process engine's."""
+    extra = ("--method", "FedSA-LoRA", "--eval_personalized")
+    assert cli.main(lm_argv(local_ws, tmp_path / "inprocess", *extra)) == 0
+    folders = split_folders(local_ws / "data" / "3", tmp_path / "data", 3)
+    argv = lm_argv(local_ws, tmp_path / "out", *extra, data_path=folders / "server")
+    _deploy(tmp_path / "flower", _split_nodes(folders, (2, 4, 8)), argv)
+    out, ref = tmp_path / "out" / "3", tmp_path / "inprocess" / "3"
+    assert_same_global_updates(out, ref)  # B is zero in both: the A's are compared through it
+    for t in (1, 2):
+        a = adapter_tensors(out / f"round_{t}" / "global")
+        b = adapter_tensors(ref / f"round_{t}" / "global")
+        for key in a:
+            assert float((a[key] - b[key]).abs().max()) <= 1e-5 * max(float(b[key].abs().max()), 1)
+    ours = {r["round"]: r["eval"]["personalized"] for r in metrics(out) if r["type"] == "round"}
+    theirs = {r["round"]: r["eval"]["personalized"] for r in metrics(ref) if r["type"] == "round"}
+    for t in (1, 2):
+        assert ours[t]["clients"] == 3 and "missing" not in ours[t]
+        assert ours[t]["loss_mean"] == pytest.approx(theirs[t]["loss_mean"], rel=1e-4)
+    for k in range(3):  # each node's B in its own folder; none on the server's side
+        kept = list((folders / f"node{k}" / "3" / "client_state").rglob("*.safetensors"))
+        assert sorted(p.name for p in kept) == ["round_1.safetensors", "round_2.safetensors"]
+        assert {p.parent.name for p in kept} == {f"client_{k}"}
+    assert not (out / "client_state").exists()

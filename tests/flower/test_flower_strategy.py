@@ -815,3 +815,72 @@ def _same_client_adapter(tmp_path, sub: str) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fedsa_lora_sends_a_alone_keeps_b_on_the_node_and_gives_the_in_process_figures(
+    local_ws, tmp_path
+):
+    """FedSA-LoRA on Flower: starts and replies carry A alone, each node keeps its client's B
+    in its own state folder (the server's run folder holds none), the node scores its client's
+    model itself, and the shared A and personalised figures are the in-process engine's."""
+    carried = []
+
+    def arrays(msg):
+        return list(msg.content.array_records.get("arrays", {}).keys())
+
+    def app(msg, context):
+        carried.extend(arrays(msg))
+        reply = client_app.app(msg, context)
+        if reply.has_content():
+            carried.extend(arrays(reply))
+        return reply
+
+    state = tmp_path / "node-state"
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r, "state-dir": str(state)}
+             for k, r in enumerate((2, 4, 8))}  # fmt: skip
+    extra = ("--method", "FedSA-LoRA", "--eval_personalized")
+    _serve(local_ws, tmp_path / "flower", TestGrid(nodes, app=app), *extra)
+    assert cli.main(lm_argv(local_ws, tmp_path / "inprocess", *extra)) == 0
+    factors = [k for k in carried if "/lora/" in k]
+    assert factors and all(k.endswith("/A") for k in factors)
+    flower, inproc = tmp_path / "flower" / "3", tmp_path / "inprocess" / "3"
+    for t in (1, 2):
+        a, b = adapter_tensors(flower / f"round_{t}" / "global"), adapter_tensors(
+            inproc / f"round_{t}" / "global")  # fmt: skip
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    ours = {r["round"]: r["eval"]["personalized"] for r in metrics(flower) if r["type"] == "round"}
+    theirs = {
+        r["round"]: r["eval"]["personalized"] for r in metrics(inproc) if r["type"] == "round"
+    }
+    for t in (1, 2):
+        assert ours[t]["clients"] == 3 and "missing" not in ours[t]
+        for key in ("loss_mean", "loss_sd"):
+            assert ours[t][key] == pytest.approx(theirs[t][key], rel=1e-4, abs=1e-6)
+    assert not (flower / "client_state").exists()
+    kept = sorted(p.name for p in state.rglob("*.safetensors"))
+    assert kept == sorted(["round_1.safetensors", "round_2.safetensors"] * 3)
+    # an --overwrite run of the same folder, method and seed keeps nothing of the first one's
+    _serve(local_ws, tmp_path / "flower", TestGrid(nodes), *extra, "--overwrite")
+    assert len(list(state.iterdir())) == 2
+
+
+def test_a_node_whose_personalised_figures_do_not_fit_is_named_and_left_out(local_ws, tmp_path):
+    def app(msg, context):
+        reply = client_app.app(msg, context)
+        if msg.metadata.message_type != "evaluate":
+            return reply
+        if int(msg.content.config_records["config"]["client"]) == 1:
+            config = dict(reply.content.config_records["config"])
+            config["figures"] = json.dumps({"loss": 0.1, "examples": 99})  # not its count
+            reply = Message(RecordDict({"arrays": reply.content.array_records["arrays"],
+                                        "config": ConfigRecord(config)}), reply_to=msg)  # fmt: skip
+        return reply
+
+    nodes = {100 + k: {"partition-id": k, "lora-rank": r} for k, r in enumerate((2, 4, 8))}
+    _serve(local_ws, tmp_path / "flower", TestGrid(nodes, app=app), "--eval_personalized")
+    for r in metrics(tmp_path / "flower" / "3"):
+        if r["type"] == "round":
+            p = r["eval"]["personalized"]
+            assert p["clients"] == 2 and list(p["missing"]) == ["1"]
+            assert "scored 99 held-out examples; partition.json says 3" in p["missing"]["1"]

@@ -19,7 +19,7 @@ from rblora.protocol.types import ClientSpec, ClientStart, UpdateLayout
 LAYOUT = UpdateLayout({"q": (6, 5), "v": (4, 5)})
 
 
-def test_every_method_declares_a_protocol_and_only_ffa_lora_and_rolora_fix_a_factor():
+def test_every_method_declares_a_protocol_and_only_ffa_lora_rolora_and_fedsa_lora_differ():
     declared = {m: get_method(m).protocol for m in available_methods()}
     default = ClientProtocol()
     assert (default.trains, default.sends, default.keeps) == (("A", "B"), ("A", "B"), ())
@@ -33,13 +33,19 @@ def test_every_method_declares_a_protocol_and_only_ffa_lora_and_rolora_fix_a_fac
         ("A",), ("A",), ("A", "B"), ("B",),
     )  # fmt: skip
     assert rolora.at(3) == odd and rolora.at(4) == even and not odd.frozen
-    assert all(p == default for p in declared.values())
+    fedsa = declared.pop("FedSA-LoRA")  # B trained and kept: never sent, never received
+    assert (fedsa.trains, fedsa.sends, fedsa.receives) == (("A", "B"), ("A",), ("A",))
+    assert (fedsa.local, fedsa.keeps, fedsa.fixed, fedsa.has_global_model) == (
+        ("B",), ("B",), (), False,
+    )  # fmt: skip
+    assert all(p == default and p.has_global_model for p in declared.values())
 
 
 @pytest.mark.parametrize(
     "roles, fragment",
     [
-        ({"A": "local"}, "A has role 'local'"),
+        ({"A": "kept"}, "A has role 'kept'"),
+        ({"A": "local"}, "only B may be local"),
         ({"B": "frozen"}, "only A may be frozen"),
         ({"A": "held", "B": "held"}, "at least one factor must be trained"),
     ],

@@ -24,6 +24,8 @@ def vision(tmp_path_factory):
     argv = ["3", "--source", "digits", "--partition", "dirichlet", "--alpha", "0.5"]
     argv += ["--min_size", "20", "--pool_size", "240", "--test_per_category", "6"]
     assert prepare_main([*argv, "--output_dir", str(root / "data")]) == 0
+    local = [*argv, "--local_test_frac", "0.2", "--output_dir", str(root / "local")]
+    assert prepare_main(local) == 0  # for a method without a global model (FedSA-LoRA)
     return root
 
 
@@ -82,6 +84,9 @@ def test_two_rounds_every_method(vision, tmp_path, method, monkeypatch):
     evaluated = spy_evaluated(monkeypatch, probe)
     ranks = [4, 4, 4] if get_method(method).homogeneous_ranks else RANKS  # FedIT: one rank
     argv = _argv(vision, tmp_path, "--method", method, "--client_ranks", ",".join(map(str, ranks)))
+    shared_only = not get_method(method).protocol.has_global_model
+    if shared_only:  # no global model: each client's own is scored on its held-out images
+        argv += ["--eval_personalized", "--data_path", str(vision / "local")]
     assert cli.main(argv) == 0
     run = tmp_path / "3"
     config = json.loads((run / "config.json").read_text())
@@ -97,12 +102,21 @@ def test_two_rounds_every_method(vision, tmp_path, method, monkeypatch):
             torch.testing.assert_close(glob[name].double(), mean, rtol=1e-6, atol=1e-7)
         base = AutoModelForImageClassification.from_pretrained(vision / "vit", num_labels=10)
         reloaded = PeftModel.from_pretrained(base, run / f"round_{t}" / "global").eval()
+        if shared_only:  # the shared A with a zero B: PEFT loads it, and it is not a model
+            assert (run / f"round_{t}" / "global" / "NOTE.md").is_file()
+            continue
         with torch.no_grad():
             logits = reloaded(pixel_values=probe).logits
         torch.testing.assert_close(logits, evaluated[t - 1], rtol=1e-4, atol=1e-5)
     records = metrics(run)
     rounds = [r for r in records if r["type"] == "round"]
     assert rounds[-1]["reduction"] == default_reduction(method)
+    if shared_only:
+        assert "suites" not in rounds[-1]["eval"]  # no global figure; the clients' own below
+        assert rounds[-1]["eval"]["global"].startswith("not defined")
+        assert rounds[-1]["eval"]["personalized"]["clients"] == 3
+        assert 0 <= rounds[-1]["eval"]["personalized"]["accuracy_mean"] <= 1
+        return
     ev = rounds[-1]["eval"]
     assert ev["suites"]["test"]["count"] == 60 and len(ev["confusion_matrix"]) == 10
     assert 0 <= ev["suites"]["test"]["macro_accuracy"] <= 1
@@ -272,3 +286,13 @@ def test_hetlora_rank_self_pruning_on_the_image_task(vision, tmp_path):
                                     "adapter_model.safetensors"))  # fmt: skip
             ranks = {v.shape[0] for key, v in tensors.items() if key.endswith("lora_A.weight")}
             assert len(ranks) == 1 and ranks <= allowed(r), (t, k, ranks)
+
+
+def test_head_only_with_fedsa_lora_is_refused_up_front(vision, tmp_path, capsys):
+    argv = _argv(
+        vision, tmp_path / "out", "--head_only", "--method", "FedSA", "--eval_personalized"
+    )
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "FedSA-LoRA's clients have no B to keep" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import re
 from . import (
     fedex_lora,
     fedit,
+    fedsa_lora,
     ffa_lora,
     flexlora,
     flora,
@@ -62,6 +63,7 @@ register(fedit.METHOD)
 register(ffa_lora.METHOD)
 register(rolora.METHOD)
 register(fedex_lora.METHOD)
+register(fedsa_lora.METHOD)
 
 
 def available_methods() -> list[str]:

@@ -167,6 +167,8 @@ class RoundSum:
         self._widest = max(self._widest, rank)
         for module in self._shapes:
             a, bh = update.scaled_factors(module, self._work)
+            if "B" in self.protocol.local:  # the client's own: never summed (the server has none)
+                bh = torch.zeros_like(bh)
             target = self._modules.get(module)
             if target is None:
                 target = self._modules[module] = _ModuleSum(

@@ -164,7 +164,7 @@ def count_share(rank: int, num_examples: int, width: int) -> tuple[Tensor, Tenso
 FACTORS = ("A", "B")
 """The two LoRA factors, by PEFT's names: ``A: (r, d_in)`` (``lora_A``), ``B: (d_out, r)``."""
 
-ROLES = ("shared", "frozen", "held")
+ROLES = ("shared", "frozen", "held", "local")
 """What a client does with one LoRA factor under a method (:class:`ClientProtocol`)."""
 
 
@@ -186,7 +186,13 @@ class ClientProtocol:
     - ``"held"``: kept fixed for the round at the server's current global factor, the same for
       every client (a client of rank r holds its prefix; before any global factor exists, the
       run's seeded initialisation of a frozen A): sent down, not trained, not sent up; the
-      server aggregates its own copy, never a client's (RoLoRA's alternating rounds).
+      server aggregates its own copy, never a client's (RoLoRA's alternating rounds);
+    - ``"local"``: trained locally and kept by the client from the round it last trained to the
+      next (a client that never trained starts it as PEFT does: B at zero), never sent in either
+      direction and never seen by the server, which aggregates zeros in its place (FedSA-LoRA's
+      B). Only B may be local (a local A would start at zero too, and so would every update).
+      A method with a local factor has no global model: each client's model is the shared
+      factors with its own local one (personalised evaluation scores it).
     """
 
     A: str = "shared"
@@ -201,13 +207,15 @@ class ClientProtocol:
                 raise ValueError(f"client protocol: {name} has role {role!r}; valid: {ROLES}")
         if self.B == "frozen":
             raise ValueError("client protocol: only A may be frozen (a frozen B stays zero)")
+        if self.A == "local":
+            raise ValueError("client protocol: only B may be local (a fresh local A is zero)")
         if not self.trains:
             raise ValueError("client protocol: at least one factor must be trained")
 
     @property
     def trains(self) -> tuple[str, ...]:
         """The factors local training updates (the others keep their start values)."""
-        return tuple(f for f in FACTORS if getattr(self, f) == "shared")
+        return tuple(f for f in FACTORS if getattr(self, f) in ("shared", "local"))
 
     @property
     def sends(self) -> tuple[str, ...]:
@@ -218,12 +226,18 @@ class ClientProtocol:
     @property
     def receives(self) -> tuple[str, ...]:
         """The factors the server sends a client (its start): the shared and the held ones."""
-        return tuple(f for f in FACTORS if getattr(self, f) != "frozen")
+        return tuple(f for f in FACTORS if getattr(self, f) in ("shared", "held"))
 
     @property
     def keeps(self) -> tuple[str, ...]:
-        """The factors a client does not upload (frozen or held)."""
+        """The factors a client does not upload (frozen, held or local)."""
         return tuple(f for f in FACTORS if f not in self.sends)
+
+    @property
+    def local(self) -> tuple[str, ...]:
+        """The factors each client keeps as its own across rounds (never sent, never seen by
+        the server)."""
+        return tuple(f for f in FACTORS if getattr(self, f) == "local")
 
     @property
     def frozen(self) -> tuple[str, ...]:
@@ -239,12 +253,18 @@ class ClientProtocol:
     def fixed(self) -> tuple[str, ...]:
         """The factors the aggregation holds as they are (frozen or held), never sums: every
         client's is a prefix of the same matrix."""
-        return tuple(f for f in FACTORS if getattr(self, f) != "shared")
+        return tuple(f for f in FACTORS if getattr(self, f) in ("frozen", "held"))
 
     @property
     def cycle(self) -> tuple[ClientProtocol, ...]:
         """Every round's protocol: this one alone."""
         return (self,)
+
+    @property
+    def has_global_model(self) -> bool:
+        """False when a factor stays on the clients: the server's aggregate is not a model
+        anyone holds (each client's is the shared factors with its own local one)."""
+        return not self.local
 
     def at(self, round_: int) -> ClientProtocol:
         """The protocol of round ``round_`` (1-based): this one, whatever the round."""
@@ -268,11 +288,18 @@ class ProtocolCycle:
             raise ValueError("protocol cycle: give one ClientProtocol per round of the cycle")
         if "B" in self.rounds[0].held:
             raise ValueError("protocol cycle: round 1 cannot hold B (no global B exists yet)")
+        if any(p.local for p in self.rounds):
+            raise ValueError("protocol cycle: a local factor is the client's in every round")
 
     @property
     def cycle(self) -> tuple[ClientProtocol, ...]:
         """Every round's protocol, in order."""
         return self.rounds
+
+    @property
+    def has_global_model(self) -> bool:
+        """True: a cycle holds no local factor (checked when it is built)."""
+        return True
 
     def at(self, round_: int) -> ClientProtocol:
         """The protocol of round ``round_`` (1-based)."""
@@ -378,6 +405,8 @@ class Method:
             has = torch.stack([torch.arange(width) < a.shape[0] for a in As]).double()
             return assemble(self.form, As, Bhs, per_client[:, None] * has)
         gamma = self.weights([a.shape[0] for a in As], num_examples)
+        if "B" in self.protocol.at(1).local:  # each client's own: the server aggregates zeros
+            Bhs = [torch.zeros_like(b) for b in Bhs]
         return assemble(self.form, As, Bhs, gamma, hold_a="A" in self.protocol.at(1).fixed)
 
 

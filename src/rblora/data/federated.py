@@ -31,6 +31,13 @@ from rblora.utils.atomic import recover
 
 #: A client's file: ``local_training_<k>.json``.
 CLIENT_FILE = re.compile(r"^local_training_(\d+)\.json$")
+#: A client's own held-out split (``prepare-data --local_test_frac``): ``local_test_<k>.json``.
+LOCAL_TEST_FILE = re.compile(r"^local_test_(\d+)\.json$")
+#: What a run with --eval_personalized says when the folder has no local test splits.
+LOCAL_TEST_ADVICE = (
+    "prepare the data with --local_test_frac (e.g. `python prepare_data.py K --local_test_frac "
+    "0.2`), which holds out part of every client's data as local_test_<k>.json"
+)
 
 
 @dataclass
@@ -197,6 +204,58 @@ def load_client_records(data_dir: Path | str, num_clients: int, k: int) -> list[
     return _client_records(folder, _read_meta(folder, num_clients, "text"), k)
 
 
+def local_test_size(folder: Path, meta: dict | None, k: int) -> int:
+    """How many examples client ``k`` holds out for its personalised evaluation: partition.json's
+    ``local_test_sizes[k]`` (0: none), or without partition.json (a node's folder) the size of
+    its ``local_test_<k>.json``. ValueError naming the folder and ``prepare-data``'s option
+    when the folder has no local test splits at all."""
+    if meta is not None:
+        sizes = meta.get("local_test_sizes")
+        if sizes is None:
+            raise ValueError(f"{folder} has no local test splits; {LOCAL_TEST_ADVICE}")
+        if not isinstance(sizes, list) or not 0 <= k < len(sizes) or not isinstance(sizes[k], int):
+            raise ValueError(f"{folder / 'partition.json'}: bad 'local_test_sizes' {sizes!r}")
+        return int(sizes[k])
+    path = folder / f"local_test_{k}.json"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing; {LOCAL_TEST_ADVICE}")
+    return -1  # present, size unknown until read
+
+
+def check_local_tests(data_dir: Path | str, num_clients: int, clients: list[int]) -> None:
+    """Before round 1 of a run with ``--eval_personalized``: the folder has local test splits
+    (partition.json's ``local_test_sizes``, or without it each held client's
+    ``local_test_<k>.json``); one ValueError naming ``prepare-data``'s option otherwise. Reads
+    no client file when the folder has partition.json."""
+    folder = resolve_folder(data_dir, num_clients)
+    meta = _read_meta(folder, num_clients, None)
+    for k in clients if meta is None else [0]:
+        local_test_size(folder, meta, k)
+
+
+def _check_local_test(path: Path, expected: int, size: int) -> None:
+    if expected >= 0 and size != expected:
+        raise ValueError(
+            f"{path} holds {size} examples but partition.json says {expected}; the folder was "
+            "modified, prepare it again"
+        )
+
+
+def load_local_test_records(data_dir: Path | str, num_clients: int, k: int) -> list[dict]:
+    """Client ``k``'s own held-out records (``local_test_<k>.json``), validated; [] when it holds
+    none out (too small to spare one). Read when it is scored, never kept: a run of 10,000
+    clients reads only the files of the clients it scores."""
+    _check_client(k, num_clients)
+    folder = resolve_folder(data_dir, num_clients)
+    expected = local_test_size(folder, _read_meta(folder, num_clients, "text"), k)
+    if expected == 0:
+        return []
+    path = folder / f"local_test_{k}.json"
+    records = _check_records(path, _load_json(path))
+    _check_local_test(path, expected, len(records))
+    return records
+
+
 def load_test_records(data_dir: Path | str, num_clients: int) -> list[dict]:
     """The held-out records (``global_test.json``) alone: what a Flower server reads."""
     folder = resolve_folder(data_dir, num_clients)
@@ -359,6 +418,17 @@ class _ImageFolderReader:
         test = self.split("global_test.json", None)
         return list(test.classes)
 
+    def local_test(self, k: int) -> ImageSplit | None:
+        """Client ``k``'s own held-out images (``local_test_<k>.json``), read now; None when it
+        holds none out. ValueError when the folder has no local test splits."""
+        expected = local_test_size(self.folder, self.meta, k)
+        if expected == 0:
+            return None
+        path = self.folder / f"local_test_{k}.json"
+        split = self.split(path.name, "train")
+        _check_local_test(path, expected, len(split))
+        return split
+
     def client(self, k: int) -> ImageSplit:
         path = self.folder / f"local_training_{k}.json"
         split = self.split(path.name, "train")
@@ -465,5 +535,5 @@ def data_fingerprint(data_dir: Path | str, num_clients: int) -> dict[str, str]:
     return {
         path.name: sha256_file(path)
         for path in sorted(folder.glob("*.json"))
-        if not (skip_clients and CLIENT_FILE.match(path.name))
+        if not (skip_clients and (CLIENT_FILE.match(path.name) or LOCAL_TEST_FILE.match(path.name)))
     }

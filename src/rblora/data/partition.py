@@ -332,6 +332,34 @@ def stratified_sample(
     return np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
 
 
+def local_test_count(size: int, frac: float) -> int:
+    """Examples a client of ``size`` holds out for its personalised evaluation at ``frac``:
+    ``round(frac * size)``, at least 1 and at most ``size - 1`` (a client always keeps one
+    example to train on), 0 when ``frac`` is 0 or the client has fewer than 2 examples."""
+    if frac <= 0 or size < 2:
+        return 0
+    return min(size - 1, max(1, round(frac * size)))
+
+
+def carve_local_tests(
+    parts: Sequence[np.ndarray], frac: float, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(training parts, local test parts)``: from each client's indices ``parts[k]`` a seeded
+    draw of :func:`local_test_count` of them is held out (kept in their original order), the
+    rest stays for training (in its original order). Nothing is drawn for a client that
+    holds out nothing."""
+    train, test = [], []
+    for part in parts:
+        part = np.asarray(part)
+        m = local_test_count(int(part.size), frac)
+        held = np.zeros(part.size, dtype=bool)
+        if m:
+            held[rng.choice(part.size, size=m, replace=False)] = True
+        train.append(part[~held])
+        test.append(part[held])
+    return train, test
+
+
 def default_client_sizes(num_clients: int, available: int) -> tuple[list[int], str]:
     """The seed's per-client sizes, scaled to ``num_clients`` and to the data available.
 

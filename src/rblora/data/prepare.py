@@ -7,12 +7,14 @@
     rblora prepare-data 10 --source fashion-mnist --partition shards
 
 Writes ``<output_dir>/<num_clients>/``: ``local_training_<k>.json`` (k = 0..K-1),
-``global_training.json`` (the union of the clients' data), ``global_test.json`` (held out,
-stratified by category), ``partition.json`` (sizes, per-client category histogram, seed,
-arguments, source checksums) and ``partition.png`` (clients x categories heatmap). The folder is
-built under a temporary name and renamed at the end, so a failure never leaves half of it, while
-holding the lock ``<output_dir>/.<num_clients>.lock`` (empty, kept; see ``rblora.utils.atomic``
-for the hidden ``.<num_clients>.tmp-*``/``.old-*`` leftovers a kill can leave and their recovery).
+``local_test_<k>.json`` (with ``--local_test_frac``: client k's own held-out split, for
+``--eval_personalized``), ``global_training.json`` (the union of the clients' training
+data), ``global_test.json`` (held out, stratified by category), ``partition.json`` (sizes,
+per-client category histogram, seed, arguments, source checksums, local test sizes) and
+``partition.png`` (clients x categories heatmap). The folder is built under a temporary name
+and renamed at the end, so a failure never leaves half of it, while holding the lock
+``<output_dir>/.<num_clients>.lock`` (empty, kept; see ``rblora.utils.atomic`` for the hidden
+``.<num_clients>.tmp-*``/``.old-*`` leftovers a kill can leave and their recovery).
 Image sources write indices, not pixels: ``{"source", "split", "indices"}`` per file.
 """
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from rblora.data import partition as P
 from rblora.data import sources as S
-from rblora.data.federated import CLIENT_FILE
+from rblora.data.federated import CLIENT_FILE, LOCAL_TEST_FILE
 from rblora.data.report import save_heatmap, summary_table
 from rblora.utils.atomic import atomic_dir, exclusive_dir, lock_path, recover
 from rblora.utils.options import OptionParser, add_flags, option, values_from
@@ -96,6 +98,12 @@ class PrepareConfig:
         None,
         "global_test examples per category (default: Dolly categories 10, alpaca 80, mixture "
         "tasks 20, image classes 100)",
+    )
+    local_test_frac: float = option(
+        0.0,
+        "hold out this fraction of every client's examples (seeded; round(frac x n), at least "
+        "1, a client keeps at least 1 to train) as local_test_<k>.json, the client's own test "
+        "split for --eval_personalized; a client of 1 example holds out none; 0: none",
     )
     output_dir: str = option("./data", "output root; data goes to <output_dir>/<K>")
     overwrite: bool = option(False, "replace an existing output folder")
@@ -218,6 +226,11 @@ def _validate(cfg: PrepareConfig) -> None:
         raise ValueError(
             f"--pool_size {cfg.pool_size} is below the number of clients {cfg.num_clients}"
         )
+    frac = cfg.local_test_frac
+    if not (isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 <= frac < 1):
+        raise ValueError(
+            f"--local_test_frac {frac!r} must be a fraction in [0, 1) (0: no local test splits)"
+        )
     if (cfg.source == "imagefolder") != (cfg.image_dir is not None):
         raise ValueError("--source imagefolder and --image_dir ROOT go together")
     if cfg.skip_bad_images and cfg.source != "imagefolder":
@@ -322,14 +335,21 @@ def _subsample(
     return np.sort(pool[chosen])
 
 
-def _output_files(src: S.Source, parts: list[np.ndarray], test_items: list) -> dict[str, object]:
-    """File name -> JSON value: records for text, ``{"source","split","indices"}`` for images."""
+def _output_files(
+    src: S.Source, parts: list[np.ndarray], test_items: list, local_tests: list[np.ndarray]
+) -> dict[str, object]:
+    """File name -> JSON value: records for text, ``{"source","split","indices"}`` for images.
+    ``local_tests[k]``: client k's held-out indices (``local_test_<k>.json``, only when it
+    holds some out)."""
     if src.kind == "images":
 
         def index_file(split: str, idx) -> dict:
             return {"source": src.name, "split": split, "indices": [int(i) for i in idx]}
 
         files = {f"local_training_{k}.json": index_file("train", p) for k, p in enumerate(parts)}
+        for k, idx in enumerate(local_tests):
+            if idx.size:
+                files[f"local_test_{k}.json"] = index_file("train", idx)
         files["global_training.json"] = index_file("train", np.concatenate(parts))
         test_split = "test" if src.heldout is not None else "train"
         files["global_test.json"] = index_file(test_split, test_items)
@@ -338,6 +358,9 @@ def _output_files(src: S.Source, parts: list[np.ndarray], test_items: list) -> d
         return files
     clients = [[src.train[i] for i in p] for p in parts]
     files = {f"local_training_{k}.json": c for k, c in enumerate(clients)}
+    for k, idx in enumerate(local_tests):
+        if idx.size:
+            files[f"local_test_{k}.json"] = [src.train[i] for i in idx]
     files["global_training.json"] = [r for c in clients for r in c]
     files["global_test.json"] = test_items
     return files
@@ -365,8 +388,18 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
     if cfg.pool_size is not None:
         pool = _subsample(pool, src.train_labels, cfg.pool_size, r_pool, notes)
     parts = [pool[p] for p in _split(cfg, src.train_labels[pool], r_part, notes)]
+    local_tests = [p[:0] for p in parts]
+    if cfg.local_test_frac:  # its own stream: the draws above are those of a run without it
+        r_local = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(5)[4])
+        parts, local_tests = P.carve_local_tests(parts, cfg.local_test_frac, r_local)
+        spared = sum(1 for t in local_tests if not t.size)
+        if spared:
+            notes.append(
+                f"local_test_frac {cfg.local_test_frac:g}: {spared} client(s) too small to hold "
+                "out an example keep all theirs for training (no personalised figure for them)"
+            )
     hist = P.category_histogram(parts, src.train_labels, len(cats))
-    files = _output_files(src, parts, test_items)
+    files = _output_files(src, parts, test_items, local_tests)
 
     args = asdict(cfg)
     args.update(
@@ -374,6 +407,8 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
         dolly=str(dolly) if dolly else None,
         alpaca=str(alpaca) if alpaca else None,
     )
+    if not cfg.local_test_frac:
+        del args["local_test_frac"]  # a folder without local tests is what it always was
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": src.kind,
@@ -393,6 +428,9 @@ def build_partition(cfg: PrepareConfig, cwd: Path | None = None) -> Prepared:
         "sources": src.checksums,
         "notes": notes,
     }
+    if cfg.local_test_frac:
+        meta["local_test_frac"] = cfg.local_test_frac
+        meta["local_test_sizes"] = [int(t.size) for t in local_tests]
     if cfg.partition == "dirichlet":
         meta["min_size"] = dirichlet_min_size(cfg, int(pool.size))
     return Prepared(files, meta, hist, cats, notes)
@@ -419,7 +457,7 @@ def write_prepared(prepared: Prepared, folder: Path, overwrite: bool) -> None:
                 for name, value in prepared.files.items():
                     data = json.dumps(value, ensure_ascii=False).encode("utf-8")
                     (tmp / name).write_bytes(data)
-                    if CLIENT_FILE.match(name):
+                    if CLIENT_FILE.match(name) or LOCAL_TEST_FILE.match(name):
                         digest.update(f"{name} {hashlib.sha256(data).hexdigest()}\n".encode())
                 meta = {**prepared.meta, "client_files_sha256": digest.hexdigest()}
                 with open(tmp / "partition.json", "w", encoding="utf-8") as fh:
@@ -474,6 +512,12 @@ def prepare(cfg: PrepareConfig, cwd: Path | None = None) -> Path:
         f"global_test: {meta['global_test_size']} examples; "
         f"global_training: {meta['global_training_size']}"
     )
+    if meta.get("local_test_sizes") is not None:
+        sizes = meta["local_test_sizes"]
+        print(
+            f"local_test: {sum(sizes)} examples held out of {sum(1 for n in sizes if n)} "
+            f"client(s) (--local_test_frac {meta['local_test_frac']:g})"
+        )
     print(f"Data saved to: {folder}")
     return folder
 

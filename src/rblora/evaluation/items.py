@@ -169,8 +169,14 @@ def load_mc_file(path: str | Path, prompter) -> list[MCItem]:
     without choices are skipped: they only count for the held-out loss). A JSON array or JSON
     lines. Raises ValueError naming the file and the record index (0-based) of a bad record.
     """
+    return mc_items(read_records(path), prompter, str(path))
+
+
+def mc_items(records: list[dict], prompter, where: str) -> list[MCItem]:
+    """The multiple-choice items of ``records`` (as :func:`load_mc_file` reads them from a file;
+    ``where`` names their source in errors)."""
     items = []
-    for i, rec in enumerate(read_records(path)):
+    for i, rec in enumerate(records):
         try:
             if "input" in rec and "output" in rec:
                 items.append(_flora_item(rec, prompter))
@@ -184,7 +190,7 @@ def load_mc_file(path: str | Path, prompter) -> list[MCItem]:
                     "or instruction/context/response/category/choices/answer"
                 )
         except (KeyError, ValueError, TypeError) as err:
-            raise ValueError(f"{path}: record {i}: {err}") from err
+            raise ValueError(f"{where}: record {i}: {err}") from err
     return items
 
 

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rblora.federation import rounds
+from rblora.federation import personal, rounds
+from rblora.federation.client_state import run_store
 from rblora.federation.rundir import RunFolder
 from rblora.federation.saving import SavePlan, plan_for
 from rblora.federation.server import FederatedServer, derive_seed
@@ -32,6 +33,8 @@ class LoopOptions:
     eval_base: bool = False  # evaluate the untouched base model first, recorded as round 0
     save_every: int = 1  # write round folders every this many rounds and the last (saving.py)
     keep_last: int = 0  # keep the newest this many round folders; 0: all
+    eval_personalized: bool = False  # score each client's own model on its held-out split
+    personalized_clients: int = 0  # at most this many of them a round (seeded sample); 0: all
 
 
 def run_rounds(
@@ -66,6 +69,10 @@ def run_rounds(
         file=sys.stderr,
         position=0,
     )
+    # the clients' own factors (FedSA-LoRA's B): client-side state the server never reads
+    # (under DP with the clients' adapters in private/: they are the clients' raw data)
+    local = server.plan.local
+    store = run_store(folder.private_dir() if local and folder.private else folder.path, local)
     for t in bar:
         started = time.perf_counter()
         saving.begin_round(folder, t)
@@ -82,10 +89,13 @@ def run_rounds(
             spec = server.clients[k]
             start = server.deliver(k)
             seed = derive_seed(options.seed, t, k)
+            kept = store.load(k, t) if store else None  # the client's own, not the server's
             result = rounds.train_client(
                 task, spec, start, seed=seed, round_=t, private=server.privacy is not None,
-                plan=server.round_plan,
+                plan=server.round_plan, local=kept,
             )  # fmt: skip
+            if store:
+                store.save(k, t, result.factors)
             update = rounds.client_update(spec, result, server.round_plan)
             if options.save_client_adapters and saving.saves(t):
                 rounds.save_client_adapter(task, folder, t, spec, update)
@@ -103,6 +113,11 @@ def run_rounds(
             selected=selected,
             export=saving.saves(t),
         )
+        if options.eval_personalized:  # the global model is installed: each client's on top
+            figures = personal.evaluate_inprocess(
+                task, server, t, cap=options.personalized_clients, seed=options.seed, store=store
+            )
+            rounds.keep_personal(record, figures, folder.private)
         rounds.commit_round(server, folder, record, trackers)
         saving.end_round(folder, t)
         done.append(record)
@@ -128,6 +143,8 @@ def run_inprocess(args, given: set[str] | None = None) -> dict[str, Any]:
             eval_base=args.eval_base,
             save_every=plan.every,
             keep_last=plan.keep_last,
+            eval_personalized=args.eval_personalized,
+            personalized_clients=args.eval_personalized_clients,
         )
         run_rounds(run.task, run.server, run.folder, options, trackers=run.trackers)
         return finish_run(run)

@@ -286,6 +286,20 @@ class RunOptions:
     eval_base: bool = option(
         False, "also evaluate the base model before round 1 (recorded as round 0)"
     )
+    eval_personalized: bool = option(
+        False,
+        "also score every client that has trained at least once on its own held-out split "
+        "(prepare-data --local_test_frac) with the model it holds after the round (the global "
+        "update at its rank, and any factor kept on the client); mean, sd and count over the "
+        "clients beside the global figure (under client-level DP in the private records only)",
+        resumable=True,
+    )
+    eval_personalized_clients: int = option(
+        0,
+        "--eval_personalized: score at most this many of those clients a round, a seeded "
+        "sample (0: all of them)",
+        resumable=True,
+    )
     eval_batch_size: int = option(
         64, "at most this many sequences per evaluation forward pass", resumable=True
     )
@@ -511,6 +525,24 @@ class TrainArgs(ImageOptions, LMOptions, RunOptions):
             raise ValueError(f"client_num_gpus {self.client_num_gpus} must be a number >= 0")
         if self.max_client_examples < 1:
             raise ValueError(f"max_client_examples {self.max_client_examples} must be >= 1")
+        if self.head_only and not method.protocol.has_global_model:
+            raise ValueError(
+                f"--head_only trains no LoRA, so {method.name}'s clients have no B to keep; "
+                "use another --method for the head-only baseline"
+            )
+        if not method.protocol.has_global_model and not self.eval_personalized:
+            raise ValueError(
+                f"{method.name} keeps each client's B on the client, so there is no global "
+                "model to evaluate; give --eval_personalized (and data prepared with "
+                "--local_test_frac) to score each client's own model"
+            )
+        if self.eval_personalized_clients < 0:
+            raise ValueError(
+                f"eval_personalized_clients {self.eval_personalized_clients} must be >= 0 "
+                "(0: every client that has trained)"
+            )
+        if self.eval_personalized_clients and not self.eval_personalized:
+            raise ValueError("--eval_personalized_clients applies to --eval_personalized only")
         if self.private:
             check_private(self.method, self.reduction_method)
         self.privacy()  # bad DP values, opacus missing, a budget out of reach: refused now

@@ -38,7 +38,15 @@ def scalar_evals(evaluation: dict[str, Any] | None) -> dict[str, float]:
     for key in ("loss", "perplexity"):
         if isinstance(evaluation.get(key), (int, float)):
             flat[f"heldout/{key}"] = float(evaluation[key])
+    personal = evaluation.get("personalized") or {}  # --eval_personalized (federation.personal)
+    for key in PERSONAL_FIGURES:
+        if isinstance(personal.get(key), (int, float)):
+            flat[f"personalized/{key}"] = float(personal[key])
     return flat
+
+
+PERSONAL_FIGURES = ("accuracy_mean", "accuracy_sd", "loss_mean", "loss_sd", "clients")
+"""The figures of ``--eval_personalized`` a round reports (``personalized/<name>``)."""
 
 
 def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:

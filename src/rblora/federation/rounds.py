@@ -15,7 +15,10 @@ A driver (the in-process loop, the Flower server) does, for round ``t``::
     commit_round(server, folder, round_record, trackers)  # metrics line, checkpoint, trackers
 
 ``close_round`` aggregates, redistributes, writes the global model's PEFT folder, installs the
-global model in the task's base weights, evaluates it and returns the round's metrics record. The
+global model in the task's base weights, evaluates it and returns the round's metrics record
+(for a method without a global model, FedSA-LoRA: the shared factors with a note, and no global
+figure). With ``--eval_personalized`` the driver then scores each client's own model
+(:mod:`rblora.federation.personal`: in process, or each Flower node its own client). The
 drivers keep only iteration, transport, progress and the checkpoint.
 
 Under client-level DP (``folder.private``) only what may be released reaches ``metrics.jsonl``,
@@ -77,13 +80,16 @@ def train_client(
     round_: int,
     private: bool = False,
     plan: FactorPlan = DEFAULT_PLAN,
+    local: dict | None = None,
 ) -> ClientResult:
     """The task's local training of one client; divergence stops the run naming the client.
     ``private``: the run has client-level DP, so after round 1 the start carries the noise.
     ``plan``: the method's client protocol: the start's frozen factors are set to the run's
-    initialisation and only the factors it trains are trained (both engines call this)."""
+    initialisation, a local factor to the client's own (``local``: what the client kept from
+    the round it last trained, None: nothing yet) and only the factors it trains are trained
+    (both engines call this)."""
     if not plan.is_default:  # the layout's modules: none when no LoRA is trained (head only)
-        start = plan.client_start(spec, start, task.update_layout().modules)
+        start = plan.client_start(spec, start, task.update_layout().modules, local)
     try:
         return task.train_client(spec, start, seed=seed, round_=round_)
     except TrainingDiverged as err:
@@ -231,13 +237,19 @@ def close_round(
     agg_start = time.perf_counter()
     global_update = server.aggregate()
     model = server.redistribute(global_update)
-    if export:  # the model evaluated is the one handed out, to the bit (a bf16 body rounds
-        model = handed_out(model)  # each layer's output: factors equal to rounding are not enough)
+    shared_only = not server.plan.has_global_model  # the clients keep a factor: no global model
+    # the model evaluated is the one handed out, to the bit (a bf16 body rounds each layer's
+    # output: factors equal to rounding are not enough)
+    if export and not shared_only:
+        model = handed_out(model)
     agg_seconds = time.perf_counter() - agg_start
     if export:
-        export_global(task, folder.global_dir(round_), model)
+        (export_shared if shared_only else export_global)(task, folder.global_dir(round_), model)
     eval_start = time.perf_counter()
-    evaluation = keep_item_outcomes(folder, round_, evaluate_global(task, model, round_))
+    if shared_only:
+        evaluation: dict[str, Any] = {"global": NO_GLOBAL_MODEL}
+    else:
+        evaluation = keep_item_outcomes(folder, round_, evaluate_global(task, model, round_))
     install_global(task, server)  # the next round trains on what a resumed run installs
     eval_seconds = time.perf_counter() - eval_start
     record: dict[str, Any] = {
@@ -260,6 +272,17 @@ def close_round(
     if missing:
         record["missing"] = {str(k): reason for k, reason in sorted(missing.items())}
     return record
+
+
+def keep_personal(record: dict[str, Any], figures: dict[str, Any], private: bool) -> None:
+    """Put a round's personalised figures (``--eval_personalized``) in its ``record``: beside
+    the global figures (``eval.personalized``), or in a DP run (``private``) under
+    ``personalized``, which only the private records keep: they are statistics of the clients'
+    own held-out data, which a DP run does not release."""
+    if private:
+        record["personalized"] = figures
+    else:
+        record["eval"]["personalized"] = figures
 
 
 def split_record(record: dict[str, Any], private: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -366,6 +389,41 @@ def export_global(task: Task, path: Path, model: GlobalModel) -> None:
     )
 
 
+NO_GLOBAL_MODEL = (
+    "not defined: the method's clients keep a factor of their own (FedSA-LoRA's B), so no "
+    "model is global; see the personalized figures"
+)
+"""What a round line's ``eval.global`` says for a method without a global model."""
+
+SHARED_NOTE = """# The shared factors of a round, not a model
+
+This run's method keeps a LoRA factor on each client (FedSA-LoRA: every client trains A and B,
+sends A alone and keeps its own B). The server never sees a B, so no global model exists:
+each client's model is this A (its first r rows) with the client's own B.
+
+This folder holds the server's aggregate as it is: `lora_A` is the shared A (its rows averaged
+per component over the clients that hold them), `lora_B` is zero, scale 1 (`lora_alpha` equal
+to the rank), and the averaged dense extras (a classification head) as modules_to_save. Loaded
+with PEFT it gives the base model (plus the head): evaluate clients' models with
+`--eval_personalized`, or load a client's adapter from `round_<t>/client_<k>/`.
+"""
+
+
+def export_shared(task: Task, path: Path, model: GlobalModel) -> None:
+    """``round_<t>/global`` for a method without a global model: the shared factors as they
+    are (A averaged, B zero, each module at the widest rank, scale 1), the averaged dense
+    extras, and ``NOTE.md`` saying what the folder is (:data:`SHARED_NOTE`)."""
+    from rblora.adapters.peft_io import common_rank
+    from rblora.utils.atomic import write_text
+
+    factors = {m: (d[0].float(), d[1].float()) for m, d in model.delta.items()}
+    rank = common_rank(factors) if factors else 0
+    task.save_adapter(
+        path, factors, model.dense, rank=rank, lora_alpha=float(max(rank, 1)), use_rslora=False
+    )
+    write_text(path / "NOTE.md", SHARED_NOTE)
+
+
 def exact_factors(delta: dict[str, ModuleDelta]) -> Factors:
     """The same update as float32 LoRA factors ``(A: (k, d_in), B: (d_out, k))``, A with
     orthonormal rows, each module at its own rank ``k`` (saved through PEFT's ``rank_pattern``):
@@ -409,6 +467,9 @@ def round_line(r: dict[str, Any]) -> str:
     for name, value in scalar_evals(r.get("eval")).items():
         if name.endswith(("/accuracy", "/loss")):
             parts.append(f"{name} {value:.4f}")
+    personal = (r.get("eval") or {}).get("personalized")
+    if personal:
+        parts.append(personal_text(personal))
     if r.get("dp_epsilon") is not None:
         parts.append(f"DP epsilon {r['dp_epsilon']:.3g}")
     if r.get("dp_clip") is not None:
@@ -416,3 +477,13 @@ def round_line(r: dict[str, Any]) -> str:
     if r.get("missing"):
         parts.append(f"missing clients {', '.join(r['missing'])}")
     return ", ".join(parts)
+
+
+def personal_text(p: dict[str, Any]) -> str:
+    """``personalized accuracy 0.6100 sd 0.0500, loss ... over 4 clients`` (the round line)."""
+    figures = [
+        f"{name} {p[name + '_mean']:.4f} sd {p[name + '_sd']:.4f}"
+        for name in ("accuracy", "loss")
+        if p.get(name + "_mean") is not None
+    ]
+    return f"personalized {', '.join(figures) or 'none'} over {p.get('clients', 0)} clients"

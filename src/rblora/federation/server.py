@@ -345,6 +345,17 @@ class FederatedServer:
         self.completed_rounds += 1
         return model
 
+    def start_of(self, client_id: int) -> Factors | None:
+        """What ``client_id`` holds after the last round: the adapter it starts its next round
+        from (None: a fresh LoRA), as :meth:`deliver` would hand it, without recording a
+        delivery (the personalised evaluation reads it)."""
+        return self._start_of(client_id)
+
+    def participants(self) -> list[int]:
+        """The clients handed a start at least once (every client that has trained), sorted;
+        kept in the checkpoint."""
+        return sorted(self._synced)
+
     def _start_of(self, client_id: int) -> Factors | None:
         """The adapter ``client_id`` starts its next round from (None: a fresh LoRA), cut from
         the start basis by the same function on every round and after a resume."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rblora.aggregation import get_method
 from rblora.federation import rundir
 from rblora.federation.options import TrainArgs
 from rblora.federation.rounds import RunError, install_global, log
@@ -146,6 +147,8 @@ def prepare_run(
     }
     if privacy is not None:
         config["privacy"] = privacy.record()  # public settings: never the noise key
+    if get_method(args.method).protocol.cycle[0].local:  # clients keep a factor between rounds
+        config["client_state_id"] = client_state_id(folder, args.resume)
     if not args.resume:
         folder.start(config, log)  # an old run is set aside until this one completes
     specs = [
@@ -202,6 +205,18 @@ def _listing(values: list, shown: int = 20, distinct: int = 8) -> str:
         f"{len(values)} values from {ordered[0]} to {ordered[-1]} (median "
         f"{ordered[len(ordered) // 2]}, total {sum(ordered)})"
     )
+
+
+def client_state_id(folder: rundir.RunFolder, resume: bool) -> str:
+    """A public label of this run for the nodes' kept factors (FedSA-LoRA's B): random for a new
+    run, the recorded one for a resumed run (``config.json``), so a node tells this run's state
+    from that of an earlier run with the same output folder, method and seed (an
+    ``--overwrite`` run starts from nothing kept). Not a secret: it only names a folder."""
+    import secrets
+
+    if resume:
+        return str(folder.read_config().get("client_state_id", ""))
+    return secrets.token_hex(8)
 
 
 def precision_args(args: TrainArgs, recorded: dict | None) -> TrainArgs:

@@ -10,25 +10,34 @@ A node says which client it is in its node config::
 (optional): its LoRA rank (else the run's ``client_ranks``); ``data-path`` (optional): the
 prepared folder on this machine (else the run's ``data_path``); ``device`` (optional): where this
 node trains (``auto``, ``cpu``, ``cuda``, ...; default ``auto``: this machine's GPU if it has one,
-whatever device the server uses). Only the client's own file
+whatever device the server uses); ``state-dir`` (optional): where the node keeps its clients'
+own factors between rounds under a method that keeps one on the client (FedSA-LoRA's B;
+default ``<data-path>/<K>/client_state``). Only the client's own file
 ``<data-path>/<K>/local_training_<partition-id>.json`` is read (for images, its index file and the
 embedded image set it names); the node needs no other client's file and no test set.
 
-Messages: ``query`` (who are you: partition, rank, examples) and ``train`` (start adapter in,
-update out). The run's options travel in every message, so the node needs nothing but its node
-config. The task is built once per process and reused (a simulation worker serves many rounds;
-a deployed SuperNode starts a fresh process per message and rebuilds it).
+Messages: ``query`` (who are you: partition, rank, examples), ``train`` (start adapter in,
+update out) and, with ``--eval_personalized``, ``evaluate`` (the client's model after the round
+in, its figures on its own held-out split out). The run's options travel in every message, so
+the node needs nothing but its node config. The task is built once per process and reused (a
+simulation worker serves many rounds; a deployed SuperNode starts a fresh process per message
+and rebuilds it). The node's own held-out split ``local_test_<partition-id>.json`` is read only
+for ``evaluate``.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from rblora.aggregation import get_method
+from rblora.federation.client_state import node_store
 from rblora.federation.options import TrainArgs
+from rblora.federation.personal import score_client
 from rblora.federation.rounds import client_update, train_client
 from rblora.flower.records import CONFIG, from_content, to_content
 from rblora.protocol.codec import decode_start, encode_update
@@ -106,6 +115,24 @@ def client_task(args: TrainArgs, clients: list[int]):
     return _TASKS[key]
 
 
+def client_store(args: TrainArgs, context: Context, plan: FactorPlan, state_id: str = ""):
+    """Where this node keeps its clients' own factors (a method's ``local`` role, FedSA-LoRA's
+    B) between rounds, on this machine: the node config's ``state-dir``, else
+    ``<its data folder>/client_state``, under a folder named by a digest of the run (its
+    output folder, method, seed, client count and ``state_id``, the run's public label from
+    its ``config.json``: the same after a resume, another for an ``--overwrite`` run). None
+    when the method keeps nothing on the clients. The server never sees it."""
+    from rblora.data.federated import resolve_folder
+
+    if not plan.local:
+        return None
+    state = context.node_config.get("state-dir")
+    root = Path(str(state)) if state else resolve_folder(args.data_path, args.num_clients)
+    key = json.dumps([str(args.run_dir()), get_method(args.method).name, args.seed,
+                      args.num_clients, str(state_id)])  # fmt: skip
+    return node_store(root if state else root / "client_state", key, plan.local)
+
+
 def _options(msg: Message) -> dict:
     return json.loads(msg.content.config_records[CONFIG]["train-args"])
 
@@ -137,15 +164,47 @@ def train(msg: Message, context: Context) -> Message:
     plan = FactorPlan.for_method(args.method, args.seed, int(meta["round"]))
     start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes(), down=True))
     task.set_base(start.base_delta, {})  # merge protocol: W0 + every merged round
+    store = client_store(
+        args, context, plan, str(meta.get("state-id", ""))
+    )  # the client's own factors (FedSA-LoRA's B)
+    round_ = int(meta["round"])
     result = train_client(
         task,
         spec,
         start,
         seed=int(meta["seed"]),
-        round_=int(meta["round"]),
+        round_=round_,
         private=args.private,
         plan=plan,
+        local=store.load(client, round_) if store else None,
     )
+    if store:
+        store.save(client, round_, result.factors)
     update_tensors, update_meta = encode_update(client_update(spec, result, plan), plan.sends)
     reply = {**update_meta, "metrics": clean_metrics(result.metrics)[0]}
     return Message(to_content(update_tensors, reply), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """``--eval_personalized``: score the model this node's client holds after the round (the
+    server's start of its next round, on the global base and dense extras) on the client's own
+    held-out split, with the in-process engine's function; reply with the figures alone
+    (``null`` when the client holds nothing out)."""
+    tensors, meta = from_content(msg.content)
+    clients, _, _ = node_identity(context)
+    client = int(meta["client"])
+    if client not in clients:
+        raise ValueError(f"message for client {client} reached a node of partitions {clients}")
+    args = client_args(json.loads(meta["train-args"]), context)
+    task = client_task(args, clients)
+    spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)
+    round_ = int(meta["round"])
+    plan = FactorPlan.for_method(args.method, args.seed, round_ + 1)  # the next start's
+    start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes(), down=True))
+    task.set_base(start.base_delta, start.dense)  # the global model's base and dense extras
+    store = client_store(args, context, plan, str(meta.get("state-id", "")))
+    kept = store.load(client, round_ + 1) if store else None  # as it trained it last
+    figures = score_client(task, spec, start, plan, round_=round_, local=kept)
+    reply = {"figures": json.dumps(figures), "client": client, "round": round_}
+    return Message(to_content({}, reply), reply_to=msg)

@@ -53,7 +53,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 
-from rblora.federation import rounds
+from rblora.federation import personal, rounds
 from rblora.federation.options import TrainArgs, parse_args, required_replies
 from rblora.federation.results import scalar_evals
 from rblora.federation.rounds import RunError, log
@@ -290,6 +290,8 @@ class HeteroRankStrategy(Strategy):
         self._options = options
         self._round: dict[str, Any] = {}
         self._layout = run.task.update_layout()
+        self._grid: Grid | None = None  # the grid of the rounds (personalised evaluation)
+        self._local_sizes = local_test_sizes(run.args) if run.args.eval_personalized else None
         self.saving, bound = plan_for(run.args, self._layout)
         log(self.saving.describe(bound))
 
@@ -303,6 +305,7 @@ class HeteroRankStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server, args = self.run.server, self.run.args
+        self._grid = grid
         if self.directory.missing():  # nodes that started late join now
             self.directory.poll(grid, min(args.discovery_timeout, 30.0))
             self._adopt_late_nodes()
@@ -330,6 +333,7 @@ class HeteroRankStrategy(Strategy):
                     "rank": server.clients[k].rank,
                     "seed": derive_seed(args.seed, server_round, k),
                     "round": server_round,
+                    "state-id": self.run.config.get("client_state_id", ""),
                 }
             )
             content = to_content(tensors, meta)
@@ -427,6 +431,8 @@ class HeteroRankStrategy(Strategy):
             missing=missing,
             export=self.saving.saves(server_round),
         )
+        if run.args.eval_personalized:
+            rounds.keep_personal(record, self.personalised(server_round), run.folder.private)
         rounds.commit_round(run.server, run.folder, record, run.trackers)
         self.saving.end_round(run.folder, server_round)
         scalars = {"round": server_round, **scalar_evals(record.get("eval"))}
@@ -461,6 +467,102 @@ class HeteroRankStrategy(Strategy):
             if pending:
                 time.sleep(min(PULL_INTERVAL, max(0.0, deadline - time.time())))
 
+    # ------------------------------------------------------------------ personalised
+    def personalised(self, server_round: int) -> dict[str, Any]:
+        """``--eval_personalized`` after ``server_round``: each chosen client's node is sent the
+        model its client holds (its next start, :meth:`FederatedServer.start_of`, with the
+        dense extras and the merged base) and scores it on its own held-out split
+        (:func:`rblora.federation.personal.score_client`, in the node's ``evaluate``); the
+        server counts a reply only from that client's node, with figures it can check
+        (:meth:`take_figures`). Clients whose figures did not come are named under
+        ``missing``; ``bytes_down`` counts what the evaluate messages carried."""
+        run = self.run
+        server, args, started = run.server, run.args, time.perf_counter()
+        chosen = personal.chosen_clients(
+            server.participants(), args.eval_personalized_clients, args.seed, server_round
+        )
+        plan = server.plan.at(server_round + 1)  # what a start of the next round carries
+        missing: dict[int, str] = {}
+        sent, down = [], 0  # down: the bytes of the models sent to be scored
+        for k in chosen:
+            if k not in self.nodes:
+                missing[k] = "no node has answered for this client"
+                continue
+            start = ClientStart(
+                server.start_of(k), dense=dict(server.dense), base_delta=server.base_total.as_dict()
+            )
+            tensors, meta = encode_start(start, plan.receives)
+            meta.update({"train-args": self._options, "client": k,
+                         "rank": server.clients[k].rank, "round": server_round,
+                         "state-id": run.config.get("client_state_id", "")})  # fmt: skip
+            content = to_content(tensors, meta)
+            down += content_bytes(content)
+            msg = Message(
+                content, dst_node_id=self.nodes[k],
+                message_type=MessageType.EVALUATE, group_id=f"personal-{server_round}",
+            )  # fmt: skip
+            sent.append((msg, k))
+        replies = []
+        if sent and self._grid is not None:
+            replies = list(
+                self._grid.send_and_receive([m for m, _ in sent], timeout=args.round_timeout)
+            )
+        by_id = {msg.metadata.message_id: k for msg, k in sent}
+        scored: dict[int, dict[str, float]] = {}
+        for reply in replies:
+            k = by_id.pop(reply.metadata.reply_to_message_id, None)
+            if k is None or reply.metadata.src_node_id != self.nodes.get(k):
+                continue  # not a reply to this evaluation's message for that client's node
+            try:
+                figures = self.take_figures(k, reply)
+            except Exception as err:  # no reply, however built, stops the server
+                reason = str(err) if isinstance(err, ValueError) else type(err).__name__
+                missing[k] = f"node {self.nodes[k]}: figures dropped: {_short(reason)}"
+                continue
+            if figures is not None:
+                scored[k] = figures
+        for k in by_id.values():
+            missing.setdefault(
+                k, f"node {self.nodes[k]}: no figures within {args.round_timeout:g} s"
+            )
+        for k, reason in sorted(missing.items()):
+            log(f"round {server_round}: personalised evaluation of client {k} missing ({reason})")
+        out: dict[str, Any] = {**personal.summarize(scored)}
+        out["seconds"] = round(time.perf_counter() - started, 3)
+        out["bytes_down"] = down
+        if missing:
+            out["missing"] = {str(k): reason for k, reason in sorted(missing.items())}
+        return out
+
+    def take_figures(self, k: int, reply: Message) -> dict[str, float] | None:
+        """Client ``k``'s personalised figures from its node's reply, checked against what the
+        server knows: finite numbers of the known names in range
+        (:func:`rblora.federation.personal.check_figures`), and, when the server's
+        ``partition.json`` lists the clients' held-out sizes, a count of examples equal to
+        client k's (none when it holds none out). None: the client holds nothing out.
+        ValueError naming what is wrong."""
+        who = f"client {k}"
+        if reply.has_error():
+            raise ValueError(f"error {reply.error.code}: {_short(reply.error.reason)}")
+        _, meta = from_content(reply.content, {})
+        text = meta.get("figures")
+        if not isinstance(text, str) or len(text) > 1000:
+            raise ValueError(f"{who}: no readable figures in the reply")
+        figures = json.loads(text)
+        known = None if self._local_sizes is None else self._local_sizes[k]
+        if figures is None:
+            if known:
+                raise ValueError(f"{who} holds {known} held-out examples but reported none")
+            return None
+        figures = personal.check_figures(figures, who)
+        if "examples" not in figures:
+            raise ValueError(f"{who}: the reply does not say how many examples it scored")
+        if known is not None and figures["examples"] != known:
+            raise ValueError(
+                f"{who} scored {figures['examples']} held-out examples; partition.json says {known}"
+            )
+        return figures
+
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -492,6 +594,7 @@ class HeteroRankStrategy(Strategy):
         ``initial_arrays``."""
         result = Result()
         self.summary()
+        self._grid = grid
         for t in range(self.run.server.completed_rounds + 1, num_rounds + 1):
             messages = list(self.configure_train(t, ArrayRecord(), ConfigRecord(), grid))
             if messages:
@@ -513,6 +616,17 @@ def known_sizes(args: TrainArgs) -> list[int | None]:
     if sizes is None:
         return [None] * args.num_clients
     return [args.training_examples(n) for n in sizes]
+
+
+def local_test_sizes(args: TrainArgs) -> list[int] | None:
+    """Each client's held-out examples for ``--eval_personalized`` from the server's
+    ``partition.json`` (None when the folder has none: the nodes' counts are then taken as
+    they come, checked for sense only)."""
+    from rblora.data import read_partition
+
+    sizes = (read_partition(args.data_path, args.num_clients) or {}).get("local_test_sizes")
+    ok = isinstance(sizes, list) and len(sizes) == args.num_clients
+    return [int(n) for n in sizes] if ok else None
 
 
 def node_options(args: TrainArgs, config: dict[str, Any]) -> str:

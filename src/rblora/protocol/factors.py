@@ -15,7 +15,11 @@ the round core, both engines and the codec read it:
   only the factors the protocol sends; down, those and the held ones; only they are counted in
   the bytes;
 - what the server aggregates (:meth:`FactorPlan.restore`): a frozen or held factor is the
-  server's own, never a client's word.
+  server's own, never a client's word; a local factor (FedSA-LoRA's B) is zeros: the server
+  never sees it;
+- a client's own kept factor (:attr:`FactorPlan.local`): the client passes what it kept from
+  the round it last trained to :meth:`FactorPlan.client_start` (its store,
+  :mod:`rblora.federation.client_state`, which the server never reads).
 
 With the default protocol (train and send A and B) every step is the identity: a run is bitwise
 what it was before protocols existed.
@@ -114,6 +118,17 @@ class FactorPlan:
         return self.protocol.receives
 
     @property
+    def local(self) -> tuple[str, ...]:
+        """The factors each client keeps as its own (never sent, never seen by the server)."""
+        return self.protocol.local
+
+    @property
+    def has_global_model(self) -> bool:
+        """False when a factor stays on the clients (:attr:`local`): the server's aggregate is
+        then the shared factors alone, not a model anyone holds."""
+        return self.declared.has_global_model
+
+    @property
     def is_default(self) -> bool:
         """True when every factor is trained and sent (nothing to do)."""
         return self.protocol.sends == FACTORS and self.protocol.trains == FACTORS
@@ -148,21 +163,40 @@ class FactorPlan:
         return Fill(absent, make)
 
     def client_start(
-        self, spec: ClientSpec, start: ClientStart, shapes: Mapping[str, tuple[int, int]]
+        self,
+        spec: ClientSpec,
+        start: ClientStart,
+        shapes: Mapping[str, tuple[int, int]],
+        local: Mapping[str, torch.Tensor] | None = None,
     ) -> ClientStart:
         """What the client trains from: ``start`` as the server built it, with a frozen A set to
         the run's initialisation, a held A of a fresh start too (``shapes``: module ->
-        ``(d_out, d_in)``; B zero where the start is fresh) and ``trains`` set. ``start``
-        itself under the default protocol."""
+        ``(d_out, d_in)``; B zero where the start is fresh), a local B set to the client's own
+        (``local``: module -> its B as the client kept it, None: it has none yet, so B starts
+        at zero) and ``trains`` set. ``start`` itself under the default protocol."""
         if self.is_default:
             return start
-        if start.factors is None and not self.protocol.fixed:
+        if local is not None and not self.local:
+            raise ValueError("this method's clients keep no factor of their own")
+        fresh = start.factors is None and local is None
+        if fresh and not self.protocol.fixed:
             return replace(start, trains=self.trains)  # a fresh LoRA, some factor not trained
         factors: Factors = {}
         for module, (d_out, d_in) in sorted(shapes.items()):
             a, b = self._start_pair(module, spec.rank, d_out, d_in, start.factors)
+            if local is not None:
+                b = self._own(local, module, (d_out, spec.rank))
             factors[module] = (a, b)
         return replace(start, factors=factors, trains=self.trains)
+
+    @staticmethod
+    def _own(local: Mapping[str, torch.Tensor], module: str, shape: tuple[int, int]):
+        """The client's kept B of ``module``, checked against its shape (its own file)."""
+        b = local.get(module)
+        if b is None or tuple(b.shape) != shape:
+            got = None if b is None else tuple(b.shape)
+            raise ValueError(f"the client's kept B of {module} is {got}, expected {shape}")
+        return b
 
     def _start_pair(self, module, rank, d_out, d_in, given: Factors | None) -> FactorPair:
         b = torch.zeros(d_out, rank) if given is None else given[module][1]
@@ -173,8 +207,13 @@ class FactorPlan:
     def restore(self, update: ClientUpdate, start: Factors | None = None) -> ClientUpdate:
         """The update as the server aggregates it: every frozen factor replaced by the server's
         own draw of the run's initialisation, every held one by the client's ``start`` as the
-        server built it (a fresh start: a held A is the seeded initialisation); a client's copy
-        is never trusted. ``update`` itself when this round fixes no factor."""
+        server built it (a fresh start: a held A is the seeded initialisation), every local one
+        by zeros (the server never sees it; the in-process engine hands the server the
+        client's whole update, this is where its local factor is dropped); a client's copy is
+        never trusted. ``update`` itself when this round fixes no factor and keeps none local."""
+        if self.protocol.local:
+            factors = {m: (a, torch.zeros_like(b)) for m, (a, b) in update.factors.items()}
+            update = replace(update, factors=factors)
         if not self.protocol.fixed:
             return update
         factors = {}

@@ -70,6 +70,15 @@ class Task(Protocol):
         under ``"items"`` each suite's per-item outcomes (`rblora.evaluation.outcomes`), which
         the run folder keeps apart from the metrics (``rounds.keep_item_outcomes``)."""
 
+    def evaluate_local(
+        self, client_id: int, delta: dict[str, ModuleDelta], *, round_: int
+    ) -> dict[str, Any] | None:
+        """Metrics of the base + ``delta`` on the held-out split of client ``client_id``'s own
+        data (``--eval_personalized``), with the code of :meth:`evaluate`, the suite named
+        ``local``, and under ``"examples"`` how many held-out examples were scored; None when
+        the client holds nothing out. ValueError for a client whose data this process does not
+        hold."""
+
     def save_adapter(
         self,
         path: Path,
@@ -122,6 +131,10 @@ def build_task(
     for k in held:
         if not 0 <= k < args.num_clients:
             raise ValueError(f"client {k} is out of range: valid are 0..{args.num_clients - 1}")
+    if getattr(args, "eval_personalized", False):  # refused now, not after round 1
+        from rblora.data.federated import check_local_tests
+
+        check_local_tests(args.data_path, args.num_clients, held)
     module, cls = TASK_MODULES[name].split(":")
     task_cls = getattr(importlib.import_module(module), cls)
     return task_cls.from_args(args, log=log, clients=held, evaluation=evaluation, models=models)

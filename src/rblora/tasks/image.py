@@ -137,6 +137,9 @@ class ImageTask:
         self._test_pixels = None if test is None else test.pixels(image_size)
         self._test_labels = None if test is None else torch.as_tensor(test.labels).long()
         self._test_ids = None  # the test images' ids (outcomes.image_item_ids), when first used
+        self.local_tests = None
+        """``client -> its own held-out ImageSplit`` (None when it holds none out), read when
+        asked (set by :meth:`from_args`; None: no client's held-out split is known)."""
         spec = LoraSpec(rank=1, target_modules=self.target_modules)
         self._shapes = {n: (o, i) for n, (i, o) in resolve_targets(model, spec).items()}
 
@@ -205,6 +208,7 @@ class ImageTask:
         if not args.head_only:
             check_ranks(args.ranks(), task.module_shapes())
         task.check_forward(probe.pixels(size))
+        task.local_tests = reader.local_test
         return task
 
     def check_forward(self, pixels: torch.Tensor) -> None:
@@ -347,6 +351,34 @@ class ImageTask:
                 autocast_bf16=use_bf16(self.train_config.bf16, self.model),
                 ids=self._test_ids,
             )
+
+    def evaluate_local(
+        self, client_id: int, delta: dict[str, ModuleDelta], *, round_: int
+    ) -> dict[str, Any] | None:
+        """Metrics of the base + ``delta`` on client ``client_id``'s own held-out images
+        (``local_test_<k>.json``), with the global evaluation's code, as the suite ``local``;
+        None when the client holds none out. ``"examples"``: the held-out images scored. Read
+        and resized when asked, never kept."""
+        from rblora.evaluation.classification import evaluate_classifier
+
+        self.num_examples(client_id)  # this task holds the client, or ValueError
+        if self.local_tests is None:
+            raise ValueError("this task knows no client's held-out split (built without a folder)")
+        split = self.local_tests(client_id)
+        if split is None:
+            return None
+        pixels, labels = split.pixels(self.image_size), torch.as_tensor(split.labels).long()
+        with applied_delta(self.model, delta, merged=self._merged):
+            evaluation = evaluate_classifier(
+                self.model,
+                lambda idx: self.inputs(pixels[idx]),
+                labels,
+                self.classes,
+                batch_size=self.eval_batch_size,
+                autocast_bf16=use_bf16(self.train_config.bf16, self.model),
+                suite="local",
+            )
+        return {**evaluation, "examples": len(labels)}
 
     def save_adapter(
         self,

@@ -104,6 +104,9 @@ class CausalLMTask:
             check_targets(self._train[k], f"client {k}", train_config.cutoff_len)
             self._val[k] = val
         self._shapes = self._find_shapes()
+        self.local_tests = None
+        """``client -> its own held-out records`` ([] when it holds none out), read when asked
+        (set by :meth:`from_args`; None: no client's held-out split is known)."""
         self.eval_suites: dict[str, list] = {}
         self.loss_records: list[dict[str, Any]] = []
         self.set_evaluation(eval_suites or {}, loss_records or [])
@@ -123,7 +126,12 @@ class CausalLMTask:
         ``evaluation`` (so a problem shows before round 1). See ``rblora.tasks.build_task``."""
         from rblora.assets import load_causal_lm
         from rblora.assets.models import model_reference
-        from rblora.data import load_client_records, load_federated_split, load_test_records
+        from rblora.data import (
+            load_client_records,
+            load_federated_split,
+            load_local_test_records,
+            load_test_records,
+        )
         from rblora.utils.device import resolve_base_dtype, resolve_device
 
         prompter = Prompter(args.prompt_template_name)
@@ -164,6 +172,8 @@ class CausalLMTask:
             progress=args.progress,
         )
         check_ranks(args.ranks(), task.module_shapes())
+        path, count = args.data_path, args.num_clients
+        task.local_tests = lambda k: load_local_test_records(path, count, k)
         if evaluation:
             task.set_evaluation(*_eval_sets(args, prompter, Path(args.data_path), test))
         return task
@@ -273,6 +283,42 @@ class CausalLMTask:
         )
         with applied_delta(self.model, delta, merged=self._merged):
             return evaluate_encoded(self.model, self._evaluation, config, items=True)
+
+    def evaluate_local(
+        self, client_id: int, delta: dict[str, ModuleDelta], *, round_: int
+    ) -> dict[str, Any] | None:
+        """Metrics of the base + ``delta`` on client ``client_id``'s own held-out records
+        (``local_test_<k>.json``), with the global evaluation's code: the multiple-choice
+        records as the suite ``local``, all of them for the held-out loss; None when the client
+        holds none out. ``"examples"``: the held-out records scored. Read and encoded when
+        asked, never kept."""
+        from rblora.evaluation import EvalConfig, encode_evaluation, evaluate_encoded
+        from rblora.evaluation.items import mc_items
+        from rblora.evaluation.multiple_choice import context_size
+
+        self._client_data(self._train, client_id)  # this task holds the client, or ValueError
+        if self.local_tests is None:
+            raise ValueError("this task knows no client's held-out split (built without a folder)")
+        records = self.local_tests(client_id)
+        if not records:
+            return None
+        items = mc_items(records, self.prompter, f"local_test_{client_id}.json")
+        encoded = encode_evaluation(
+            self.tokenizer,
+            {"local": items} if items else {},
+            records,
+            self.prompter,
+            EvalConfig(cutoff_len=self.train_config.cutoff_len),
+            context=context_size(self.model),
+        )
+        config = EvalConfig(
+            batch_size=self.eval_batch_size,
+            autocast_bf16=use_bf16(self.train_config.bf16, self.model),
+            cutoff_len=self.train_config.cutoff_len,
+            progress=False,
+        )
+        with applied_delta(self.model, delta, merged=self._merged):
+            return {**evaluate_encoded(self.model, encoded, config), "examples": len(records)}
 
     def save_adapter(
         self,
