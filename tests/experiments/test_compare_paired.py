@@ -204,3 +204,12 @@ def test_compare_refuses_bad_data_seeds(workspace, tmp_path, capsys, value):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--data_seeds" in err[0], err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_comparison_header_cuts_the_ranks_of_thousands_of_clients():
+    from rblora.experiments.compare import shown_option
+
+    ranks = ",".join(str(r) for r in [4, 16, 64, 128, 256] * 2000)
+    assert shown_option(ranks) == "4,16,64,128,256,4,16,64,128,256,... (10000 values)"
+    assert shown_option("4,8,16") == "4,8,16"
+    assert shown_option("--client_ranks") == "--client_ranks"

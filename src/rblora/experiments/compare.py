@@ -334,6 +334,17 @@ def cell_rounds(root: Path, cell: dict, num_clients: int) -> list[dict] | None:
     return summarize(folder.read_metrics(), folder.read_config())["rounds"]
 
 
+def shown_option(value: str, limit: int = 120) -> str:
+    """A train option's value as a comparison's header shows it: a long comma-separated list
+    (the ranks of 10,000 clients) cut to its first items and its length; anything else as is
+    (``compare.json`` keeps every option whole)."""
+    if len(value) <= limit or "," not in value:
+        return value
+    items = value.split(",")
+    head = ",".join(items[:10])
+    return f"{head},... ({len(items)} values)"
+
+
 def _fmt(values: list[float], digits: int = 3) -> str:
     if not values:
         return "-"
@@ -538,7 +549,7 @@ def write_comparison(root: Path, reference: str | None = None) -> dict:
     text = [
         "# Comparison",
         "",
-        f"- train options: `{' '.join(index['base_argv'])}`",
+        f"- train options: `{' '.join(shown_option(v) for v in index['base_argv'])}`",
         f"- {index['num_clients']} clients, {index['rounds']} round{'s' * (index['rounds'] > 1)}; "
         f"cells under {root}",
         replicates_line(index),
