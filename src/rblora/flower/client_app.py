@@ -28,6 +28,7 @@ for ``evaluate``.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +150,24 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({CONFIG: ConfigRecord(answer)}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train this client's LoRA from the server's start adapter; reply with its update."""
+@dataclass(frozen=True)
+class ClientMessage:
+    """A train or evaluate message as this node reads it: the client it is for (one of this
+    node's, else ValueError), its options, task, protocol plan, start and kept-factor store."""
+
+    args: TrainArgs
+    task: Any
+    spec: ClientSpec
+    round_: int
+    plan: FactorPlan
+    start: Any
+    store: Any
+    meta: dict
+
+
+def open_message(msg: Message, context: Context, plan_round_offset: int = 0) -> ClientMessage:
+    """Read ``msg`` on this node; the plan is the method's protocol of the message's round plus
+    ``plan_round_offset`` (1 for an evaluation: the start it carries is the next round's)."""
     tensors, meta = from_content(msg.content)
     clients, _, _ = node_identity(context)
     client = int(meta["client"])
@@ -160,27 +176,33 @@ def train(msg: Message, context: Context) -> Message:
     args = client_args(json.loads(meta["train-args"]), context)
     task = client_task(args, clients)
     spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)
-    # what this method's clients train and send in this round
-    plan = FactorPlan.for_method(args.method, args.seed, int(meta["round"]))
-    start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes(), down=True))
-    task.set_base(start.base_delta, {})  # merge protocol: W0 + every merged round
-    store = client_store(
-        args, context, plan, str(meta.get("state-id", ""))
-    )  # the client's own factors (FedSA-LoRA's B)
     round_ = int(meta["round"])
+    plan = FactorPlan.for_method(args.method, args.seed, round_ + plan_round_offset)
+    start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes(), down=True))
+    # the client's own factors (FedSA-LoRA's B), kept on this node
+    store = client_store(args, context, plan, str(meta.get("state-id", "")))
+    return ClientMessage(args, task, spec, round_, plan, start, store, meta)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train this client's LoRA from the server's start adapter; reply with its update."""
+    m = open_message(msg, context)  # what this method's clients train and send in this round
+    m.task.set_base(m.start.base_delta, {})  # merge protocol: W0 + every merged round
+    client = m.spec.client_id
     result = train_client(
-        task,
-        spec,
-        start,
-        seed=int(meta["seed"]),
-        round_=round_,
-        private=args.private,
-        plan=plan,
-        local=store.load(client, round_) if store else None,
+        m.task,
+        m.spec,
+        m.start,
+        seed=int(m.meta["seed"]),
+        round_=m.round_,
+        private=m.args.private,
+        plan=m.plan,
+        local=m.store.load(client, m.round_) if m.store else None,
     )
-    if store:
-        store.save(client, round_, result.factors)
-    update_tensors, update_meta = encode_update(client_update(spec, result, plan), plan.sends)
+    if m.store:
+        m.store.save(client, m.round_, result.factors)
+    update_tensors, update_meta = encode_update(client_update(m.spec, result, m.plan), m.plan.sends)
     reply = {**update_meta, "metrics": clean_metrics(result.metrics)[0]}
     return Message(to_content(update_tensors, reply), reply_to=msg)
 
@@ -191,20 +213,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     server's start of its next round, on the global base and dense extras) on the client's own
     held-out split, with the in-process engine's function; reply with the figures alone
     (``null`` when the client holds nothing out)."""
-    tensors, meta = from_content(msg.content)
-    clients, _, _ = node_identity(context)
-    client = int(meta["client"])
-    if client not in clients:
-        raise ValueError(f"message for client {client} reached a node of partitions {clients}")
-    args = client_args(json.loads(meta["train-args"]), context)
-    task = client_task(args, clients)
-    spec = ClientSpec(client, int(meta["rank"]), args.lora_alpha, args.use_rslora)
-    round_ = int(meta["round"])
-    plan = FactorPlan.for_method(args.method, args.seed, round_ + 1)  # the next start's
-    start = decode_start(tensors, meta, plan.filler(spec.rank, task.module_shapes(), down=True))
-    task.set_base(start.base_delta, start.dense)  # the global model's base and dense extras
-    store = client_store(args, context, plan, str(meta.get("state-id", "")))
-    kept = store.load(client, round_ + 1) if store else None  # as it trained it last
-    figures = score_client(task, spec, start, plan, round_=round_, local=kept)
-    reply = {"figures": json.dumps(figures), "client": client, "round": round_}
+    m = open_message(msg, context, plan_round_offset=1)  # the next start's protocol
+    m.task.set_base(m.start.base_delta, m.start.dense)  # the global model's base and extras
+    client = m.spec.client_id
+    kept = m.store.load(client, m.round_ + 1) if m.store else None  # as it trained it last
+    figures = score_client(m.task, m.spec, m.start, m.plan, round_=m.round_, local=kept)
+    reply = {"figures": json.dumps(figures), "client": client, "round": m.round_}
     return Message(to_content({}, reply), reply_to=msg)
