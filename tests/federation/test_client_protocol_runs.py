@@ -211,6 +211,24 @@ def test_a_fedex_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_on
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
 
 
+def _assert_sparsity_weighted_mean(exported, pairs):
+    """``exported`` ``(A, B)`` is HETLoRA's ``Bbar @ Abar`` of the clients' ``pairs``
+    ``(A_k, Bh_k)`` (float64), zero-padded to the widest and weighted by
+    ``||Bh_k A_k||_F / sum_k' ||Bh_k' A_k'||_F`` (to 1e-5 of its norm)."""
+    norms = torch.tensor([float(torch.linalg.norm(bh @ a)) for a, bh in pairs])
+    w = (norms / norms.sum()).tolist()
+    width = max(len(a) for a, _ in pairs)
+    a_bar = torch.zeros(width, pairs[0][0].shape[1], dtype=torch.float64)
+    b_bar = torch.zeros(pairs[0][1].shape[0], width, dtype=torch.float64)
+    for wk, (a, bh) in zip(w, pairs, strict=True):
+        a_bar[: len(a)] += wk * a
+        b_bar[:, : len(a)] += wk * bh
+    want = b_bar @ a_bar
+    a, b = exported
+    scale = float(want.norm())
+    torch.testing.assert_close((b @ a).double() / scale, want / scale, rtol=0, atol=1e-5)
+
+
 def test_hetlora_global_model_is_the_sparsity_weighted_padded_mean(workspace, tmp_path):
     """HETLoRA as published (a round aggregated from its list): each round's exported global
     model is, per module, ``Bbar @ Abar`` of the zero-padded factors weighted by
@@ -229,17 +247,7 @@ def test_hetlora_global_model_is_the_sparsity_weighted_padded_mean(workspace, tm
                 (f[m][0].double(), s * f[m][1].double())
                 for f, s in zip(trained, scales, strict=True)
             ]
-            norms = torch.tensor([float(torch.linalg.norm(bh @ a)) for a, bh in pairs])
-            w = norms / norms.sum()
-            a_bar = torch.zeros(max(ranks), pairs[0][0].shape[1], dtype=torch.float64)
-            b_bar = torch.zeros(pairs[0][1].shape[0], max(ranks), dtype=torch.float64)
-            for wk, (a, bh) in zip(w.tolist(), pairs, strict=True):
-                a_bar[: len(a)] += wk * a
-                b_bar[:, : len(a)] += wk * bh
-            want = b_bar @ a_bar
-            a, b = exported[m]
-            scale = float(want.norm())
-            torch.testing.assert_close((b @ a).double() / scale, want / scale, rtol=0, atol=1e-5)
+            _assert_sparsity_weighted_mean(exported[m], pairs)
     # the round records name the method
     assert {r["method"] for r in metrics(run) if r["type"] == "round" and r["round"] > 0} == {
         "HETLoRA"
@@ -276,18 +284,7 @@ def test_hetlora_clients_prune_their_rank_and_the_server_takes_the_smaller_reply
     for m in trained[0]:
         pairs = [(f[m][0].double(), _alpha(folders[k]) / sent[k] * f[m][1].double())
                  for k, f in enumerate(trained)]  # fmt: skip
-        norms = torch.tensor([float(torch.linalg.norm(bh @ a)) for a, bh in pairs])
-        w = (norms / norms.sum()).tolist()
-        width = max(sent)
-        a_bar = torch.zeros(width, pairs[0][0].shape[1], dtype=torch.float64)
-        b_bar = torch.zeros(pairs[0][1].shape[0], width, dtype=torch.float64)
-        for wk, (a, bh) in zip(w, pairs, strict=True):
-            a_bar[: len(a)] += wk * a
-            b_bar[:, : len(a)] += wk * bh
-        want = b_bar @ a_bar
-        a, b = exported[m]
-        scale = float(want.norm())
-        torch.testing.assert_close((b @ a).double() / scale, want / scale, rtol=0, atol=1e-5)
+        _assert_sparsity_weighted_mean(exported[m], pairs)
 
 
 def test_a_pruning_hetlora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
