@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from rblora.aggregation.types import Factors
+from rblora.aggregation.types import FACTORS, Factors
 from rblora.utils.atomic import atomic_file
 
 _ROUND_FILE = re.compile(r"^round_(\d+)\.safetensors$")
@@ -51,10 +51,11 @@ class LocalFactors:
         """Client ``client``'s kept factor per module (``{module: B}``) from the newest round
         before ``before_round``; None when it has none (it has not trained yet). ValueError
         naming a file that does not hold what it should."""
-        earlier = [t for t in self._rounds(client) if t < before_round]
+        rounds = self._rounds(client)
+        earlier = [t for t in rounds if t < before_round]
         if not earlier:
             return None
-        path = self._rounds(client)[max(earlier)]
+        path = rounds[max(earlier)]
         try:
             tensors = load_file(str(path))
         except Exception as err:  # a damaged file: the client's own state, named
@@ -71,20 +72,22 @@ class LocalFactors:
         """Keep client ``client``'s local factors of ``factors`` (its trained adapter of round
         ``round_``: ``{module: (A, B)}``), then remove its files older than the one this round
         started from (see the module doc)."""
-        index = {"A": 0, "B": 1}
         tensors = {
-            f"{module}/{name}": pair[index[name]].detach().to("cpu", torch.float32).contiguous()
+            f"{module}/{name}": pair[FACTORS.index(name)]
+            .detach()
+            .to("cpu", torch.float32)
+            .contiguous()
             for module, pair in sorted(factors.items())
             for name in self.names
         }
         folder = self.folder / f"client_{int(client)}"
         folder.mkdir(parents=True, exist_ok=True)
-        earlier = [t for t in self._rounds(client) if t < round_]
+        earlier = {t: path for t, path in self._rounds(client).items() if t < round_}
         with atomic_file(folder / f"round_{int(round_)}.safetensors") as fh:
             fh.write(save(tensors, metadata={"format": "pt"}))
-        keep = max(earlier) if earlier else None
-        for t, path in self._rounds(client).items():
-            if t < round_ and t != keep:
+        keep = max(earlier, default=None)
+        for t, path in earlier.items():
+            if t != keep:
                 path.unlink(missing_ok=True)
 
 
