@@ -324,19 +324,10 @@ class HeteroRankStrategy(Strategy):
             if k not in self.directory.found:
                 self._round["missing"][k] = "no node has answered for this client"
                 continue
-            start = server.deliver(k)
-            tensors, meta = encode_start(start, server.plan.at(server_round).receives)
-            meta.update(
-                {
-                    "train-args": self._options,
-                    "client": k,
-                    "rank": server.clients[k].rank,
-                    "seed": derive_seed(args.seed, server_round, k),
-                    "round": server_round,
-                    "state-id": self.run.config.get("client_state_id", ""),
-                }
-            )
-            content = to_content(tensors, meta)
+            content = self._client_content(
+                k, server_round, server.deliver(k), server.plan.at(server_round).receives,
+                seed=derive_seed(args.seed, server_round, k),
+            )  # fmt: skip
             msg = Message(
                 content,
                 dst_node_id=self.nodes[k],
@@ -467,6 +458,26 @@ class HeteroRankStrategy(Strategy):
             if pending:
                 time.sleep(min(PULL_INTERVAL, max(0.0, deadline - time.time())))
 
+    def _client_content(
+        self, k: int, server_round: int, start: ClientStart, receives, **extra
+    ) -> RecordDict:
+        """The content of a message to client ``k``'s node in ``server_round``: ``start``'s
+        factors that travel (``receives``) and what the node needs to read them (the run's
+        options, the client, its rank, the round, the run's label for its kept factors), with
+        ``extra`` (a train message's seed)."""
+        tensors, meta = encode_start(start, receives)
+        meta.update(
+            {
+                "train-args": self._options,
+                "client": k,
+                "rank": self.run.server.clients[k].rank,
+                "round": server_round,
+                "state-id": self.run.config.get("client_state_id", ""),
+                **extra,
+            }
+        )
+        return to_content(tensors, meta)
+
     # ------------------------------------------------------------------ personalised
     def personalised(self, server_round: int) -> dict[str, Any]:
         """``--eval_personalized`` after ``server_round``: each chosen client's node is sent the
@@ -491,11 +502,7 @@ class HeteroRankStrategy(Strategy):
             start = ClientStart(
                 server.start_of(k), dense=dict(server.dense), base_delta=server.base_total.as_dict()
             )
-            tensors, meta = encode_start(start, plan.receives)
-            meta.update({"train-args": self._options, "client": k,
-                         "rank": server.clients[k].rank, "round": server_round,
-                         "state-id": run.config.get("client_state_id", "")})  # fmt: skip
-            content = to_content(tensors, meta)
+            content = self._client_content(k, server_round, start, plan.receives)
             down += content_bytes(content)
             msg = Message(
                 content, dst_node_id=self.nodes[k],
