@@ -196,19 +196,24 @@ def test_fedex_lora_global_model_is_the_exact_mean_and_its_residual_travels(work
         assert records[2, k]["bytes_up"] == factors
 
 
-def test_a_fedex_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
-    workspace, tmp_path, monkeypatch
-):
-    """The residual folded into the base is the checkpointed running total: a resumed run is
-    the uninterrupted one to the bit."""
+def _assert_resumes_bitwise(workspace, tmp_path, monkeypatch, *argv):
+    """A run of ``argv`` killed in round 2 and resumed ends with round 2's global and client
+    adapters equal, to the bit, to those of the uninterrupted run."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    argv = ("--method", "FedEx-LoRA")
     assert cli.main(lm_argv(workspace, full, *argv)) == 0
     assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, *argv)) == 130
     assert cli.main(lm_argv(workspace, cut, *argv, "--resume")) == 0
     for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
         x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
+
+
+def test_a_fedex_lora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupted_one(
+    workspace, tmp_path, monkeypatch
+):
+    """The residual folded into the base is the checkpointed running total: a resumed run is
+    the uninterrupted one to the bit."""
+    _assert_resumes_bitwise(workspace, tmp_path, monkeypatch, "--method", "FedEx-LoRA")
 
 
 def _assert_sparsity_weighted_mean(exported, pairs):
@@ -292,11 +297,5 @@ def test_a_pruning_hetlora_run_resumed_in_round_2_ends_bitwise_as_an_uninterrupt
 ):
     """Rank self-pruning keeps no state between rounds (ours), so a resumed run prunes the same
     clients and ends as the uninterrupted one, to the bit."""
-    full, cut = tmp_path / "full", tmp_path / "cut"
     argv = ("--method", "HETLoRA", "--hetlora_lambda", "50")
-    assert cli.main(lm_argv(workspace, full, *argv)) == 0
-    assert killed_in_round_2(monkeypatch, lm_argv(workspace, cut, *argv)) == 130
-    assert cli.main(lm_argv(workspace, cut, *argv, "--resume")) == 0
-    for sub in ("round_2/global", "round_2/client_0", "round_2/client_2"):
-        x, y = adapter_tensors(full / "3" / sub), adapter_tensors(cut / "3" / sub)
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
+    _assert_resumes_bitwise(workspace, tmp_path, monkeypatch, *argv)
