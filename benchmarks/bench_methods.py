@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_methods.py image           # ~42 min on 1 core (24 cells)
     .venv/bin/python benchmarks/bench_methods.py lm --quick      # about a minute (what tests run)
     .venv/bin/python benchmarks/bench_methods.py image --seeds 1,2 --data_seeds 1,2
+    .venv/bin/python benchmarks/bench_methods.py image-personal  # + each client's own test split
     .venv/bin/python benchmarks/bench_methods.py image-sweep     # 3 rank spreads x 3 methods x 3
     .venv/bin/python benchmarks/bench_methods.py image-privacy   # no DP + 3 epsilons x 3 x 3
     .venv/bin/python benchmarks/bench_methods.py image-privacy-large   # 10,000 clients, hours
@@ -20,6 +21,9 @@ stopped (finished cells are kept).
   ranks, FedIT (one rank only) with every client at rank 4.
 - ``image``: DINOv2 ViT-S/14 on Fashion-MNIST, 10 Dirichlet-0.5 clients, the seed's ranks,
   3 rounds at 84 px; every method, FedIT at rank 4, and the head-only baseline.
+- ``image-personal``: the image setting with a fifth of each client's images held out and
+  ``--eval_personalized`` (each client's own model scored on them, every round); seven methods
+  including FedSA-LoRA, which has no global model.
 - ``image-sweep``: the image setting, RB-LoRA, FlexLoRA and Weighted HETLoRA, with about the
   same total rank (936) spread three ways: every client at 94, the seed's ranks, seven clients
   at 24 and three at 256.
@@ -41,13 +45,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from rblora.aggregation import available_methods
+from rblora.aggregation import available_methods, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
-# every heterogeneous-rank method with the options' ranks; FedIT (one rank only) with every
-# client at the smallest of them. The paper's four first: a comparison cut short has them.
+# every heterogeneous-rank method with a global model, with the options' ranks; FedIT (one rank
+# only) with every client at the smallest of them. The paper's four first: a comparison cut
+# short has them. A method without a global model (FedSA-LoRA: each client keeps its own B) is
+# scored on its clients' own held-out data: the image-personal preset.
 PAPER = ["RB-LoRA", "Weighted HETLoRA", "Uniform HETLoRA", "FLoRA"]
-OTHERS = [m for m in available_methods() if m not in PAPER and m != "FedIT"]
+GLOBAL = [m for m in available_methods() if get_method(m).protocol.has_global_model]
+OTHERS = [m for m in GLOBAL if m not in PAPER and m != "FedIT"]
 HETEROGENEOUS = [f"{m}@heterogeneous" for m in PAPER + OTHERS]
 SEED_RANKS = [4, 4, 16, 16, 64, 64, 128, 128, 256, 256]
 
@@ -90,6 +97,20 @@ PRESETS["image-sweep"] = {
         ]
     ),
 }
+
+# personalised evaluation (docs/evaluation.md): the image setting with a fifth of each
+# client's images held out as its own test split; every round also scores each client's model
+# (what it starts its next round from: FedSA-LoRA's shared A with its own B) on that split.
+# The methods whose clients hold different things: the stack and padded rules, the frozen A,
+# the alternating and the residual ones, and FedSA-LoRA.
+PRESETS["image-personal"] = {
+    **PRESETS["image"],
+    "prepare": [*PRESETS["image"]["prepare"], "--local_test_frac", "0.2"],
+    "train": [*PRESETS["image"]["train"], "--eval_personalized"],
+    "methods": ["RB-LoRA", "FlexLoRA", "Weighted HETLoRA", "FFA-LoRA", "RoLoRA", "FedEx-LoRA",
+                "FedSA-LoRA"],
+    "settings": "heterogeneous",
+}  # fmt: skip
 
 # client-level DP (docs/privacy.md): the image task with 50 clients, each taking
 # part with probability 0.2 (Poisson sampling: the accountant's amplification holds), 5 rounds;
@@ -165,6 +186,15 @@ QUICK = {
         "train": ["--num_clients", "3", "--client_ranks", "4,8,16",
                   "--num_communication_rounds", "1", "--image_size", "56"],
         "methods": ["RB-LoRA", "FLoRA", "head-only"],
+        "seeds": "1",
+        "settings": "heterogeneous",
+    },
+    "image-personal": {
+        "prepare": ["3", "--source", "fashion-mnist", "--partition", "iid", "--pool_size", "96",
+                    "--test_per_category", "5", "--local_test_frac", "0.25"],
+        "train": ["--num_clients", "3", "--client_ranks", "4,8,16",
+                  "--num_communication_rounds", "1", "--image_size", "56"],
+        "methods": ["RB-LoRA", "FedSA-LoRA"],
         "seeds": "1",
         "settings": "heterogeneous",
     },

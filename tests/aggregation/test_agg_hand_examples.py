@@ -330,8 +330,26 @@ def test_threshold_keeps_the_fewest_directions_holding_the_energy_by_hand(energy
     torch.testing.assert_close(g.delta(M), torch.diag(t(diag)))  # the global update is exact
 
 
+@pytest.mark.parametrize("energy, kept", [(0.64, 1), (0.65, 2), (0.93, 3)])
+def test_florist_is_flexloras_sum_cut_at_the_energy_rank_by_hand(energy, kept):
+    """FLoRIST (the method) is FlexLoRA's dW = diag(1.5, 1, 0.5) with the threshold cut: the
+    same kept rank as above, each client of rank r starting from the first min(k, r) of
+    diag(1.5, 1, 0.5)'s directions, and the exact sum as the global update."""
+    g = aggregate("FLoRIST", threshold_clients(), svd_energy=energy)
+    assert (g.method, g.reduction, g.kept_rank(M)) == ("FLoRIST", "threshold", kept)
+    diag = [1.5, 1.0, 0.5]
+    for rank in (1, 2, 3):
+        a, b = g.for_client(rank, float(rank))[M]
+        expected = torch.diag(t([d if i < min(kept, rank) else 0.0 for i, d in enumerate(diag)]))
+        torch.testing.assert_close(b @ a, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g.delta(M), torch.diag(t(diag)))
+    for reduction in ("svd", "merge", "truncate"):
+        with pytest.raises(ValueError, match="it is FlexLoRA's sum with the threshold cut"):
+            aggregate("FLoRIST", threshold_clients(), reduction)
+
+
 def test_threshold_is_for_the_stack_methods_and_its_energy_is_a_fraction():
-    for method in ("RB-LoRA", "FLoRA", "FlexLoRA"):
+    for method in ("RB-LoRA", "FLoRA", "FlexLoRA", "FLoRIST"):
         g = aggregate(method, threshold_clients(), "threshold", svd_energy=0.9)
         assert g.reduction == "threshold" and g.kept_rank(M) >= 1
     for method in ("Uniform HETLoRA", "Weighted HETLoRA", "RB-LoRA (factor)", "FFA-LoRA"):

@@ -44,6 +44,7 @@ def test_all_methods_registered_with_defaults():
         "RoLoRA",
         "FedEx-LoRA",
         "FedSA-LoRA",
+        "FLoRIST",
     ]
     defaults = {m: supported_reductions(m)[0] for m in available_methods()}
     assert defaults == {
@@ -59,6 +60,7 @@ def test_all_methods_registered_with_defaults():
         "RoLoRA": "truncate",
         "FedEx-LoRA": "truncate",
         "FedSA-LoRA": "truncate",
+        "FLoRIST": "threshold",
     }
 
 
@@ -209,7 +211,7 @@ def test_global_update_object(method, reduction):
                                        g.delta(m))  # fmt: skip
         else:
             torch.testing.assert_close(b @ a, g.delta(m))
-        stacked = method in ("RB-LoRA", "FLoRA", "FlexLoRA")
+        stacked = get_method(method).form == "stack"
         assert g.rank(m) == (7 if stacked else 4)
     if reduction != "merge":
         assert all(t.dtype == torch.float32 for ab in g.for_client(3, 16.0).values() for t in ab)

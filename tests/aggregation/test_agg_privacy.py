@@ -53,7 +53,7 @@ def test_without_clip_or_noise_and_everyone_selected_it_is_the_method_itself(met
     ranks = fit(method, [2, 3, 5])
     sizes = [10, 30, 60]
     clients = population(ranks, sizes, method=method)
-    reduction = "svd" if get_method(method).form == "stack" else None
+    reduction = "svd" if "svd" in get_method(method).reductions else None
     plain = aggregate(method, clients, reduction=reduction)
     private, report = private_aggregate(
         method, clients, dp_of(ranks, sizes), noise=noise(1), reduction=reduction

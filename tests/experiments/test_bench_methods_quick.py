@@ -69,6 +69,21 @@ def test_quick_comparison_writes_table_and_plots(tmp_path, task, methods, metric
     assert methods[-1] in shown and methods[0] not in shown
 
 
+def test_quick_personal_preset_scores_every_method_on_its_clients_own_splits(tmp_path):
+    """image-personal: FedSA-LoRA (no global model) beside RB-LoRA, both with a personalised
+    accuracy after round 1; FedSA-LoRA has no global figure."""
+    out = tmp_path / "personal"
+    assert _bench().main(["image-personal", "--quick", "--output_dir", str(out)]) == 0
+    assert json.loads((out / "data" / "3" / "partition.json").read_text())["local_test_frac"]
+    table = (out / "comparison.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| setting |"))
+    head = [c.strip() for c in header.strip("|").split("|")]
+    personal = head.index("personalized/accuracy_mean r1")
+    for method in ("RB-LoRA", "FedSA-LoRA"):
+        assert 0.0 <= _number(_row(table, method)[personal]) <= 1.0
+    assert _row(table, "FedSA-LoRA")[head.index("test/accuracy r1")] == "-"
+
+
 def test_quick_privacy_utility_runs_one_comparison_per_level(tmp_path, capsys):
     out = tmp_path / "privacy"
     assert _bench().main(["image-privacy", "--quick", "--output_dir", str(out)]) == 0

@@ -15,6 +15,7 @@ from . import (
     ffa_lora,
     flexlora,
     flora,
+    florist,
     hetlora,
     rb_lora,
     rb_lora_factor,
@@ -64,6 +65,7 @@ register(ffa_lora.METHOD)
 register(rolora.METHOD)
 register(fedex_lora.METHOD)
 register(fedsa_lora.METHOD)
+register(florist.METHOD)
 
 
 def available_methods() -> list[str]:
