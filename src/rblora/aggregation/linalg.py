@@ -129,10 +129,10 @@ def energy_rank(sigma: Tensor, energy: float, total: float | None = None) -> int
     Federated Fine-Tuning of Large Language Models" (MLSys 2026, arXiv 2506.09199): the SVD of
     the stacked client adapters is computed in the compact space of the stacks (what
     :class:`FactoredSVD` does), and "tunable singular value thresholding" picks one rank per
-    module for the global adapters every client receives. The paper's full text was not
-    available to us beyond its abstract; the energy read here, squared singular values against
-    the whole (``||dW||_F^2``, the share of the update's Frobenius norm kept), is our reading
-    of its threshold."""
+    module for the global adapters every client receives. The authors' code (the repository its
+    README calls the official implementation) reads the energy as here, squared singular values
+    against their whole sum, one ``k`` per module (we could not read the paper's own text beyond
+    its abstract)."""
     squares = sigma.double().square()
     whole = float(squares.sum()) if total is None else float(total)
     reached = torch.nonzero(squares.cumsum(0) >= energy * whole).flatten()

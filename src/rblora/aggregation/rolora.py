@@ -15,8 +15,9 @@ round. B comes first: a fresh LoRA's B is zero, so a round training A alone woul
 (the gradient of A is ``B^T`` times the output gradient). Round 1 holds A at the run's seeded
 shared initialisation (:mod:`.frozen`, a client of rank r its first r rows), as FFA-LoRA's;
 from round 2 the held factor is the server's global one, sent down with the start.
-We could read the paper's abstract and summaries only: the order (B first) is ours, chosen
-for the reason above.
+The authors' code trains B first too: the supplementary code of their OpenReview submission
+(read in a third-party copy, we found no repository of theirs) freezes A in its first round and
+switches the trained factor once a round.
 
 Heterogeneous ranks (our extension; the paper has one rank): the held factor is a prefix of the
 server's, so component j of the trained factor is averaged over the clients that hold it,
