@@ -3,6 +3,8 @@ round 2 from the first min(k, r) SVD directions of the round-1 update, k per mod
 
 from __future__ import annotations
 
+import json
+
 from run_helpers import lm_argv
 
 from rblora.federation import cli
@@ -34,3 +36,23 @@ def test_each_client_starts_from_min_k_r_directions(workspace, tmp_path, monkeyp
         assert starts[2, k] == {m: min(kept[1][m], rank) for m in kept[1]}
     # the threshold cut something the widest client could have held
     assert any(k < 8 for k in kept[1].values())
+    # each round's line records the kept ranks (FLoRIST's "total rank"): min(k, widest rank)
+    records = [json.loads(line) for line in (tmp_path / "3" / "metrics.jsonl").open()]
+    (first,) = [r for r in records if r["type"] == "round" and r["round"] == 1]
+    expected = {m: min(k, 8) for m, k in kept[1].items()}
+    assert first["threshold_rank"] == {
+        "total": sum(expected.values()), "min": min(expected.values()),
+        "max": max(expected.values()), "modules": expected,
+    }  # fmt: skip
+
+
+def test_florist_is_flexlora_with_the_threshold_cut_in_a_run(workspace, tmp_path):
+    """--method FLoRIST runs with the threshold cut as its redistribution, and the round line
+    says which ranks it kept."""
+    assert (
+        cli.main([*lm_argv(workspace, tmp_path, "--method", "FLoRIST"), "--svd_energy", "0.5"]) == 0
+    )
+    records = [json.loads(line) for line in (tmp_path / "3" / "metrics.jsonl").open()]
+    rounds = [r for r in records if r["type"] == "round" and r["round"] > 0]
+    assert {(r["method"], r["reduction"]) for r in rounds} == {("FLoRIST", "threshold")}
+    assert all(1 <= r["threshold_rank"]["min"] <= r["threshold_rank"]["max"] <= 8 for r in rounds)

@@ -69,6 +69,10 @@ class GlobalUpdate:
         self._residual: dict[str, ModuleDelta] = dict(residual or {})
         self._svd: dict[str, FactoredSVD] = {}
         self._sketches: dict[tuple[str, int], FactorPair] = {}  # (dense module, width) -> SVD
+        self.kept: dict[str, int] = {}
+        """``threshold``: module -> the most components a start held, the thresholded rank
+        ``k`` where a client of rank >= k asked (filled as clients' starts are built; the
+        round's record reports it)."""
 
     def __repr__(self) -> str:
         return (
@@ -268,6 +272,7 @@ class GlobalUpdate:
         if self.reduction == "threshold":  # FLoRIST: the module's thresholded rank, at most
             keep = self.kept_rank(module, width)
             a, b = a[: min(keep, len(a))], b[:, : min(keep, b.shape[1])]
+            self.kept[module] = max(self.kept.get(module, 0), len(a))
         if a.shape[0] < width:
             a = torch.cat([a, orthonormal_complement_rows(a, width - a.shape[0])], dim=0)
         own = torch.contiguous_format

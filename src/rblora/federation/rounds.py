@@ -53,7 +53,10 @@ from rblora.protocol.types import (
 from rblora.tasks.base import Task
 from rblora.training import TrainingDiverged
 
-RELEASED = ("type", "round", "method", "reduction", "eval", "eval_seconds", "dp_epsilon", "dp_clip")
+RELEASED = ("type", "round", "method", "reduction", "eval", "eval_seconds", "dp_epsilon", "dp_clip",
+            "threshold_rank")  # fmt: skip
+"""What a DP run's released records hold: the release and what is computed from it alone
+(``threshold_rank`` is read off the noised update)."""
 """The fields of a round line a DP run releases: the round, the public configuration, the
 evaluation of the released (noised) model and what the accountant and adaptive clipping release.
 Everything else of the line is computed from raw client updates or reveals who took part."""
@@ -267,11 +270,20 @@ def close_round(
         "round_seconds": round(time.perf_counter() - started, 3),
         "eval": evaluation,
     }
+    if global_update.kept:
+        record["threshold_rank"] = threshold_rank(global_update.kept)
     released, private = server.privacy_record()
     record.update({**released, **private})
     if missing:
         record["missing"] = {str(k): reason for k, reason in sorted(missing.items())}
     return record
+
+
+def threshold_rank(kept: dict[str, int]) -> dict[str, Any]:
+    """The ``threshold`` (FLoRIST) ranks of a round: each module's kept rank (the most
+    components a client started from), their sum (FLoRIST's "total rank"), least and most."""
+    ranks = list(kept.values())
+    return {"total": sum(ranks), "min": min(ranks), "max": max(ranks), "modules": dict(kept)}
 
 
 def keep_personal(record: dict[str, Any], figures: dict[str, Any], private: bool) -> None:
@@ -470,6 +482,9 @@ def round_line(r: dict[str, Any]) -> str:
     personal = (r.get("eval") or {}).get("personalized")
     if personal:
         parts.append(personal_text(personal))
+    if r.get("threshold_rank"):
+        kept = r["threshold_rank"]
+        parts.append(f"threshold rank {kept['min']}-{kept['max']} (total {kept['total']})")
     if r.get("dp_epsilon") is not None:
         parts.append(f"DP epsilon {r['dp_epsilon']:.3g}")
     if r.get("dp_clip") is not None:
