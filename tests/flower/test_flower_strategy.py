@@ -794,18 +794,24 @@ def test_a_pruned_reply_above_the_client_rank_is_dropped(workspace, tmp_path):
 
 
 def test_the_threshold_redistribution_gives_the_in_process_adapters(workspace, tmp_path):
-    """FLoRIST's threshold is the server's: on Flower the global adapters and every client's
-    round-2 adapter are the in-process engine's."""
-    extra = ("--method", "FlexLoRA", "--reduction_method", "threshold", "--svd_energy", "0.5")
-    _serve(workspace, tmp_path / "flower", _grid(), *extra)
+    """FLoRIST's threshold is the server's: on Flower, --method FLoRIST gives the global
+    adapters, every client's round-2 adapter and the kept ranks of the in-process engine's
+    FlexLoRA with --reduction_method threshold (the same rule under its two names)."""
+    energy = ("--svd_energy", "0.5")
+    _serve(workspace, tmp_path / "flower", _grid(), "--method", "FLoRIST", *energy)
+    extra = ("--method", "FlexLoRA", "--reduction_method", "threshold", *energy)
     assert cli.main(lm_argv(workspace, tmp_path / "inprocess", *extra)) == 0
     for sub in ("round_1/global", "round_2/global", "round_2/client_2"):
         a = adapter_tensors(tmp_path / "flower" / "3" / sub)
         b = adapter_tensors(tmp_path / "inprocess" / "3" / sub)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
-    rounds = [r for r in metrics(tmp_path / "flower" / "3") if r["type"] == "round"]
-    assert {r["reduction"] for r in rounds} == {"threshold"}
+    flower, inprocess = (
+        [r for r in metrics(tmp_path / engine / "3") if r["type"] == "round" and r["round"] > 0]
+        for engine in ("flower", "inprocess")
+    )
+    assert {(r["method"], r["reduction"]) for r in flower} == {("FLoRIST", "threshold")}
+    assert [r["threshold_rank"] for r in flower] == [r["threshold_rank"] for r in inprocess]
 
 
 def _same_client_adapter(tmp_path, sub: str) -> None:
