@@ -3,9 +3,7 @@ round 2 from the first min(k, r) SVD directions of the round-1 update, k per mod
 
 from __future__ import annotations
 
-import json
-
-from run_helpers import lm_argv
+from run_helpers import lm_argv, metrics
 
 from rblora.federation import cli
 from rblora.federation.server import FederatedServer
@@ -37,7 +35,7 @@ def test_each_client_starts_from_min_k_r_directions(workspace, tmp_path, monkeyp
     # the threshold cut something the widest client could have held
     assert any(k < 8 for k in kept[1].values())
     # each round's line records the kept ranks (FLoRIST's "total rank"): min(k, widest rank)
-    records = [json.loads(line) for line in (tmp_path / "3" / "metrics.jsonl").open()]
+    records = metrics(tmp_path / "3")
     (first,) = [r for r in records if r["type"] == "round" and r["round"] == 1]
     expected = {m: min(k, 8) for m, k in kept[1].items()}
     assert first["threshold_rank"] == {
@@ -52,7 +50,7 @@ def test_florist_is_flexlora_with_the_threshold_cut_in_a_run(workspace, tmp_path
     assert (
         cli.main([*lm_argv(workspace, tmp_path, "--method", "FLoRIST"), "--svd_energy", "0.5"]) == 0
     )
-    records = [json.loads(line) for line in (tmp_path / "3" / "metrics.jsonl").open()]
+    records = metrics(tmp_path / "3")
     rounds = [r for r in records if r["type"] == "round" and r["round"] > 0]
     assert {(r["method"], r["reduction"]) for r in rounds} == {("FLoRIST", "threshold")}
     assert all(1 <= r["threshold_rank"]["min"] <= r["threshold_rank"]["max"] <= 8 for r in rounds)

@@ -55,11 +55,10 @@ from rblora.training import TrainingDiverged
 
 RELEASED = ("type", "round", "method", "reduction", "eval", "eval_seconds", "dp_epsilon", "dp_clip",
             "threshold_rank")  # fmt: skip
-"""What a DP run's released records hold: the release and what is computed from it alone
-(``threshold_rank`` is read off the noised update)."""
 """The fields of a round line a DP run releases: the round, the public configuration, the
-evaluation of the released (noised) model and what the accountant and adaptive clipping release.
-Everything else of the line is computed from raw client updates or reveals who took part."""
+evaluation of the released (noised) model, what is read off it alone (``threshold_rank``) and
+what the accountant and adaptive clipping release. Everything else of the line is computed from
+raw client updates or reveals who took part."""
 
 
 class RunError(RuntimeError):
