@@ -213,3 +213,64 @@ def test_a_comparison_header_cuts_the_ranks_of_thousands_of_clients():
     assert shown_option(ranks) == "4,16,64,128,256,4,16,64,128,256,... (10000 values)"
     assert shown_option("4,8,16") == "4,8,16"
     assert shown_option("--client_ranks") == "--client_ranks"
+
+
+def test_a_comparison_split_over_calls_tables_every_part(workspace, tmp_path, capsys):
+    """Calls on one folder with the same options, each on its own methods (as processes that
+    share the work do), fill one table: a later part without RB-LoRA still pairs to it."""
+    root = tmp_path / "cmp"
+    base = _base(workspace, tmp_path)
+
+    def part(methods, *extra):
+        argv = ["compare", "--methods", methods, "--seeds", "1", *extra]
+        return rblora([*argv, "--output_dir", str(root), "--", *base])
+
+    assert part("FLoRA") == 0
+    assert part("RB-LoRA") == 0
+    assert part("Weighted HETLoRA") == 0  # the part that used to fail at its table
+    index = json.loads((root / "compare.json").read_text())
+    assert [c["method"] for c in index["cells"]] == ["FLoRA", "RB-LoRA", "Weighted HETLoRA"]
+    paired = json.loads((root / "comparison.json").read_text())
+    assert paired["reference"] == {"setting": "heterogeneous", "method": "RB-LoRA"}
+    assert {r["method"] for r in paired["rows"]} == {"FLoRA", "Weighted HETLoRA"}
+    table = (root / "comparison.md").read_text()
+    for method in ("FLoRA", "RB-LoRA", "Weighted HETLoRA"):
+        assert f"| heterogeneous | {method} | 1 |" in table
+    # a reference of an earlier part is valid, and kept by a later call that names none
+    assert part("FLoRA", "--reference", "Weighted HETLoRA") == 0
+    assert part("RB-LoRA") == 0
+    assert json.loads((root / "comparison.json").read_text())["reference"]["method"] == (
+        "Weighted HETLoRA"
+    )
+    capsys.readouterr()
+    # other train options: a new comparison, the old cells no longer listed (said in the log)
+    argv = ["compare", "--methods", "RB-LoRA", "--seeds", "2", "--output_dir", str(root), "--"]
+    assert rblora([*argv, *base, "--local_learning_rate", "0.002"]) == 0
+    assert "listed a comparison with other train options: replaced" in capsys.readouterr().err
+    index = json.loads((root / "compare.json").read_text())
+    assert [(c["method"], c["seed"]) for c in index["cells"]] == [("RB-LoRA", 2)]
+
+
+def test_merge_index_adds_cells_once_and_joins_data_seeds():
+    from rblora.experiments.compare import merge_index
+
+    def index(paths, data_seeds=None, reference=None, argv=("--x",)):
+        cells = [{"path": p, "method": p.split("/")[0]} for p in paths]
+        return {"base_argv": list(argv), "cells": cells, "num_clients": 3, "rounds": 1,
+                "reference": reference, "data_seeds": data_seeds}  # fmt: skip
+
+    earlier = index(["a/data1/seed1", "b/data1/seed1"], [1], reference="b")
+    merged = merge_index(earlier, index(["b/data1/seed1", "a/data2/seed1"], [2]))
+    assert [c["path"] for c in merged["cells"]] == [
+        "a/data1/seed1",
+        "b/data1/seed1",
+        "a/data2/seed1",
+    ]
+    assert merged["data_seeds"] == [1, 2] and merged["reference"] == "b"
+    assert merge_index(earlier, index(["c/data1/seed1"], [1], reference="c"))["reference"] == "c"
+    # a different comparison is replaced: other options, or data seeds against none
+    other = index(["c/seed1"], argv=("--y",))
+    assert merge_index(earlier, other) == other
+    plain = index(["c/seed1"])
+    assert merge_index(earlier, plain) == plain
+    assert merge_index(None, plain) == plain

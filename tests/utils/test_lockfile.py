@@ -99,3 +99,34 @@ def test_a_file_deleted_by_its_last_holder_is_not_locked(tmp_path, monkeypatch):
     monkeypatch.setattr(lockfile.os, "open", open_)
     with hold(lock, "the thing"):
         assert len(calls) == 2 and lock.read_text().startswith(f"pid {os.getpid()}")
+
+
+def test_wait_takes_the_lock_once_its_holder_lets_go_and_refuses_after_the_wait(tmp_path):
+    import threading
+    import time
+
+    lock = tmp_path / ".x.lock"
+    proc = start_holder(lock)
+    try:
+        start = time.monotonic()
+        with pytest.raises(LockHeld, match=f"pid {proc.pid}"), hold(lock, "the thing", wait=0.3):
+            pass
+        assert time.monotonic() - start >= 0.3  # it tried again until the wait was over
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    released = threading.Event()
+    with hold(lock, "the thing"):
+        threading.Timer(0.3, released.set).start()
+
+        def waiter():
+            with hold(lock, "the thing", wait=30):
+                got.append(released.is_set())
+
+        got: list = []
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        released.wait(10)
+    thread.join(30)
+    assert got == [True]  # it got the lock, and only after the first holder let go
+    assert not lock.exists()

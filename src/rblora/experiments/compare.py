@@ -23,6 +23,9 @@ deviation). Below the table, each method against a reference method
 interval and a p-value (:mod:`rblora.experiments.differences`), from the per-item outcomes the
 cells keep (``evaluation/round_<t>.json``); ``comparison.json`` holds them for every round.
 ``rblora report <output_dir>`` rebuilds all of it from the cells' metrics and outcomes.
+A comparison may be split over calls (``--methods`` or ``--seeds`` a part each, one after another
+or in parallel processes) on one ``--output_dir`` with the same train options: each call runs its
+own cells and adds them to the folder's ``compare.json``, so the table has every part.
 
 ``--data_seeds 1,2`` makes the data partition a seed too: one data folder per partition seed,
 prepared with the options of the given one (:mod:`rblora.experiments.data_seeds`); the replicates
@@ -230,20 +233,29 @@ def run_compare(
     """Run every cell (skipping finished ones, and failed ones unless ``retry_failed``), then
     write the table and plots. ``data_seeds``: one prepared folder per partition seed
     (:mod:`rblora.experiments.data_seeds`), replicates (data seed, seed); ``reference``: the
-    method the others are compared to item by item (default RB-LoRA, else the first)."""
+    method the others are compared to item by item (default RB-LoRA, else the first). The
+    cells join those a call with the same train options listed in ``root`` (:func:`merge_index`):
+    the table has every part of a comparison split over calls."""
     from rblora.federation.cli import run
     from rblora.federation.options import parse_args
     from rblora.federation.rounds import RunError, log
     from rblora.federation.tracking import require_packages
     from rblora.tasks import infer_task
     from rblora.utils.atomic import write_json, write_text
+    from rblora.utils.lockfile import hold
+    from rblora.utils.records import read_json
 
     args, _ = parse_args(base_argv)
     settings = rank_settings(setting_names, args.ranks())
     cells = plan(methods, seeds, settings)  # on the given data: checked before anything runs
     if not cells:
         raise ValueError("no cell to run: every method needs a rank setting it cannot take")
-    reference = choose_reference(cells, reference)
+    index = {"base_argv": base_argv, "cells": cells, "num_clients": args.num_clients,
+             "rounds": args.num_communication_rounds, "reference": reference,
+             "data_seeds": data_seeds or None}  # fmt: skip
+    earlier = read_json(root / INDEX) if (root / INDEX).is_file() else None
+    merged = merge_index(earlier, index)  # the reference may be a method of an earlier part
+    choose_reference(merged["cells"], merged["reference"])
     for i, cell in enumerate(cells):  # every cell's options are checked first
         try:
             cell_args, given = parse_args(_cell_argv(base_argv, cell, root, i == 0, args))
@@ -257,11 +269,13 @@ def run_compare(
         paths = data_folders(Path(args.data_path), args.num_clients, data_seeds, root, log)
         cells = plan(methods, seeds, settings, paths)
     base_cells = _evaluates_base(cells)
-    root.mkdir(parents=True, exist_ok=True)
-    index = {"base_argv": base_argv, "cells": cells, "num_clients": args.num_clients,
-             "rounds": args.num_communication_rounds, "reference": reference,
-             "data_seeds": data_seeds or None}  # fmt: skip
-    write_json(root / INDEX, index, indent=1)
+    index["cells"] = cells
+    # processes sharing the folder add their cells in turn (each holds the lock a moment)
+    with hold(root / f".{INDEX}.lock", f"{root / INDEX}", wait=60):
+        earlier = read_json(root / INDEX) if (root / INDEX).is_file() else None
+        if earlier is not None and not same_comparison(earlier, index):
+            log(f"{root / INDEX} listed a comparison with other train options: replaced")
+        write_json(root / INDEX, merge_index(earlier, index), indent=1)
     for i, cell in enumerate(cells, start=1):
         run_dir = root / cell["path"] / str(args.num_clients)
         failed = root / cell["path"] / FAILED
@@ -294,6 +308,34 @@ def run_compare(
             failed.unlink(missing_ok=True)  # retried and finished: no longer failed
         log(f"{label}: {time.perf_counter() - start:.0f} s")
     return write_comparison(root, reference)
+
+
+def same_comparison(earlier: dict, index: dict) -> bool:
+    """Whether ``earlier`` (a folder's ``compare.json``) lists cells of the comparison ``index``
+    is a part of: the same train options, clients and rounds, and data seeds or not."""
+    keys = ("base_argv", "num_clients", "rounds")
+    return all(earlier.get(k) == index[k] for k in keys) and (
+        earlier.get("data_seeds") is None
+    ) == (index["data_seeds"] is None)
+
+
+def merge_index(earlier: dict | None, index: dict) -> dict:
+    """The index of a comparison folder after a call with ``index``'s cells. A call with the
+    same train options (:func:`same_comparison`) adds its cells to those ``earlier`` lists, so
+    processes that split one comparison by ``--methods`` or ``--seeds`` (one after another or
+    at once) fill one table; other options replace the index. The reference asked for, else
+    the one asked for earlier (None: :func:`choose_reference`'s default)."""
+    if earlier is None or not same_comparison(earlier, index):
+        return index
+    mine = {cell["path"]: cell for cell in index["cells"]}
+    cells = [mine.pop(cell["path"], cell) for cell in earlier["cells"]]
+    data_seeds = index["data_seeds"] and sorted({*earlier["data_seeds"], *index["data_seeds"]})
+    return {
+        **index,
+        "cells": cells + list(mine.values()),
+        "reference": index["reference"] or earlier.get("reference"),
+        "data_seeds": data_seeds or None,
+    }
 
 
 def choose_reference(cells: list[dict], reference: str | None) -> str:

@@ -49,17 +49,26 @@ def holder_line() -> str:
 
 
 @contextlib.contextmanager
-def hold(path: str | Path, what: str) -> Iterator[Path]:
+def hold(path: str | Path, what: str, wait: float = 0.0) -> Iterator[Path]:
     """Hold the lock file ``path`` until the block ends; raise :class:`LockHeld` (a
-    ValueError naming ``what`` and the holder) at once if another process holds it."""
+    ValueError naming ``what`` and the holder) if another process holds it: at once, or after
+    ``wait`` seconds of trying again (for locks held a moment, such as a file's update)."""
     path = Path(path)
     created = _make_parents(path.parent)
     try:
         if fcntl is None:
-            with _hold_filelock(path, what):
+            with _hold_filelock(path, what, wait):
                 yield path
             return
-        fd = _acquire(path, what)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fd = _acquire(path, what)
+                break
+            except LockHeld:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
         try:
             yield path
         finally:
@@ -111,12 +120,12 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _hold_filelock(path: Path, what: str) -> Iterator[None]:
+def _hold_filelock(path: Path, what: str, wait: float) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(path))
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=wait)
     except Timeout:
         raise LockHeld(path, what, "") from None
     try:
