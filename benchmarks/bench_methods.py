@@ -287,12 +287,13 @@ def main(argv: list[str] | None = None) -> int:
 def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy") -> str:
     """Top-1 after the last round at each privacy level (``<out>/epsilon_<level>``, each a
     comparison; ``none``: without DP): mean ± standard deviation over the seeds that finished
-    and each seed's value; a cell that stopped (say, training diverged from a noised start)
-    shows its last evaluated top-1 and the round it stopped in. Also
-    ``<out>/plots/privacy_utility.png``."""
+    and each seed's value; a cell that stopped (its ``failed.txt``: say, training diverged
+    from a noised start) shows its last evaluated top-1 and the round it stopped in, and one
+    not finished yet (still running, or killed) its top-1 so far, named so; neither is in the
+    mean. Also ``<out>/plots/privacy_utility.png`` (unfinished cells left out)."""
     import matplotlib
 
-    from rblora.experiments.compare import cell_rounds
+    from rblora.experiments.compare import FAILED, cell_rounds
     from rblora.experiments.differences import cell_outcomes
     from rblora.utils.records import read_json
 
@@ -301,7 +302,7 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
 
     levels = [name for name in levels if (out / f"epsilon_{name}" / "compare.json").is_file()]
     spent: dict = {}  # level -> the epsilons its cells recorded by their last round
-    found: dict = {}  # method -> level -> [(seed, value, round it stopped in or None)]
+    found: dict = {}  # method -> level -> [(seed, value, None if finished or why not)]
     finished: dict = {}  # (method, level) -> {seed: last round's outcomes} of finished cells
     for level in levels:
         root = out / f"epsilon_{level}"
@@ -313,7 +314,11 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
                 spent.setdefault(level, []).append(rounds[-1]["dp_epsilon"])
             if scored:
                 last = scored[-1]["round"]
-                stopped = None if last == index["rounds"] else last + 1
+                stopped = None  # finished; else why not, as the table says it
+                if last < index["rounds"] and (root / cell["path"] / FAILED).is_file():
+                    stopped = f"stopped in r{last + 1}"
+                elif last < index["rounds"]:
+                    stopped = f"unfinished: r{last} of {index['rounds']}"
                 found.setdefault(cell["method"], {}).setdefault(level, []).append(
                     (cell["seed"], scored[-1][metric], stopped)
                 )
@@ -335,8 +340,7 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
                 continue
             done = [v for _, v, stopped in runs if stopped is None]
             seeds = " / ".join(
-                f"{v:.3f}" + (f" (stopped in r{stopped})" if stopped else "")
-                for _, v, stopped in runs
+                f"{v:.3f}" + (f" ({stopped})" if stopped else "") for _, v, stopped in runs
             )
             if done:
                 mean, sd = _mean_sd(done)
@@ -346,7 +350,9 @@ def privacy_utility(out: Path, levels: list[str], metric: str = "test/accuracy")
                 sds.append(sd)
             else:
                 cells.append(seeds)
-                stopped_at.append((i, _mean_sd([v for _, v, _ in runs])[0]))
+                ended = [v for _, v, why in runs if why.startswith("stopped")]
+                if ended:
+                    stopped_at.append((i, _mean_sd(ended)[0]))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         drawn = ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=method)
         if stopped_at:  # no seed finished: where the stopped ones were when they stopped

@@ -44,6 +44,7 @@ def test_privacy_utility_tables_each_level_and_names_stopped_seeds(tmp_path, mon
     rows = {  # (level, method, seed) -> top-1 per round reached
         ("inf", "RB-LoRA", 1): [0.3, 0.5], ("inf", "RB-LoRA", 2): [0.3, 0.6],
         ("8", "RB-LoRA", 1): [0.07], ("8", "RB-LoRA", 2): [0.1, 0.2],
+        ("8", "FlexLoRA", 1): [0.08],  # not finished yet (no failed.txt): still running
     }  # fmt: skip
     for level in ("inf", "8"):
         cells = [{"method": m, "seed": s, "path": f"{m}/seed{s}"} for (lv, m, s) in rows
@@ -51,6 +52,8 @@ def test_privacy_utility_tables_each_level_and_names_stopped_seeds(tmp_path, mon
         (tmp_path / f"epsilon_{level}").mkdir()
         index = {"cells": cells, "num_clients": 50, "rounds": 2}
         (tmp_path / f"epsilon_{level}" / "compare.json").write_text(json.dumps(index))
+    (tmp_path / "epsilon_8" / "RB-LoRA" / "seed1").mkdir(parents=True)
+    (tmp_path / "epsilon_8" / "RB-LoRA" / "seed1" / "failed.txt").write_text("diverged\n")
 
     def cell_rounds(root, cell, num_clients):
         level = root.name.removeprefix("epsilon_")
@@ -67,6 +70,8 @@ def test_privacy_utility_tables_each_level_and_names_stopped_seeds(tmp_path, mon
     assert table[0] == "| method | clip only (no noise) | epsilon 7.99 |"
     inf, eight = "0.550 ± 0.071 (0.500 / 0.600)", "0.200 ± 0.000 (0.070 (stopped in r2) / 0.200)"
     assert table[2] == f"| RB-LoRA | {inf} | {eight} |"
+    # a cell still running is named so, not called stopped, and is in no mean
+    assert table[3] == "| FlexLoRA | - | 0.080 (unfinished: r1 of 2) |"
     assert (tmp_path / "plots" / "privacy_utility.png").stat().st_size > 1000
 
 
